@@ -1,0 +1,233 @@
+"""ModelConfig: the v29 model configuration, validated, with presets and a parameter count.
+
+Field names and defaults are v29's (SPEC §1) so a v29 checkpoint's `config` dict loads as is.
+One field is ours: `decoupled_scale`, which names the decoupled score scaling (SPEC §3).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+ATTN_MODES = ("standard", "bottleneck", "decoupled", "gqa")
+MLP_KINDS = ("swiglu", "gelu")
+# per_path: q_sem.k_sem/sqrt(sem_hd) + q_geo.k_geo/sqrt(geo_hd) (the paper's formula).
+# v29_sdpa: the same divided by sqrt(sem_hd + geo_hd), what v29 trained with when null_attn was off.
+DECOUPLED_SCALES = ("per_path", "v29_sdpa")
+
+
+class ConfigError(ValueError):
+    """An invalid model configuration; the message names the field and the values."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int = 50257
+    block_size: int = 1024
+    n_layer: int = 6
+    n_head: int = 8
+    d_model: int = 512
+    d_ff: int = 2048
+    kv_head: int | None = None
+    embed_dim: int = 512
+    attn_mode: str = "bottleneck"
+    attn_dim: int = 512
+    sem_dim: int = 32
+    geo_dim: int = 64
+    rope: bool = True
+    rope_base: float = 10000.0
+    tie_qk: bool = False
+    null_attn: bool = False
+    learned_temp: bool = True
+    mlp: str = "swiglu"
+    dropout: float = 0.0
+    decoupled_scale: str = "per_path"
+
+    def __post_init__(self) -> None:
+        _validate(self)
+
+    # ---- derived dimensions -------------------------------------------------------------
+    @property
+    def n_kv_head(self) -> int:
+        """K/V heads: kv_head for gqa, n_head otherwise."""
+        if self.attn_mode == "gqa" and self.kv_head is not None:
+            return self.kv_head
+        return self.n_head
+
+    @property
+    def qk_dim(self) -> int:
+        """Q width summed over heads (standard/bottleneck/gqa; decoupled: sem_dim + geo_dim)."""
+        if self.attn_mode == "standard":
+            return self.d_model
+        if self.attn_mode == "decoupled":
+            return self.sem_dim + self.geo_dim
+        return self.attn_dim
+
+    @property
+    def v_dim(self) -> int:
+        """V (and attention output) width summed over heads."""
+        return self.d_model if self.attn_mode == "standard" else self.attn_dim
+
+    @property
+    def head_dim(self) -> int:
+        """Q/K head dim for standard/bottleneck/gqa, V head dim for every mode."""
+        return self.v_dim // self.n_head
+
+    @property
+    def sem_head_dim(self) -> int:
+        return self.sem_dim // self.n_head
+
+    @property
+    def geo_head_dim(self) -> int:
+        return self.geo_dim // self.n_head
+
+    @property
+    def rope_dim(self) -> int:
+        """Rotated head dim: the geometric head dim (decoupled) or the whole Q/K head dim."""
+        if self.attn_mode == "decoupled":
+            return self.geo_head_dim
+        return self.qk_dim // self.n_head
+
+    def kv_streams(self) -> dict[str, int]:
+        """Cached sequence tensors and their widths (SPEC §5)."""
+        if self.attn_mode == "decoupled":
+            return {"k_sem": self.sem_dim, "k_geo": self.geo_dim, "v": self.attn_dim}
+        kv_width = self.n_kv_head * (self.qk_dim // self.n_head)
+        return {"k": kv_width, "v": self.n_kv_head * self.head_dim}
+
+    # ---- serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, v29: bool = False) -> "ModelConfig":
+        """Build from a dict; `v29=True` treats it as a v29 payload (SPEC §3 scaling rule)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
+        d = dict(d)
+        if v29 and "decoupled_scale" not in d:
+            # v29 trained decoupled-without-null through SDPA's default scale (SPEC §3).
+            plain = d.get("attn_mode", cls.attn_mode) == "decoupled" and not d.get("null_attn", False)
+            d["decoupled_scale"] = "v29_sdpa" if plain else "per_path"
+        return cls(**d)
+
+    @classmethod
+    def from_json(cls, s: str) -> "ModelConfig":
+        try:
+            d = json.loads(s)
+        except json.JSONDecodeError as e:
+            raise ConfigError(f"config is not valid JSON: {e}") from None
+        if not isinstance(d, dict):
+            raise ConfigError("config JSON must be an object")
+        return cls.from_dict(d)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+    def num_params(self) -> int:
+        """Trainable parameters, each tied tensor counted once."""
+        from dba.weights import param_shapes, tied_aliases
+
+        aliases = tied_aliases(self)
+        return sum(math.prod(s) for k, s in param_shapes(self).items() if k not in aliases)
+
+
+def _validate(c: ModelConfig) -> None:
+    def need(cond: bool, msg: str) -> None:
+        if not cond:
+            raise ConfigError(msg)
+
+    for name in ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff", "embed_dim",
+                 "attn_dim", "sem_dim", "geo_dim"):
+        v = getattr(c, name)
+        need(isinstance(v, int) and not isinstance(v, bool) and v > 0,
+             f"{name} must be a positive integer, got {v!r}")
+    need(c.attn_mode in ATTN_MODES, f"attn_mode must be one of {'|'.join(ATTN_MODES)}, got {c.attn_mode!r}")
+    need(c.mlp in MLP_KINDS, f"mlp must be one of {'|'.join(MLP_KINDS)}, got {c.mlp!r}")
+    need(c.decoupled_scale in DECOUPLED_SCALES,
+         f"decoupled_scale must be one of {'|'.join(DECOUPLED_SCALES)}, got {c.decoupled_scale!r}")
+    need(isinstance(c.dropout, (int, float)) and 0.0 <= c.dropout < 1.0,
+         f"dropout must be in [0, 1), got {c.dropout!r}")
+    need(isinstance(c.rope_base, (int, float)) and c.rope_base > 0,
+         f"rope_base must be positive, got {c.rope_base!r}")
+    if c.kv_head is not None:
+        need(isinstance(c.kv_head, int) and not isinstance(c.kv_head, bool) and c.kv_head > 0,
+             f"kv_head must be a positive integer or None, got {c.kv_head!r}")
+
+    h = c.n_head
+    need(c.d_model % h == 0, f"d_model={c.d_model} is not divisible by n_head={h}")
+    if c.attn_mode != "standard":
+        need(c.attn_dim % h == 0, f"attn_dim={c.attn_dim} is not divisible by n_head={h}")
+    if c.attn_mode == "decoupled":
+        need(c.sem_dim % h == 0, f"sem_dim={c.sem_dim} is not divisible by n_head={h}")
+        need(c.geo_dim % h == 0, f"geo_dim={c.geo_dim} is not divisible by n_head={h}")
+    if c.attn_mode == "gqa" and c.kv_head is not None:
+        need(h % c.kv_head == 0, f"n_head={h} is not divisible by kv_head={c.kv_head}")
+        need(not (c.tie_qk and c.kv_head != h),
+             f"tie_qk is not possible with gqa when kv_head={c.kv_head} != n_head={h}")
+    if c.rope:
+        need(c.rope_dim % 2 == 0,
+             f"rope needs an even rotated head dim, got {c.rope_dim} "
+             f"({'geo_dim' if c.attn_mode == 'decoupled' else 'qk width'} / n_head={h})")
+
+
+# ---- presets (v29 --size / --exp) -------------------------------------------------------
+
+SIZES: dict[str, dict[str, int]] = {
+    "tiny": dict(d_model=512, n_layer=6, n_head=8, d_ff=2048, block_size=1024),
+    "small": dict(d_model=768, n_layer=12, n_head=12, d_ff=3072, block_size=1024),
+    "medium": dict(d_model=1024, n_layer=24, n_head=16, d_ff=4096, block_size=2048),
+    "large": dict(d_model=1536, n_layer=24, n_head=16, d_ff=6144, block_size=2048),
+    "1b": dict(d_model=2048, n_layer=18, n_head=16, d_ff=8192, block_size=2048),
+}
+# v29 lists bottleneck dims for tiny..large; 1b continues the same d_model*3/16 ratio.
+_BOTTLENECK_DIM = {"tiny": 96, "small": 144, "medium": 192, "large": 288, "1b": 384}
+_DECOUPLED_DIMS = {  # sem, geo, attn
+    "tiny": (32, 64, 96), "small": (48, 96, 144), "medium": (64, 128, 192),
+    "large": (96, 192, 288), "1b": (256, 512, 768),
+}
+_GQA_KV_HEAD = {"tiny": 2, "small": 3, "medium": 4, "large": 4, "1b": 4}
+
+EXPERIMENTS: dict[str, dict[str, Any]] = {
+    "paper_baseline": dict(attn_mode="standard"),
+    "paper_bottleneck": dict(attn_mode="bottleneck", null_attn=True),
+    "paper_decoupled": dict(attn_mode="decoupled", tie_qk=True, null_attn=True, rope=True),
+    "paper_gqa": dict(attn_mode="gqa"),
+}
+
+
+def size_fields(size: str, attn_mode: str) -> dict[str, Any]:
+    """Fields set by a v29 `--size` preset for the given attention mode."""
+    if size not in SIZES:
+        raise ConfigError(f"unknown size preset {size!r}; choose from {'|'.join(SIZES)}")
+    out: dict[str, Any] = dict(SIZES[size], embed_dim=SIZES[size]["d_model"])
+    if attn_mode == "bottleneck":
+        out["attn_dim"] = _BOTTLENECK_DIM[size]
+    elif attn_mode == "decoupled":
+        out["sem_dim"], out["geo_dim"], out["attn_dim"] = _DECOUPLED_DIMS[size]
+    elif attn_mode == "gqa":
+        out["attn_dim"] = out["d_model"]
+        out["kv_head"] = _GQA_KV_HEAD[size]
+    return out
+
+
+def preset(size: str | None = None, exp: str | None = None, **overrides: Any) -> ModelConfig:
+    """A config from v29's `--size` and `--exp` presets; explicit keyword overrides win."""
+    fields_: dict[str, Any] = {}
+    if exp is not None:
+        if exp not in EXPERIMENTS:
+            raise ConfigError(f"unknown experiment preset {exp!r}; choose from {'|'.join(EXPERIMENTS)}")
+        fields_.update(EXPERIMENTS[exp])
+    mode = overrides.get("attn_mode", fields_.get("attn_mode", ModelConfig.attn_mode))
+    if size is not None:
+        fields_.update(size_fields(size, mode))
+    fields_.update(overrides)
+    return ModelConfig.from_dict(fields_)

@@ -1,0 +1,222 @@
+"""The decoupled bottleneck transformer in Flax NNX (SPEC §2–3). Mirrors torch_ref/model.py.
+
+Parameters live in `param_dtype`; matmuls run in `dtype` (fp32, or bf16 for mixed precision)
+while LayerNorm, softmax, the residual stream, logits and the loss stay fp32.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dba.config import ModelConfig
+from jax_model.layers import apply_rope, attend, merge_heads, path_scales, rope_cos_sin, split_heads
+
+_init = nnx.initializers.normal(stddev=0.02)
+
+
+class Attention(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        self.cfg = cfg
+        d, h = cfg.d_model, cfg.n_head
+        linear = partial(nnx.Linear, use_bias=False, kernel_init=_init, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+        zeros = lambda *shape: nnx.Param(jnp.zeros(shape, param_dtype))  # noqa: E731
+        if cfg.attn_mode == "decoupled":
+            self.q_sem = linear(d, cfg.sem_dim)
+            self.k_sem = None if cfg.tie_qk else linear(d, cfg.sem_dim)
+            self.q_geo = linear(d, cfg.geo_dim)
+            self.k_geo = None if cfg.tie_qk else linear(d, cfg.geo_dim)
+            self.v_proj = linear(d, cfg.attn_dim)
+        else:
+            widths = cfg.kv_streams()
+            self.q_proj = linear(d, cfg.qk_dim)
+            self.k_proj = None if cfg.tie_qk else linear(d, widths["k"])
+            self.v_proj = linear(d, widths["v"])
+        self.out_proj = linear(cfg.v_dim, d)
+        self.logit_scale = zeros(h) if cfg.learned_temp else None
+        if cfg.null_attn:
+            if cfg.attn_mode == "decoupled":
+                self.k_sem_null = zeros(1, 1, cfg.sem_dim)
+                self.k_geo_null = zeros(1, 1, cfg.geo_dim)
+                self.v_null = zeros(1, 1, cfg.attn_dim)
+            else:
+                self.k_null = zeros(1, 1, widths["k"])
+                self.v_null = zeros(1, 1, widths["v"])
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
+        self.scales = path_scales(cfg)
+
+    # tie_qk: the K projection *is* the Q projection (one weight, gradients summed).
+    def _k(self, name: str) -> nnx.Linear:
+        mod = getattr(self, name)
+        return mod if mod is not None else getattr(self, "q" + name[1:])
+
+    def _rope(self, x_BHTD: jax.Array, positions: jax.Array) -> jax.Array:
+        if not self.cfg.rope:
+            return x_BHTD
+        cos, sin = rope_cos_sin(self.cfg.rope_dim, self.cfg.rope_base, positions)
+        return apply_rope(x_BHTD, cos, sin)
+
+    # -- the pieces every path (full forward, prefill, decode) shares ----------------------
+    def queries(self, x_BTC: jax.Array, positions: jax.Array) -> jax.Array:
+        """q_cat (B, H, T, Dqk): rotated, scaled per path and by the learned temperature."""
+        h = self.cfg.n_head
+        if self.cfg.attn_mode == "decoupled":
+            q_sem = split_heads(self.q_sem(x_BTC), h) * self.scales[0]
+            q_geo = self._rope(split_heads(self.q_geo(x_BTC), h), positions) * self.scales[1]
+            q = jnp.concatenate([q_sem, q_geo], axis=-1)
+        else:
+            q = self._rope(split_heads(self.q_proj(x_BTC), h), positions) * self.scales[0]
+        if self.logit_scale is not None:
+            q = q * jnp.exp(self.logit_scale[...].astype(jnp.float32)).astype(q.dtype)[None, :, None, None]
+        return q
+
+    def new_kv(self, x_BTC: jax.Array, positions: jax.Array) -> dict[str, jax.Array]:
+        """The cached streams for these tokens, (B, T, width) each; keys stored after RoPE."""
+        h_kv = self.cfg.n_kv_head
+        if self.cfg.attn_mode == "decoupled":
+            k_geo = self._rope(split_heads(self._k("k_geo")(x_BTC), h_kv), positions)
+            return {"k_sem": self._k("k_sem")(x_BTC), "k_geo": merge_heads(k_geo), "v": self.v_proj(x_BTC)}
+        k = self._rope(split_heads(self._k("k_proj")(x_BTC), h_kv), positions)
+        return {"k": merge_heads(k), "v": self.v_proj(x_BTC)}
+
+    def kv_heads(self, streams: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
+        """Streams (B, L, width) -> k_cat, v (B, K, L, D) over the K kv-heads (no repetition)."""
+        h_kv = self.cfg.n_kv_head
+        if self.cfg.attn_mode == "decoupled":
+            k = jnp.concatenate([split_heads(streams["k_sem"], h_kv), split_heads(streams["k_geo"], h_kv)], axis=-1)
+        else:
+            k = split_heads(streams["k"], h_kv)
+        return k, split_heads(streams["v"], h_kv)
+
+    def null_kv(self) -> tuple[jax.Array, jax.Array] | None:
+        """The null key (H, Dqk) and value (H, Dv) per query head, or None."""
+        if not self.cfg.null_attn:
+            return None
+        h, h_kv = self.cfg.n_head, self.cfg.n_kv_head
+        if self.cfg.attn_mode == "decoupled":
+            k = jnp.concatenate([self.k_sem_null[...].reshape(h, -1), self.k_geo_null[...].reshape(h, -1)], axis=-1)
+        else:
+            k = self.k_null[...].reshape(h_kv, -1)
+        v = self.v_null[...].reshape(h_kv, -1)
+        if h_kv != h:
+            k, v = jnp.repeat(k, h // h_kv, axis=0), jnp.repeat(v, h // h_kv, axis=0)
+        return k, v
+
+    def __call__(self, x_BTC: jax.Array, positions: jax.Array, deterministic: bool = True) -> jax.Array:
+        q = self.queries(x_BTC, positions)
+        k, v = self.kv_heads(self.new_kv(x_BTC, positions))
+        drop = None if (self.dropout is None or deterministic) else partial(self.dropout, deterministic=False)
+        y = self.out_proj(merge_heads(attend(q, k, v, self.null_kv(), dropout=drop)))
+        return drop(y) if drop is not None else y
+
+
+class MLP(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        linear = partial(nnx.Linear, use_bias=False, kernel_init=_init, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+        self.kind = cfg.mlp
+        self.w1 = linear(cfg.d_model, cfg.d_ff)
+        if cfg.mlp == "swiglu":
+            self.w2 = linear(cfg.d_model, cfg.d_ff)
+            self.w3 = linear(cfg.d_ff, cfg.d_model)
+        else:
+            self.w2 = linear(cfg.d_ff, cfg.d_model)
+        self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
+
+    def __call__(self, x: jax.Array, deterministic: bool = True) -> jax.Array:
+        if self.kind == "swiglu":
+            y = self.w3(jax.nn.silu(self.w1(x)) * self.w2(x))
+        else:
+            y = self.w2(jax.nn.gelu(self.w1(x), approximate=False))  # exact erf GELU, as v29
+        if self.dropout is not None and not deterministic:
+            y = self.dropout(y, deterministic=False)
+        return y
+
+
+class Block(nnx.Module):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+        norm = partial(nnx.LayerNorm, cfg.d_model, epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+        self.ln1 = norm()
+        self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.ln2 = norm()
+        self.ff = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+
+    def __call__(self, x: jax.Array, positions: jax.Array, deterministic: bool = True) -> jax.Array:
+        x = x + self.attn(self.ln1(x), positions, deterministic).astype(jnp.float32)
+        return x + self.ff(self.ln2(x), deterministic).astype(jnp.float32)
+
+
+class DBAModel(nnx.Module):
+    """`model(tokens)` -> logits (B, T, V) in fp32 for a full causal forward (jitted per shape)."""
+
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype=jnp.float32,
+                 param_dtype=jnp.float32, remat: bool = False):
+        rngs = rngs if rngs is not None else nnx.Rngs(0)
+        self.cfg = cfg
+        self.dtype, self.param_dtype, self.remat = dtype, param_dtype, remat
+        linear = partial(nnx.Linear, use_bias=False, kernel_init=_init, dtype=dtype,
+                         param_dtype=param_dtype, rngs=rngs)
+        self.tok_emb = nnx.Embed(cfg.vocab_size, cfg.embed_dim, embedding_init=_init, dtype=dtype,
+                                 param_dtype=param_dtype, rngs=rngs)
+        bottleneck = cfg.embed_dim != cfg.d_model
+        self.emb_in = linear(cfg.embed_dim, cfg.d_model) if bottleneck else None
+        self.emb_out = linear(cfg.d_model, cfg.embed_dim) if bottleneck else None
+        self.blocks = nnx.List([Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for _ in range(cfg.n_layer)])
+        self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+
+    def embed(self, idx_BT: jax.Array) -> jax.Array:
+        x = self.tok_emb(idx_BT)
+        if self.emb_in is not None:
+            x = self.emb_in(x)
+        return x.astype(jnp.float32)
+
+    def unembed(self, x_BTC: jax.Array) -> jax.Array:
+        x = self.ln_f(x_BTC)
+        if self.emb_out is not None:
+            x = self.emb_out(x)
+        emb = self.tok_emb.embedding[...]
+        return jnp.einsum("btc,vc->btv", x.astype(self.dtype), emb.astype(self.dtype),
+                          preferred_element_type=jnp.float32)
+
+    def forward(self, idx_BT: jax.Array, deterministic: bool = True) -> jax.Array:
+        """The un-jitted forward, for use inside other transforms (train step, grads)."""
+        positions = jnp.arange(idx_BT.shape[1])
+        x = self.embed(idx_BT)
+        for block in self.blocks:
+            if self.remat:
+                x = nnx.remat(lambda blk, h: blk(h, positions, deterministic))(block, x)
+            else:
+                x = block(x, positions, deterministic)
+        return self.unembed(x)
+
+    def __call__(self, tokens, deterministic: bool = True) -> jax.Array:
+        idx = jnp.asarray(tokens)
+        if idx.ndim == 1:
+            idx = idx[None]
+        if idx.ndim != 2 or not jnp.issubdtype(idx.dtype, jnp.integer):
+            raise ValueError(f"tokens must be integer ids shaped (B, T), got {idx.shape} {idx.dtype}")
+        return _jit_forward(self, idx.astype(jnp.int32), deterministic)
+
+    def decode_logits(self, tokens, prefill: int, policy=None, decode_block: int = 1024,
+                      max_len: int | None = None) -> jax.Array:
+        """Teacher-forced cached decode: prefill `prefill` tokens, then one token at a time."""
+        from jax_model.decode import decode_logits
+
+        return decode_logits(self, tokens, prefill=prefill, policy=policy, decode_block=decode_block, max_len=max_len)
+
+
+@nnx.jit(static_argnums=(2,))
+def _jit_forward(model: DBAModel, idx_BT: jax.Array, deterministic: bool) -> jax.Array:
+    return model.forward(idx_BT, deterministic)
+
+
+def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
+    """Mean next-token cross-entropy in fp32."""
+    logits = logits_BTV.astype(jnp.float32)
+    logz = jax.nn.logsumexp(logits, axis=-1)
+    picked = jnp.take_along_axis(logits, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
+    return jnp.mean(logz - picked)

@@ -1,0 +1,85 @@
+"""Shared builders for cross-framework tests: tiny configs and random, non-trivial weights."""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+
+from dba.config import ModelConfig
+from dba.weights import param_shapes, tied_aliases
+
+# Prime-ish sizes catch transposed or mis-split heads: 6 heads; head dims 10 (qk), 6 (v),
+# 3 (sem), 4 (geo); vocab 101; d_ff 74; embed 46 when the lexical bottleneck is on.
+BASE = dict(vocab_size=101, block_size=32, n_layer=2, n_head=6, d_model=60, d_ff=74, embed_dim=60,
+            attn_dim=36, sem_dim=18, geo_dim=24)
+OPTIONS = {
+    "tie_qk": dict(tie_qk=True),
+    "null": dict(null_attn=True),
+    "norope": dict(rope=False),
+    "notemp": dict(learned_temp=False),
+    "gelu": dict(mlp="gelu"),
+    "embed": dict(embed_dim=46),
+}
+COMBOS = [(), ("tie_qk",), ("null",), ("norope",), ("notemp",), ("gelu",), ("embed",),
+          ("tie_qk", "null", "gelu", "embed"), ("null", "norope", "notemp")]
+
+
+def make_config(mode: str, options=(), **overrides) -> ModelConfig:
+    fields = dict(BASE, attn_mode=mode)
+    for o in options:
+        fields.update(OPTIONS[o])
+    if mode == "gqa":
+        fields["kv_head"] = 6 if fields.get("tie_qk") else 2
+    fields.update(overrides)
+    return ModelConfig(**fields)
+
+
+def config_matrix() -> list[tuple[str, ModelConfig]]:
+    """Every attention mode x each option alone plus two combinations (36 configs)."""
+    out = []
+    for mode, combo in itertools.product(("standard", "bottleneck", "decoupled", "gqa"), COMBOS):
+        out.append((f"{mode}-{'+'.join(combo) or 'base'}", make_config(mode, combo)))
+    return out
+
+
+def random_state(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
+    """Canonical weights with every parameter non-trivial (LayerNorm, logit_scale, nulls too),
+    scaled so logits are of order 1."""
+    rng = np.random.default_rng(seed)
+    state: dict[str, np.ndarray] = {}
+    for name, shape in param_shapes(cfg).items():
+        if name.endswith("logit_scale"):
+            a = rng.normal(0.0, 0.3, shape)
+        elif "_null" in name:
+            a = rng.normal(0.0, 0.5, shape)
+        elif ".ln" in name or name.startswith("ln_f"):
+            a = (1.0 if name.endswith("weight") else 0.0) + rng.normal(0.0, 0.1, shape)
+        elif name == "tok_emb.weight":
+            a = rng.normal(0.0, 1.0 / math.sqrt(shape[1]), shape) * 1.5
+        else:  # Linear [out, in]
+            a = rng.normal(0.0, 1.0 / math.sqrt(shape[1]), shape) * 0.7
+        state[name] = a.astype(np.float32)
+    for k, q in tied_aliases(cfg).items():
+        state[k] = state[q]
+    return state
+
+
+def random_tokens(cfg: ModelConfig, batch: int, length: int, seed: int = 1) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, cfg.vocab_size, (batch, length)).astype(np.int64)
+
+
+def build_torch(cfg: ModelConfig, state):
+    import torch_ref
+
+    m = torch_ref.DBAModel(cfg)
+    torch_ref.load_canonical(m, state)
+    return m.eval()
+
+
+def build_jax(cfg: ModelConfig, state, **kw):
+    import jax_model
+
+    m = jax_model.DBAModel(cfg, **kw)
+    return jax_model.load_canonical(m, state)

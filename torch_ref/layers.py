@@ -1,0 +1,83 @@
+"""RoPE and the one score function every attention path uses (SPEC §3).
+
+Every attention mode is reduced to plain scaled-dot-product form before the softmax: queries
+carry the per-path scale and the learned temperature, keys of the decoupled paths are
+concatenated, so `q_cat . k_cat` *is* the SPEC score and attention runs with scale 1.
+Mirrors jax_model/layers.py.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from dba.config import ModelConfig
+
+
+def rope_cos_sin(rot_dim: int, base: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (T, rot_dim/2) for absolute positions, computed in fp32."""
+    inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=positions.device) / rot_dim))
+    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Split-halves rotation of the whole last dim: (x1, x2) -> (x1 cos - x2 sin, x1 sin + x2 cos)."""
+    half = x_BHTD.shape[-1] // 2
+    x1, x2 = x_BHTD[..., :half].float(), x_BHTD[..., half:].float()
+    out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return out.to(x_BHTD.dtype)
+
+
+def split_heads(x_BTW: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """(B, T, H*hd) -> (B, H, T, hd): heads are contiguous slices."""
+    b, t, w = x_BTW.shape
+    return x_BTW.view(b, t, n_heads, w // n_heads).transpose(1, 2)
+
+
+def merge_heads(x_BHTD: torch.Tensor) -> torch.Tensor:
+    b, h, t, d = x_BHTD.shape
+    return x_BHTD.transpose(1, 2).reshape(b, t, h * d)
+
+
+def path_scales(cfg: ModelConfig) -> tuple[float, ...]:
+    """Multipliers folded into the query of each score path (one path unless decoupled)."""
+    if cfg.attn_mode != "decoupled":
+        return (1.0 / math.sqrt(cfg.qk_dim // cfg.n_head),)
+    ds, dg = cfg.sem_head_dim, cfg.geo_head_dim
+    extra = 1.0 / math.sqrt(ds + dg) if cfg.decoupled_scale == "v29_sdpa" else 1.0
+    return (extra / math.sqrt(ds), extra / math.sqrt(dg))
+
+
+def causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
+    """Bool (Tq, Tk): query i (at absolute position t_k - t_q + i) sees keys <= its position."""
+    q_pos = torch.arange(t_k - t_q, t_k, device=device)
+    return torch.arange(t_k, device=device)[None, :] <= q_pos[:, None]
+
+
+def attend(q_BHTD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor,
+           null_kv: tuple[torch.Tensor, torch.Tensor] | None, dropout_p: float = 0.0) -> torch.Tensor:
+    """Causal attention with scale 1 (the scale lives in q); K/V already expanded to H heads.
+
+    Without null attention this is SDPA. With it, one extra never-masked key sits in front of
+    the real keys, which SDPA cannot express without a mask, so the path is written out.
+    """
+    t_q, t_k = q_BHTD.shape[2], k_BHLD.shape[2]
+    if null_kv is None:
+        if t_q == t_k:
+            return F.scaled_dot_product_attention(q_BHTD, k_BHLD, v_BHLD, is_causal=True, dropout_p=dropout_p, scale=1.0)
+        mask = causal_mask(t_q, t_k, q_BHTD.device)
+        return F.scaled_dot_product_attention(q_BHTD, k_BHLD, v_BHLD, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
+    k_null_HD, v_null_HD = null_kv
+    scores = torch.matmul(q_BHTD, k_BHLD.transpose(-1, -2)).float()
+    null_scores = torch.einsum("bhtd,hd->bht", q_BHTD, k_null_HD.to(q_BHTD.dtype)).float()[..., None]
+    mask = causal_mask(t_q, t_k, q_BHTD.device)
+    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
+    probs = torch.softmax(torch.cat([null_scores, scores], dim=-1), dim=-1)
+    if dropout_p > 0.0:
+        probs = F.dropout(probs, p=dropout_p)
+    probs = probs.to(v_BHLD.dtype)
+    out = torch.matmul(probs[..., 1:], v_BHLD)
+    return out + probs[..., :1] * v_null_HD.to(v_BHLD.dtype)[None, :, None, :]
