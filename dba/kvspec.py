@@ -1,0 +1,258 @@
+"""KV-cache policy, quantization block layout and memory accounting (SPEC §5, §6).
+
+Framework-free: the JAX cache (`jax_model.kvcache`) and the torch cache (`torch_ref.kvcache`)
+both take their storage geometry from `stream_spec` here, and `kv_bytes` is the analytic figure
+that the bytes they really allocate are tested against.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+from dba.errors import UserError
+
+KV_KINDS = ("fp32", "fp16", "q8_0", "q4_0", "nf4")
+QUANT_KINDS = ("q8_0", "q4_0", "nf4")
+FOUR_BIT_KINDS = ("q4_0", "nf4")
+DEFAULT_QBLOCK = 32
+
+# QLoRA's NormalFloat-4 code book (SPEC §5), exactly as v29 lists it.
+NF4_LEVELS: tuple[float, ...] = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+
+# Streams each attention mode caches (names match ModelConfig.kv_streams()).
+_MODE_STREAMS = {"decoupled": ("k_sem", "k_geo", "v")}
+_DEFAULT_STREAMS = ("k", "v")
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+# ---- block layout ------------------------------------------------------------------------
+
+def quant_layout(kind: str, dim: int, qblock: int) -> tuple[int, int, int]:
+    """(qb, pad_dim, n_blocks) for one stream: SPEC §5 "Effective block".
+
+    For fp16/fp32 there is no blocking; we still return the numbers the rule gives so callers
+    can print them, but nothing stores scales for those kinds.
+    """
+    if kind not in KV_KINDS:
+        raise UserError(f"unknown KV cache kind {kind!r}; choose from {'|'.join(KV_KINDS)}")
+    if not _is_int(dim) or dim <= 0:
+        raise UserError(f"stream width must be a positive integer, got {dim!r}")
+    if not _is_int(qblock) or qblock < 0:
+        raise UserError(f"qblock must be an integer >= 0 (0 = default {DEFAULT_QBLOCK}), got {qblock!r}")
+    qb = min(qblock if qblock > 0 else DEFAULT_QBLOCK, dim)
+    if kind in FOUR_BIT_KINDS:
+        # Two 4-bit codes share a byte, so a block must hold an even number of channels: the
+        # largest even value <= qb and <= dim, but never below 2 (a 1-wide stream pads to 2).
+        qb = min(qb, dim - dim % 2)
+        qb = max(2, qb - qb % 2)
+    pad_dim = -(-dim // qb) * qb
+    if kind in FOUR_BIT_KINDS and pad_dim % 2:
+        pad_dim += qb  # unreachable with an even qb; kept because the SPEC states it
+    return qb, pad_dim, pad_dim // qb
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """Storage geometry of one cached sequence tensor (per token unless noted)."""
+
+    name: str
+    kind: str
+    dim: int
+    qblock_eff: int
+    pad_dim: int
+    n_blocks: int
+    residual: int  # fp16 ring length; 0 for fp16/fp32 (and for residual=0)
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind in QUANT_KINDS
+
+    @property
+    def payload_dim(self) -> int:
+        """Stored payload bytes per token: int8[pad_dim] or packed uint8[pad_dim/2]."""
+        return self.pad_dim // 2 if self.kind in FOUR_BIT_KINDS else self.pad_dim
+
+    @property
+    def bytes_per_token(self) -> int:
+        """Bytes each token adds (ring excluded: it is a fixed cost)."""
+        if self.kind == "fp32":
+            return self.dim * 4
+        if self.kind == "fp16":
+            return self.dim * 2
+        return self.payload_dim + self.n_blocks * 2
+
+
+def stream_spec(name: str, kind: str, dim: int, qblock: int, residual: int,
+                max_len: int | None = None) -> StreamSpec:
+    """The StreamSpec of a stream; the ring is `min(residual, max_len)` for quantized kinds."""
+    qb, pad_dim, n_blocks = quant_layout(kind, dim, qblock)
+    if not _is_int(residual) or residual < 0:
+        raise UserError(f"residual must be an integer >= 0, got {residual!r}")
+    ring = 0
+    if kind in QUANT_KINDS:
+        ring = residual if max_len is None else min(residual, max_len)
+    return StreamSpec(name, kind, dim, qb, pad_dim, n_blocks, ring)
+
+
+def stream_bytes(spec: StreamSpec, batch: int, seq_len: int) -> int:
+    """Bytes of one preallocated sequence tensor of `seq_len` tokens (SPEC §6)."""
+    b, s = batch, seq_len
+    if spec.kind == "fp16":
+        return b * s * spec.dim * 2
+    if spec.kind == "fp32":
+        return b * s * spec.dim * 4
+    return b * s * spec.payload_dim + b * s * spec.n_blocks * 2 + b * min(spec.residual, s) * spec.dim * 2
+
+
+# ---- policy ------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class KVPolicy:
+    """Cache kind per stream. None means "not overridden": fall back to `kind` / `qblock`.
+
+    Overrides follow v29: `k` applies to standard/bottleneck/gqa, `k_sem`/`k_geo` to decoupled
+    (v29 ignores `--kv-cache-k` for a decoupled model, and so do we). A per-stream qblock of 0
+    also falls back to `qblock`, as v29's `q or kv_qblock` does.
+    """
+
+    kind: str = "fp16"
+    qblock: int = DEFAULT_QBLOCK
+    residual: int = 128
+    k: str | None = None
+    v: str | None = None
+    k_sem: str | None = None
+    k_geo: str | None = None
+    qblock_k: int | None = None
+    qblock_v: int | None = None
+    qblock_k_sem: int | None = None
+    qblock_k_geo: int | None = None
+
+    def __post_init__(self) -> None:
+        if self.kind not in KV_KINDS:
+            raise UserError(f"unknown KV cache kind {self.kind!r}; choose from {'|'.join(KV_KINDS)}")
+        for s in ("k", "v", "k_sem", "k_geo"):
+            v = getattr(self, s)
+            if v is not None and v not in KV_KINDS:
+                raise UserError(f"unknown KV cache kind {v!r} for stream {s}; choose from {'|'.join(KV_KINDS)}")
+        if not _is_int(self.qblock) or self.qblock < 0:
+            raise UserError(f"kv qblock must be an integer >= 0 (0 = default {DEFAULT_QBLOCK}), got {self.qblock!r}")
+        for s in ("k", "v", "k_sem", "k_geo"):
+            v = getattr(self, f"qblock_{s}")
+            if v is not None and (not _is_int(v) or v < 0):
+                raise UserError(f"kv qblock for stream {s} must be an integer >= 0, got {v!r}")
+        if not _is_int(self.residual) or self.residual < 0:
+            raise UserError(f"kv residual must be an integer >= 0, got {self.residual!r}")
+
+    # -- resolution
+    def resolve(self, name: str, attn_mode: str) -> tuple[str, int]:
+        """(kind, qblock) of stream `name` under attention mode `attn_mode`."""
+        names = _MODE_STREAMS.get(attn_mode, _DEFAULT_STREAMS)
+        if name not in names:
+            raise UserError(f"attn_mode {attn_mode!r} caches streams {', '.join(names)}, not {name!r}")
+        kind = getattr(self, name)
+        if kind is None:
+            kind = self.kind
+            # v29's heterogeneous default: 4-bit semantic keys and values, but 8-bit RoPE'd keys.
+            if name == "k_geo" and self.kind == "q4_0":
+                kind = "q8_0"
+        qblock = getattr(self, f"qblock_{name}") or self.qblock
+        return kind, qblock
+
+    def stream(self, name: str, cfg_or_mode: Any, dim: int | None = None,
+               max_len: int | None = None) -> StreamSpec:
+        """StreamSpec of `name` for a ModelConfig (width from the config) or a mode string
+        (then `dim` is required)."""
+        if isinstance(cfg_or_mode, str):
+            mode = cfg_or_mode
+            if dim is None:
+                raise UserError("KVPolicy.stream with a mode string needs dim")
+        else:
+            mode = cfg_or_mode.attn_mode
+            if dim is None:
+                streams = cfg_or_mode.kv_streams()
+                if name not in streams:
+                    raise UserError(f"attn_mode {mode!r} caches streams {', '.join(streams)}, not {name!r}")
+                dim = streams[name]
+        kind, qblock = self.resolve(name, mode)
+        return stream_spec(name, kind, dim, qblock, self.residual, max_len)
+
+    # -- (de)serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "KVPolicy":
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - names)
+        if unknown:
+            raise UserError(f"unknown KV policy field(s): {', '.join(unknown)}")
+        return cls(**d)
+
+    @classmethod
+    def from_args(cls, args: Any) -> "KVPolicy":
+        """From an argparse namespace with v29's flag names; missing or None = default."""
+        def get(attr: str, default: Any = None) -> Any:
+            v = getattr(args, attr, None)
+            return default if v is None else v
+
+        return cls(
+            kind=get("kv_cache", "fp16"), qblock=get("kv_qblock", DEFAULT_QBLOCK),
+            residual=get("kv_residual", 128),
+            k=get("kv_cache_k"), v=get("kv_cache_v"), k_sem=get("kv_cache_k_sem"),
+            k_geo=get("kv_cache_k_geo"), qblock_k=get("kv_qblock_k"), qblock_v=get("kv_qblock_v"),
+            qblock_k_sem=get("kv_qblock_k_sem"), qblock_k_geo=get("kv_qblock_k_geo"),
+        )
+
+
+FP16 = KVPolicy()
+
+
+# ---- accounting --------------------------------------------------------------------------
+
+def kv_bytes(cfg: Any, seq_len: int, batch: int = 1, policy: KVPolicy | None = None) -> dict[str, Any]:
+    """Bytes of a whole-model cache preallocated for `seq_len` tokens (SPEC §6)."""
+    if not _is_int(seq_len) or seq_len < 0:
+        raise UserError(f"seq_len must be an integer >= 0, got {seq_len!r}")
+    if not _is_int(batch) or batch <= 0:
+        raise UserError(f"batch must be a positive integer, got {batch!r}")
+    policy = FP16 if policy is None else policy
+    details: dict[str, dict[str, Any]] = {}
+    per_layer = 0
+    for name, dim in cfg.kv_streams().items():
+        spec = policy.stream(name, cfg, dim=dim, max_len=seq_len)
+        nb = stream_bytes(spec, batch, seq_len)
+        per_layer += nb
+        details[name] = {"kind": spec.kind, "dim": spec.dim, "qblock": spec.qblock_eff,
+                         "pad_dim": spec.pad_dim, "n_blocks": spec.n_blocks,
+                         "residual": spec.residual, "bytes": nb}
+    return {"total_bytes": per_layer * cfg.n_layer, "per_layer_bytes": per_layer, "details": details}
+
+
+def baseline_bytes(cfg: Any, seq_len: int, batch: int = 1) -> dict[str, Any]:
+    """The same model in `standard` mode with an fp16 cache (the seed's baseline)."""
+    return kv_bytes(cfg.replace(attn_mode="standard"), seq_len, batch, FP16)
+
+
+_UNITS = ("B", "KB", "MB", "GB", "TB")
+
+
+def human_bytes(n: float) -> str:
+    """SPEC §6: 1024-based units; whole bytes, one decimal from 100 up, else two decimals."""
+    x = float(n)
+    i = 0
+    while abs(x) >= 1024 and i < len(_UNITS) - 1:
+        x /= 1024.0
+        i += 1
+    if i == 0:
+        return f"{x:.0f}{_UNITS[0]}"
+    return f"{x:.1f}{_UNITS[i]}" if abs(x) >= 100 else f"{x:.2f}{_UNITS[i]}"

@@ -1,0 +1,240 @@
+"""Quantized KV cache for the JAX model (SPEC §5): quantize/dequantize and a pytree cache.
+
+Mirrors `torch_ref/kvcache.py` function for function: same names, same storage layout, same
+bytes. Geometry (block size, padding, ring length) comes from `dba.kvspec` so the bytes this
+allocates are, by construction and by test, the ones `dba.kvspec.kv_bytes` reports.
+
+The cache is a `flax.struct` pytree: arrays are leaves, the stream's kind/width/qblock/ring length
+are static, so one jitted decode step serves every position (`pos` is an int32 array, never a
+Python int).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import struct
+from jax import lax
+
+from dba.kvspec import FOUR_BIT_KINDS, NF4_LEVELS, QUANT_KINDS, KVPolicy, quant_layout
+
+_NF4 = np.asarray(NF4_LEVELS, dtype=np.float32)
+# Largest representable code magnitude: scale = absmax / this (nf4 codes live in [-1, 1]).
+_QMAX = {"q8_0": 127.0, "q4_0": 7.0, "nf4": 1.0}
+
+
+def _require_quant(kind: str) -> None:
+    if kind not in QUANT_KINDS:
+        raise ValueError(f"quantize/dequantize handle {'|'.join(QUANT_KINDS)}, not {kind!r}")
+
+
+@jax.jit
+def _all_finite(x: jax.Array) -> jax.Array:
+    return jnp.all(jnp.isfinite(x))
+
+
+def _check_finite(x: jax.Array) -> None:
+    # Only a concrete (eager) array can be inspected; under jit the values are unknown, so NaN/Inf
+    # go through unchecked there (they would produce garbage codes, never an exception).
+    if isinstance(x, jax.core.Tracer):
+        return
+    if not bool(_all_finite(x)):
+        raise ValueError("cannot quantize non-finite values (NaN or Inf) into the KV cache")
+
+
+def quantize(x: jax.Array, kind: str, qblock: int, check_finite: bool = True) -> tuple[jax.Array, jax.Array]:
+    """x (..., dim) float -> (q, scale): q int8 (..., pad_dim) for q8_0, packed uint8
+    (..., pad_dim//2) for q4_0/nf4; scale float16 (..., n_blocks)."""
+    _require_quant(kind)
+    x = jnp.asarray(x)
+    quant_layout(kind, x.shape[-1], qblock)  # validates before tracing
+    if check_finite:
+        _check_finite(x)
+    return _quantize(x, kind, qblock)
+
+
+# One compiled program per (shape, kind, qblock) rather than op-by-op dispatch when called
+# eagerly (4x faster to first result); inside an outer jit it is simply inlined.
+@partial(jax.jit, static_argnums=(1, 2))
+def _quantize(x: jax.Array, kind: str, qblock: int) -> tuple[jax.Array, jax.Array]:
+    x = x.astype(jnp.float32)
+    dim = x.shape[-1]
+    qb, pad_dim, nb = quant_layout(kind, dim, qblock)
+    lead = x.shape[:-1]
+    if pad_dim != dim:  # zero channels never raise a block's absmax and quantize to code 0
+        x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad_dim - dim)])
+    xb = x.reshape(*lead, nb, qb)
+    amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
+    scale = jnp.maximum(amax / np.float32(_QMAX[kind]), np.float32(1e-8))  # fp32, as SPEC says
+    y = xb / scale  # divide by the fp32 scale, not the fp16 one that is stored
+    if kind == "q8_0":
+        q = jnp.clip(jnp.round(y), -127, 127).astype(jnp.int8).reshape(*lead, pad_dim)
+    else:
+        if kind == "q4_0":
+            u = (jnp.clip(jnp.round(y), -8, 7) + 8).astype(jnp.int32)
+        else:
+            u = _nf4_index(jnp.clip(y, -1.0, 1.0))
+        u = u.reshape(*lead, pad_dim // 2, 2)
+        q = (u[..., 0] * 16 + u[..., 1]).astype(jnp.uint8)  # even channel in the high nibble
+    return q, scale.astype(jnp.float16).reshape(*lead, nb)
+
+
+def _nf4_index(y: jax.Array) -> jax.Array:
+    """Index of the nearest NF4 level, first index on ties (like argmin), without building a
+    (..., 16) distance tensor: a running minimum over the 16 levels."""
+    best = jnp.zeros(y.shape, jnp.int32)
+    best_d = jnp.abs(y - _NF4[0])
+    for i in range(1, 16):
+        d = jnp.abs(y - _NF4[i])
+        closer = d < best_d  # strict: an equal distance keeps the earlier level
+        best = jnp.where(closer, i, best)
+        best_d = jnp.where(closer, d, best_d)
+    return best
+
+
+def dequantize(q: jax.Array, scale: jax.Array, kind: str, dim: int, qblock: int) -> jax.Array:
+    """Inverse of `quantize`: float32 (..., dim) = code * float32(stored fp16 scale)."""
+    _require_quant(kind)
+    quant_layout(kind, dim, qblock)
+    return _dequantize(q, scale, kind, dim, qblock)
+
+
+@partial(jax.jit, static_argnums=(2, 3, 4))
+def _dequantize(q: jax.Array, scale: jax.Array, kind: str, dim: int, qblock: int) -> jax.Array:
+    qb, pad_dim, nb = quant_layout(kind, dim, qblock)
+    lead = q.shape[:-1]
+    if kind == "q8_0":
+        v = q.astype(jnp.float32)
+    else:
+        u = jnp.stack([q >> 4, q & 15], axis=-1).reshape(*lead, pad_dim).astype(jnp.int32)
+        v = (u - 8).astype(jnp.float32) if kind == "q4_0" else jnp.asarray(_NF4)[u]
+    out = v.reshape(*lead, nb, qb) * scale.astype(jnp.float32)[..., None]
+    return out.reshape(*lead, pad_dim)[..., :dim]
+
+
+# ---- the cache ---------------------------------------------------------------------------
+
+@struct.dataclass
+class StreamCache:
+    """One cached sequence tensor of a layer.
+
+    `data`: (B, max_len, dim) fp32/fp16 for plain kinds, else the quantized payload
+    (B, max_len, pad_dim) int8 or (B, max_len, pad_dim//2) uint8; `scale`: (B, max_len, n_blocks)
+    fp16 or None; `ring`: (B, residual, dim) fp16 holding position p in slot p % residual, or None.
+    """
+
+    data: jax.Array
+    scale: jax.Array | None
+    ring: jax.Array | None
+    kind: str = struct.field(pytree_node=False)
+    dim: int = struct.field(pytree_node=False)
+    qblock: int = struct.field(pytree_node=False)  # the effective block (quant_layout's qb)
+    residual: int = struct.field(pytree_node=False)  # ring length R; 0 = no ring
+
+    @property
+    def max_len(self) -> int:
+        return self.data.shape[1]
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind in QUANT_KINDS
+
+
+@struct.dataclass
+class Cache:
+    """Per-layer dicts of stream caches plus the number of cached tokens `pos` (int32 scalar)."""
+
+    layers: tuple[dict[str, StreamCache], ...]
+    pos: jax.Array
+
+    @property
+    def max_len(self) -> int:
+        return next(iter(self.layers[0].values())).max_len
+
+
+def init_stream(kind: str, dim: int, qblock: int, residual: int, batch: int, max_len: int) -> StreamCache:
+    """Zeroed storage for one stream; `residual` is the requested window (clipped to max_len)."""
+    spec_qb, pad_dim, nb = quant_layout(kind, dim, qblock)
+    if kind in ("fp32", "fp16"):
+        dt = jnp.float32 if kind == "fp32" else jnp.float16
+        return StreamCache(jnp.zeros((batch, max_len, dim), dt), None, None, kind, dim, spec_qb, 0)
+    payload = pad_dim // 2 if kind in FOUR_BIT_KINDS else pad_dim
+    data = jnp.zeros((batch, max_len, payload), jnp.uint8 if kind in FOUR_BIT_KINDS else jnp.int8)
+    scale = jnp.zeros((batch, max_len, nb), jnp.float16)
+    r = min(residual, max_len)
+    ring = jnp.zeros((batch, r, dim), jnp.float16) if r > 0 else None
+    return StreamCache(data, scale, ring, kind, dim, spec_qb, r)
+
+
+def init_cache(cfg: Any, policy: KVPolicy | None, batch: int, max_len: int) -> Cache:
+    """A preallocated cache for `cfg` under `policy` (None: fp16) with room for max_len tokens."""
+    policy = KVPolicy() if policy is None else policy
+    if batch <= 0 or max_len <= 0:
+        raise ValueError(f"batch and max_len must be positive, got batch={batch}, max_len={max_len}")
+    layers = []
+    for _ in range(cfg.n_layer):
+        layer = {}
+        for name, dim in cfg.kv_streams().items():
+            kind, qblock = policy.resolve(name, cfg.attn_mode)
+            layer[name] = init_stream(kind, dim, qblock, policy.residual, batch, max_len)
+        layers.append(layer)
+    return Cache(tuple(layers), jnp.zeros((), jnp.int32))
+
+
+def nbytes(cache: Cache | StreamCache) -> int:
+    """Bytes really allocated by the storage, scale and ring arrays (pos not counted)."""
+    streams = [cache] if isinstance(cache, StreamCache) else [s for l in cache.layers for s in l.values()]
+    return int(sum(a.nbytes for s in streams for a in (s.data, s.scale, s.ring) if a is not None))
+
+
+def write(stream: StreamCache, x_BTD: jax.Array, start: Any) -> StreamCache:
+    """Store T tokens at positions start..start+T-1; returns the new stream.
+
+    `start` may be traced (T is static). The caller guarantees start + T <= max_len
+    (dynamic_update_slice would otherwise clamp the start). Values are not checked for NaN/Inf.
+    """
+    T = x_BTD.shape[1]
+    start = jnp.asarray(start, jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+    if not stream.quantized:
+        data = lax.dynamic_update_slice(stream.data, x_BTD.astype(stream.data.dtype), (zero, start, zero))
+        return stream.replace(data=data)
+    q, s = quantize(x_BTD, stream.kind, stream.qblock, check_finite=False)
+    data = lax.dynamic_update_slice(stream.data, q, (zero, start, zero))
+    scale = lax.dynamic_update_slice(stream.scale, s, (zero, start, zero))
+    ring = stream.ring
+    if stream.residual > 0:
+        # Only the newest min(T, R) tokens can still be in the window; they map to distinct
+        # slots, so the scatter has no duplicate indices (and no order-dependent result).
+        n = min(T, stream.residual)
+        slots = (start + (T - n) + jnp.arange(n, dtype=jnp.int32)) % stream.residual
+        ring = ring.at[:, slots].set(x_BTD[:, T - n:].astype(jnp.float16), unique_indices=True)
+    return stream.replace(data=data, scale=scale, ring=ring)
+
+
+def read(stream: StreamCache, start: Any, size: int, length: Any) -> jax.Array:
+    """float32 (B, size, dim) for positions start..start+size-1 of a cache holding `length` tokens.
+
+    Only this slice is dequantized. Positions in the residual window (length-R <= p < length) come
+    from the fp16 ring. `start`/`length` may be traced, `size` is static; the caller guarantees
+    start + size <= max_len.
+    """
+    B = stream.data.shape[0]
+    start = jnp.asarray(start, jnp.int32)
+    zero = jnp.zeros((), jnp.int32)
+    if not stream.quantized:
+        return lax.dynamic_slice(stream.data, (zero, start, zero), (B, size, stream.dim)).astype(jnp.float32)
+    q = lax.dynamic_slice(stream.data, (zero, start, zero), (B, size, stream.data.shape[2]))
+    s = lax.dynamic_slice(stream.scale, (zero, start, zero), (B, size, stream.scale.shape[2]))
+    out = dequantize(q, s, stream.kind, stream.dim, stream.qblock)
+    if stream.residual > 0:
+        length = jnp.asarray(length, jnp.int32)
+        p = start + jnp.arange(size, dtype=jnp.int32)
+        in_window = (p >= length - stream.residual) & (p < length)
+        exact = jnp.take(stream.ring, p % stream.residual, axis=1).astype(jnp.float32)
+        out = jnp.where(in_window[None, :, None], exact, out)
+    return out

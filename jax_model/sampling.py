@@ -1,0 +1,95 @@
+"""Batched generation over the KV cache; the token loop runs compiled (one `lax.scan`).
+
+Greedy when `temperature == 0` or `top_k == 1`; otherwise temperature, then top-k, then
+nucleus (top-p) filtering, sampled with a key derived from (seed, step). Mirrors
+torch_ref/generate.py (the same filtering; the random streams differ between frameworks).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from dba.errors import UserError
+from dba.kvspec import KVPolicy
+from jax_model import kvcache as kvc
+from jax_model.decode import _forward_cached, as_token_array, check_fits, prefill
+from jax_model.model import DBAModel
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def filter_logits(logits_BV: jax.Array, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
+    """Temperature, top-k and top-p as -inf masks on fp32 logits."""
+    logits = logits_BV.astype(jnp.float32) / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = jax.lax.top_k(logits, top_k)[0][..., -1:]
+        logits = jnp.where(logits < kth, -jnp.inf, logits)
+    if top_p is not None and top_p < 1.0:
+        sorted_desc = jnp.sort(logits, axis=-1)[..., ::-1]
+        probs = jax.nn.softmax(sorted_desc, axis=-1)
+        before = jnp.cumsum(probs, axis=-1) - probs  # mass strictly above each token
+        keep_sorted = before < top_p  # always keeps the top token
+        cutoff = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+        logits = jnp.where(logits < cutoff, -jnp.inf, logits)
+    return logits
+
+
+def sample_next(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k: int | None,
+                top_p: float | None) -> jax.Array:
+    if temperature == 0.0 or top_k == 1:
+        return jnp.argmax(logits_BV, axis=-1).astype(jnp.int32)
+    return jax.random.categorical(key, filter_logits(logits_BV, temperature, top_k, top_p)).astype(jnp.int32)
+
+
+@partial(nnx.jit, static_argnames=("n_new", "temperature", "top_k", "top_p", "eos_id", "decode_block"))
+def _token_loop(model: DBAModel, cache: kvc.Cache, last_logits_BV: jax.Array, key: jax.Array, *,
+                n_new: int, temperature: float, top_k, top_p, eos_id, decode_block: int) -> jax.Array:
+    b = last_logits_BV.shape[0]
+
+    def step(carry, i):
+        cache, logits, done = carry
+        tok = sample_next(logits, jax.random.fold_in(key, i), temperature, top_k, top_p)
+        if eos_id is not None:
+            tok = jnp.where(done, eos_id, tok)
+            done = done | (tok == eos_id)
+        new_logits, cache = _forward_cached(model, cache, tok[:, None], False, decode_block)
+        return (cache, new_logits[:, 0], done), tok
+
+    init = (cache, last_logits_BV, jnp.zeros((b,), bool))
+    _, toks_NB = jax.lax.scan(step, init, jnp.arange(n_new))
+    return toks_NB.T
+
+
+def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy | None = None,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int = 0, eos_id: int | None = None, decode_block: int = 1024,
+             max_len: int | None = None) -> jax.Array:
+    """Prompt (B, T) ids -> (B, T + max_new_tokens) ids; rows that emit `eos_id` pad with it."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    idx = as_token_array(prompt)
+    b, t = idx.shape
+    if t == 0:
+        raise UserError("the prompt is empty: give at least one token")
+    max_len = t + max_new_tokens if max_len is None else max_len
+    check_fits(t + max_new_tokens, max_len)
+    cache = kvc.init_cache(model.cfg, policy or KVPolicy(kind="fp16"), b, max_len)
+    logits, cache = prefill(model, cache, idx, fresh=True, decode_block=decode_block)
+    if max_new_tokens == 0:
+        return idx
+    new = _token_loop(model, cache, logits[:, -1], jax.random.PRNGKey(seed), n_new=max_new_tokens,
+                      temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id,
+                      decode_block=decode_block)
+    return jnp.concatenate([idx, new], axis=1)

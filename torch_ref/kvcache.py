@@ -1,0 +1,208 @@
+"""Quantized KV cache for the PyTorch reference (SPEC §5): quantize/dequantize and the cache.
+
+Mirrors `jax_model/kvcache.py` function for function: same names, same storage layout, same
+bytes. Geometry comes from `dba.kvspec`. Tensors are written in place (`write` mutates and
+returns the stream). MPS-safe: nothing here uses float64.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from dba.kvspec import FOUR_BIT_KINDS, NF4_LEVELS, QUANT_KINDS, KVPolicy, quant_layout
+
+_NF4 = torch.tensor(NF4_LEVELS, dtype=torch.float32)
+# Largest representable code magnitude: scale = absmax / this (nf4 codes live in [-1, 1]).
+_QMAX = {"q8_0": 127.0, "q4_0": 7.0, "nf4": 1.0}
+
+
+def _require_quant(kind: str) -> None:
+    if kind not in QUANT_KINDS:
+        raise ValueError(f"quantize/dequantize handle {'|'.join(QUANT_KINDS)}, not {kind!r}")
+
+
+def quantize(x: torch.Tensor, kind: str, qblock: int, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (..., dim) float -> (q, scale): q int8 (..., pad_dim) for q8_0, packed uint8
+    (..., pad_dim//2) for q4_0/nf4; scale float16 (..., n_blocks)."""
+    _require_quant(kind)
+    x = x.to(torch.float32)
+    dim = x.shape[-1]
+    qb, pad_dim, nb = quant_layout(kind, dim, qblock)
+    if check_finite and not bool(torch.isfinite(x).all()):
+        raise ValueError("cannot quantize non-finite values (NaN or Inf) into the KV cache")
+    lead = x.shape[:-1]
+    if pad_dim != dim:  # zero channels never raise a block's absmax and quantize to code 0
+        x = F.pad(x, (0, pad_dim - dim))
+    xb = x.reshape(*lead, nb, qb)
+    amax = xb.abs().amax(dim=-1, keepdim=True)
+    # Divide by tensors, not Python scalars: CUDA turns `t / scalar` into a multiply by the
+    # reciprocal, which can differ from the true quotient in the last bit (and so from JAX).
+    scale = torch.clamp_min(amax / torch.full_like(amax, _QMAX[kind]), 1e-8)  # fp32
+    y = xb / scale  # divide by the fp32 scale, not the fp16 one that is stored
+    if kind == "q8_0":
+        q = torch.clamp(torch.round(y), -127, 127).to(torch.int8).reshape(*lead, pad_dim)
+    else:
+        if kind == "q4_0":
+            u = (torch.clamp(torch.round(y), -8, 7) + 8).to(torch.int32)
+        else:
+            u = _nf4_index(torch.clamp(y, -1.0, 1.0))
+        u = u.reshape(*lead, pad_dim // 2, 2)
+        q = (u[..., 0] * 16 + u[..., 1]).to(torch.uint8)  # even channel in the high nibble
+    return q, scale.to(torch.float16).reshape(*lead, nb)
+
+
+def _nf4_index(y: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest NF4 level, first index on ties (like argmin), without building a
+    (..., 16) distance tensor: a running minimum over the 16 levels."""
+    levels = _NF4.tolist()
+    best = torch.zeros(y.shape, dtype=torch.int32, device=y.device)
+    best_d = (y - levels[0]).abs()
+    for i in range(1, 16):
+        d = (y - levels[i]).abs()
+        closer = d < best_d  # strict: an equal distance keeps the earlier level
+        best = torch.where(closer, torch.full_like(best, i), best)
+        best_d = torch.where(closer, d, best_d)
+    return best
+
+
+def dequantize(q: torch.Tensor, scale: torch.Tensor, kind: str, dim: int, qblock: int) -> torch.Tensor:
+    """Inverse of `quantize`: float32 (..., dim) = code * float32(stored fp16 scale)."""
+    _require_quant(kind)
+    qb, pad_dim, nb = quant_layout(kind, dim, qblock)
+    lead = q.shape[:-1]
+    if kind == "q8_0":
+        v = q.to(torch.float32)
+    else:
+        u = torch.stack([q >> 4, q & 15], dim=-1).reshape(*lead, pad_dim).to(torch.int64)
+        v = (u - 8).to(torch.float32) if kind == "q4_0" else _NF4.to(q.device)[u]
+    out = v.reshape(*lead, nb, qb) * scale.to(torch.float32).unsqueeze(-1)
+    return out.reshape(*lead, pad_dim)[..., :dim]
+
+
+# ---- the cache ---------------------------------------------------------------------------
+
+@dataclass
+class StreamCache:
+    """One cached sequence tensor of a layer (same layout as jax_model.kvcache.StreamCache).
+
+    `data`: (B, max_len, dim) fp32/fp16 for plain kinds, else the quantized payload
+    (B, max_len, pad_dim) int8 or (B, max_len, pad_dim//2) uint8; `scale`: (B, max_len, n_blocks)
+    fp16 or None; `ring`: (B, residual, dim) fp16 holding position p in slot p % residual, or None.
+    """
+
+    data: torch.Tensor
+    scale: torch.Tensor | None
+    ring: torch.Tensor | None
+    kind: str
+    dim: int
+    qblock: int  # the effective block (quant_layout's qb)
+    residual: int  # ring length R; 0 = no ring
+
+    @property
+    def max_len(self) -> int:
+        return self.data.shape[1]
+
+    @property
+    def quantized(self) -> bool:
+        return self.kind in QUANT_KINDS
+
+
+@dataclass
+class Cache:
+    """Per-layer dicts of stream caches plus the number of cached tokens `pos` (a Python int)."""
+
+    layers: list[dict[str, StreamCache]]
+    pos: int = 0
+
+    @property
+    def max_len(self) -> int:
+        return next(iter(self.layers[0].values())).max_len
+
+
+def init_stream(kind: str, dim: int, qblock: int, residual: int, batch: int, max_len: int,
+                device: Any = None) -> StreamCache:
+    """Zeroed storage for one stream; `residual` is the requested window (clipped to max_len)."""
+    spec_qb, pad_dim, nb = quant_layout(kind, dim, qblock)
+    if kind in ("fp32", "fp16"):
+        dt = torch.float32 if kind == "fp32" else torch.float16
+        return StreamCache(torch.zeros((batch, max_len, dim), dtype=dt, device=device), None, None,
+                           kind, dim, spec_qb, 0)
+    payload = pad_dim // 2 if kind in FOUR_BIT_KINDS else pad_dim
+    dt = torch.uint8 if kind in FOUR_BIT_KINDS else torch.int8
+    data = torch.zeros((batch, max_len, payload), dtype=dt, device=device)
+    scale = torch.zeros((batch, max_len, nb), dtype=torch.float16, device=device)
+    r = min(residual, max_len)
+    ring = torch.zeros((batch, r, dim), dtype=torch.float16, device=device) if r > 0 else None
+    return StreamCache(data, scale, ring, kind, dim, spec_qb, r)
+
+
+def init_cache(cfg: Any, policy: KVPolicy | None, batch: int, max_len: int, device: Any = None) -> Cache:
+    """A preallocated cache for `cfg` under `policy` (None: fp16) with room for max_len tokens."""
+    policy = KVPolicy() if policy is None else policy
+    if batch <= 0 or max_len <= 0:
+        raise ValueError(f"batch and max_len must be positive, got batch={batch}, max_len={max_len}")
+    layers = []
+    for _ in range(cfg.n_layer):
+        layer = {}
+        for name, dim in cfg.kv_streams().items():
+            kind, qblock = policy.resolve(name, cfg.attn_mode)
+            layer[name] = init_stream(kind, dim, qblock, policy.residual, batch, max_len, device)
+        layers.append(layer)
+    return Cache(layers, 0)
+
+
+def nbytes(cache: Cache | StreamCache) -> int:
+    """Bytes really allocated by the storage, scale and ring tensors (pos not counted)."""
+    streams = [cache] if isinstance(cache, StreamCache) else [s for l in cache.layers for s in l.values()]
+    return int(sum(a.numel() * a.element_size() for s in streams for a in (s.data, s.scale, s.ring)
+                   if a is not None))
+
+
+def write(stream: StreamCache, x_BTD: torch.Tensor, start: int) -> StreamCache:
+    """Store T tokens at positions start..start+T-1, in place; returns the stream.
+
+    The caller guarantees start + T <= max_len. Values are not checked for NaN/Inf (a check
+    would force a device sync per layer per token).
+    """
+    start = int(start)
+    T = x_BTD.shape[1]
+    if start < 0 or start + T > stream.max_len:
+        raise ValueError(f"write of {T} tokens at {start} overflows a cache of {stream.max_len}")
+    if not stream.quantized:
+        stream.data[:, start:start + T] = x_BTD.to(stream.data.dtype)
+        return stream
+    q, s = quantize(x_BTD, stream.kind, stream.qblock, check_finite=False)
+    stream.data[:, start:start + T] = q
+    stream.scale[:, start:start + T] = s
+    if stream.residual > 0:
+        # Only the newest min(T, R) tokens can still be in the window; distinct slots.
+        n = min(T, stream.residual)
+        slots = torch.arange(start + T - n, start + T, device=x_BTD.device) % stream.residual
+        stream.ring[:, slots] = x_BTD[:, T - n:].to(torch.float16)
+    return stream
+
+
+def read(stream: StreamCache, start: int, size: int, length: int) -> torch.Tensor:
+    """float32 (B, size, dim) for positions start..start+size-1 of a cache holding `length` tokens.
+
+    Only this slice is dequantized; positions in the residual window (length-R <= p < length)
+    come from the fp16 ring. The caller guarantees start + size <= max_len.
+    """
+    start, size, length = int(start), int(size), int(length)
+    if start < 0 or start + size > stream.max_len:
+        raise ValueError(f"read of {size} tokens at {start} overflows a cache of {stream.max_len}")
+    if not stream.quantized:
+        return stream.data[:, start:start + size].to(torch.float32)
+    out = dequantize(stream.data[:, start:start + size], stream.scale[:, start:start + size],
+                     stream.kind, stream.dim, stream.qblock)
+    if stream.residual > 0:
+        lo = max(start, length - stream.residual)
+        hi = min(start + size, length)
+        if hi > lo:
+            slots = torch.arange(lo, hi, device=out.device) % stream.residual
+            out[:, lo - start:hi - start] = stream.ring[:, slots].to(torch.float32)
+    return out

@@ -1,0 +1,75 @@
+"""Batched generation over the KV cache. Mirrors jax_model/generate.py: greedy when
+`temperature == 0` or `top_k == 1`; otherwise temperature, top-k, then top-p filtering."""
+
+from __future__ import annotations
+
+import torch
+
+from dba.errors import UserError
+from dba.kvspec import KVPolicy
+from torch_ref import kvcache as kvc
+from torch_ref.decode import forward_cached
+from torch_ref.model import DBAModel
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def filter_logits(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
+    logits = logits_BV.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_desc = torch.sort(logits, dim=-1, descending=True).values
+        probs = torch.softmax(sorted_desc, dim=-1)
+        before = torch.cumsum(probs, dim=-1) - probs
+        keep_sorted = before < top_p
+        cutoff = torch.where(keep_sorted, sorted_desc, torch.full_like(sorted_desc, float("inf"))).amin(-1, keepdim=True)
+        logits = logits.masked_fill(logits < cutoff, float("-inf"))
+    return logits
+
+
+def sample_next(logits_BV: torch.Tensor, generator: torch.Generator, temperature: float,
+                top_k: int | None, top_p: float | None) -> torch.Tensor:
+    if temperature == 0.0 or top_k == 1:
+        return logits_BV.argmax(-1)
+    probs = torch.softmax(filter_logits(logits_BV, temperature, top_k, top_p), dim=-1)
+    return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits_BV.device)
+
+
+@torch.no_grad()
+def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy | None = None,
+             temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
+             seed: int = 0, eos_id: int | None = None, decode_block: int = 1024,
+             max_len: int | None = None) -> torch.Tensor:
+    """Prompt (B, T) ids -> (B, T + max_new_tokens) ids; rows that emit `eos_id` pad with it."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
+    idx = model.as_tokens(prompt)
+    b, t = idx.shape
+    if t == 0:
+        raise UserError("the prompt is empty: give at least one token")
+    max_len = t + max_new_tokens if max_len is None else max_len
+    if t + max_new_tokens > max_len:
+        raise UserError(f"{t + max_new_tokens} tokens do not fit a KV cache of max_len={max_len}")
+    cache = kvc.init_cache(model.cfg, policy or KVPolicy(kind="fp16"), b, max_len, device=idx.device)
+    logits = forward_cached(model, cache, idx, fresh=True, decode_block=decode_block)[:, -1]
+    generator = torch.Generator().manual_seed(seed)
+    done = torch.zeros(b, dtype=torch.bool, device=idx.device)
+    out = [idx]
+    for _ in range(max_new_tokens):
+        tok = sample_next(logits, generator, temperature, top_k, top_p)
+        if eos_id is not None:
+            tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+            done |= tok == eos_id
+        out.append(tok[:, None])
+        logits = forward_cached(model, cache, tok[:, None], fresh=False, decode_block=decode_block)[:, 0]
+    return torch.cat(out, dim=1)
