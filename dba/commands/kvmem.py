@@ -18,7 +18,8 @@ from typing import Any
 
 from dba.config import ATTN_MODES, EXPERIMENTS, SIZES, ConfigError, ModelConfig, preset
 from dba.errors import UserError
-from dba.kvspec import KV_KINDS, QUANT_KINDS, KVPolicy, baseline_bytes, human_bytes, kv_bytes
+from dba.commands.common import add_kv_arguments
+from dba.kvspec import QUANT_KINDS, KVPolicy, baseline_bytes, human_bytes, kv_bytes
 
 CTX_128K = 128_000  # SPEC §6: "128k" means 128,000 tokens
 
@@ -41,14 +42,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     m.add_argument("--attn-mode", choices=list(ATTN_MODES), default=None)
     m.add_argument("--no-rope", action="store_true", help="model without RoPE (only affects validation)")
 
-    k = p.add_argument_group("KV cache policy (v29 flags)")
-    k.add_argument("--kv-cache", choices=list(KV_KINDS), default=None, help="default kind (fp16)")
-    k.add_argument("--kv-qblock", type=int, default=None, help="quantization block (32; 0 = default)")
-    k.add_argument("--kv-residual", type=int, default=None, help="fp16 window of newest tokens (128)")
-    for s in ("k", "v", "k_sem", "k_geo"):
-        k.add_argument(f"--kv-cache-{s.replace('_', '-')}", choices=list(KV_KINDS), default=None)
-    for s in ("k", "v", "k_sem", "k_geo"):
-        k.add_argument(f"--kv-qblock-{s.replace('_', '-')}", type=int, default=None)
+    add_kv_arguments(p)
 
     o = p.add_argument_group("report")
     o.add_argument("--batch", type=int, default=1)
@@ -75,35 +69,10 @@ def parse_contexts(text: str) -> list[int]:
     return out
 
 
-def _config_from_pt(path: Path) -> ModelConfig:
-    # The only torch import in dba/: a v29 .pt is a torch pickle. weights_only=True keeps it safe.
-    try:
-        import torch
-    except ImportError:
-        raise UserError(f"reading {str(path)!r} needs torch (pip install torch); "
-                        "a .safetensors export needs no torch", 1) from None
-    try:
-        payload = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # torch raises many types for a corrupt or foreign file
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise UserError(f"cannot read checkpoint {str(path)!r}: {first}", 1) from None
-    if not isinstance(payload, dict) or not isinstance(payload.get("config"), dict):
-        raise UserError(f"{str(path)!r} is not a v29 checkpoint (no 'config' dict)", 1)
-    try:
-        return ModelConfig.from_dict(payload["config"], v29=True)
-    except (ConfigError, TypeError) as e:
-        raise UserError(f"{str(path)!r}: bad config: {e}", 1) from None
-
-
 def config_from_checkpoint(path: str) -> ModelConfig:
-    from dba.checkpoints import resolve_weights_file
+    from dba.checkpoints import read_weights
 
-    f = resolve_weights_file(path)
-    if f.suffix == ".safetensors":
-        from dba.weights import load_safetensors
-
-        return load_safetensors(f)[0]
-    return _config_from_pt(f)
+    return read_weights(path)[0]
 
 
 def model_config(args: argparse.Namespace) -> ModelConfig:

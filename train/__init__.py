@@ -1,0 +1,1 @@
+"""JAX training: loop, optimizer chain, schedules, checkpointing, metrics."""

@@ -1,0 +1,99 @@
+"""Orbax checkpoints of a run: `<out>/checkpoints/last` and `<out>/checkpoints/best`.
+
+Each is an Orbax `CheckpointManager` (keeps the newest one) whose items are `state` (params,
+optimizer state, step, seed — restored exactly, so a resumed run continues bit for bit) and
+`meta` (JSON: the resolved model config, flags, best val loss, tokenizer). Orbax writes to a
+temporary directory and renames it, so a kill mid-save leaves the previous checkpoint intact.
+Saves are synchronous: the train step donates its buffers, so nothing may read them later.
+
+Whenever a checkpoint is written, the matching weights-only export (`last.safetensors` /
+`best.safetensors`, config in the metadata) is written beside it, for torch_ref.load(run_dir)
+and jax_model.load(run_dir) on machines without Orbax.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import jax
+
+from dba.errors import UserError
+
+KINDS = ("last", "best")
+
+
+def _quiet_orbax() -> None:
+    for name in ("absl", "orbax", "orbax.checkpoint"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        from absl import logging as absl_logging
+
+        absl_logging.set_verbosity(absl_logging.ERROR)
+    except Exception:  # absl is optional
+        pass
+
+
+class RunCheckpoints:
+    def __init__(self, out_dir: str | Path):
+        import orbax.checkpoint as ocp
+
+        _quiet_orbax()
+        self.ocp = ocp
+        self.root = Path(out_dir).resolve() / "checkpoints"
+        self._mngr: dict[str, Any] = {}
+
+    def _manager(self, kind: str):
+        if kind not in self._mngr:
+            ocp = self.ocp
+            opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
+                                                enable_async_checkpointing=False)
+            self._mngr[kind] = ocp.CheckpointManager(self.root / kind, options=opts)
+        return self._mngr[kind]
+
+    def latest_step(self, kind: str = "last") -> int | None:
+        if not (self.root / kind).is_dir():
+            return None
+        return self._manager(kind).latest_step()
+
+    def save(self, kind: str, step: int, params: Any, opt_state: Any, seed: int, meta: dict[str, Any]) -> None:
+        ocp = self.ocp
+        state = {"params": params, "opt_state": opt_state, "step": int(step), "seed": int(seed)}
+        mngr = self._manager(kind)
+        mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                      meta=ocp.args.JsonSave(json.loads(json.dumps(meta)))),
+                  force=True)
+        mngr.wait_until_finished()
+
+    def read_meta(self, kind: str = "last") -> dict[str, Any] | None:
+        step = self.latest_step(kind)
+        if step is None:
+            return None
+        ocp = self.ocp
+        out = self._manager(kind).restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
+        return dict(out["meta"])
+
+    def restore(self, kind: str, params_like: Any, opt_state_like: Any) -> tuple[Any, Any, int, dict[str, Any]]:
+        """(params, opt_state, step, meta) restored into the structure of the given templates."""
+        ocp = self.ocp
+        step = self.latest_step(kind)
+        if step is None:
+            raise UserError(f"no {kind!r} checkpoint under {self.root}", 1)
+        abstract = {"params": params_like, "opt_state": opt_state_like, "step": 0, "seed": 0}
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, abstract)
+        try:
+            out = self._manager(kind).restore(step, args=ocp.args.Composite(
+                state=ocp.args.StandardRestore(abstract), meta=ocp.args.JsonRestore()))
+        except (ValueError, KeyError, TypeError) as e:
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"cannot restore the {kind!r} checkpoint in {self.root} into this run "
+                            f"(did the model or optimizer change?): {first}", 1) from None
+        st = out["state"]
+        return st["params"], st["opt_state"], int(st["step"]), dict(out["meta"])
+
+    def close(self) -> None:
+        for m in self._mngr.values():
+            m.close()
+        self._mngr.clear()

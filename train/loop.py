@@ -1,0 +1,343 @@
+"""The training loop of `dba train`.
+
+Batches come from dba.data.sample_batch keyed by (seed, step, stream): micro-batch i of an
+accumulated step uses stream i, evaluation uses its own streams with fixed batches per eval
+index, so a resumed run draws exactly the batches an uninterrupted one would. The device only
+syncs at log, eval and save steps; the next batch is sampled on the host while the device runs
+the current step (JAX dispatch is asynchronous).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import shlex
+import signal
+import shutil
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from dba.config import ModelConfig
+from dba.errors import UserError
+from train.args import parse_betas, resolve_model, schedule_from
+
+EVAL_VAL_STREAM = 1_000_003
+EVAL_TRAIN_STREAM = 1_000_033
+RUN_FILES = ("train.jsonl", "summary.md", "best.safetensors", "last.safetensors")
+EXIT_CODES = {"complete": 0, "already_complete": 0, "sigint": 130, "sigterm": 143, "nonfinite_loss": 1}
+
+
+def holds_run(out_dir: Path) -> bool:
+    return out_dir.is_dir() and (any((out_dir / n).exists() for n in RUN_FILES) or (out_dir / "checkpoints").exists())
+
+
+def clear_run(out_dir: Path) -> None:
+    """--overwrite: remove our files only (never the directory itself or anything else in it)."""
+    for n in RUN_FILES:
+        p = out_dir / n
+        if p.exists():
+            p.unlink()
+    if (out_dir / "checkpoints").is_dir():
+        shutil.rmtree(out_dir / "checkpoints")
+
+
+class _Stop:
+    """SIGINT/SIGTERM set a flag; the loop saves and stops after the current step."""
+
+    def __init__(self):
+        self.reason: str | None = None
+        self._old: dict[int, Any] = {}
+
+    def install(self) -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, name in ((signal.SIGINT, "sigint"), (signal.SIGTERM, "sigterm")):
+            self._old[sig] = signal.getsignal(sig)
+
+            def handler(signum, frame, name=name):
+                if self.reason is not None:  # a second signal: stop now
+                    raise KeyboardInterrupt
+                self.reason = name
+                print(f"\n{name.upper()} received: saving the last checkpoint and stopping "
+                      f"(send again to abort without saving)", flush=True)
+
+            signal.signal(sig, handler)
+
+    def restore(self) -> None:
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+        self._old.clear()
+
+
+def _dtypes(flags: dict[str, Any]):
+    import jax.numpy as jnp
+
+    param = jnp.bfloat16 if flags["param_dtype"] == "bf16" else jnp.float32
+    if flags["amp"]:
+        compute = jnp.bfloat16 if flags["amp_dtype"] == "bf16" else jnp.float16
+    else:
+        compute = param
+    return compute, param
+
+
+def build_tx(flags: dict[str, Any]):
+    from train.optim import build_optimizer
+
+    opt = flags["optimizer"]
+    betas = parse_betas(flags["adam_betas"] if opt == "adamw" else flags["lion_betas"],
+                        "adam_betas" if opt == "adamw" else "lion_betas")
+    return build_optimizer(opt, lr=flags["lr"], total_steps=int(flags["steps"]), betas=betas,
+                           eps=flags["adam_eps"], weight_decay=flags["weight_decay"],
+                           wd_exempt_1d=flags["wd_exempt_1d"], grad_clip=flags["grad_clip"],
+                           lr_schedule=flags["lr_schedule"], warmup_steps=flags["warmup_steps"],
+                           min_lr=flags["min_lr"])
+
+
+def train_batch(tokens: np.ndarray, flags: dict[str, Any], seq_len: int, step: int):
+    """(x, y) int32 (A, B, T): the grad_accum micro-batches of optimizer step `step`."""
+    from dba.data import sample_batch
+
+    b, a, seed = int(flags["batch_size"]), int(flags["grad_accum"]), int(flags["seed"])
+    pairs = [sample_batch(tokens, b, seq_len, seed, step, stream=i) for i in range(a)]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def eval_batches(tokens: np.ndarray, flags: dict[str, Any], seq_len: int, stream: int):
+    """(X, Y) int32 (N, B, T): batch i is fixed by (seed, i), the same at every evaluation."""
+    from dba.data import sample_batch
+
+    b, n, seed = int(flags["batch_size"]), int(flags["eval_iters"]), int(flags["seed"])
+    pairs = [sample_batch(tokens, b, seq_len, seed, i, stream=stream) for i in range(n)]
+    return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
+
+
+def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, run_name: str,
+                 argv: list[str], resume_meta: dict[str, Any] | None = None) -> int:
+    """Train; returns the exit status (0 done, 130/143 interrupted, 1 non-finite loss)."""
+    t_start = time.time()
+    created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+    from dba.data import check_enough, load_tokens, split_train_val
+
+    # ---- data and config ------------------------------------------------------------------
+    tokens, vocab, tok = load_tokens(flags["data"], data_format=flags["data_format"],
+                                     data_dtype=flags["data_dtype"], tokenizer=flags["tokenizer"],
+                                     vocab_size=flags["vocab_size"])
+    train_tok, val_tok = split_train_val(tokens, flags["val_frac"])
+    schedule = schedule_from(flags)
+    steps = int(flags["steps"])
+
+    ckpt_cfg = ckpt_state = ckpt_info = None
+    if flags["ckpt"] and resume_meta is None:
+        from dba.checkpoints import read_weights
+
+        ckpt_cfg, ckpt_state, ckpt_info = read_weights(flags["ckpt"])
+    if resume_meta is not None:
+        ckpt_cfg = ModelConfig.from_dict(resume_meta["config"])
+    cfg, context = resolve_model(flags, explicit if resume_meta is None else {}, vocab, schedule, ckpt_cfg)
+    longest_train = schedule.max_length(steps)
+    longest_eval = int(flags["eval_seq_len"]) or longest_train
+    check_enough(train_tok, longest_train, "the train split")
+    check_enough(val_tok, longest_eval, "the validation split")
+
+    if flags["print_config"]:
+        print(json.dumps({"model": cfg.to_dict(), "args": flags, "context": context,
+                          "run_dir": out_dir}, indent=2, sort_keys=True, default=str))
+        return 0
+
+    # ---- JAX side ---------------------------------------------------------------------------
+    import jax
+    from flax import nnx
+
+    from jax_model import DBAModel, load_canonical, save_export
+    from train.artifacts import JsonlLog, device_line, environment, write_summary
+    from train.checkpointing import RunCheckpoints
+    from train.progress import make_display
+    from train.step import Stepper
+
+    if flags["matmul_precision"] != "high" or "matmul_precision" in explicit:
+        jax.config.update("jax_default_matmul_precision",
+                          {"highest": "highest", "high": "high", "medium": "bfloat16"}[flags["matmul_precision"]])
+    try:
+        env = environment()
+    except Exception as e:  # e.g. --device gpu without a GPU or without jax[cuda]
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise UserError(f"--device {flags['device']}: JAX cannot use this platform here ({first}); "
+                        f"install the matching jax build (e.g. jax[cuda12]) or use --device cpu", 1) from None
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ckpts = RunCheckpoints(out)
+    compute_dtype, param_dtype = _dtypes(flags)
+    seed = int(flags["seed"])
+    model = DBAModel(cfg, rngs=nnx.Rngs(seed), dtype=compute_dtype, param_dtype=param_dtype,
+                     remat=bool(flags["grad_checkpoint"]))
+    if ckpt_state is not None:
+        load_canonical(model, ckpt_state, ckpt_info["source"])
+    tx = build_tx(flags)
+    stepper = Stepper(model, tx, seed=seed)
+    del model
+
+    start_step, best_val, best_step = 0, None, None
+    if resume_meta is not None:
+        params, opt_state, start_step, meta = ckpts.restore("last", stepper.params, stepper.opt_state)
+        stepper.set_state(params, opt_state)
+        best_val, best_step = meta.get("best_val"), meta.get("best_step")
+
+    tok_dict = tok.to_dict() if tok is not None else None
+    n_params = cfg.num_params()
+    log = JsonlLog(out / "train.jsonl")
+    command = "dba train" + ("" if not argv else " " + shlex.join(argv))
+    log.write("meta", argv=list(argv), command=command, run_dir=str(out), run_name=run_name, flags=flags,
+              explicit=sorted(explicit), config=cfg.to_dict(), env=env, n_params=n_params, context=context,
+              resumed_from=start_step if resume_meta is not None else None,
+              init_from=ckpt_info["source"] if ckpt_info else None,
+              data={"path": flags["data"] or "default corpus (pydoc_data.topics)", "tokens": int(len(tokens)),
+                    "train_tokens": int(len(train_tok)), "val_tokens": int(len(val_tok)),
+                    "vocab_size": int(vocab), "tokenizer": tok_dict},
+              dtypes={"param": flags["param_dtype"], "compute": str(np.dtype(compute_dtype)) if compute_dtype is not None else None,
+                      "grad_checkpoint": bool(flags["grad_checkpoint"])},
+              noop_flags={k: flags[k] for k in sorted(explicit) if k in _noop_names()})
+
+    def meta_for(step: int) -> dict[str, Any]:
+        return {"config": cfg.to_dict(), "flags": flags, "step": step, "seed": seed, "best_val": best_val,
+                "best_step": best_step, "tokenizer": tok_dict, "context": context, "run_name": run_name}
+
+    def export(kind: str, step: int, val: float | None) -> None:
+        extra = {"step": str(step), "kind": kind, "run_dir": str(out)}
+        if val is not None:
+            extra["val_loss"] = repr(float(val))
+        if tok_dict is not None:
+            extra["tokenizer"] = json.dumps(tok_dict)
+        current = nnx.merge(stepper.graphdef, stepper.params, stepper.rest)
+        save_export(out / f"{kind}.safetensors", current, extra)
+
+    def save(kind: str, step: int, val: float | None = None) -> None:
+        ckpts.save(kind, step, stepper.params, stepper.opt_state, seed, meta_for(step))
+        export(kind, step, val)
+
+    display = make_display(flags["live"], steps, start_step)
+    stop = _Stop()
+    stop.install()
+    grow_txt = (f" (grown from {context['requested_block_size']} to cover the longest trained length)"
+                if context["grown"] else "")
+    display.line(f"dba train: run dir {out}")
+    display.line(f"  model {cfg.attn_mode} d_model {cfg.d_model} layers {cfg.n_layer} heads {cfg.n_head} "
+                 f"vocab {cfg.vocab_size}: {n_params:,} params | context {cfg.block_size}{grow_txt}")
+    display.line(f"  data {len(train_tok):,} train / {len(val_tok):,} val tokens | "
+                 f"{flags['optimizer']} lr {flags['lr']:g} ({flags['lr_schedule']}) | batch {flags['batch_size']} x "
+                 f"accum {flags['grad_accum']} | seq {', '.join(f'{L}@{s}' for s, L in context['boundaries'])} | "
+                 f"steps {start_step}->{steps} | {device_line(env)}")
+
+    # ---- eval ---------------------------------------------------------------------------
+    eval_cache: dict[int, tuple] = {}
+
+    def evaluate(step: int) -> dict[str, Any]:
+        nonlocal best_val, best_step
+        length = int(flags["eval_seq_len"]) or schedule.length_at(max(step - 1, 0))
+        if length not in eval_cache:
+            xv, yv = eval_batches(val_tok, flags, length, EVAL_VAL_STREAM)
+            xt, yt = eval_batches(train_tok, flags, length, EVAL_TRAIN_STREAM)
+            eval_cache[length] = tuple(jax.device_put(a) for a in (xv, yv, xt, yt))
+        xv, yv, xt, yt = eval_cache[length]
+        val_loss, train_loss = (float(v) for v in jax.device_get((stepper.eval_loss(xv, yv),
+                                                                  stepper.eval_loss(xt, yt))))
+        new_best = step > 0 and math.isfinite(val_loss) and (best_val is None or val_loss < best_val)
+        if new_best:
+            best_val, best_step = val_loss, step
+        rec = log.write("eval", step=step, train_loss=train_loss, val_loss=val_loss,
+                        val_ppl=math.exp(min(val_loss, 700.0)), best_val=best_val, seq_len=length)
+        display.eval(rec)
+        if new_best:
+            save("best", step, val_loss)
+        return rec
+
+    # ---- loop ---------------------------------------------------------------------------
+    reason = "complete"
+    step = start_step
+    log_every, eval_every, save_every = int(flags["log_every"]), int(flags["eval_every"]), int(flags["save_every"])
+    upd_every = int(flags["live_update_every"])
+    saved_last_at = start_step if resume_meta is not None else None
+    try:
+        if step >= steps:
+            reason = "already_complete"
+            display.info(f"the run is already at step {step} >= --steps {steps}; nothing to train")
+        elif step == 0 and eval_every > 0:
+            evaluate(0)
+        seen_lengths: set[int] = set()
+        next_batch = train_batch(train_tok, flags, schedule.length_at(step), step) if step < steps else None
+        t_mark, steps_since, tokens_since, excluded = time.perf_counter(), 0, 0, 0.0
+        while step < steps and stop.reason is None:
+            x, y = next_batch
+            length = x.shape[2]
+            if length not in seen_lengths:
+                seen_lengths.add(length)
+                dt = stepper.compile_for(x, y)
+                excluded += dt
+                if dt > 0:
+                    display.info(f"step {step}: sequence length {length} -> compiled the train step in {dt:.1f}s "
+                                 f"(compile #{stepper.compiles})")
+            metrics = stepper.train_step(x, y, step)
+            step += 1
+            steps_since += 1
+            tokens_since += x.size
+            if step < steps:  # sample the next batch while the device runs this step
+                next_batch = train_batch(train_tok, flags, schedule.length_at(step), step)
+            if step % log_every == 0 or step == steps or stop.reason is not None:
+                m = jax.device_get(metrics)
+                elapsed = max(time.perf_counter() - t_mark - excluded, 1e-9)
+                loss = float(m["loss"])
+                rec = log.write("train", step=step, loss=loss, ppl=math.exp(min(loss, 700.0)), lr=float(m["lr"]),
+                                tok_s=tokens_since / elapsed, seq_len=int(length), grad_accum=int(flags["grad_accum"]),
+                                global_batch=int(flags["batch_size"]) * int(flags["grad_accum"]),
+                                step_ms=1000.0 * elapsed / steps_since, grad_norm_total=float(m["grad_norm"]),
+                                compiles=stepper.compiles)
+                display.train(rec)
+                t_mark, steps_since, tokens_since, excluded = time.perf_counter(), 0, 0, 0.0
+                if not math.isfinite(loss):
+                    reason = "nonfinite_loss"
+                    display.line(f"dba train: loss is {loss} at step {step}; stopping without saving")
+                    break
+            elif step % upd_every == 0:
+                display.advance(step)
+            synced = False
+            if eval_every > 0 and (step % eval_every == 0 or step == steps) and stop.reason is None:
+                evaluate(step)
+                synced = True
+            elif eval_every == 0 and step == steps:
+                evaluate(step)
+                synced = True
+            if save_every > 0 and step % save_every == 0 and step < steps and stop.reason is None:
+                save("last", step)
+                saved_last_at = step
+                synced = True
+            if synced:
+                t_mark, steps_since, tokens_since, excluded = time.perf_counter(), 0, 0, 0.0
+        if stop.reason is not None and reason in ("complete", "already_complete"):
+            reason = stop.reason
+        if reason != "nonfinite_loss" and step != saved_last_at:
+            save("last", step)
+    finally:
+        display.close()
+        stop.restore()
+    wall = time.time() - t_start
+    log.write("done", reason=reason, step=step, best_val=best_val, best_step=best_step, wall_s=wall,
+              compiles=stepper.compiles, trace_count=stepper.trace_count, compile_s=stepper.compile_s,
+              lengths=sorted(seen_lengths) if step > start_step else [])
+    log.close()
+    ckpts.close()
+    write_summary(out, created=created, command=command, env=env, cfg=cfg, flags=flags,
+                  results={"step": step, "best_val": best_val, "reason": reason, "wall_s": wall}, context=context)
+    best_txt = f"best val {best_val:.4f} (ppl {math.exp(best_val):.2f})" if best_val is not None else "no eval"
+    display.line(f"dba train: {reason} at step {step}, {best_txt}, {wall:.0f}s | run dir {out}")
+    return EXIT_CODES.get(reason, 1)
+
+
+def _noop_names() -> set[str]:
+    from train.args import FLAGS
+
+    return {f.name for f in FLAGS if f.noop}

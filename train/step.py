@@ -1,0 +1,144 @@
+"""Jitted train and eval steps over a split NNX model (params + optimizer state as pytrees).
+
+One optimizer step = `grad_accum` micro-batches, looped with `jax.lax.scan` inside ONE jitted
+function, so there is one compile per sequence length (jit caches by shape) whatever the
+accumulation. Gradients are averaged in fp32, clipped and applied by the optax chain from
+train/optim.py. Params and optimizer state are donated, so the step updates them in place.
+
+`Stepper` holds the state and counts traces: `trace_count` is incremented in the Python body of
+the jitted function, which only runs when JAX traces (i.e. compiles) a new shape.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import nnx
+
+from jax_model.model import DBAModel, cross_entropy
+from train.optim import _find_hparams
+
+
+def _reseed(rest: Any, key: jax.Array) -> Any:
+    """Fresh dropout keys for one micro-batch (derived from `key`), counts reset to 0."""
+    leaves, treedef = jax.tree.flatten(rest)
+    out = []
+    for i, leaf in enumerate(leaves):
+        if jnp.issubdtype(leaf.dtype, jax.dtypes.prng_key):
+            out.append(jax.random.fold_in(key, i))
+        else:
+            out.append(jnp.zeros_like(leaf))
+    return jax.tree.unflatten(treedef, out)
+
+
+class Stepper:
+    """Train/eval steps for `model` with optimizer `tx`.
+
+    `train_step(x_ABT, y_ABT, step)` takes A = grad_accum micro-batches (int32 (A, B, T)) and
+    returns device metrics {loss, grad_norm, lr} without syncing; `eval_loss(X_NBT, Y_NBT)`
+    returns the mean loss over N batches (one call, one compile per shape).
+    """
+
+    def __init__(self, model: DBAModel, tx: optax.GradientTransformation, *, seed: int = 0,
+                 donate: bool = True, opt_state: Any = None):
+        self.tx = tx
+        self.seed = int(seed)
+        self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
+        self.opt_state = tx.init(self.params) if opt_state is None else opt_state
+        self.dropout = model.cfg.dropout > 0
+        self.trace_count = 0  # train-step traces (= compiles): one per distinct shape
+        self.eval_trace_count = 0
+        self.compile_s = 0.0
+        self._compiled: dict[tuple, Any] = {}
+        self._train = jax.jit(self._train_impl, donate_argnums=(0, 1) if donate else ())
+        self._eval = jax.jit(self._eval_impl)
+
+    # -- pure functions ------------------------------------------------------------------
+    def _loss(self, params, rest, x_BT, y_BT, deterministic: bool):
+        # Fresh Variable objects at this trace level: dropout bumps its RNG counters in place.
+        rest = jax.tree.map(lambda a: a, rest)
+        model = nnx.merge(self.graphdef, params, rest)
+        logits = model.forward(x_BT, deterministic=deterministic)
+        return cross_entropy(logits, y_BT)
+
+    def _train_impl(self, params, opt_state, x_ABT, y_ABT, step):
+        self.trace_count += 1  # runs only while tracing
+        n_micro = x_ABT.shape[0]
+        base_key = jax.random.fold_in(jax.random.key(self.seed), step)
+        grad_fn = jax.value_and_grad(self._loss)
+
+        def micro(i, x_BT, y_BT):
+            rest = _reseed(self.rest, jax.random.fold_in(base_key, i)) if self.dropout else self.rest
+            return grad_fn(params, rest, x_BT, y_BT, not self.dropout)
+
+        if n_micro == 1:
+            loss, grads = micro(0, x_ABT[0], y_ABT[0])
+        else:
+            zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+
+            def body(carry, inp):
+                g_acc, l_acc = carry
+                i, x_BT, y_BT = inp
+                loss_i, g = micro(i, x_BT, y_BT)
+                g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
+                return (g_acc, l_acc + loss_i), None
+
+            (g_sum, l_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
+                                             (jnp.arange(n_micro), x_ABT, y_ABT))
+            grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), g_sum, params)
+            loss = l_sum / n_micro
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = self.tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        hp = _find_hparams(opt_state)
+        lr = jnp.asarray(hp["learning_rate"], jnp.float32) if hp and "learning_rate" in hp else jnp.float32(0)
+        return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+
+    def _eval_impl(self, params, x_NBT, y_NBT):
+        self.eval_trace_count += 1
+
+        def body(total, xy):
+            return total + self._loss(params, self.rest, xy[0], xy[1], True), None
+
+        total, _ = jax.lax.scan(body, jnp.zeros((), jnp.float32), (x_NBT, y_NBT))
+        return total / x_NBT.shape[0]
+
+    # -- host API ------------------------------------------------------------------------
+    def compile_for(self, x_ABT, y_ABT) -> float:
+        """Ahead-of-time compile the train step for this batch shape; returns seconds (0 if cached)."""
+        key = tuple(x_ABT.shape)
+        if key in self._compiled:
+            return 0.0
+        t0 = time.perf_counter()
+        self._compiled[key] = self._train.lower(self.params, self.opt_state, x_ABT, y_ABT,
+                                                np.int32(0)).compile()
+        dt = time.perf_counter() - t0
+        self.compile_s += dt
+        return dt
+
+    def train_step(self, x_ABT, y_ABT, step: int) -> dict[str, jax.Array]:
+        """One optimizer step (async: nothing is fetched from the device)."""
+        self.compile_for(x_ABT, y_ABT)
+        fn = self._compiled[tuple(x_ABT.shape)]
+        self.params, self.opt_state, metrics = fn(self.params, self.opt_state, x_ABT, y_ABT, np.int32(step))
+        return metrics
+
+    def eval_loss(self, x_NBT, y_NBT) -> jax.Array:
+        return self._eval(self.params, x_NBT, y_NBT)
+
+    @property
+    def compiles(self) -> int:
+        return len(self._compiled)
+
+    def model(self) -> DBAModel:
+        """A model holding the current parameters (a copy: later steps do not change it)."""
+        params = jax.tree.map(lambda a: jnp.array(a, copy=True), self.params)
+        return nnx.merge(self.graphdef, params, self.rest)
+
+    def set_state(self, params: Any, opt_state: Any) -> None:
+        self.params, self.opt_state = params, opt_state
