@@ -55,7 +55,8 @@ def bench_jax(cfg: ModelConfig, policy: KVPolicy, ctx: int, new: int, chunk: int
         cache = kvc.init_cache(cfg, policy, 1, ctx + new)
         logits = None
         for s in range(0, ctx, chunk):
-            logits, cache = prefill(model, cache, tokens[:, s:s + chunk], fresh=s == 0, decode_block=block)
+            logits, cache = prefill(model, cache, tokens[:, s:s + chunk], fresh=s == 0, decode_block=block,
+                                    last_only=True)
         return jax.block_until_ready((logits, cache))
 
     def decode(logits, cache):
@@ -90,7 +91,8 @@ def bench_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, new: int, chunk: i
         t0 = time.perf_counter()
         cache = kvc.init_cache(cfg, policy, 1, ctx + new)
         for s in range(0, ctx, chunk):
-            logits = forward_cached(model, cache, tokens[:, s:s + chunk], fresh=s == 0, decode_block=block)
+            logits = forward_cached(model, cache, tokens[:, s:s + chunk], fresh=s == 0, decode_block=block,
+                                        last_only=True)
         t_prefill = time.perf_counter() - t0
         logits = logits[:, -1]
         t0 = time.perf_counter()

@@ -73,7 +73,7 @@ def cached_attend(attn: Attention, q_BHTD: jax.Array, streams: dict, q_start: ja
 
 
 def _forward_cached(model: DBAModel, cache: kvc.Cache, tokens_BT: jax.Array, fresh: bool,
-                    decode_block: int) -> tuple[jax.Array, kvc.Cache]:
+                    decode_block: int, last_only: bool = False) -> tuple[jax.Array, kvc.Cache]:
     t = tokens_BT.shape[1]
     start = cache.pos
     positions = start + jnp.arange(t)
@@ -94,14 +94,17 @@ def _forward_cached(model: DBAModel, cache: kvc.Cache, tokens_BT: jax.Array, fre
         x = x + attn.out_proj(merge_heads(y)).astype(jnp.float32)
         x = x + block.ff(block.ln2(x)).astype(jnp.float32)
         new_layers.append(streams)
+    if last_only:  # generation needs only the next-token logits, not the prompt's
+        x = x[:, -1:]
     return model.unembed(x), cache.replace(layers=tuple(new_layers), pos=length)
 
 
-@partial(nnx.jit, static_argnames=("fresh", "decode_block"))
+@partial(nnx.jit, static_argnames=("fresh", "decode_block", "last_only"))
 def prefill(model: DBAModel, cache: kvc.Cache, tokens_BT: jax.Array, *, fresh: bool = True,
-            decode_block: int = 1024) -> tuple[jax.Array, kvc.Cache]:
-    """Run a prompt (or a further chunk of one) through the cache; logits (B, T, V)."""
-    return _forward_cached(model, cache, tokens_BT, fresh, decode_block)
+            decode_block: int = 1024, last_only: bool = False) -> tuple[jax.Array, kvc.Cache]:
+    """Run a prompt (or a further chunk of one) through the cache; logits (B, T, V), or
+    (B, 1, V) for the last position only with `last_only`."""
+    return _forward_cached(model, cache, tokens_BT, fresh, decode_block, last_only)
 
 
 _prefill = prefill  # decode_logits' `prefill` argument shadows the name

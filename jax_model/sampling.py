@@ -86,7 +86,7 @@ def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy
     max_len = t + max_new_tokens if max_len is None else max_len
     check_fits(t + max_new_tokens, max_len)
     cache = kvc.init_cache(model.cfg, policy or KVPolicy(kind="fp16"), b, max_len)
-    logits, cache = prefill(model, cache, idx, fresh=True, decode_block=decode_block)
+    logits, cache = prefill(model, cache, idx, fresh=True, decode_block=decode_block, last_only=True)
     if max_new_tokens == 0:
         return idx
     new = _token_loop(model, cache, logits[:, -1], jax.random.PRNGKey(seed), n_new=max_new_tokens,

@@ -60,8 +60,9 @@ def cached_attend(attn: Attention, q_BHTD: torch.Tensor, streams: dict, q_start:
 
 @torch.no_grad()
 def forward_cached(model: DBAModel, cache: kvc.Cache, tokens_BT: torch.Tensor, fresh: bool,
-                   decode_block: int = 1024) -> torch.Tensor:
-    """Run tokens through the cache (mutated in place); logits (B, T, V)."""
+                   decode_block: int = 1024, last_only: bool = False) -> torch.Tensor:
+    """Run tokens through the cache (mutated in place); logits (B, T, V), or (B, 1, V) for the
+    last position only with `last_only`."""
     t = tokens_BT.shape[1]
     start = cache.pos
     if start + t > cache.max_len:
@@ -83,7 +84,7 @@ def forward_cached(model: DBAModel, cache: kvc.Cache, tokens_BT: torch.Tensor, f
         x = x + attn.out_proj(merge_heads(y))
         x = x + block.ff(block.ln2(x))
     cache.pos = start + t
-    return model.unembed(x)
+    return model.unembed(x[:, -1:] if last_only else x)
 
 
 def prefill(model: DBAModel, cache: kvc.Cache, tokens_BT: torch.Tensor, decode_block: int = 1024) -> torch.Tensor:

@@ -61,7 +61,7 @@ def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy
     if t + max_new_tokens > max_len:
         raise UserError(f"{t + max_new_tokens} tokens do not fit a KV cache of max_len={max_len}")
     cache = kvc.init_cache(model.cfg, policy or KVPolicy(kind="fp16"), b, max_len, device=idx.device)
-    logits = forward_cached(model, cache, idx, fresh=True, decode_block=decode_block)[:, -1]
+    logits = forward_cached(model, cache, idx, fresh=True, decode_block=decode_block, last_only=True)[:, -1]
     generator = torch.Generator().manual_seed(seed)
     done = torch.zeros(b, dtype=torch.bool, device=idx.device)
     out = [idx]

@@ -1,0 +1,30 @@
+"""`dba bench {train,decode,memory}`: benchmarks that print a table and can write JSON.
+
+Each benchmark lives in `bench/<name>.py` with `add_arguments(parser)` and `run(args)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+
+BENCHES = {
+    "train": "tokens/s and MFU of the JAX train step and the torch reference step",
+    "decode": "prefill/decode tokens/s per KV-cache kind and context, JAX and torch",
+}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench", metavar="BENCH", required=True, parser_class=type(p))
+    for name, help_ in BENCHES.items():
+        sp = sub.add_parser(name, help=help_, description=help_)
+        try:
+            importlib.import_module(f"bench.{name}").add_arguments(sp)
+        except ModuleNotFoundError as e:
+            if e.name not in ("bench", f"bench.{name}"):
+                raise
+            sp.description = f"{help_} (not available in this install)"
+
+
+def run(args: argparse.Namespace) -> int:
+    return int(importlib.import_module(f"bench.{args.bench}").run(args) or 0)
