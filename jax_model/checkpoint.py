@@ -15,7 +15,6 @@ import numpy as np
 from flax import nnx
 
 from dba.checkpoints import read_weights
-from dba.config import ModelConfig
 from dba.weights import param_shapes, save_safetensors, tied_aliases, validate_state
 from jax_model.model import DBAModel
 

@@ -13,10 +13,9 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 from typing import Any
 
-from dba.config import ATTN_MODES, EXPERIMENTS, SIZES, ConfigError, ModelConfig, preset
+from dba.config import ATTN_MODES, EXPERIMENTS, SIZES, ModelConfig, preset
 from dba.errors import UserError
 from dba.commands.common import add_kv_arguments
 from dba.kvspec import QUANT_KINDS, KVPolicy, baseline_bytes, human_bytes, kv_bytes
