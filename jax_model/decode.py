@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from dba.errors import UserError
+from dba.generation import check_decode
 from dba.kvspec import KVPolicy
 from jax_model import kvcache as kvc
 from jax_model.layers import NEG_INF, attend, group_queries, merge_heads, null_scores, scores
@@ -137,23 +138,14 @@ def as_token_array(tokens) -> jax.Array:
     return jnp.asarray(arr, jnp.int32)
 
 
-def check_fits(n_tokens: int, max_len: int) -> None:
-    if n_tokens > max_len:
-        raise UserError(f"{n_tokens} tokens do not fit a KV cache of max_len={max_len}")
-
-
 def decode_logits(model: DBAModel, tokens, prefill: int, policy: KVPolicy | None = None,
                   decode_block: int = 1024, max_len: int | None = None) -> jax.Array:
     """Teacher forcing: prefill `prefill` tokens through an empty cache, then feed the rest one
     at a time; logits (B, N, V) for every position."""
     idx = as_token_array(tokens)
     b, n = idx.shape
-    if not 0 <= prefill <= n:
-        raise UserError(f"prefill={prefill} must be between 0 and the number of tokens ({n})")
-    if decode_block < 1:
-        raise UserError(f"decode_block must be >= 1, got {decode_block}")
     max_len = n if max_len is None else max_len
-    check_fits(n, max_len)
+    check_decode(n, prefill, decode_block, max_len)
     cache = kvc.init_cache(model.cfg, policy or KVPolicy(kind="fp32"), b, max_len)
     parts = []
     if prefill > 0:

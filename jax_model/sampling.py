@@ -14,21 +14,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dba.errors import UserError
+from dba.generation import check_fits, check_sampling
 from dba.kvspec import KVPolicy
 from jax_model import kvcache as kvc
-from jax_model.decode import _forward_cached, as_token_array, check_fits, prefill
+from jax_model.decode import _forward_cached, as_token_array, prefill
 from jax_model.model import DBAModel
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def filter_logits(logits_BV: jax.Array, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:

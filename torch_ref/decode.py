@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 
 from dba.errors import UserError
+from dba.generation import check_decode
 from dba.kvspec import KVPolicy
 from torch_ref import kvcache as kvc
 from torch_ref.layers import attend, merge_heads
@@ -103,13 +104,8 @@ def decode_logits(model: DBAModel, tokens, prefill: int, policy: KVPolicy | None
     at a time; logits (B, N, V) for every position."""
     idx = model.as_tokens(tokens)
     b, n = idx.shape
-    if not 0 <= prefill <= n:
-        raise UserError(f"prefill={prefill} must be between 0 and the number of tokens ({n})")
-    if decode_block < 1:
-        raise UserError(f"decode_block must be >= 1, got {decode_block}")
     max_len = n if max_len is None else max_len
-    if n > max_len:
-        raise UserError(f"{n} tokens do not fit a KV cache of max_len={max_len}")
+    check_decode(n, prefill, decode_block, max_len)
     cache = kvc.init_cache(model.cfg, policy or KVPolicy(kind="fp32"), b, max_len, device=idx.device)
     parts = []
     if prefill > 0:

@@ -6,21 +6,11 @@ from __future__ import annotations
 import torch
 
 from dba.errors import UserError
+from dba.generation import check_fits, check_sampling
 from dba.kvspec import KVPolicy
 from torch_ref import kvcache as kvc
 from torch_ref.decode import forward_cached
 from torch_ref.model import DBAModel
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
-    if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if temperature < 0:
-        raise UserError(f"temperature must be >= 0, got {temperature}")
-    if top_k is not None and top_k < 1:
-        raise UserError(f"top_k must be >= 1, got {top_k}")
-    if top_p is not None and not 0.0 < top_p <= 1.0:
-        raise UserError(f"top_p must be in (0, 1], got {top_p}")
 
 
 def filter_logits(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -58,8 +48,7 @@ def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy
     if t == 0:
         raise UserError("the prompt is empty: give at least one token")
     max_len = t + max_new_tokens if max_len is None else max_len
-    if t + max_new_tokens > max_len:
-        raise UserError(f"{t + max_new_tokens} tokens do not fit a KV cache of max_len={max_len}")
+    check_fits(t + max_new_tokens, max_len)
     cache = kvc.init_cache(model.cfg, policy or KVPolicy(kind="fp16"), b, max_len, device=idx.device)
     logits = forward_cached(model, cache, idx, fresh=True, decode_block=decode_block, last_only=True)[:, -1]
     generator = torch.Generator().manual_seed(seed)

@@ -1,0 +1,30 @@
+"""Argument checks shared by both frameworks' decode and generation (framework-free)."""
+
+from __future__ import annotations
+
+from dba.errors import UserError
+
+
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    if max_new_tokens < 0:
+        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if temperature < 0:
+        raise UserError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise UserError(f"top_k must be >= 1, got {top_k}")
+    if top_p is not None and not 0.0 < top_p <= 1.0:
+        raise UserError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def check_fits(n_tokens: int, max_len: int) -> None:
+    if n_tokens > max_len:
+        raise UserError(f"{n_tokens} tokens do not fit a KV cache of max_len={max_len}")
+
+
+def check_decode(n_tokens: int, prefill: int, decode_block: int, max_len: int) -> None:
+    """`decode_logits` arguments: prefill within the tokens, a positive block, room in the cache."""
+    if not 0 <= prefill <= n_tokens:
+        raise UserError(f"prefill={prefill} must be between 0 and the number of tokens ({n_tokens})")
+    if decode_block < 1:
+        raise UserError(f"decode_block must be >= 1, got {decode_block}")
+    check_fits(n_tokens, max_len)
