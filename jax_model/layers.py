@@ -5,6 +5,9 @@ concatenated, so `q_cat . k_cat` *is* the SPEC score and attention runs with sca
 prefill, cached decode and analysis all compute the same scores. Mirrors torch_ref/layers.py.
 
 Heads are grouped as (K kv-heads, G queries per kv-head) so gqa never materialises repeated K/V.
+
+Also the matmuls every Linear and the tied output use (`dense`, `dense_t`), with a hand-written
+backward that keeps XLA:CPU on its fast matmul path (see `dense`).
 """
 
 from __future__ import annotations
@@ -19,11 +22,113 @@ from dba.config import ModelConfig
 NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 
+# -- matmuls with a CPU-friendly backward ------------------------------------------------------
+# XLA:CPU runs a dot on its fast (YNNPACK) path only when the left operand contracts its last
+# dim. The weight gradient x^T @ dy contracts the token dim of both operands, so autodiff's dot
+# falls back to a slower Eigen kernel or first transposes the *larger* operand (for the tied
+# output that is the (B*T, V) logits gradient: a 64 MB copy on config A). Transposing the smaller
+# operand behind an optimization barrier, so XLA cannot fold the transpose back into the dot,
+# keeps every matmul of the backward on the fast path. Other backends get plain dots.
+
+
+def _on_cpu() -> bool:
+    return jax.default_backend() == "cpu"
+
+
+def _dot(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
+    """a (M, K) times b contracted on its dim `contract_b`, accumulated in fp32, in a's dtype."""
+    out = jax.lax.dot_general(a, b.astype(a.dtype), (((1,), (contract_b,)), ((), ())),
+                              preferred_element_type=jnp.float32)
+    return out.astype(a.dtype)
+
+
+def _swap(x: jax.Array) -> jax.Array:
+    """The last two dims transposed and materialised (the barrier stops XLA folding it away)."""
+    return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
+
+
+def tn_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
+    """a^T b over the rows: a (..., N, A), b (..., N, B) -> (..., A, B) fp32, on the fast path.
+
+    Transposes whichever operand is smaller (the other is often a big activation or a (T, L)
+    probability block); if that is b, the (B, A) product is transposed back, which is cheap
+    because A and B are small next to N.
+    """
+    b = b.astype(a.dtype)
+    if not _on_cpu():
+        return jnp.einsum("...na,...nb->...ab", a, b, preferred_element_type=jnp.float32)
+    if a.shape[-1] <= b.shape[-1]:
+        return jnp.matmul(_swap(a), b, preferred_element_type=jnp.float32)
+    return _swap(jnp.matmul(_swap(b), a, preferred_element_type=jnp.float32))
+
+
+@jax.custom_vjp
+def _dense_cpu(x_NI: jax.Array, w_IO: jax.Array) -> jax.Array:
+    return x_NI @ w_IO
+
+
+def _dense_fwd(x_NI, w_IO):
+    return x_NI @ w_IO, (x_NI, w_IO)
+
+
+def _dense_bwd(res, dy_NO):
+    x_NI, w_IO = res
+    dy_NO = dy_NO.astype(x_NI.dtype)
+    return _dot(dy_NO, w_IO, 1), tn_matmul(x_NI, dy_NO).astype(w_IO.dtype)
+
+
+_dense_cpu.defvjp(_dense_fwd, _dense_bwd)
+
+
+@jax.custom_vjp
+def _dense_t_cpu(x_NI: jax.Array, w_OI: jax.Array) -> jax.Array:
+    return jax.lax.dot_general(x_NI, w_OI, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
+def _dense_t_fwd(x_NI, w_OI):
+    return _dense_t_cpu(x_NI, w_OI), (x_NI, w_OI)
+
+
+def _dense_t_bwd(res, dy_NO):
+    x_NI, w_OI = res
+    dy_NO = dy_NO.astype(x_NI.dtype)
+    # tn_matmul transposes x and the (O, I) product, never the (N, O) logits gradient.
+    return _dot(dy_NO, w_OI, 0), tn_matmul(dy_NO, x_NI).astype(w_OI.dtype)
+
+
+_dense_t_cpu.defvjp(_dense_t_fwd, _dense_t_bwd)
+
+
+def dense(x: jax.Array, w_IO: jax.Array) -> jax.Array:
+    """x (..., I) @ w (I, O) -> (..., O), in x's dtype (operands already in the compute dtype).
+
+    Leading dims are flattened: XLA:CPU's gradient of a dot with a (B, T, C) operand is several
+    times slower than the same dot on (B*T, C).
+    """
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    y = _dense_cpu(x2, w_IO) if _on_cpu() else x2 @ w_IO
+    return y.reshape(*lead, w_IO.shape[1])
+
+
+def dense_t(x: jax.Array, w_OI: jax.Array) -> jax.Array:
+    """x (..., I) @ w (O, I)^T -> (..., O) in fp32: the tied output projection."""
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, x.shape[-1])
+    if _on_cpu():
+        y = _dense_t_cpu(x2, w_OI)
+    else:
+        y = jax.lax.dot_general(x2, w_OI, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return y.reshape(*lead, w_OI.shape[0])
+
+
 def rope_cos_sin(rot_dim: int, base: float, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
     """cos/sin tables (T, rot_dim/2) for absolute positions, computed in fp32."""
     inv_freq = 1.0 / (base ** (jnp.arange(0, rot_dim, 2, dtype=jnp.float32) / rot_dim))
     angles = positions.astype(jnp.float32)[:, None] * inv_freq[None, :]
-    return jnp.cos(angles), jnp.sin(angles)
+    # The barrier materialises the small tables: otherwise XLA fuses cos/sin into every consumer
+    # and evaluates them once per (batch, head, position, dim) element.
+    return jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))
 
 
 def apply_rope(x_BHTD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
@@ -78,6 +183,91 @@ def causal_mask(t_q: int, t_k: int) -> jax.Array:
     return jnp.arange(t_k)[None, :] <= q_pos[:, None]
 
 
+# Fresh causal attention skips the key blocks wholly above the diagonal: queries go in chunks
+# of at least _MIN_CHUNK and chunk i attends only keys [0, end_i). With _N_CHUNKS = 4 that is
+# 62.5% of the T x T scores; the score/softmax passes are memory-bound, so the attention's
+# forward + backward drops by a quarter (more chunks: smaller, less efficient ops).
+_N_CHUNKS = 4
+_MIN_CHUNK = 32
+
+
+def _softmax_out(q: jax.Array, k_BKLD: jax.Array, v_BKLD: jax.Array, mask: jax.Array, null):
+    """(out (B, K, G, T, Dv) in v's dtype, p (.., T, L) fp32, p_null (.., T) fp32 or None)."""
+    s = jnp.where(mask, scores(q, k_BKLD), NEG_INF)
+    if null is None:
+        p, p0 = jax.nn.softmax(s, axis=-1), None
+    else:
+        s0 = null_scores(q, null[0])  # the null key: one more never-masked score per query
+        m = jnp.maximum(s.max(-1), s0)
+        e, e0 = jnp.exp(s - m[..., None]), jnp.exp(s0 - m)
+        denom = e.sum(-1) + e0
+        p, p0 = e / denom[..., None], e0 / denom
+    out = jnp.einsum("bkgtl,bkld->bkgtd", p.astype(v_BKLD.dtype), v_BKLD)
+    if p0 is not None:
+        out = out + p0[..., None].astype(v_BKLD.dtype) * null[1].astype(v_BKLD.dtype)[None, :, :, None, :]
+    return out, p, p0
+
+
+# Attention's backward written out (as flash attention does): dS = P * (dP - rowsum(dO * O)) is
+# one elementwise pass, where autodiff's softmax backward reduces over the whole (T, L) block, and
+# dK, dV contract over queries with the small operand transposed instead of the (T, L) block.
+# On config A this halves the attention backward on XLA:CPU. Mask and fp32 softmax as forward.
+@jax.custom_vjp
+def _attention(q, k_BKLD, v_BKLD, mask, null):
+    return _softmax_out(q, k_BKLD, v_BKLD, mask, null)[0]
+
+
+def _attention_fwd(q, k_BKLD, v_BKLD, mask, null):
+    out, p, p0 = _softmax_out(q, k_BKLD, v_BKLD, mask, null)
+    return out, (q, k_BKLD, v_BKLD, mask, null, out, p, p0)
+
+
+def _attention_bwd(res, d_out):
+    q, k, v, mask, null, out, p, p0 = res
+    b, n_kv, g, t, _ = q.shape
+    do = d_out.astype(v.dtype)
+    delta = jnp.sum(do.astype(jnp.float32) * out.astype(jnp.float32), axis=-1)  # = rowsum(dP * P)
+    dp = jnp.einsum("bkgtd,bkld->bkgtl", do, v, preferred_element_type=jnp.float32)
+    ds = p * (dp - delta[..., None])  # zero where masked (p = 0)
+    dq = jnp.einsum("bkgtl,bkld->bkgtd", ds.astype(q.dtype), k, preferred_element_type=jnp.float32)
+    # dK, dV sum over the G query heads of a kv-head and over queries: rows (G*T).
+    rows = lambda x: x.reshape(b, n_kv, g * t, x.shape[-1])  # noqa: E731
+    dk = tn_matmul(rows(ds).astype(q.dtype), rows(q))  # transposes q, not the (T, L) block
+    dv = tn_matmul(rows(p).astype(do.dtype), rows(do))
+    d_null = None
+    if null is not None:
+        k_null, v_null = null
+        dp0 = jnp.einsum("bkgtd,kgd->bkgt", do, v_null.astype(do.dtype), preferred_element_type=jnp.float32)
+        ds0 = p0 * (dp0 - delta)
+        dq = dq + ds0[..., None] * k_null.astype(jnp.float32)[None, :, :, None, :]
+        d_null = (jnp.einsum("bkgt,bkgtd->kgd", ds0, q.astype(jnp.float32)).astype(k_null.dtype),
+                  jnp.einsum("bkgt,bkgtd->kgd", p0, do.astype(jnp.float32)).astype(v_null.dtype))
+    return dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype), None, d_null
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+def _attend_block(q: jax.Array, k_BKLD: jax.Array, v_BKLD: jax.Array, mask: jax.Array,
+                  null_kv: tuple[jax.Array, jax.Array] | None, dropout) -> jax.Array:
+    """Grouped queries (B, K, G, T, D) over keys (B, K, L, D) with a bool (T, L) mask."""
+    n_kv, g = q.shape[1], q.shape[2]
+    null = None
+    if null_kv is not None:
+        null = (null_kv[0].reshape(n_kv, g, -1), null_kv[1].reshape(n_kv, g, -1))
+    if dropout is None:
+        return _attention(q, k_BKLD, v_BKLD, mask, null)
+    # Dropout on the probabilities: the plain autodiff path.
+    s = jnp.where(mask, scores(q, k_BKLD), NEG_INF)
+    if null is not None:
+        s0 = null_scores(q, null[0])[..., None]
+        p = dropout(jax.nn.softmax(jnp.concatenate([s0, s], axis=-1), axis=-1)).astype(v_BKLD.dtype)
+        out = jnp.einsum("bkgtl,bkld->bkgtd", p[..., 1:], v_BKLD)
+        return out + p[..., :1] * null[1].astype(v_BKLD.dtype)[None, :, :, None, :]
+    p = dropout(jax.nn.softmax(s, axis=-1))
+    return jnp.einsum("bkgtl,bkld->bkgtd", p.astype(v_BKLD.dtype), v_BKLD)
+
+
 def attend(q_BHTD: jax.Array, k_BKLD: jax.Array, v_BKLD: jax.Array,
            null_kv: tuple[jax.Array, jax.Array] | None,
            dropout=None) -> jax.Array:
@@ -88,20 +278,16 @@ def attend(q_BHTD: jax.Array, k_BKLD: jax.Array, v_BKLD: jax.Array,
     b, h, t, _ = q_BHTD.shape
     n_kv, t_k = k_BKLD.shape[1], k_BKLD.shape[2]
     q = group_queries(q_BHTD, n_kv)
-    s = jnp.where(causal_mask(t, t_k), scores(q, k_BKLD), NEG_INF)
-    if null_kv is not None:
-        k_null_HD, v_null_HD = null_kv
-        g = h // n_kv
-        s0 = null_scores(q, k_null_HD.reshape(n_kv, g, -1))[..., None]
-        p = jax.nn.softmax(jnp.concatenate([s0, s], axis=-1), axis=-1)
-        if dropout is not None:
-            p = dropout(p)
-        p = p.astype(v_BKLD.dtype)
-        out = jnp.einsum("bkgtl,bkld->bkgtd", p[..., 1:], v_BKLD)
-        out = out + p[..., :1] * v_null_HD.reshape(n_kv, g, 1, -1).astype(v_BKLD.dtype)[None]
-    else:
-        p = jax.nn.softmax(s, axis=-1)
-        if dropout is not None:
-            p = dropout(p)
-        out = jnp.einsum("bkgtl,bkld->bkgtd", p.astype(v_BKLD.dtype), v_BKLD)
-    return out.reshape(b, h, t, -1)
+    chunk = max(_MIN_CHUNK, -(-t // _N_CHUNKS))
+    if t != t_k or t < 2 * chunk:
+        out = _attend_block(q, k_BKLD, v_BKLD, causal_mask(t, t_k), null_kv, dropout)
+        return out.reshape(b, h, t, -1)
+    # Materialise K and V once: without the barrier XLA fuses their whole construction (slice of
+    # the projection, RoPE, concat) into every chunk's key slice, recomputing it per chunk.
+    k_BKLD, v_BKLD = jax.lax.optimization_barrier((k_BKLD, v_BKLD))
+    outs = []
+    for s0 in range(0, t, chunk):  # t == t_k: chunk [s0, e) sees keys [0, e)
+        e = min(s0 + chunk, t)
+        mask = causal_mask(t, t_k)[s0:e, :e]
+        outs.append(_attend_block(q[:, :, :, s0:e], k_BKLD[:, :, :e], v_BKLD[:, :, :e], mask, null_kv, dropout))
+    return jnp.concatenate(outs, axis=3).reshape(b, h, t, -1)

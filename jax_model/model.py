@@ -2,6 +2,11 @@
 
 Parameters live in `param_dtype`; matmuls run in `dtype` (fp32, or bf16 for mixed precision)
 while LayerNorm, softmax, the residual stream, logits and the loss stay fp32.
+
+Speed notes (measured on XLA:CPU, where `dba train` is benchmarked): every matmul goes through
+`layers.dense`/`dense_t` (2-D operands, a backward on the fast matmul path); the attention's
+projections of one input run as one matmul over the concatenated kernels (the parameters stay
+separate, so names and checkpoints are unchanged); the loss has a fused backward.
 """
 
 from __future__ import annotations
@@ -13,16 +18,25 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dba.config import ModelConfig
-from jax_model.layers import apply_rope, attend, merge_heads, path_scales, rope_cos_sin, split_heads
+from jax_model.layers import apply_rope, attend, dense, dense_t, merge_heads, path_scales, rope_cos_sin, split_heads
 
 _init = nnx.initializers.normal(stddev=0.02)
+
+
+class Linear(nnx.Linear):
+    """nnx.Linear (no bias) computed by `layers.dense`; same `kernel` parameter, same results."""
+
+    def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
+        assert self.bias is None, "the model's Linears have no bias"
+        x, kernel, _ = self.promote_dtype((inputs, self.kernel[...], None), dtype=self.dtype)
+        return dense(x, kernel)
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         self.cfg = cfg
         d, h = cfg.d_model, cfg.n_head
-        linear = partial(nnx.Linear, use_bias=False, kernel_init=_init, dtype=dtype,
+        linear = partial(Linear, use_bias=False, kernel_init=_init, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
         zeros = lambda *shape: nnx.Param(jnp.zeros(shape, param_dtype))  # noqa: E731
         if cfg.attn_mode == "decoupled":
@@ -54,6 +68,22 @@ class Attention(nnx.Module):
         mod = getattr(self, name)
         return mod if mod is not None else getattr(self, "q" + name[1:])
 
+    def _project(self, x_BTC: jax.Array, names: tuple[str, ...]) -> list[jax.Array]:
+        """The named projections of x, (B, T, width) each, as one matmul over the concatenated
+        kernels (one big matmul beats several thin ones, forward and backward). A tied K is the
+        Q projection: computed once."""
+        mods = [self._k(n) if n[0] == "k" else getattr(self, n) for n in names]
+        uniq = list({id(m): m for m in mods}.values())
+        lin = uniq[0]
+        kernels = [m.kernel[...] for m in uniq]
+        x, *kernels = lin.promote_dtype((x_BTC, *kernels), dtype=lin.dtype)
+        y = dense(x, kernels[0] if len(kernels) == 1 else jnp.concatenate(kernels, axis=1))
+        bounds, at = {}, 0
+        for m in uniq:
+            bounds[id(m)] = (at, at + m.out_features)
+            at += m.out_features
+        return [y[..., bounds[id(m)][0]:bounds[id(m)][1]] for m in mods]
+
     def _rope(self, x_BHTD: jax.Array, positions: jax.Array) -> jax.Array:
         if not self.cfg.rope:
             return x_BHTD
@@ -61,27 +91,46 @@ class Attention(nnx.Module):
         return apply_rope(x_BHTD, cos, sin)
 
     # -- the pieces every path (full forward, prefill, decode) shares ----------------------
-    def queries(self, x_BTC: jax.Array, positions: jax.Array) -> jax.Array:
-        """q_cat (B, H, T, Dqk): rotated, scaled per path and by the learned temperature."""
+    def _queries(self, proj: list[jax.Array], positions: jax.Array) -> jax.Array:
         h = self.cfg.n_head
         if self.cfg.attn_mode == "decoupled":
-            q_sem = split_heads(self.q_sem(x_BTC), h) * self.scales[0]
-            q_geo = self._rope(split_heads(self.q_geo(x_BTC), h), positions) * self.scales[1]
+            q_sem_BTW, q_geo_BTW = proj
+            q_sem = split_heads(q_sem_BTW, h) * self.scales[0]
+            q_geo = self._rope(split_heads(q_geo_BTW, h), positions) * self.scales[1]
             q = jnp.concatenate([q_sem, q_geo], axis=-1)
         else:
-            q = self._rope(split_heads(self.q_proj(x_BTC), h), positions) * self.scales[0]
+            q = self._rope(split_heads(proj[0], h), positions) * self.scales[0]
         if self.logit_scale is not None:
             q = q * jnp.exp(self.logit_scale[...].astype(jnp.float32)).astype(q.dtype)[None, :, None, None]
         return q
 
-    def new_kv(self, x_BTC: jax.Array, positions: jax.Array) -> dict[str, jax.Array]:
-        """The cached streams for these tokens, (B, T, width) each; keys stored after RoPE."""
+    def _new_kv(self, proj: list[jax.Array], positions: jax.Array) -> dict[str, jax.Array]:
         h_kv = self.cfg.n_kv_head
         if self.cfg.attn_mode == "decoupled":
-            k_geo = self._rope(split_heads(self._k("k_geo")(x_BTC), h_kv), positions)
-            return {"k_sem": self._k("k_sem")(x_BTC), "k_geo": merge_heads(k_geo), "v": self.v_proj(x_BTC)}
-        k = self._rope(split_heads(self._k("k_proj")(x_BTC), h_kv), positions)
-        return {"k": merge_heads(k), "v": self.v_proj(x_BTC)}
+            k_sem, k_geo, v = proj
+            k_geo = self._rope(split_heads(k_geo, h_kv), positions)
+            return {"k_sem": k_sem, "k_geo": merge_heads(k_geo), "v": v}
+        k, v = proj
+        return {"k": merge_heads(self._rope(split_heads(k, h_kv), positions)), "v": v}
+
+    def _names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        if self.cfg.attn_mode == "decoupled":
+            return ("q_sem", "q_geo"), ("k_sem", "k_geo", "v_proj")
+        return ("q_proj",), ("k_proj", "v_proj")
+
+    def queries(self, x_BTC: jax.Array, positions: jax.Array) -> jax.Array:
+        """q_cat (B, H, T, Dqk): rotated, scaled per path and by the learned temperature."""
+        return self._queries(self._project(x_BTC, self._names()[0]), positions)
+
+    def new_kv(self, x_BTC: jax.Array, positions: jax.Array) -> dict[str, jax.Array]:
+        """The cached streams for these tokens, (B, T, width) each; keys stored after RoPE."""
+        return self._new_kv(self._project(x_BTC, self._names()[1]), positions)
+
+    def queries_and_kv(self, x_BTC: jax.Array, positions: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """`queries` and `new_kv` of the same x with all projections in one matmul."""
+        q_names, kv_names = self._names()
+        proj = self._project(x_BTC, q_names + kv_names)
+        return self._queries(proj[:len(q_names)], positions), self._new_kv(proj[len(q_names):], positions)
 
     def kv_heads(self, streams: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """Streams (B, L, width) -> k_cat, v (B, K, L, D) over the K kv-heads (no repetition)."""
@@ -107,8 +156,8 @@ class Attention(nnx.Module):
         return k, v
 
     def __call__(self, x_BTC: jax.Array, positions: jax.Array, deterministic: bool = True) -> jax.Array:
-        q = self.queries(x_BTC, positions)
-        k, v = self.kv_heads(self.new_kv(x_BTC, positions))
+        q, streams = self.queries_and_kv(x_BTC, positions)
+        k, v = self.kv_heads(streams)
         drop = None if (self.dropout is None or deterministic) else partial(self.dropout, deterministic=False)
         y = self.out_proj(merge_heads(attend(q, k, v, self.null_kv(), dropout=drop)))
         return drop(y) if drop is not None else y
@@ -116,7 +165,7 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
-        linear = partial(nnx.Linear, use_bias=False, kernel_init=_init, dtype=dtype,
+        linear = partial(Linear, use_bias=False, kernel_init=_init, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
         self.kind = cfg.mlp
         self.w1 = linear(cfg.d_model, cfg.d_ff)
@@ -158,7 +207,7 @@ class DBAModel(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.cfg = cfg
         self.dtype, self.param_dtype, self.remat = dtype, param_dtype, remat
-        linear = partial(nnx.Linear, use_bias=False, kernel_init=_init, dtype=dtype,
+        linear = partial(Linear, use_bias=False, kernel_init=_init, dtype=dtype,
                          param_dtype=param_dtype, rngs=rngs)
         self.tok_emb = nnx.Embed(cfg.vocab_size, cfg.embed_dim, embedding_init=_init, dtype=dtype,
                                  param_dtype=param_dtype, rngs=rngs)
@@ -179,8 +228,7 @@ class DBAModel(nnx.Module):
         if self.emb_out is not None:
             x = self.emb_out(x)
         emb = self.tok_emb.embedding[...]
-        return jnp.einsum("btc,vc->btv", x.astype(self.dtype), emb.astype(self.dtype),
-                          preferred_element_type=jnp.float32)
+        return dense_t(x.astype(self.dtype), emb.astype(self.dtype))  # (B, T, V) fp32
 
     def forward(self, idx_BT: jax.Array, deterministic: bool = True) -> jax.Array:
         """The un-jitted forward, for use inside other transforms (train step, grads)."""
@@ -216,7 +264,33 @@ def _jit_forward(model: DBAModel, idx_BT: jax.Array, deterministic: bool) -> jax
 
 def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
     """Mean next-token cross-entropy in fp32."""
-    logits = logits_BTV.astype(jnp.float32)
+    return _cross_entropy(logits_BTV.astype(jnp.float32), targets_BT.astype(jnp.int32))
+
+
+def _ce_parts(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
     logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets_BT[..., None].astype(jnp.int32), axis=-1)[..., 0]
-    return jnp.mean(logz - picked)
+    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+    return jnp.mean(logz - picked), logz
+
+
+# The gradient (softmax - onehot) / N written as one elementwise pass over the (B, T, V) logits:
+# autodiff's version makes three (exp, scale, scatter of the picked entries), which on CPU cost
+# more than the loss itself.
+@jax.custom_vjp
+def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+    return _ce_parts(logits, targets)[0]
+
+
+def _ce_fwd(logits, targets):
+    loss, logz = _ce_parts(logits, targets)
+    return loss, (logits, logz, targets)
+
+
+def _ce_bwd(res, g):
+    logits, logz, targets = res
+    onehot = jnp.arange(logits.shape[-1]) == targets[..., None]
+    d = (jnp.exp(logits - logz[..., None]) - onehot) * (g / logz.size)
+    return d, None
+
+
+_cross_entropy.defvjp(_ce_fwd, _ce_bwd)

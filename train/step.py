@@ -11,6 +11,8 @@ the jitted function, which only runs when JAX traces (i.e. compiles) a new shape
 
 from __future__ import annotations
 
+import os
+import sys
 import time
 from typing import Any
 
@@ -22,6 +24,44 @@ from flax import nnx
 
 from jax_model.model import DBAModel, cross_entropy
 from train.optim import _find_hparams
+
+
+_MALLOC_TUNED: bool | None = None
+
+
+def tune_host_malloc() -> bool:
+    """Make glibc keep and reuse the host memory of XLA:CPU's per-step buffers.
+
+    Each train step allocates several hundred MB of temporaries (the (B*T, V) logits alone are
+    64 MB on config A) and frees them at the end. glibc serves blocks over its mmap threshold
+    (<= 32 MB) with fresh mmaps, and XLA's worker threads allocate from per-thread arenas whose
+    heaps cannot hold them, so every step page-faults all that memory in again (~150k faults,
+    ~25% of the step on a 2-core CPU). One arena, no mmap for big blocks and no trimming makes
+    the second step onwards reuse the same pages: 730 -> 560 ms per step on config A.
+
+    Must run before JAX starts its CPU backend (threads keep the arena they first allocated
+    from), so call it first thing in a training entry point. Process-wide: freed memory stays
+    with the process (RSS holds at its peak). A no-op returning False off glibc, when
+    DBA_NO_MALLOC_TUNING is set, or when it fails; idempotent.
+    """
+    global _MALLOC_TUNED
+    if _MALLOC_TUNED is not None:
+        return _MALLOC_TUNED
+    _MALLOC_TUNED = False
+    if os.environ.get("DBA_NO_MALLOC_TUNING") or not sys.platform.startswith("linux"):
+        return False
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL("libc.so.6")
+        m_trim_threshold, m_mmap_threshold, m_arena_max = -1, -3, -8  # glibc <malloc.h>
+        big = 2**31 - 1  # mallopt takes an int
+        ok = (libc.mallopt(m_arena_max, 1) == 1 and libc.mallopt(m_mmap_threshold, big) == 1
+              and libc.mallopt(m_trim_threshold, big) == 1)
+    except (OSError, AttributeError):  # not glibc (musl, macOS)
+        ok = False
+    _MALLOC_TUNED = bool(ok)
+    return _MALLOC_TUNED
 
 
 def _reseed(rest: Any, key: jax.Array) -> Any:

@@ -1,0 +1,273 @@
+"""Train-step throughput and MFU: the JAX step `dba train` runs, and the torch reference step.
+
+JAX: `train.step.Stepper` with the optax chain from `train.optim.build_optimizer`, exactly what
+`dba train` builds (donated state, one jitted step, grad clip, injected lr). Torch:
+`torch_ref.train_step.TorchTrainer` on the same config, optimizer and batches. Compile/warm-up
+time is reported separately and excluded from throughput. Each backend runs in its own fresh
+process (XLA's and torch's thread pools would otherwise compete), the JAX one with the host
+malloc tuning `dba train` applies (`train.step.tune_host_malloc`; `--malloc-tuning`).
+
+MFU is achieved FLOP/s over a matmul peak measured at the start of the run on this machine
+(a large square matmul, best of several), per framework. FLOPs per token (`flops_per_token`):
+
+    6 * N_matmul + 6 * n_layer * T * (qk_dim + v_dim)
+
+- N_matmul counts every weight *application* in a matmul: the attention projections (decoupled:
+  q_sem, k_sem, q_geo, k_geo, v_proj; else q_proj, k_proj, v_proj; a tied K still costs its own
+  matmul), out_proj, the MLP (swiglu: w1, w2, w3; gelu: w1, w2), emb_in/emb_out when
+  embed_dim != d_model, and the tied output projection vocab x embed_dim. Embedding lookups,
+  norms, RoPE, softmax and the optimizer are not counted. 6 = 2 FLOPs per multiply-add x
+  (forward + 2x backward).
+- The attention term: per token and layer the QK^T scores cost 2*T*qk_dim FLOPs forward
+  (qk_dim = sem_dim + geo_dim for decoupled: both paths are one concatenated dot) and P@V costs
+  2*T*v_dim (v_dim = attn_dim); times 3 for forward + backward. Like nanoGPT/PaLM this counts the
+  full T x T score matrix, not the causal half, so it is a convention rather than work done.
+
+    python -m bench.train                     # config A, batch 8 x 256, Lion, fp32
+    dba bench train --backends jax --steps 20 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+
+import numpy as np
+
+from bench.common import machine, named_config, print_table, write_json
+from dba.config import ModelConfig
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--config", choices=("A", "seed"), default="A")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--steps", type=int, default=10, help="timed steps per backend")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--optimizer", choices=("lion", "lion_v29", "adamw"), default="lion")
+    p.add_argument("--param-dtype", choices=("fp32", "bf16"), default="fp32")
+    p.add_argument("--amp", action="store_true", help="matmuls in bf16 (softmax/logits/loss stay fp32)")
+    p.add_argument("--backends", default="jax,torch")
+    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = all cores)")
+    p.add_argument("--peak-size", type=int, default=2048, help="n of the n x n x n peak matmul")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--malloc-tuning", choices=("jax", "all", "none"), default="jax",
+                   help="which backends run with train.step.tune_host_malloc (dba train applies it to JAX)")
+    p.add_argument("--json", default=None, help="also write the results here")
+
+
+# ---- FLOPs ------------------------------------------------------------------------------------
+def matmul_params(cfg: ModelConfig) -> int:
+    """Weights applied in matmuls per token (see the module docstring); embeddings lookups excluded."""
+    d = cfg.d_model
+    if cfg.attn_mode == "decoupled":
+        proj = d * (2 * cfg.sem_dim + 2 * cfg.geo_dim + cfg.attn_dim)
+    else:
+        w = cfg.kv_streams()
+        proj = d * (cfg.qk_dim + w["k"] + w["v"])
+    out = cfg.v_dim * d
+    mlp = (3 if cfg.mlp == "swiglu" else 2) * d * cfg.d_ff
+    bottleneck = 2 * cfg.embed_dim * d if cfg.embed_dim != d else 0
+    return cfg.n_layer * (proj + out + mlp) + bottleneck + cfg.vocab_size * cfg.embed_dim
+
+
+def flops_per_token(cfg: ModelConfig, seq_len: int) -> int:
+    """6 * N_matmul + 6 * n_layer * T * (qk_dim + v_dim): forward + backward, full T x T scores."""
+    return 6 * matmul_params(cfg) + 6 * cfg.n_layer * seq_len * (cfg.qk_dim + cfg.v_dim)
+
+
+# ---- matmul peaks ---------------------------------------------------------------------------
+def jax_peak(n: int, dtype: str, repeats: int = 7) -> float:
+    """GFLOP/s of a jitted n x n @ n x n jnp.dot, best of `repeats`."""
+    import jax
+    import jax.numpy as jnp
+
+    dt = jnp.bfloat16 if dtype == "bf16" else jnp.float32
+    a = jax.random.normal(jax.random.key(0), (n, n), dt)
+    b = jax.random.normal(jax.random.key(1), (n, n), dt)
+    f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=dt))
+    f(a, b).block_until_ready()
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f(a, b).block_until_ready()
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+def torch_peak(n: int, dtype: str, repeats: int = 7) -> float:
+    import torch
+
+    dt = torch.bfloat16 if dtype == "bf16" else torch.float32
+    g = torch.Generator().manual_seed(0)
+    a, b = torch.randn(n, n, generator=g).to(dt), torch.randn(n, n, generator=g).to(dt)
+    torch.matmul(a, b)
+    best = float("inf")
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        torch.matmul(a, b)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best / 1e9
+
+
+# ---- the two steps --------------------------------------------------------------------------
+def _timed(step, n_warmup: int, n_steps: int) -> tuple[float, list[float]]:
+    """(warm-up seconds, per-step seconds); `step()` must block until the step is done."""
+    t0 = time.perf_counter()
+    for _ in range(n_warmup):
+        step()
+    warm = time.perf_counter() - t0
+    times = []
+    for _ in range(n_steps):
+        t0 = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t0)
+    return warm, times
+
+
+def bench_jax(cfg: ModelConfig, args: argparse.Namespace, batches) -> dict:
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jax_model import DBAModel
+    from train.optim import build_optimizer
+    from train.step import Stepper
+
+    param = jnp.bfloat16 if args.param_dtype == "bf16" else jnp.float32
+    compute = jnp.bfloat16 if args.amp else param
+    model = DBAModel(cfg, rngs=nnx.Rngs(args.seed), dtype=compute, param_dtype=param)
+    tx = build_optimizer(args.optimizer, lr=3e-4, total_steps=10_000, weight_decay=0.1, grad_clip=1.0)
+    stepper = Stepper(model, tx, seed=args.seed)
+    del model
+    xs = [jax.device_put(x) for x, _ in batches]
+    ys = [jax.device_put(y) for _, y in batches]
+    compile_s = stepper.compile_for(xs[0], ys[0])
+    i = [0]
+
+    def step():
+        k = i[0] % len(xs)
+        m = stepper.train_step(xs[k], ys[k], i[0])
+        jax.block_until_ready((m, stepper.params))
+        i[0] += 1
+        return m
+
+    warm, times = _timed(step, args.warmup, args.steps)
+    loss = float(step()["loss"])
+    return {"compile_s": compile_s, "warmup_s": warm, "step_s": times, "final_loss": loss,
+            "jax": jax.__version__, "devices": str(jax.devices())}
+
+
+def bench_torch(cfg: ModelConfig, args: argparse.Namespace, batches) -> dict:
+    import contextlib
+
+    import torch
+
+    import torch_ref
+    from torch_ref.train_step import TorchTrainer
+
+    torch.manual_seed(args.seed)
+    model = torch_ref.DBAModel(cfg)
+    if args.param_dtype == "bf16":
+        model = model.to(torch.bfloat16)
+    trainer = TorchTrainer(model, args.optimizer, lr=3e-4, total_steps=10_000, weight_decay=0.1, grad_clip=1.0)
+    xs = [torch.as_tensor(x) for x, _ in batches]
+    ys = [torch.as_tensor(y) for _, y in batches]
+    amp = (lambda: torch.autocast("cpu", dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
+    i = [0]
+
+    def step():
+        k = i[0] % len(xs)
+        with amp():
+            m = trainer.step(xs[k], ys[k])  # returns python floats: synchronous
+        i[0] += 1
+        return m
+
+    t0 = time.perf_counter()
+    step()  # first step: allocator/oneDNN warm-up, the torch analogue of compiling
+    first = time.perf_counter() - t0
+    warm, times = _timed(step, args.warmup, args.steps)
+    return {"compile_s": first, "warmup_s": warm, "step_s": times, "final_loss": step()["loss"],
+            "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def _child(backend: str, args: argparse.Namespace, cfg: ModelConfig, batches, peak_dtype: str) -> dict:
+    """One backend, in a fresh process: its matmul peak, then its train step."""
+    tuned = False
+    if args.malloc_tuning == "all" or args.malloc_tuning == backend:
+        from train.step import tune_host_malloc
+
+        tuned = tune_host_malloc()  # before JAX/torch start their thread pools
+    if backend == "torch":
+        import torch
+
+        torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    peak = (jax_peak if backend == "jax" else torch_peak)(args.peak_size, peak_dtype)
+    print(f"  {backend} matmul peak ({args.peak_size}^3, {peak_dtype}): {peak:,.1f} GFLOP/s", flush=True)
+    r = (bench_jax if backend == "jax" else bench_torch)(cfg, args, batches)
+    return {**r, "peak_gflop_s": peak, "malloc_tuned": tuned}
+
+
+def run(args: argparse.Namespace) -> int:
+    import multiprocessing as mp
+
+    cfg = named_config(args.config)
+    backends = [b for b in args.backends.split(",") if b]
+    unknown = sorted(set(backends) - {"jax", "torch"})
+    if unknown:
+        raise SystemExit(f"unknown backend(s): {', '.join(unknown)} (choose from jax, torch)")
+    b, t, a = args.batch_size, args.seq_len, args.grad_accum
+    rng = np.random.default_rng(args.seed)
+    # A few distinct batches, cycled; x and y are (A, B, T) int32 like dba train's.
+    batches = []
+    for _ in range(4):
+        tok = rng.integers(0, cfg.vocab_size, (a, b, t + 1), dtype=np.int64).astype(np.int32)
+        batches.append((tok[..., :-1].copy(), tok[..., 1:].copy()))
+    tokens_per_step = a * b * t
+    fpt = flops_per_token(cfg, t)
+    peak_dtype = "bf16" if args.amp or args.param_dtype == "bf16" else "fp32"
+
+    results, rows = [], []
+    ctx = mp.get_context("spawn")
+    for backend in backends:
+        with ctx.Pool(1) as pool:
+            r = pool.apply(_child, (backend, args, cfg, batches, peak_dtype))
+        med = statistics.median(r["step_s"])
+        tok_s = tokens_per_step / med
+        gflops = tok_s * fpt / 1e9
+        res = {"backend": backend, **r, "step_ms_median": med * 1e3, "step_ms_best": min(r["step_s"]) * 1e3,
+               "tokens_per_s": tok_s, "tokens_per_s_best": tokens_per_step / min(r["step_s"]),
+               "gflop_s": gflops, "mfu": gflops / r["peak_gflop_s"]}
+        results.append(res)
+        rows.append([backend, f"{tok_s:,.0f}", f"{res['step_ms_median']:.1f}", f"{res['step_ms_best']:.1f}",
+                     f"{gflops:.1f}", f"{r['peak_gflop_s']:.1f}", f"{100 * res['mfu']:.1f}",
+                     f"{r['compile_s']:.1f}", f"{r['final_loss']:.3f}"])
+        print(f"  done {backend}: {tok_s:,.0f} tokens/s", flush=True)
+
+    dt = f"params {args.param_dtype}" + (", amp bf16" if args.amp else "")
+    title = (f"Train step, config {args.config}, batch {b} x seq {t}" + (f" x accum {a}" if a > 1 else "")
+             + f", {args.optimizer}, {dt}; {fpt / 1e6:.2f} MFLOP/token; median of {args.steps} steps")
+    print_table(title, ["backend", "tokens/s", "step ms", "best ms", "GFLOP/s", "peak GFLOP/s", "MFU %",
+                        "compile s", "loss"], rows)
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if load:
+        print(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (other processes skew timings)")
+    write_json(args.json, {"bench": "train", "config": cfg.to_dict(), "machine": machine(), "load": load,
+                           "batch_size": b, "seq_len": t, "grad_accum": a, "optimizer": args.optimizer,
+                           "param_dtype": args.param_dtype, "amp": args.amp, "malloc_tuning": args.malloc_tuning,
+                           "flops_per_token": fpt, "matmul_params": matmul_params(cfg),
+                           "xla_flags": os.environ.get("XLA_FLAGS", ""), "results": results})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="bench.train", description=__doc__.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
