@@ -62,6 +62,10 @@ def run(args) -> int:
         targs.check_flags(flags)
     _select_platform(flags["device"])
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if flags["device"] in ("auto", "cpu"):
+        from train.step import tune_host_malloc
+
+        tune_host_malloc()  # before XLA:CPU starts its threads (see its docstring)
 
     if flags["resume"] and not flags.get("out_dir") and not flags.get("run_tag"):
         out_dir, name = os.path.join(str(flags["run_root"]), "default"), "default"
