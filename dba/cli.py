@@ -18,7 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("dba.commands.sample", "generate text from a checkpoint (torch or JAX backend)"),
     "kv-mem": ("dba.commands.kvmem", "KV-cache memory table for a model and cache policy"),
     "convert": ("dba.commands.convert", "convert weights between v29 .pt and safetensors exports"),
-    "bench": ("dba.commands.bench", "benchmarks: train, decode, memory"),
+    "bench": ("dba.commands.bench", "benchmarks: train-step and decode throughput"),
 }
 
 

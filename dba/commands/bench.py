@@ -1,4 +1,4 @@
-"""`dba bench {train,decode,memory}`: benchmarks that print a table and can write JSON.
+"""`dba bench {train,decode}`: benchmarks that print a table and can write JSON.
 
 Each benchmark lives in `bench/<name>.py` with `add_arguments(parser)` and `run(args)`.
 """
