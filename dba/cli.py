@@ -18,6 +18,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "sample": ("dba.commands.sample", "generate text from a checkpoint (torch or JAX backend)"),
     "kv-mem": ("dba.commands.kvmem", "KV-cache memory table for a model and cache policy"),
     "convert": ("dba.commands.convert", "convert weights between v29 .pt and safetensors exports"),
+    "report": ("dba.commands.report", "compare runs: best loss, KV cache, tokens/s; mean ± std over seeds"),
     "bench": ("dba.commands.bench", "benchmarks: train-step and decode throughput"),
 }
 

@@ -125,16 +125,21 @@ FLAGS: list[Flag] = [
     _f("live_update_every", "int", 1, "update the live display at most every N steps", group="display"),
     _f("log_every", "int", 10, "log a train event (and fetch the loss) every N steps", group="display"),
     # -- accepted for v29 command lines, recorded in meta, not acted on here
-    _f("instrument", "str", "off", "analysis instrumentation", ("off", "basic", "medium", "full"), True, "v29"),
-    _f("analysis_every", "int", 0, "", None, True, "v29"),
-    _f("analysis_heads", "str", "0", "", None, True, "v29"),
-    _f("analysis_layers", "str", "0,-1", "", None, True, "v29"),
-    _f("analysis_local_window", "int", 32, "", None, True, "v29"),
-    _f("analysis_max_tokens", "int", 256, "", None, True, "v29"),
-    _f("analysis_save_scores", "bool", False, "", None, True, "v29"),
-    _f("analysis_topk", "int", 8, "", None, True, "v29"),
-    _f("live_plot", "bool", False, "", None, True, "v29"),
-    _f("tb", "bool", False, "", None, True, "v29"),
+    # -- instrumentation (train/analysis.py)
+    _f("instrument", "str", "off", "attention analysis: basic = routing means; medium = + ranks and matrices "
+       "in analysis.h5; full = + singular values and per-layer values", ("off", "basic", "medium", "full"),
+       group="analysis"),
+    _f("analysis_every", "int", 0, "run the analysis every N steps (0 = at every eval)", group="analysis"),
+    _f("analysis_heads", "str", "0", "heads to analyse: '0,3', negative from the end, or 'all'", group="analysis"),
+    _f("analysis_layers", "str", "0,-1", "layers to analyse: '0,-1', negative from the end, or 'all'", group="analysis"),
+    _f("analysis_local_window", "int", 32, "keys counted as local (self included)", group="analysis"),
+    _f("analysis_max_tokens", "int", 256, "length of the held-out sequence analysed", group="analysis"),
+    _f("analysis_save_scores", "bool", False, "also store the sem/geo score matrices in analysis.h5", group="analysis"),
+    _f("analysis_topk", "int", 8, "k of the top-k attention mass", group="analysis"),
+    _f("live_plot", "bool", False, "redraw analysis.png at every log step too (default: at evals and the end)",
+       group="analysis"),
+    _f("tb", "bool", False, "write TensorBoard scalars to <out>/tb (needs tensorboardX: pip install 'dba[tb]')",
+       group="analysis"),
     _f("compile", "bool", False, "JAX always compiles the step", None, True, "v29"),
     _f("compile_mode", "str", "default", "", None, True, "v29"),
     _f("matmul_precision", "str", "high", "", ("highest", "high", "medium"), True, "v29"),
@@ -188,7 +193,8 @@ MODEL_FLAGS = tuple(f.name for f in FLAGS if f.group == "model")
 NOOP_FLAGS = tuple(f.name for f in FLAGS if f.noop and f.group != "kv")
 # Flags that change nothing about what is trained: with only these, the run is "the default".
 PRESENTATION_FLAGS = {"live", "live_update_every", "log_every", "device", "overwrite", "resume",
-                      "run_root", "print_config", "mode", "compile", "matmul_precision", "debug"}
+                      "run_root", "print_config", "mode", "compile", "matmul_precision", "debug",
+                      *(f.name for f in FLAGS if f.group == "analysis")}
 # Flags a resumed run may change without changing the run itself.
 RESUME_MUTABLE = PRESENTATION_FLAGS | {"steps", "eval_every", "eval_iters", "save_every", "out_dir",
                                         "run_tag", "kv_cache", "kv_cache_k", "kv_cache_v", "kv_cache_k_sem",
@@ -198,7 +204,7 @@ RESUME_MUTABLE = PRESENTATION_FLAGS | {"steps", "eval_every", "eval_iters", "sav
 _GROUP_TITLES = {
     "train": "run", "data": "data", "model": "model (v29 flags)", "optim": "optimisation",
     "precision": "precision", "eval": "evaluation", "ckpt": "checkpoints and run directory",
-    "display": "display", "kv": "KV-cache policy (for the summary's memory section)",
+    "display": "display", "analysis": "instrumentation and reports", "kv": "KV-cache policy (for the summary's memory section)",
     "v29": "accepted v29 flags (recorded, no effect here)",
 }
 

@@ -144,6 +144,16 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
     check_enough(train_tok, longest_train, "the train split")
     check_enough(val_tok, longest_eval, "the validation split")
 
+    from train.analysis import spec_from_flags
+
+    analysis_spec = spec_from_flags(flags, cfg)
+    if flags["tb"]:
+        try:
+            import tensorboardX  # noqa: F401
+        except ImportError:
+            raise UserError("--tb needs tensorboardX, which is not installed: pip install 'dba[tb]' "
+                            "(or pip install tensorboardX)", 2) from None
+
     if flags["print_config"]:
         print(json.dumps({"model": cfg.to_dict(), "args": flags, "context": context,
                           "run_dir": out_dir}, indent=2, sort_keys=True, default=str))
@@ -157,6 +167,7 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
     from train.artifacts import JsonlLog, device_line, environment, write_summary
     from train.checkpointing import RunCheckpoints
     from train.progress import make_display
+    from train.resources import device_memory, host_rss_bytes
     from train.step import Stepper
 
     if flags["matmul_precision"] != "high" or "matmul_precision" in explicit:
@@ -221,6 +232,45 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
         export(kind, step, val)
 
     display = make_display(flags["live"], steps, start_step)
+    tb = None
+    if flags["tb"]:
+        from train.tensorboard import TBWriter
+
+        tb = TBWriter(out / "tb")
+    analyzer = store = analysis_x = None
+    if analysis_spec is not None:
+        from train.analysis import Analyzer, analysis_tokens
+        from train.analysis_store import AnalysisStore
+
+        analyzer = Analyzer(analysis_spec, stepper.graphdef, stepper.rest, cfg)
+        store = AnalysisStore(out / "analysis.h5", save_matrices=analysis_spec.save_matrices,
+                              save_svals=analysis_spec.save_svals)
+        analysis_x = analysis_tokens(val_tok, analysis_spec, cfg.block_size, seed)
+
+    def record(event: str, **fields) -> dict[str, Any]:
+        rec = log.write(event, **fields)
+        if tb is not None:
+            tb.event(rec)
+        return rec
+
+    def analyse(step: int) -> None:
+        t0 = time.perf_counter()
+        metrics, arrays = analyzer(stepper.params, analysis_x)
+        # analysis.h5 first: every analysis event in train.jsonl then has its group in the file
+        store.append(step, metrics, arrays, analysis_spec.layers, analysis_spec.heads)
+        rec = record("analysis", step=step, seq_len=int(analysis_x.shape[1]), level=analysis_spec.level,
+                     layers=list(analysis_spec.layers), heads=list(analysis_spec.heads), **metrics)
+        display.set_timing(analysis_s=time.perf_counter() - t0)
+        display.analysis(rec)
+
+    def redraw_plot() -> None:
+        from dba.plots import plot_run
+        from train.artifacts import read_events
+
+        try:
+            plot_run(read_events(out / "train.jsonl"), out / "analysis.png", title=f"{run_name}: {cfg.attn_mode}")
+        except Exception as e:  # noqa: BLE001 (a plotting failure must never stop training)
+            display.info(f"analysis.png not drawn: {type(e).__name__}: {e}")
     stop = _Stop()
     stop.install()
     grow_txt = (f" (grown from {context['requested_block_size']} to cover the longest trained length)"
@@ -244,16 +294,20 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
             xt, yt = eval_batches(train_tok, flags, length, EVAL_TRAIN_STREAM)
             eval_cache[length] = tuple(jax.device_put(a) for a in (xv, yv, xt, yt))
         xv, yv, xt, yt = eval_cache[length]
+        t_eval = time.perf_counter()
         val_loss, train_loss = (float(v) for v in jax.device_get((stepper.eval_loss(xv, yv),
                                                                   stepper.eval_loss(xt, yt))))
         new_best = step > 0 and math.isfinite(val_loss) and (best_val is None or val_loss < best_val)
         if new_best:
             best_val, best_step = val_loss, step
-        rec = log.write("eval", step=step, train_loss=train_loss, val_loss=val_loss,
-                        val_ppl=math.exp(min(val_loss, 700.0)), best_val=best_val, seq_len=length)
+        eval_s = time.perf_counter() - t_eval
+        rec = record("eval", step=step, train_loss=train_loss, val_loss=val_loss,
+                     val_ppl=math.exp(min(val_loss, 700.0)), best_val=best_val, seq_len=length, eval_s=eval_s)
+        display.set_timing(eval_s=eval_s)
         display.eval(rec)
         if new_best:
             save("best", step, val_loss)
+        redraw_plot()
         return rec
 
     # ---- loop ---------------------------------------------------------------------------
@@ -266,11 +320,15 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
         if step >= steps:
             reason = "already_complete"
             display.info(f"the run is already at step {step} >= --steps {steps}; nothing to train")
-        elif step == 0 and eval_every > 0:
-            evaluate(0)
+        elif step == 0:
+            if analyzer is not None:
+                analyse(0)
+            if eval_every > 0:
+                evaluate(0)
         seen_lengths: set[int] = set()
         next_batch = train_batch(train_tok, flags, schedule.length_at(step), step) if step < steps else None
         t_mark, steps_since, tokens_since, excluded = time.perf_counter(), 0, 0, 0.0
+        data_s = 0.0
         while step < steps and stop.reason is None:
             x, y = next_batch
             length = x.shape[2]
@@ -286,18 +344,28 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
             steps_since += 1
             tokens_since += x.size
             if step < steps:  # sample the next batch while the device runs this step
+                t_data = time.perf_counter()
                 next_batch = train_batch(train_tok, flags, schedule.length_at(step), step)
+                data_s += time.perf_counter() - t_data
             if step % log_every == 0 or step == steps or stop.reason is not None:
                 m = jax.device_get(metrics)
                 elapsed = max(time.perf_counter() - t_mark - excluded, 1e-9)
                 loss = float(m["loss"])
-                rec = log.write("train", step=step, loss=loss, ppl=math.exp(min(loss, 700.0)), lr=float(m["lr"]),
-                                tok_s=tokens_since / elapsed, seq_len=int(length), grad_accum=int(flags["grad_accum"]),
-                                global_batch=int(flags["batch_size"]) * int(flags["grad_accum"]),
-                                step_ms=1000.0 * elapsed / steps_since, grad_norm_total=float(m["grad_norm"]),
-                                compiles=stepper.compiles)
+                rss, rss_peak = host_rss_bytes()
+                dev_mem = device_memory()
+                groups = {k: float(v) for k, v in m.items() if k.startswith("grad_norm_")}
+                rec = record("train", step=step, loss=loss, ppl=math.exp(min(loss, 700.0)), lr=float(m["lr"]),
+                             tok_s=tokens_since / elapsed, seq_len=int(length), grad_accum=int(flags["grad_accum"]),
+                             global_batch=int(flags["batch_size"]) * int(flags["grad_accum"]),
+                             step_ms=1000.0 * elapsed / steps_since, data_ms=1000.0 * data_s / steps_since,
+                             grad_norm_total=float(m["grad_norm"]), **groups, compiles=stepper.compiles,
+                             host_rss_mb=None if rss is None else rss / 2**20, host_peak_mb=rss_peak / 2**20,
+                             device_mem_mb=None if dev_mem is None else dev_mem.get("bytes_in_use", 0) / 2**20)
+                display.set_timing(compile_s=stepper.compile_s)
                 display.train(rec)
-                t_mark, steps_since, tokens_since, excluded = time.perf_counter(), 0, 0, 0.0
+                if flags["live_plot"]:
+                    redraw_plot()
+                t_mark, steps_since, tokens_since, excluded, data_s = time.perf_counter(), 0, 0, 0.0, 0.0
                 if not math.isfinite(loss):
                     reason = "nonfinite_loss"
                     display.line(f"dba train: loss is {loss} at step {step}; stopping without saving")
@@ -305,6 +373,9 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
             elif step % upd_every == 0:
                 display.advance(step)
             synced = False
+            if analyzer is not None and (step % analysis_spec.every == 0 or step == steps) and stop.reason is None:
+                analyse(step)
+                synced = True
             if eval_every > 0 and (step % eval_every == 0 or step == steps) and stop.reason is None:
                 evaluate(step)
                 synced = True
@@ -316,7 +387,7 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
                 saved_last_at = step
                 synced = True
             if synced:
-                t_mark, steps_since, tokens_since, excluded = time.perf_counter(), 0, 0, 0.0
+                t_mark, steps_since, tokens_since, excluded, data_s = time.perf_counter(), 0, 0, 0.0, 0.0
         if stop.reason is not None and reason in ("complete", "already_complete"):
             reason = stop.reason
         if reason != "nonfinite_loss" and step != saved_last_at:
@@ -325,10 +396,13 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
         display.close()
         stop.restore()
     wall = time.time() - t_start
-    log.write("done", reason=reason, step=step, best_val=best_val, best_step=best_step, wall_s=wall,
+    record("done", reason=reason, step=step, best_val=best_val, best_step=best_step, wall_s=wall,
               compiles=stepper.compiles, trace_count=stepper.trace_count, compile_s=stepper.compile_s,
               lengths=sorted(seen_lengths) if step > start_step else [])
     log.close()
+    if tb is not None:
+        tb.close()
+    redraw_plot()
     ckpts.close()
     write_summary(out, created=created, command=command, env=env, cfg=cfg, flags=flags,
                   results={"step": step, "best_val": best_val, "reason": reason, "wall_s": wall}, context=context)

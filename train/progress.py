@@ -1,6 +1,6 @@
 """Live display for `dba train`: `--live auto|rich|basic|off`.
 
-auto = a rich progress bar (step, loss, tok/s, ETA) on a terminal, plain lines when piped;
+auto = the rich dashboard (train/dashboard.py) on a terminal, plain lines when piped;
 basic = plain lines at every log step; off = only the start and end lines (and errors).
 The loop calls `advance` at most every `--live-update-every` steps and passes metrics only at
 log steps, so the display never forces a device sync of its own.
@@ -9,7 +9,6 @@ log steps, so the display never forces a device sync of its own.
 from __future__ import annotations
 
 import sys
-import time
 from typing import Any
 
 
@@ -29,6 +28,17 @@ def eval_line(e: dict[str, Any]) -> str:
     best = e.get("best_val")
     best_txt = f" | best {best:.4f}" if best is not None else ""
     return f"eval @ {e['step']}: {tl_txt}val {e['val_loss']:.4f} (ppl {e['val_ppl']:.2f}){best_txt}"
+
+
+ANALYSIS_SHORT = (("attn_entropy_mean", "entropy"), ("attn_topk_mass_mean", "top-k"),
+                  ("attn_local_mass_mean", "local"), ("attn_null_mass_mean", "null"),
+                  ("sem_energy_ratio_mean", "sem"), ("geo_energy_ratio_mean", "geo"),
+                  ("attn_erank_mean", "erank"), ("proj_stable_rank_mean", "q-srank"))
+
+
+def analysis_line(a: dict[str, Any]) -> str:
+    parts = [f"{short} {a[k]:.3f}" for k, short in ANALYSIS_SHORT if isinstance(a.get(k), (int, float))]
+    return f"analysis @ {a['step']}: " + " | ".join(parts)
 
 
 class Display:
@@ -61,52 +71,15 @@ class Display:
         if self.mode != "off":
             print(eval_line(e), flush=True)
 
-    def close(self) -> None:
+    def analysis(self, a: dict[str, Any]) -> None:
+        if self.mode != "off":
+            print(analysis_line(a), flush=True)
+
+    def set_timing(self, **values: float) -> None:  # the dashboard shows these; lines do not
         pass
 
-
-class RichDisplay(Display):
-    """A rich progress bar with the latest loss and tok/s; events print above it."""
-
-    def __init__(self, mode: str, total: int, start: int = 0):
-        super().__init__(mode, total, start)
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-        self.console = Console()
-        self.progress = Progress(
-            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("loss {task.fields[loss]}"), TextColumn("{task.fields[tok_s]} tok/s"),
-            TextColumn("seq {task.fields[seq]}"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
-            console=self.console, transient=False, refresh_per_second=4,
-        )
-        self.task = self.progress.add_task("train", total=total, completed=start, loss="-", tok_s="-", seq="-")
-        self.progress.start()
-        self._t_last = time.monotonic()
-
-    def _print(self, text: str, **kw) -> None:
-        self.console.print(text, markup=False, highlight=False, soft_wrap=True, **kw)
-
-    def line(self, text: str) -> None:
-        self._print(text)
-
-    def info(self, text: str) -> None:
-        self._print(text, style="dim")
-
-    def advance(self, step: int) -> None:
-        self.progress.update(self.task, completed=step)
-
-    def train(self, m: dict[str, Any]) -> None:
-        self.progress.update(self.task, completed=m["step"], loss=f"{m['loss']:.4f}",
-                             tok_s=_fmt_tok(m["tok_s"]), seq=m["seq_len"])
-
-    def eval(self, e: dict[str, Any]) -> None:
-        self._print(eval_line(e))
-
     def close(self) -> None:
-        if self.progress is not None:
-            self.progress.stop()
-            self.progress = None
+        pass
 
 
 def make_display(mode: str, total: int, start: int = 0) -> Display:
@@ -114,7 +87,9 @@ def make_display(mode: str, total: int, start: int = 0) -> Display:
         mode = "rich" if sys.stdout.isatty() else "basic"
     if mode == "rich":
         try:
-            return RichDisplay(mode, total, start)
+            from train.dashboard import Dashboard
+
+            return Dashboard(mode, total, start)
         except ImportError:
             mode = "basic"
     return Display(mode, total, start)

@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from jax_model.model import DBAModel, cross_entropy
+from train.grad_norms import group_grad_norms
 from train.optim import _find_hparams
 
 
@@ -80,7 +81,7 @@ class Stepper:
     """Train/eval steps for `model` with optimizer `tx`.
 
     `train_step(x_ABT, y_ABT, step)` takes A = grad_accum micro-batches (int32 (A, B, T)) and
-    returns device metrics {loss, grad_norm, lr} without syncing; `eval_loss(X_NBT, Y_NBT)`
+    returns device metrics {loss, grad_norm, lr, grad_norm_<group>...} without syncing; `eval_loss(X_NBT, Y_NBT)`
     returns the mean loss over N batches (one call, one compile per shape).
     """
 
@@ -91,6 +92,7 @@ class Stepper:
         self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
         self.opt_state = tx.init(self.params) if opt_state is None else opt_state
         self.dropout = model.cfg.dropout > 0
+        self.decoupled = model.cfg.attn_mode == "decoupled"
         self.trace_count = 0  # train-step traces (= compiles): one per distinct shape
         self.eval_trace_count = 0
         self.compile_s = 0.0
@@ -133,11 +135,12 @@ class Stepper:
             grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), g_sum, params)
             loss = l_sum / n_micro
         grad_norm = optax.global_norm(grads)
+        group_norms = group_grad_norms(grads, self.decoupled)
         updates, opt_state = self.tx.update(grads, opt_state, params)
         params = optax.apply_updates(params, updates)
         hp = _find_hparams(opt_state)
         lr = jnp.asarray(hp["learning_rate"], jnp.float32) if hp and "learning_rate" in hp else jnp.float32(0)
-        return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "lr": lr}
+        return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "lr": lr, **group_norms}
 
     def _eval_impl(self, params, x_NBT, y_NBT):
         self.eval_trace_count += 1
