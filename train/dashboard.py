@@ -31,7 +31,9 @@ from rich.table import Table
 from train.progress import ANALYSIS_SHORT, Display, _fmt_tok, analysis_line, eval_line
 from train.resources import device_memory, host_rss_bytes
 
-_MIN_REDRAW_S = 0.1  # cap redraws at 10/s however small --live-update-every is
+# Redraws are capped at 2/s however small --live-update-every is: one costs ~10 ms of the
+# loop thread on a 2-core CPU (`dba bench dashboard`), which at 10/s cost ~20% of tokens/s.
+_MIN_REDRAW_S = 0.5
 
 
 def _mb(x: float | None) -> str:
