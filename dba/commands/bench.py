@@ -11,6 +11,7 @@ import importlib
 BENCHES = {
     "train": "tokens/s and MFU of the JAX train step and the torch reference step",
     "decode": "prefill/decode tokens/s per KV-cache kind and context, JAX and torch",
+    "dashboard": "what the live rich dashboard of `dba train` costs in tokens/s",
 }
 
 
