@@ -322,15 +322,20 @@ def check_enough(tokens: np.ndarray, seq_len: int, what: str = "data") -> None:
         )
 
 
-def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int, stream: int = 0):
+def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, step: int, stream: int = 0,
+                 rows: slice | None = None):
     """(x, y) int32 (B, T) windows at uniform offsets in [0, len - seq_len - 1].
 
     The generator is keyed by (seed, stream, step) so a resumed run draws the same batches as an
     uninterrupted one; `stream` separates independent consumers (train vs. eval, micro-batches).
+    `rows` selects some rows of that batch (a host's share under multi-host training): all
+    offsets are drawn, so the rows are the same whoever reads them, but only these are read.
     """
     check_enough(tokens, seq_len)
     rng = np.random.default_rng([int(seed), int(stream), int(step)])
     offsets = rng.integers(0, len(tokens) - seq_len, size=int(batch_size))  # high is exclusive
+    if rows is not None:
+        offsets = offsets[rows]
     idx = offsets[:, None] + np.arange(seq_len + 1)[None, :]
     window = np.asarray(tokens[idx], dtype=np.int32)  # one gather; memmap reads only these pages
     return np.ascontiguousarray(window[:, :-1]), np.ascontiguousarray(window[:, 1:])

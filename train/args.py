@@ -120,6 +120,14 @@ FLAGS: list[Flag] = [
     _f("out_dir", "str", None, "run directory (default <run-root>/<name>)", group="ckpt"),
     _f("run_root", "str", "runs", "parent of default run directories", group="ckpt"),
     _f("run_tag", "str", None, "run name (default: 'default' for the plain recipe, else dba-<attn_mode>-<time>)", group="ckpt"),
+    # -- devices and hosts (train/sharding.py, train/distributed.py); not inherited by --resume
+    _f("mesh", "str", None, "device mesh 'data=N,fsdp=M' over all devices: the batch is split over both axes, "
+       "parameters and optimizer state over fsdp; one size may be -1 (the rest). Default: one device",
+       group="distributed"),
+    _f("coordinator", "str", None, "multi-host: HOST:PORT of process 0 (with --num-processes, --process-id; "
+       "Slurm/Open MPI/TPU pods are detected without them)", group="distributed"),
+    _f("num_processes", "int", None, "multi-host: number of processes (one per host)", group="distributed"),
+    _f("process_id", "int", None, "multi-host: this process's index in [0, --num-processes)", group="distributed"),
     # -- display
     _f("live", "str", "auto", "progress display", ("auto", "rich", "basic", "off"), group="display"),
     _f("live_update_every", "int", 1, "update the live display at most every N steps", group="display"),
@@ -194,7 +202,8 @@ NOOP_FLAGS = tuple(f.name for f in FLAGS if f.noop and f.group != "kv")
 # Flags that change nothing about what is trained: with only these, the run is "the default".
 PRESENTATION_FLAGS = {"live", "live_update_every", "log_every", "device", "overwrite", "resume",
                       "run_root", "print_config", "mode", "compile", "matmul_precision", "debug",
-                      *(f.name for f in FLAGS if f.group == "analysis")}
+                      # the mesh and hosts change how a run is computed, not what it trains
+                      *(f.name for f in FLAGS if f.group in ("analysis", "distributed"))}
 # Flags a resumed run may change without changing the run itself.
 RESUME_MUTABLE = PRESENTATION_FLAGS | {"steps", "eval_every", "eval_iters", "save_every", "out_dir",
                                         "run_tag", "kv_cache", "kv_cache_k", "kv_cache_v", "kv_cache_k_sem",
@@ -204,7 +213,7 @@ RESUME_MUTABLE = PRESENTATION_FLAGS | {"steps", "eval_every", "eval_iters", "sav
 _GROUP_TITLES = {
     "train": "run", "data": "data", "model": "model (v29 flags)", "optim": "optimisation",
     "precision": "precision", "eval": "evaluation", "ckpt": "checkpoints and run directory",
-    "display": "display", "analysis": "instrumentation and reports", "kv": "KV-cache policy (for the summary's memory section)",
+    "distributed": "devices and hosts (mesh, multi-host)", "display": "display", "analysis": "instrumentation and reports", "kv": "KV-cache policy (for the summary's memory section)",
     "v29": "accepted v29 flags (recorded, no effect here)",
 }
 
@@ -313,6 +322,11 @@ def check_flags(flags: dict[str, Any]) -> None:
                         "PyTorch reference (torch_ref.load(run_dir), `dba sample --backend torch`)")
     if flags["resume"] and flags["overwrite"]:
         raise UserError("--resume and --overwrite contradict each other")
+    from train.distributed import init_args
+    from train.sharding import check_batch, parse_mesh
+
+    check_batch(parse_mesh(flags["mesh"]), int(flags["batch_size"]))  # the device count is checked once JAX is up
+    init_args(flags["coordinator"], flags["num_processes"], flags["process_id"])
 
 
 def default_run_name(flags: dict[str, Any], explicit: dict[str, Any]) -> str:

@@ -6,6 +6,11 @@ optimizer state, step, seed — restored exactly, so a resumed run continues bit
 temporary directory and renames it, so a kill mid-save leaves the previous checkpoint intact.
 Saves are synchronous: the train step donates its buffers, so nothing may read them later.
 
+Sharded state (`--mesh`): every process writes the shards its devices hold, in parallel, and
+Orbax records the global shapes; `meta["devices"]` records the mesh, device count and platform
+that wrote it. `restore` reads onto the shardings of the templates it is given, so a checkpoint
+written on one mesh resumes on another mesh or on a single device (Orbax reshards on read).
+
 Whenever a checkpoint is written, the matching weights-only export (`last.safetensors` /
 `best.safetensors`, config in the metadata) is written beside it, for torch_ref.load(run_dir)
 and jax_model.load(run_dir) on machines without Orbax.
@@ -61,6 +66,7 @@ class RunCheckpoints:
     def save(self, kind: str, step: int, params: Any, opt_state: Any, seed: int, meta: dict[str, Any]) -> None:
         ocp = self.ocp
         state = {"params": params, "opt_state": opt_state, "step": int(step), "seed": int(seed)}
+        meta = {**meta, "devices": device_info(params)}
         mngr = self._manager(kind)
         mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
                                                       meta=ocp.args.JsonSave(json.loads(json.dumps(meta)))),
@@ -76,7 +82,8 @@ class RunCheckpoints:
         return dict(out["meta"])
 
     def restore(self, kind: str, params_like: Any, opt_state_like: Any) -> tuple[Any, Any, int, dict[str, Any]]:
-        """(params, opt_state, step, meta) restored into the structure of the given templates."""
+        """(params, opt_state, step, meta) restored into the structure, dtypes and shardings of
+        the given templates (arrays, or jax.ShapeDtypeStruct with a sharding)."""
         ocp = self.ocp
         step = self.latest_step(kind)
         if step is None:
@@ -97,3 +104,16 @@ class RunCheckpoints:
         for m in self._mngr.values():
             m.close()
         self._mngr.clear()
+
+
+def device_info(params: Any) -> dict[str, Any]:
+    """Where a state lives: the mesh of its (first) NamedSharding, the devices it spans, the
+    platform and the number of processes."""
+    mesh, n = None, 1
+    for leaf in jax.tree.leaves(params):
+        m = getattr(getattr(leaf, "sharding", None), "mesh", None)
+        if m is not None and hasattr(m, "shape"):
+            mesh, n = {str(k): int(v) for k, v in m.shape.items()}, int(m.size)
+            break
+    return {"mesh": mesh, "device_count": n, "platform": jax.default_backend(),
+            "process_count": jax.process_count()}

@@ -24,7 +24,8 @@ _FIXED_ON_RESUME = set(targs.MODEL_FLAGS) | {"data", "data_format", "data_dtype"
                                              "grad_accum", "ckpt"}
 
 
-_NOT_INHERITED = {"resume", "overwrite", "print_config", "device", "live", "mode"}
+_NOT_INHERITED = {"resume", "overwrite", "print_config", "device", "live", "mode",
+                  "mesh", "coordinator", "num_processes", "process_id"}  # this invocation's hardware
 
 
 def add_arguments(parser) -> None:
@@ -66,6 +67,11 @@ def run(args) -> int:
         from train.step import tune_host_malloc
 
         tune_host_malloc()  # before XLA:CPU starts its threads (see its docstring)
+    if not flags["print_config"]:
+        from train.distributed import initialize
+
+        # Before anything touches a device (reading a checkpoint to --resume included).
+        initialize(flags["coordinator"], flags["num_processes"], flags["process_id"])
 
     if flags["resume"] and not flags.get("out_dir") and not flags.get("run_tag"):
         out_dir, name = os.path.join(str(flags["run_root"]), "default"), "default"

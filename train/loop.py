@@ -18,7 +18,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -49,8 +49,14 @@ def clear_run(out_dir: Path) -> None:
 class _Stop:
     """SIGINT/SIGTERM set a flag; the loop saves and stops after the current step."""
 
-    def __init__(self):
+    _CODES: ClassVar[dict[str, int]] = {"sigint": 1, "sigterm": 2}
+
+    def __init__(self, shared: bool = False):
         self.reason: str | None = None
+        # Multi-process: a signal may reach one host only, and a process that stopped alone would
+        # hang the others in the next collective; it becomes `reason` when all agree (`sync`).
+        self.shared = shared
+        self.pending: str | None = None
         self._old: dict[int, Any] = {}
 
     def install(self) -> None:
@@ -60,13 +66,26 @@ class _Stop:
             self._old[sig] = signal.getsignal(sig)
 
             def handler(signum, frame, name=name):
-                if self.reason is not None:  # a second signal: stop now
+                if self.reason is not None or self.pending is not None:  # a second signal: stop now
                     raise KeyboardInterrupt
-                self.reason = name
+                if self.shared:
+                    self.pending = name
+                else:
+                    self.reason = name
                 print(f"\n{name.upper()} received: saving the last checkpoint and stopping "
                       f"(send again to abort without saving)", flush=True)
 
             signal.signal(sig, handler)
+
+    def sync(self) -> None:
+        """Multi-process: adopt a signal any process received (a collective: all call it)."""
+        if not self.shared or self.reason is not None:
+            return
+        from train.distributed import agree
+
+        code = agree(self._CODES.get(self.pending, 0))
+        if code:
+            self.reason = {v: k for k, v in self._CODES.items()}[code]
 
     def restore(self) -> None:
         for sig, old in self._old.items():
@@ -98,21 +117,22 @@ def build_tx(flags: dict[str, Any]):
                            min_lr=flags["min_lr"])
 
 
-def train_batch(tokens: np.ndarray, flags: dict[str, Any], seq_len: int, step: int):
-    """(x, y) int32 (A, B, T): the grad_accum micro-batches of optimizer step `step`."""
+def train_batch(tokens: np.ndarray, flags: dict[str, Any], seq_len: int, step: int, rows: slice | None = None):
+    """(x, y) int32 (A, B, T): the grad_accum micro-batches of optimizer step `step` (only the
+    batch rows `rows` when given: this host's share of the global batch)."""
     from dba.data import sample_batch
 
     b, a, seed = int(flags["batch_size"]), int(flags["grad_accum"]), int(flags["seed"])
-    pairs = [sample_batch(tokens, b, seq_len, seed, step, stream=i) for i in range(a)]
+    pairs = [sample_batch(tokens, b, seq_len, seed, step, stream=i, rows=rows) for i in range(a)]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
-def eval_batches(tokens: np.ndarray, flags: dict[str, Any], seq_len: int, stream: int):
+def eval_batches(tokens: np.ndarray, flags: dict[str, Any], seq_len: int, stream: int, rows: slice | None = None):
     """(X, Y) int32 (N, B, T): batch i is fixed by (seed, i), the same at every evaluation."""
     from dba.data import sample_batch
 
     b, n, seed = int(flags["batch_size"]), int(flags["eval_iters"]), int(flags["seed"])
-    pairs = [sample_batch(tokens, b, seq_len, seed, i, stream=stream) for i in range(n)]
+    pairs = [sample_batch(tokens, b, seq_len, seed, i, stream=stream, rows=rows) for i in range(n)]
     return np.stack([p[0] for p in pairs]), np.stack([p[1] for p in pairs])
 
 
@@ -164,8 +184,10 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
     from flax import nnx
 
     from jax_model import DBAModel, load_canonical, save_export
+    from train import sharding
     from train.artifacts import JsonlLog, device_line, environment, write_summary
     from train.checkpointing import RunCheckpoints
+    from train.distributed import Silent, host_params, is_main
     from train.progress import make_display
     from train.resources import device_memory, host_rss_bytes
     from train.step import Stepper
@@ -179,6 +201,14 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
         first = (str(e).strip().splitlines() or [type(e).__name__])[0]
         raise UserError(f"--device {flags['device']}: JAX cannot use this platform here ({first}); "
                         f"install the matching jax build (e.g. jax[cuda12]) or use --device cpu", 1) from None
+    # The mesh is checked against the devices here, before anything is built or compiled.
+    mesh = sharding.make_mesh(sharding.parse_mesh(flags["mesh"]))
+    if mesh.size != jax.device_count() and jax.process_count() > 1:
+        raise UserError(f"{jax.process_count()} processes need a --mesh over all {jax.device_count()} devices, "
+                        f"e.g. --mesh data=-1 (data parallel) or --mesh fsdp=-1 (sharded state)")
+    mesh_shape = sharding.mesh_shape(mesh)
+    sharding.check_batch(mesh_shape, int(flags["batch_size"]))  # again: a -1 axis is now resolved
+    main = is_main()  # process 0 writes the run directory's files; every process computes
 
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
@@ -190,18 +220,24 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
     if ckpt_state is not None:
         load_canonical(model, ckpt_state, ckpt_info["source"])
     tx = build_tx(flags)
-    stepper = Stepper(model, tx, seed=seed)
+    stepper = Stepper(model, tx, seed=seed, mesh=mesh)
     del model
+    rows = stepper.local_rows(int(flags["batch_size"]))  # this host's share of every batch
 
     start_step, best_val, best_step = 0, None, None
+    resharded = None
     if resume_meta is not None:
+        # Restored straight onto this run's shardings, whatever mesh wrote the checkpoint.
         params, opt_state, start_step, meta = ckpts.restore("last", stepper.params, stepper.opt_state)
         stepper.set_state(params, opt_state)
         best_val, best_step = meta.get("best_val"), meta.get("best_step")
+        saved_mesh = (meta.get("devices") or {}).get("mesh")
+        if saved_mesh and saved_mesh != mesh_shape:
+            resharded = saved_mesh
 
     tok_dict = tok.to_dict() if tok is not None else None
     n_params = cfg.num_params()
-    log = JsonlLog(out / "train.jsonl")
+    log = JsonlLog(out / "train.jsonl") if main else Silent()
     command = "dba train" + ("" if not argv else " " + shlex.join(argv))
     log.write("meta", argv=list(argv), command=command, run_dir=str(out), run_name=run_name, flags=flags,
               explicit=sorted(explicit), config=cfg.to_dict(), env=env, n_params=n_params, context=context,
@@ -212,7 +248,8 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
                     "vocab_size": int(vocab), "tokenizer": tok_dict},
               dtypes={"param": flags["param_dtype"], "compute": str(np.dtype(compute_dtype)) if compute_dtype is not None else None,
                       "grad_checkpoint": bool(flags["grad_checkpoint"])},
-              noop_flags={k: flags[k] for k in sorted(explicit) if k in _noop_names()})
+              noop_flags={k: flags[k] for k in sorted(explicit) if k in _noop_names()},
+              mesh=mesh_shape, process_count=jax.process_count())
 
     def meta_for(step: int) -> dict[str, Any]:
         return {"config": cfg.to_dict(), "flags": flags, "step": step, "seed": seed, "best_val": best_val,
@@ -224,16 +261,17 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
             extra["val_loss"] = repr(float(val))
         if tok_dict is not None:
             extra["tokenizer"] = json.dumps(tok_dict)
-        current = nnx.merge(stepper.graphdef, stepper.params, stepper.rest)
-        save_export(out / f"{kind}.safetensors", current, extra)
+        params = host_params(stepper.params)  # every process: gathers shards held by other hosts
+        if main:
+            save_export(out / f"{kind}.safetensors", nnx.merge(stepper.graphdef, params, stepper.rest), extra)
 
     def save(kind: str, step: int, val: float | None = None) -> None:
         ckpts.save(kind, step, stepper.params, stepper.opt_state, seed, meta_for(step))
         export(kind, step, val)
 
-    display = make_display(flags["live"], steps, start_step)
+    display = make_display(flags["live"], steps, start_step) if main else Silent()
     tb = None
-    if flags["tb"]:
+    if flags["tb"] and main:
         from train.tensorboard import TBWriter
 
         tb = TBWriter(out / "tb")
@@ -244,8 +282,10 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
 
         analyzer = Analyzer(analysis_spec, stepper.graphdef, stepper.rest, cfg)
         store = AnalysisStore(out / "analysis.h5", save_matrices=analysis_spec.save_matrices,
-                              save_svals=analysis_spec.save_svals)
-        analysis_x = analysis_tokens(val_tok, analysis_spec, cfg.block_size, seed)
+                              save_svals=analysis_spec.save_svals) if main else Silent()
+        # a global (replicated) array: the analysis runs on every process's devices
+        analysis_x = jax.device_put(analysis_tokens(val_tok, analysis_spec, cfg.block_size, seed),
+                                    stepper.replicated)
 
     def record(event: str, **fields) -> dict[str, Any]:
         rec = log.write(event, **fields)
@@ -258,12 +298,15 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
         metrics, arrays = analyzer(stepper.params, analysis_x)
         # analysis.h5 first: every analysis event in train.jsonl then has its group in the file
         store.append(step, metrics, arrays, analysis_spec.layers, analysis_spec.heads)
+        took = time.perf_counter() - t0
         rec = record("analysis", step=step, seq_len=int(analysis_x.shape[1]), level=analysis_spec.level,
-                     layers=list(analysis_spec.layers), heads=list(analysis_spec.heads), **metrics)
-        display.set_timing(analysis_s=time.perf_counter() - t0)
+                     layers=list(analysis_spec.layers), heads=list(analysis_spec.heads), **metrics, analysis_s=took)
+        display.set_timing(analysis_s=took)
         display.analysis(rec)
 
     def redraw_plot() -> None:
+        if not main:
+            return
         from dba.plots import plot_run
         from train.artifacts import read_events
 
@@ -271,7 +314,7 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
             plot_run(read_events(out / "train.jsonl"), out / "analysis.png", title=f"{run_name}: {cfg.attn_mode}")
         except Exception as e:  # noqa: BLE001 (a plotting failure must never stop training)
             display.info(f"analysis.png not drawn: {type(e).__name__}: {e}")
-    stop = _Stop()
+    stop = _Stop(shared=jax.process_count() > 1)
     stop.install()
     grow_txt = (f" (grown from {context['requested_block_size']} to cover the longest trained length)"
                 if context["grown"] else "")
@@ -282,6 +325,14 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
                  f"{flags['optimizer']} lr {flags['lr']:g} ({flags['lr_schedule']}) | batch {flags['batch_size']} x "
                  f"accum {flags['grad_accum']} | seq {', '.join(f'{L}@{s}' for s, L in context['boundaries'])} | "
                  f"steps {start_step}->{steps} | {device_line(env)}")
+    if mesh.size > 1 or jax.process_count() > 1:
+        display.line(f"  mesh {sharding.mesh_text(mesh_shape)} over {mesh.size} devices"
+                     + (f" on {jax.process_count()} processes" if jax.process_count() > 1 else "")
+                     + f": batch rows split {sharding.batch_ways(mesh_shape)} ways, parameters and optimizer "
+                       f"state {mesh_shape['fsdp']} ways")
+    if resharded:
+        display.line(f"  resumed from a checkpoint written on mesh {sharding.mesh_text(resharded)}: "
+                     f"resharded onto {sharding.mesh_text(mesh_shape)}")
 
     # ---- eval ---------------------------------------------------------------------------
     eval_cache: dict[int, tuple] = {}
@@ -290,9 +341,9 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
         nonlocal best_val, best_step
         length = int(flags["eval_seq_len"]) or schedule.length_at(max(step - 1, 0))
         if length not in eval_cache:
-            xv, yv = eval_batches(val_tok, flags, length, EVAL_VAL_STREAM)
-            xt, yt = eval_batches(train_tok, flags, length, EVAL_TRAIN_STREAM)
-            eval_cache[length] = tuple(jax.device_put(a) for a in (xv, yv, xt, yt))
+            xv, yv = eval_batches(val_tok, flags, length, EVAL_VAL_STREAM, rows)
+            xt, yt = eval_batches(train_tok, flags, length, EVAL_TRAIN_STREAM, rows)
+            eval_cache[length] = tuple(stepper.put_batch(a) for a in (xv, yv, xt, yt))
         xv, yv, xt, yt = eval_cache[length]
         t_eval = time.perf_counter()
         val_loss, train_loss = (float(v) for v in jax.device_get((stepper.eval_loss(xv, yv),
@@ -326,7 +377,12 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
             if eval_every > 0:
                 evaluate(0)
         seen_lengths: set[int] = set()
-        next_batch = train_batch(train_tok, flags, schedule.length_at(step), step) if step < steps else None
+
+        def next_train_batch(i: int):  # this host's rows, placed as global arrays over the mesh
+            x_, y_ = train_batch(train_tok, flags, schedule.length_at(i), i, rows)
+            return stepper.put_batch(x_), stepper.put_batch(y_)
+
+        next_batch = next_train_batch(step) if step < steps else None
         t_mark, steps_since, tokens_since, excluded = time.perf_counter(), 0, 0, 0.0
         data_s = 0.0
         while step < steps and stop.reason is None:
@@ -342,10 +398,12 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
             metrics = stepper.train_step(x, y, step)
             step += 1
             steps_since += 1
+            if step % log_every == 0:
+                stop.sync()  # multi-process: every process sees a signal at the same step
             tokens_since += x.size
             if step < steps:  # sample the next batch while the device runs this step
                 t_data = time.perf_counter()
-                next_batch = train_batch(train_tok, flags, schedule.length_at(step), step)
+                next_batch = next_train_batch(step)
                 data_s += time.perf_counter() - t_data
             if step % log_every == 0 or step == steps or stop.reason is not None:
                 m = jax.device_get(metrics)
@@ -404,8 +462,10 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
         tb.close()
     redraw_plot()
     ckpts.close()
-    write_summary(out, created=created, command=command, env=env, cfg=cfg, flags=flags,
-                  results={"step": step, "best_val": best_val, "reason": reason, "wall_s": wall}, context=context)
+    if main:
+        write_summary(out, created=created, command=command, env=env, cfg=cfg, flags=flags,
+                      results={"step": step, "best_val": best_val, "reason": reason, "wall_s": wall},
+                      context=context)
     best_txt = f"best val {best_val:.4f} (ppl {math.exp(best_val):.2f})" if best_val is not None else "no eval"
     display.line(f"dba train: {reason} at step {step}, {best_txt}, {wall:.0f}s | run dir {out}")
     return EXIT_CODES.get(reason, 1)

@@ -23,6 +23,7 @@ import optax
 from flax import nnx
 
 from jax_model.model import DBAModel, cross_entropy
+from train import sharding
 from train.grad_norms import group_grad_norms
 from train.optim import _find_hparams
 
@@ -83,22 +84,41 @@ class Stepper:
     `train_step(x_ABT, y_ABT, step)` takes A = grad_accum micro-batches (int32 (A, B, T)) and
     returns device metrics {loss, grad_norm, lr, grad_norm_<group>...} without syncing; `eval_loss(X_NBT, Y_NBT)`
     returns the mean loss over N batches (one call, one compile per shape).
+
+    On a `mesh` (train/sharding.py; default one device) parameters and optimizer state are laid
+    out by the sharding rules and batches split along B; `put_batch` turns this process's rows
+    into the global array the step takes.
     """
 
     def __init__(self, model: DBAModel, tx: optax.GradientTransformation, *, seed: int = 0,
-                 donate: bool = True, opt_state: Any = None):
+                 donate: bool = True, opt_state: Any = None, mesh: Any = None):
         self.tx = tx
         self.seed = int(seed)
-        self.graphdef, self.params, self.rest = nnx.split(model, nnx.Param, ...)
-        self.opt_state = tx.init(self.params) if opt_state is None else opt_state
+        # One code path for one device and many: no mesh = a 1 x 1 mesh over the first device.
+        self.mesh = mesh if mesh is not None else sharding.make_mesh({})
+        self.graphdef, params, rest = nnx.split(model, nnx.Param, ...)
+        mlp = model.cfg.mlp
+        self.param_sharding = sharding.tree_shardings(params, self.mesh, mlp)
+        self.opt_sharding = sharding.tree_shardings(jax.eval_shape(tx.init, params), self.mesh, mlp)
+        self.batch_sharding = sharding.batch_sharding(self.mesh)
+        self.replicated = sharding.replicated(self.mesh)
+        self.params = jax.device_put(params, self.param_sharding)
+        self.rest = jax.device_put(rest, self.replicated)  # dropout RNG state, closed over by the step
+        # Initialised in place, already sharded (no full copy of the optimizer state on one device).
+        self.opt_state = (jax.jit(tx.init, out_shardings=self.opt_sharding)(self.params) if opt_state is None
+                          else jax.device_put(opt_state, self.opt_sharding))
         self.dropout = model.cfg.dropout > 0
         self.decoupled = model.cfg.attn_mode == "decoupled"
         self.trace_count = 0  # train-step traces (= compiles): one per distinct shape
         self.eval_trace_count = 0
         self.compile_s = 0.0
         self._compiled: dict[tuple, Any] = {}
-        self._train = jax.jit(self._train_impl, donate_argnums=(0, 1) if donate else ())
-        self._eval = jax.jit(self._eval_impl)
+        # Explicit layouts in and out: the updated state keeps its sharding step after step (and
+        # donation can reuse the buffers); metrics (a dict) come back replicated.
+        p_sh, o_sh, b_sh, r_sh = self.param_sharding, self.opt_sharding, self.batch_sharding, self.replicated
+        self._train = jax.jit(self._train_impl, in_shardings=(p_sh, o_sh, b_sh, b_sh, r_sh),
+                              out_shardings=(p_sh, o_sh, r_sh), donate_argnums=(0, 1) if donate else ())
+        self._eval = jax.jit(self._eval_impl, in_shardings=(p_sh, b_sh, b_sh), out_shardings=r_sh)
 
     # -- pure functions ------------------------------------------------------------------
     def _loss(self, params, rest, x_BT, y_BT, deterministic: bool):
@@ -152,11 +172,20 @@ class Stepper:
         return total / x_NBT.shape[0]
 
     # -- host API ------------------------------------------------------------------------
+    def local_rows(self, global_batch: int) -> slice:
+        """Rows of a global (A, B, T) batch that this process feeds (all of them on one host)."""
+        return sharding.local_rows(self.batch_sharding, global_batch)
+
+    def put_batch(self, local_ABT: np.ndarray) -> jax.Array:
+        """This process's rows (`local_rows`) of a batch -> the global array, split over the mesh."""
+        return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local_ABT))
+
     def compile_for(self, x_ABT, y_ABT) -> float:
         """Ahead-of-time compile the train step for this batch shape; returns seconds (0 if cached)."""
         key = tuple(x_ABT.shape)
         if key in self._compiled:
             return 0.0
+        sharding.check_batch(sharding.mesh_shape(self.mesh), int(x_ABT.shape[1]), "the batch size")
         t0 = time.perf_counter()
         self._compiled[key] = self._train.lower(self.params, self.opt_state, x_ABT, y_ABT,
                                                 np.int32(0)).compile()
@@ -184,4 +213,6 @@ class Stepper:
         return nnx.merge(self.graphdef, params, self.rest)
 
     def set_state(self, params: Any, opt_state: Any) -> None:
-        self.params, self.opt_state = params, opt_state
+        # A no-op for state restored onto this mesh's shardings; moves anything else there.
+        self.params = jax.device_put(params, self.param_sharding)
+        self.opt_state = jax.device_put(opt_state, self.opt_sharding)
