@@ -1,18 +1,28 @@
 """Decode throughput per cache kind and context: JAX and the torch reference side by side.
 
-For each context L the cache is filled by a chunked prefill (first chunk through the empty
-cache, later chunks appended then attended, SPEC §5), then `--new-tokens` tokens are decoded
-greedily. Reported: prefill tokens/s, decode tokens/s, the bytes of cache the decode step reads
-per token (the whole cache, once), the effective bandwidth that implies, and the cache's size.
-Compile time is excluded from throughput (measured separately, on a warm-up call).
+For each context L the cache is filled by a prefill (the first `--prefill-chunk` tokens through
+the empty cache, later chunks appended then attended, SPEC §5), then `--new-tokens` tokens are
+decoded greedily. Reported per (context, kind, backend), the median of `--repeats` runs:
+prefill tokens/s, decode tokens/s after the prefill, tokens/s counting the prefill
+(new tokens / (prefill + decode time)), the bytes of cache one decode step reads (the whole
+cache of L tokens, `kv_bytes`: every block is dequantized once per token) and the bandwidth
+that implies (bytes x decode tokens/s). Compilation (JAX) and the first-call warm-up (torch)
+are excluded from throughput and reported separately.
+
+Each backend runs in a fresh process of its own (XLA's and torch's thread pools would otherwise
+compete); JAX with the host malloc tuning `dba train` applies (`--malloc-tuning`; without it a
+2048-token prefill page-faults its score blocks in again on every call).
 
     python -m bench.decode                   # config A + null attention, contexts 1k/8k/32k
-    dba bench decode --contexts 2048 --kinds q4_0,fp16 --new-tokens 64
+    python -m bench.decode --quick           # 1k and 8k, q4_0 and fp16, one repeat
+    dba bench decode --contexts 2048 --kinds q4_0,fp16 --new-tokens 64   # the v29 comparison
+    dba bench decode --contexts 128000 --kinds q4_0 --backends jax       # when memory allows
 """
 
 from __future__ import annotations
 
 import argparse
+import statistics
 import time
 
 import numpy as np
@@ -25,21 +35,21 @@ from dba.kvspec import KVPolicy, human_bytes, kv_bytes
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", choices=("A", "seed"), default="A")
     p.add_argument("--no-null-attn", action="store_true", help="config without null attention")
-    p.add_argument("--contexts", default="1024,8192,32768")
+    p.add_argument("--contexts", default="1024,8192,32768", help="prompt lengths, comma separated")
     p.add_argument("--kinds", default="fp16,q8_0,q4_0,nf4")
     p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--prefill-chunk", type=int, default=1024)
+    p.add_argument("--prefill-chunk", type=int, default=2048)
     p.add_argument("--decode-block", type=int, default=1024)
     p.add_argument("--residual", type=int, default=128)
     p.add_argument("--backends", default="jax,torch")
+    p.add_argument("--repeats", type=int, default=3, help="timed runs per case (median reported)")
+    p.add_argument("--quick", action="store_true", help="contexts 1024,8192, kinds q4_0,fp16, 1 repeat")
+    p.add_argument("--malloc-tuning", choices=("jax", "all", "none"), default="jax",
+                   help="which backends run with train.step.tune_host_malloc")
     p.add_argument("--json", default=None, help="also write the results here")
 
 
-def _policy(kind: str, residual: int) -> KVPolicy:
-    return KVPolicy(kind=kind, residual=residual)
-
-
-def bench_jax(cfg: ModelConfig, policy: KVPolicy, ctx: int, new: int, chunk: int, block: int) -> dict:
+def bench_jax(cfg: ModelConfig, policy: KVPolicy, ctx: int, args) -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -48,36 +58,39 @@ def bench_jax(cfg: ModelConfig, policy: KVPolicy, ctx: int, new: int, chunk: int
     from jax_model.decode import prefill
     from jax_model.sampling import _token_loop
 
+    new, chunk, block = args.new_tokens, args.prefill_chunk, args.decode_block
     model = jax_model.DBAModel(cfg)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, ctx)), jnp.int32)
 
     def fill():
         cache = kvc.init_cache(cfg, policy, 1, ctx + new)
-        logits = None
         for s in range(0, ctx, chunk):
             logits, cache = prefill(model, cache, tokens[:, s:s + chunk], fresh=s == 0, decode_block=block,
                                     last_only=True)
         return jax.block_until_ready((logits, cache))
 
-    def decode(logits, cache):
-        out = _token_loop(model, cache, logits[:, -1], jax.random.PRNGKey(0), n_new=new, temperature=0.0,
-                          top_k=None, top_p=None, eos_id=None, decode_block=block)
+    def decode(logits, cache):  # consumes the cache (donated): every run refills it
+        out, _ = _token_loop(model, cache, logits[:, -1], jax.random.PRNGKey(0), n_new=new, temperature=0.0,
+                             top_k=None, top_p=None, eos_id=None, decode_block=block)
         return jax.block_until_ready(out)
 
     t0 = time.perf_counter()
     logits, cache = fill()
+    cache_bytes = kvc.nbytes(cache)
     decode(logits, cache)
-    compile_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    logits, cache = fill()
-    t_prefill = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    decode(logits, cache)
-    t_decode = time.perf_counter() - t0
-    return {"prefill_s": t_prefill, "decode_s": t_decode, "warmup_s": compile_s, "cache_bytes": kvc.nbytes(cache)}
+    warm = time.perf_counter() - t0
+    t_prefill, t_decode = [], []
+    for _ in range(args.repeats):
+        t0 = time.perf_counter()
+        logits, cache = fill()
+        t1 = time.perf_counter()
+        decode(logits, cache)
+        t_prefill.append(t1 - t0)
+        t_decode.append(time.perf_counter() - t1)
+    return {"prefill_s": t_prefill, "decode_s": t_decode, "warmup_s": warm, "cache_bytes": cache_bytes}
 
 
-def bench_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, new: int, chunk: int, block: int) -> dict:
+def bench_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, args) -> dict:
     import torch
 
     import torch_ref
@@ -85,52 +98,87 @@ def bench_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, new: int, chunk: i
     from torch_ref.decode import forward_cached
     from torch_ref.sampling import sample_next
 
+    new, chunk, block = args.new_tokens, args.prefill_chunk, args.decode_block
     model = torch_ref.DBAModel(cfg).eval()
     tokens = torch.as_tensor(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, ctx)))
-    with torch.no_grad():
+
+    def run() -> tuple[float, float, int]:
         t0 = time.perf_counter()
         cache = kvc.init_cache(cfg, policy, 1, ctx + new)
         for s in range(0, ctx, chunk):
             logits = forward_cached(model, cache, tokens[:, s:s + chunk], fresh=s == 0, decode_block=block,
-                                        last_only=True)
-        t_prefill = time.perf_counter() - t0
+                                    last_only=True)
         logits = logits[:, -1]
-        t0 = time.perf_counter()
+        t1 = time.perf_counter()
         for _ in range(new):
             tok = sample_next(logits, None, 0.0, None, None)
             logits = forward_cached(model, cache, tok[:, None], fresh=False, decode_block=block)[:, 0]
-        t_decode = time.perf_counter() - t0
-    return {"prefill_s": t_prefill, "decode_s": t_decode, "warmup_s": 0.0, "cache_bytes": kvc.nbytes(cache)}
+        return t1 - t0, time.perf_counter() - t1, kvc.nbytes(cache)
+
+    with torch.no_grad():
+        t0 = time.perf_counter()
+        _, _, cache_bytes = run()  # allocator / oneDNN warm-up, the analogue of compiling
+        warm = time.perf_counter() - t0
+        times = [run()[:2] for _ in range(args.repeats)]
+    return {"prefill_s": [t[0] for t in times], "decode_s": [t[1] for t in times], "warmup_s": warm,
+            "cache_bytes": cache_bytes}
+
+
+def _child(backend: str, cfg: ModelConfig, cases: list, args) -> list[dict]:
+    """Every (ctx, kind) case of one backend, in a fresh process."""
+    if args.malloc_tuning in ("all", backend):
+        from train.step import tune_host_malloc
+
+        tune_host_malloc()  # before JAX/torch start their thread pools
+    runner = bench_jax if backend == "jax" else bench_torch
+    out = []
+    for ctx, kind in cases:
+        r = runner(cfg, KVPolicy(kind=kind, residual=args.residual), ctx, args)
+        out.append({"ctx": ctx, "kind": kind, **r})
+        print(f"  {backend} ctx={ctx} kind={kind}: decode {args.new_tokens / statistics.median(r['decode_s']):,.1f} "
+              f"tok/s", flush=True)
+    return out
 
 
 def run(args: argparse.Namespace) -> int:
+    import multiprocessing as mp
+
+    if args.quick:
+        args.contexts, args.kinds, args.repeats = "1024,8192", "q4_0,fp16", 1
     cfg = named_config(args.config, null_attn=not args.no_null_attn)
     contexts = [int(c) for c in args.contexts.split(",") if c]
     kinds = [k for k in args.kinds.split(",") if k]
     backends = [b for b in args.backends.split(",") if b]
-    runners = {"jax": bench_jax, "torch": bench_torch}
+    if sorted(set(backends) - {"jax", "torch"}):
+        raise SystemExit(f"unknown backend(s) in {args.backends!r} (choose from jax, torch)")
+    cases = [(ctx, kind) for ctx in contexts for kind in kinds]
+    by_backend = {}
+    for backend in backends:
+        with mp.get_context("spawn").Pool(1) as pool:
+            by_backend[backend] = pool.apply(_child, (backend, cfg, cases, args))
+    new = args.new_tokens
     rows, results = [], []
-    for ctx in contexts:
-        for kind in kinds:
-            policy = _policy(kind, args.residual)
-            read = kv_bytes(cfg, ctx, 1, policy)["total_bytes"]  # the decode step reads the whole cache
-            for backend in backends:
-                r = runners[backend](cfg, policy, ctx, args.new_tokens, args.prefill_chunk, args.decode_block)
-                dec_tps = args.new_tokens / r["decode_s"]
-                total_tps = args.new_tokens / (r["prefill_s"] + r["decode_s"])
-                res = {"backend": backend, "ctx": ctx, "kind": kind, **r, "prefill_tok_s": ctx / r["prefill_s"],
-                       "decode_tok_s": dec_tps, "tok_s_incl_prefill": total_tps, "bytes_read_per_token": read,
-                       "effective_GB_s": read * dec_tps / 1e9}
-                results.append(res)
-                rows.append([ctx, kind, backend, f"{res['prefill_tok_s']:,.0f}", f"{dec_tps:,.1f}",
-                             f"{total_tps:,.1f}", human_bytes(read), f"{res['effective_GB_s']:.2f}",
-                             human_bytes(r["cache_bytes"]), f"{r['warmup_s']:.1f}"])
-                print(f"  done ctx={ctx} kind={kind} backend={backend}: decode {dec_tps:,.1f} tok/s", flush=True)
+    for i, (ctx, kind) in enumerate(cases):
+        read = kv_bytes(cfg, ctx, 1, KVPolicy(kind=kind, residual=args.residual))["total_bytes"]
+        for backend in backends:
+            r = by_backend[backend][i]
+            pre, dec = statistics.median(r["prefill_s"]), statistics.median(r["decode_s"])
+            res = {"backend": backend, **r, "prefill_s_median": pre, "decode_s_median": dec,
+                   "prefill_tok_s": ctx / pre, "decode_tok_s": new / dec, "tok_s_incl_prefill": new / (pre + dec),
+                   "bytes_read_per_token": read, "effective_GB_s": read * new / dec / 1e9}
+            results.append(res)
+            rows.append([ctx, kind, backend, f"{res['prefill_tok_s']:,.0f}", f"{res['decode_tok_s']:,.1f}",
+                         f"{res['tok_s_incl_prefill']:,.1f}", human_bytes(read), f"{res['effective_GB_s']:.2f}",
+                         human_bytes(r["cache_bytes"]), f"{r['warmup_s']:.1f}"])
     title = (f"Decode, config {args.config} ({'no ' if args.no_null_attn else ''}null attn), batch 1, "
-             f"{args.new_tokens} new tokens, prefill chunk {args.prefill_chunk}, decode block {args.decode_block}")
+             f"{new} new tokens, prefill chunk {args.prefill_chunk}, decode block {args.decode_block}, "
+             f"median of {args.repeats}")
     print_table(title, ["ctx", "kind", "backend", "prefill tok/s", "decode tok/s", "tok/s incl. prefill",
                         "cache read/token", "eff. GB/s", "cache size", "warm-up s"], rows)
-    write_json(args.json, {"bench": "decode", "config": cfg.to_dict(), "machine": machine(), "results": results})
+    write_json(args.json, {"bench": "decode", "config": cfg.to_dict(), "machine": machine(),
+                           "new_tokens": new, "prefill_chunk": args.prefill_chunk,
+                           "decode_block": args.decode_block, "malloc_tuning": args.malloc_tuning,
+                           "results": results})
     return 0
 
 

@@ -25,6 +25,15 @@ MFU is achieved FLOP/s over a matmul peak measured at the start of the run on th
 
     python -m bench.train                     # config A, batch 8 x 256, Lion, fp32
     dba bench train --backends jax --steps 20 --json out.json
+
+Meshes (`--mesh`, repeatable): the JAX step of `dba train --mesh ...` once per mesh, reporting
+tokens/s per device and the compiled step's per-device memory (`compiled.memory_analysis()`:
+arguments = parameters + optimizer state + batch shard, temporaries, outputs aliased to donated
+inputs) next to the bytes of parameters and optimizer state actually held per device, which FSDP
+shrinks ~1/fsdp. On a CPU, `--fake-devices N` splits it into N XLA devices that share its cores,
+so per-device throughput there shows overhead, not scaling; the memory columns are exact.
+
+    dba bench train --fake-devices 8 --mesh 1 --mesh data=8 --mesh fsdp=8 --mesh data=4,fsdp=2
 """
 
 from __future__ import annotations
@@ -57,6 +66,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--malloc-tuning", choices=("jax", "all", "none"), default="jax",
                    help="which backends run with train.step.tune_host_malloc (dba train applies it to JAX)")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument("--mesh", action="append", default=None, metavar="MESH",
+                   help="benchmark the JAX step on this device mesh, e.g. 'fsdp=8' or '1' (repeatable; "
+                        "replaces the backend comparison with a per-mesh table)")
+    p.add_argument("--fake-devices", type=int, default=0, metavar="N",
+                   help="with --mesh on CPU: split the host into N XLA devices (XLA_FLAGS in the benchmark's process)")
 
 
 # ---- FLOPs ------------------------------------------------------------------------------------
@@ -214,6 +228,8 @@ def _child(backend: str, args: argparse.Namespace, cfg: ModelConfig, batches, pe
 def run(args: argparse.Namespace) -> int:
     import multiprocessing as mp
 
+    if args.mesh:
+        return run_meshes(args)
     cfg = named_config(args.config)
     backends = [b for b in args.backends.split(",") if b]
     unknown = sorted(set(backends) - {"jax", "torch"})
@@ -260,6 +276,126 @@ def run(args: argparse.Namespace) -> int:
                            "param_dtype": args.param_dtype, "amp": args.amp, "malloc_tuning": args.malloc_tuning,
                            "flops_per_token": fpt, "matmul_params": matmul_params(cfg),
                            "xla_flags": os.environ.get("XLA_FLAGS", ""), "results": results})
+    return 0
+
+
+# ---- meshes -----------------------------------------------------------------------------------
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.2f}"
+
+
+def bench_mesh(cfg: ModelConfig, args: argparse.Namespace, batches, mesh_text: str) -> dict:
+    """The `dba train` step on one mesh: timing, compiled per-device memory, state bytes per device."""
+    import jax
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from jax_model import DBAModel
+    from train import sharding
+    from train.optim import build_optimizer
+    from train.step import Stepper
+
+    mesh = sharding.make_mesh(sharding.parse_mesh(mesh_text))
+    param = jnp.bfloat16 if args.param_dtype == "bf16" else jnp.float32
+    model = DBAModel(cfg, rngs=nnx.Rngs(args.seed), dtype=jnp.bfloat16 if args.amp else param, param_dtype=param)
+    tx = build_optimizer(args.optimizer, lr=3e-4, total_steps=10_000, weight_decay=0.1, grad_clip=1.0)
+    stepper = Stepper(model, tx, seed=args.seed, mesh=mesh)
+    del model
+    xs = [stepper.put_batch(x) for x, _ in batches]
+    ys = [stepper.put_batch(y) for _, y in batches]
+    compile_s = stepper.compile_for(xs[0], ys[0])
+    mem = stepper._compiled[tuple(xs[0].shape)].memory_analysis()
+    i = [0]
+
+    def step():
+        k = i[0] % len(xs)
+        m = stepper.train_step(xs[k], ys[k], i[0])
+        jax.block_until_ready((m, stepper.params))
+        i[0] += 1
+        return m
+
+    warm, times = _timed(step, args.warmup, args.steps)
+
+    def get(name: str) -> int:  # memory_analysis() may be None on some backends
+        return int(getattr(mem, name, 0) or 0)
+
+    return {"mesh": sharding.mesh_shape(mesh), "mesh_text": sharding.mesh_text(sharding.mesh_shape(mesh)),
+            "devices": int(mesh.size), "compile_s": compile_s, "warmup_s": warm, "step_s": times,
+            "final_loss": float(step()["loss"]),
+            "param_bytes_per_device": sharding.per_device_bytes(stepper.params),
+            "opt_bytes_per_device": sharding.per_device_bytes(stepper.opt_state),
+            "argument_bytes": get("argument_size_in_bytes"), "output_bytes": get("output_size_in_bytes"),
+            "alias_bytes": get("alias_size_in_bytes"), "temp_bytes": get("temp_size_in_bytes"),
+            "platform": jax.default_backend(), "device_count": jax.device_count()}
+
+
+def _mesh_child(args: argparse.Namespace, cfg: ModelConfig, batches) -> list[dict]:
+    if args.malloc_tuning in ("jax", "all"):
+        from train.step import tune_host_malloc
+
+        tune_host_malloc()
+    out = []
+    for m in args.mesh:
+        out.append(bench_mesh(cfg, args, batches, m))
+        print(f"  done mesh {m}: {statistics.median(out[-1]['step_s']) * 1e3:.0f} ms/step", flush=True)
+    return out
+
+
+def run_meshes(args: argparse.Namespace) -> int:
+    """One fresh process (XLA_FLAGS set before it imports JAX) runs the step on every --mesh."""
+    import multiprocessing as mp
+
+    from train import sharding
+
+    cfg = named_config(args.config)
+    b, t, a = args.batch_size, args.seq_len, args.grad_accum
+    for m in args.mesh:  # syntax and batch split, before starting anything
+        sharding.check_batch(sharding.parse_mesh(m), b)
+    rng = np.random.default_rng(args.seed)
+    batches = []
+    for _ in range(4):
+        tok = rng.integers(0, cfg.vocab_size, (a, b, t + 1), dtype=np.int64).astype(np.int32)
+        batches.append((tok[..., :-1].copy(), tok[..., 1:].copy()))
+    old = os.environ.get("XLA_FLAGS")
+    if args.fake_devices:  # the spawned child reads the environment when it imports JAX
+        flags = [f for f in (old or "").split() if not f.startswith("--xla_force_host_platform_device_count")]
+        os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={args.fake_devices}"])
+    try:
+        with mp.get_context("spawn").Pool(1) as pool:
+            results = pool.apply(_mesh_child, (args, cfg, batches))
+    finally:
+        if args.fake_devices and old is None:
+            os.environ.pop("XLA_FLAGS", None)
+        elif args.fake_devices:
+            os.environ["XLA_FLAGS"] = old
+
+    tokens_per_step = a * b * t
+    rows = []
+    for r in results:
+        med = statistics.median(r["step_s"])
+        r.update(step_ms_median=med * 1e3, tokens_per_s=tokens_per_step / med,
+                 tokens_per_s_per_device=tokens_per_step / med / r["devices"])
+        state = r["param_bytes_per_device"] + r["opt_bytes_per_device"]
+        rows.append([r["mesh_text"], r["devices"], f"{r['tokens_per_s']:,.0f}", f"{r['tokens_per_s_per_device']:,.0f}",
+                     f"{r['step_ms_median']:.0f}", _mib(r["param_bytes_per_device"]), _mib(r["opt_bytes_per_device"]),
+                     _mib(state), _mib(r["argument_bytes"]), _mib(r["temp_bytes"]),
+                     _mib(r["argument_bytes"] + r["output_bytes"] - r["alias_bytes"] + r["temp_bytes"]),
+                     f"{r['compile_s']:.1f}", f"{r['final_loss']:.4f}"])
+    r0 = results[0]
+    title = (f"Train step per mesh, config {args.config}, global batch {b} x seq {t}" + (f" x accum {a}" if a > 1 else "")
+             + f", {args.optimizer}, params {args.param_dtype}; {r0['device_count']} {r0['platform']} devices"
+             + (" (fake: they share the host's cores)" if args.fake_devices else "") + f"; median of {args.steps} steps")
+    print_table(title, ["mesh", "devices", "tokens/s", "tokens/s/device", "step ms", "params MiB/dev",
+                        "opt MiB/dev", "state MiB/dev", "compiled args MiB/dev", "temp MiB/dev",
+                        "total MiB/dev", "compile s", "loss"], rows)
+    print("state = parameters + optimizer state held by one device; compiled args/temp/total from "
+          "memory_analysis() of the step (total = args + outputs - donated aliases + temp)")
+    load = os.getloadavg() if hasattr(os, "getloadavg") else None
+    if load:
+        print(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (other processes skew timings)")
+    write_json(args.json, {"bench": "train_mesh", "config": cfg.to_dict(), "machine": machine(), "load": load,
+                           "batch_size": b, "seq_len": t, "grad_accum": a, "optimizer": args.optimizer,
+                           "param_dtype": args.param_dtype, "fake_devices": args.fake_devices, "results": results})
     return 0
 
 

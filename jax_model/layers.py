@@ -189,6 +189,9 @@ def causal_mask(t_q: int, t_k: int) -> jax.Array:
 # forward + backward drops by a quarter (more chunks: smaller, less efficient ops).
 _N_CHUNKS = 4
 _MIN_CHUNK = 32
+# Without a backward, smaller chunks win: less of the triangle and blocks nearer cache size
+# (2048-token prefill, 2 CPU cores: 4 chunks 53, 8 chunks 38, 16 chunks 36 ms per layer).
+INFERENCE_CHUNKS = 16
 
 
 def _softmax_out(q: jax.Array, k_BKLD: jax.Array, v_BKLD: jax.Array, mask: jax.Array, null):
@@ -214,7 +217,21 @@ def _softmax_out(q: jax.Array, k_BKLD: jax.Array, v_BKLD: jax.Array, mask: jax.A
 # On config A this halves the attention backward on XLA:CPU. Mask and fp32 softmax as forward.
 @jax.custom_vjp
 def _attention(q, k_BKLD, v_BKLD, mask, null):
-    return _softmax_out(q, k_BKLD, v_BKLD, mask, null)[0]
+    # Not differentiated (prefill, evaluation): normalise after P@V, out = (E @ V) / rowsum(E),
+    # which saves a pass over the (T, L) block; 2048-token prefill attention 54 -> 38 ms/layer.
+    s = jnp.where(mask, scores(q, k_BKLD), NEG_INF)
+    m = s.max(-1)
+    if null is not None:
+        s0 = null_scores(q, null[0])
+        m = jnp.maximum(m, s0)
+    e = jnp.exp(s - m[..., None])
+    denom = e.sum(-1)
+    out = jnp.einsum("bkgtl,bkld->bkgtd", e.astype(v_BKLD.dtype), v_BKLD, preferred_element_type=jnp.float32)
+    if null is not None:
+        e0 = jnp.exp(s0 - m)
+        denom = denom + e0
+        out = out + e0[..., None] * null[1].astype(jnp.float32)[None, :, :, None, :]
+    return (out / denom[..., None]).astype(v_BKLD.dtype)
 
 
 def _attention_fwd(q, k_BKLD, v_BKLD, mask, null):
@@ -270,15 +287,16 @@ def _attend_block(q: jax.Array, k_BKLD: jax.Array, v_BKLD: jax.Array, mask: jax.
 
 def attend(q_BHTD: jax.Array, k_BKLD: jax.Array, v_BKLD: jax.Array,
            null_kv: tuple[jax.Array, jax.Array] | None,
-           dropout=None) -> jax.Array:
+           dropout=None, n_chunks: int = _N_CHUNKS) -> jax.Array:
     """Causal attention with scale 1 over fresh K/V (K kv-heads); null key in front if given.
 
-    Softmax in fp32; returns (B, H, T, Dv) in v's dtype.
+    Softmax in fp32; returns (B, H, T, Dv) in v's dtype. `n_chunks`: query chunks of the causal
+    block skipping (more suit a forward-only long prompt, see `INFERENCE_CHUNKS`).
     """
     b, h, t, _ = q_BHTD.shape
     n_kv, t_k = k_BKLD.shape[1], k_BKLD.shape[2]
     q = group_queries(q_BHTD, n_kv)
-    chunk = max(_MIN_CHUNK, -(-t // _N_CHUNKS))
+    chunk = max(_MIN_CHUNK, -(-t // n_chunks))
     if t != t_k or t < 2 * chunk:
         out = _attend_block(q, k_BKLD, v_BKLD, causal_mask(t, t_k), null_kv, dropout)
         return out.reshape(b, h, t, -1)

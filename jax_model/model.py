@@ -21,6 +21,7 @@ from dba.config import ModelConfig
 from jax_model.layers import apply_rope, attend, dense, dense_t, merge_heads, path_scales, rope_cos_sin, split_heads
 
 _init = nnx.initializers.normal(stddev=0.02)
+_FEW_ROWS = 16  # up to this many tokens the attention projections run as separate matmuls
 
 
 class Linear(nnx.Linear):
@@ -74,6 +75,11 @@ class Attention(nnx.Module):
         Q projection: computed once."""
         mods = [self._k(n) if n[0] == "k" else getattr(self, n) for n in names]
         uniq = list({id(m): m for m in mods}.values())
+        if x_BTC.size // x_BTC.shape[-1] <= _FEW_ROWS:
+            # Decode: a matrix-vector product reads each weight once either way, and the
+            # concatenated copy of the kernels would cost more than the products themselves.
+            y = {id(m): m(x_BTC) for m in uniq}
+            return [y[id(m)] for m in mods]
         lin = uniq[0]
         kernels = [m.kernel[...] for m in uniq]
         x, *kernels = lin.promote_dtype((x_BTC, *kernels), dtype=lin.dtype)

@@ -1,4 +1,4 @@
-"""`dba bench {train,decode}`: benchmarks that print a table and can write JSON.
+"""`dba bench {train,decode,memory,...}`: benchmarks that print a table and can write JSON.
 
 Each benchmark lives in `bench/<name>.py` with `add_arguments(parser)` and `run(args)`.
 """
@@ -11,6 +11,7 @@ import importlib
 BENCHES = {
     "train": "tokens/s and MFU of the JAX train step and the torch reference step",
     "decode": "prefill/decode tokens/s per KV-cache kind and context, JAX and torch",
+    "memory": "peak host memory of training and of decode (vs kv_bytes), JAX and torch",
     "dashboard": "what the live rich dashboard of `dba train` costs in tokens/s",
 }
 
