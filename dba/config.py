@@ -176,7 +176,8 @@ def _validate(c: ModelConfig) -> None:
     if c.rope:
         need(c.rope_dim % 2 == 0,
              f"rope needs an even rotated head dim, got {c.rope_dim} "
-             f"({'geo_dim' if c.attn_mode == 'decoupled' else 'qk width'} / n_head={h})")
+             f"({'geo_dim' if c.attn_mode == 'decoupled' else 'qk width'}="
+             f"{c.geo_dim if c.attn_mode == 'decoupled' else c.qk_dim} / n_head={h})")
 
 
 # ---- presets (v29 --size / --exp) -------------------------------------------------------

@@ -88,11 +88,16 @@ def tied_aliases(cfg: ModelConfig) -> dict[str, str]:
     }
 
 
-def validate_state(cfg: ModelConfig, state: Mapping[str, np.ndarray], source: str = "checkpoint") -> None:
-    """Check names, shapes and dtypes against the config before any tensor is used."""
+_FLOAT_DTYPES = {"float16", "bfloat16", "float32", "float64", "F16", "BF16", "F32", "F64"}
+
+
+def validate_layout(cfg: ModelConfig, layout: Mapping[str, tuple[tuple[int, ...], str]],
+                    source: str = "checkpoint") -> None:
+    """Names, shapes and dtypes ({name: (shape, dtype name)}) against the config; runs on a
+    file's header, before any tensor data is read."""
     want = param_shapes(cfg)
-    missing = [k for k in want if k not in state]
-    extra = [k for k in state if k not in want]
+    missing = [k for k in want if k not in layout]
+    extra = [k for k in layout if k not in want]
     if missing or extra:
         parts = []
         if missing:
@@ -101,11 +106,17 @@ def validate_state(cfg: ModelConfig, state: Mapping[str, np.ndarray], source: st
             parts.append(f"unexpected {len(extra)} tensor(s) e.g. {extra[0]!r}")
         raise UserError(f"{source} does not match the config ({cfg.attn_mode}): " + "; ".join(parts), 1)
     for k, shape in want.items():
-        a = state[k]
-        if tuple(a.shape) != shape:
-            raise UserError(f"{source}: tensor {k!r} has shape {tuple(a.shape)}, config expects {shape}", 1)
-        if not np.issubdtype(np.asarray(a).dtype, np.floating) and str(a.dtype) != "bfloat16":
-            raise UserError(f"{source}: tensor {k!r} has dtype {a.dtype}, expected a float type", 1)
+        got, dtype = layout[k]
+        if tuple(got) != shape:
+            raise UserError(f"{source}: tensor {k!r} has shape {tuple(got)}, config expects {shape}", 1)
+        if str(dtype) not in _FLOAT_DTYPES:
+            raise UserError(f"{source}: tensor {k!r} has dtype {dtype}, expected a float type", 1)
+
+
+def validate_state(cfg: ModelConfig, state: Mapping[str, np.ndarray], source: str = "checkpoint") -> None:
+    """Check names, shapes, dtypes and ties against the config before any tensor is used."""
+    validate_layout(cfg, {k: (tuple(a.shape), str(np.asarray(a).dtype) if not hasattr(a, "dtype") else str(a.dtype))
+                          for k, a in state.items()}, source)
     for k, q in tied_aliases(cfg).items():
         if not np.array_equal(np.asarray(state[k]), np.asarray(state[q])):
             raise UserError(f"{source}: tie_qk is set but {k!r} differs from {q!r}", 1)
@@ -138,9 +149,22 @@ def load_safetensors(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarra
     try:
         with safe_open(str(path), framework="numpy") as f:
             meta = dict(f.metadata() or {})
+            cfg = _export_config(path, meta)
+            # the header is checked against the config before any tensor's bytes are read
+            layout = {}
+            for k in f.keys():
+                sl = f.get_slice(k)
+                layout[k] = (tuple(sl.get_shape()), sl.get_dtype())
+            validate_layout(cfg, layout, str(path))
             state = {k: f.get_tensor(k) for k in f.keys()}
     except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"cannot read safetensors file {str(path)!r}: {e}", 1) from None
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise UserError(f"cannot read safetensors file {str(path)!r}: {first}", 1) from None
+    validate_state(cfg, state, str(path))
+    return cfg, state, meta
+
+
+def _export_config(path: Path, meta: Mapping[str, str]) -> ModelConfig:
     cfg_json = meta.get(CONFIG_METADATA_KEY)
     if cfg_json is None:
         side = path.with_name("config.json")
@@ -148,11 +172,9 @@ def load_safetensors(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarra
             raise UserError(f"{str(path)!r} carries no config (no metadata and no config.json beside it)", 1)
         cfg_json = side.read_text()
     try:
-        cfg = ModelConfig.from_json(cfg_json)
+        return ModelConfig.from_json(cfg_json)
     except ConfigError as e:
         raise UserError(f"{str(path)!r}: bad config: {e}", 1) from None
-    validate_state(cfg, state, str(path))
-    return cfg, state, meta
 
 
 def count(shape: tuple[int, ...]) -> int:

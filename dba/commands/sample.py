@@ -25,6 +25,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--prompt", default=None, help="prompt text (needs a checkpoint with a tokenizer)")
     g.add_argument("--prompt-tokens", default=None, help="prompt as comma-separated token ids, e.g. 10,42,7")
     p.add_argument("--max-new-tokens", type=int, default=200)
+    p.add_argument("--cache-len", type=int, default=None,
+                   help="KV cache capacity in tokens, allocated up front (default: prompt + --max-new-tokens)")
     p.add_argument("--temperature", type=float, default=0.8, help="0 = greedy")
     p.add_argument("--top-k", type=int, default=None)
     p.add_argument("--top-p", type=float, default=None)
@@ -78,6 +80,16 @@ def _prompt_ids(args, tok, vocab_size: int) -> list[int]:
     return tok.encode("\n") if tok is not None else [0]
 
 
+def _check_cache_len(args, n_prompt: int) -> None:
+    """The prompt and the new tokens must fit the cache the user asked for."""
+    if args.cache_len is None:
+        return
+    need = n_prompt + args.max_new_tokens
+    if need > args.cache_len:
+        raise UserError(f"--cache-len {args.cache_len}: the prompt ({n_prompt} tokens) plus --max-new-tokens "
+                        f"{args.max_new_tokens} needs {need} cache slots")
+
+
 def _torch_device(name: str | None):
     import torch
 
@@ -100,6 +112,10 @@ def run(args: argparse.Namespace) -> int:
     policy = KVPolicy.from_args(args)
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
+    if args.max_new_tokens < 0:
+        raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
+    if args.cache_len is not None and args.cache_len < 1:
+        raise UserError(f"--cache-len must be >= 1, got {args.cache_len}")
     t0 = time.perf_counter()
     if args.backend == "torch":
         import torch
@@ -111,10 +127,12 @@ def run(args: argparse.Namespace) -> int:
         cfg, meta = model.cfg, model.load_info.get("metadata", {})
         tok = _tokenizer(meta)
         prompt = _prompt_ids(args, tok, cfg.vocab_size)
+        _check_cache_len(args, len(prompt))
         batch = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=model.device)
         out = torch_ref.generate(model, batch, max_new_tokens=args.max_new_tokens, policy=policy,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                 seed=args.seed, eos_id=args.eos_id, decode_block=args.decode_block)
+                                 seed=args.seed, eos_id=args.eos_id, decode_block=args.decode_block,
+                                 max_len=args.cache_len)
         rows = out.cpu().tolist()
         device = str(model.device)
     else:
@@ -135,10 +153,12 @@ def run(args: argparse.Namespace) -> int:
         model = jax_model.load_canonical(jax_model.DBAModel(cfg), state, info["source"])
         tok = _tokenizer(info.get("metadata", {}))
         prompt = _prompt_ids(args, tok, cfg.vocab_size)
+        _check_cache_len(args, len(prompt))
         batch = np.asarray([prompt] * args.num_samples, dtype=np.int32)
         out = jax_model.generate(model, batch, max_new_tokens=args.max_new_tokens, policy=policy,
                                  temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                 seed=args.seed, eos_id=args.eos_id, decode_block=args.decode_block)
+                                 seed=args.seed, eos_id=args.eos_id, decode_block=args.decode_block,
+                                 max_len=args.cache_len)
         rows = np.asarray(out).tolist()
         import jax
 
