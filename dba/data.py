@@ -195,11 +195,18 @@ def _resolve_format(path: str, data_format: str) -> str:
     )
 
 
+def _one_line(e: BaseException) -> str:
+    """`TypeName: message` on one line (numpy's messages may quote a header with newlines)."""
+    text = " ".join(str(e).split())
+    return f"{type(e).__name__}: {text}" if text else type(e).__name__
+
+
 def _load_npy(path: str) -> np.ndarray:
     try:
         arr = np.load(path, mmap_mode="r", allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
-        raise UserError(f"{path}: not a readable .npy file ({e})", code=1) from None
+    except Exception as e:  # noqa: BLE001 - a damaged header raises ValueError, EOFError, OSError,
+        # but also tokenize.TokenError, TypeError ("'<' not supported between bytes and str"), ...
+        raise UserError(f"{path}: not a readable .npy file ({_one_line(e)})", code=1) from None
     if arr.dtype.name not in TOKEN_DTYPES:
         raise UserError(
             f"{path}: token dtype {arr.dtype.name} is not supported; expected one of "
@@ -222,7 +229,7 @@ def _load_bin(path: str, data_dtype: str) -> np.ndarray:
     try:
         return np.memmap(path, dtype=data_dtype, mode="r")
     except (ValueError, OSError) as e:
-        raise UserError(f"{path}: cannot memory-map ({e})", code=1) from None
+        raise UserError(f"{path}: cannot memory-map ({_one_line(e)})", code=1) from None
 
 
 def load_tokens(
@@ -315,6 +322,8 @@ def split_train_val(tokens: np.ndarray, val_frac: float):
 
 def check_enough(tokens: np.ndarray, seq_len: int, what: str = "data") -> None:
     """A window needs seq_len inputs plus one shifted target."""
+    if int(seq_len) < 1:
+        raise UserError(f"sequence length must be a positive integer, got {seq_len}")
     if len(tokens) < int(seq_len) + 1:
         raise UserError(
             f"{what} has {len(tokens)} tokens, fewer than seq_len + 1 = {int(seq_len) + 1}; "
@@ -332,10 +341,26 @@ def sample_batch(tokens: np.ndarray, batch_size: int, seq_len: int, seed: int, s
     offsets are drawn, so the rows are the same whoever reads them, but only these are read.
     """
     check_enough(tokens, seq_len)
+    if int(batch_size) < 1:
+        raise UserError(f"batch size must be a positive integer, got {batch_size}")
+    if min(int(seed), int(stream), int(step)) < 0:  # numpy's SeedSequence takes no negative entropy
+        raise UserError(f"the data seed must be a non-negative integer, got seed {seed} "
+                        f"(stream {stream}, step {step})")
     rng = np.random.default_rng([int(seed), int(stream), int(step)])
     offsets = rng.integers(0, len(tokens) - seq_len, size=int(batch_size))  # high is exclusive
     if rows is not None:
         offsets = offsets[rows]
     idx = offsets[:, None] + np.arange(seq_len + 1)[None, :]
-    window = np.asarray(tokens[idx], dtype=np.int32)  # one gather; memmap reads only these pages
+    window = np.asarray(tokens[idx])  # one gather; memmap reads only these pages
+    if window.dtype != np.int32 and window.dtype.itemsize >= 4 and window.size:
+        # uint32 / int64 ids >= 2**31 would wrap to negative int32 ids silently; check the
+        # gathered window only (B * (T + 1) values, not the whole stream).
+        i32 = np.iinfo(np.int32)
+        hi, lo = int(window.max()), int(window.min())
+        if hi > i32.max or lo < i32.min:
+            bad = hi if hi > i32.max else lo
+            row, col = np.argwhere(window == bad)[0]
+            raise UserError(f"token id {bad} at index {int(offsets[row]) + int(col)} does not fit the "
+                            f"int32 batches the model reads (largest usable id {i32.max})")
+    window = window.astype(np.int32, copy=False)
     return np.ascontiguousarray(window[:, :-1]), np.ascontiguousarray(window[:, 1:])

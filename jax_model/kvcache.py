@@ -25,6 +25,8 @@ from dba.kvspec import FOUR_BIT_KINDS, NF4_LEVELS, QUANT_KINDS, KVPolicy, quant_
 _NF4 = np.asarray(NF4_LEVELS, dtype=np.float32)
 # Largest representable code magnitude: scale = absmax / this (nf4 codes live in [-1, 1]).
 _QMAX = {"q8_0": 127.0, "q4_0": 7.0, "nf4": 1.0}
+# The largest finite fp16: the cap on a block's scale (fp16 storage), so dequantize stays finite.
+_FP16_MAX = 65504.0
 
 
 def _require_quant(kind: str) -> None:
@@ -38,17 +40,32 @@ def _all_finite(x: jax.Array) -> jax.Array:
 
 
 def _check_finite(x: jax.Array) -> None:
-    # Only a concrete (eager) array can be inspected; under jit the values are unknown, so NaN/Inf
-    # go through unchecked there (they would produce garbage codes, never an exception).
+    # Only a concrete (eager) array can be inspected; under jit the values are unknown, so the
+    # check is skipped when traced: NaN/Inf then give garbage codes (and a NaN/Inf scale), never
+    # an exception, and no device->host sync is added to the decode step. `write` (the traced
+    # hot path) passes check_finite=False for the same reason.
     if isinstance(x, jax.core.Tracer):
         return
     if not bool(_all_finite(x)):
-        raise ValueError("cannot quantize non-finite values (NaN or Inf) into the KV cache")
+        raise ValueError(non_finite_message(np.asarray(x, dtype=np.float32)))
+
+
+def non_finite_message(x: np.ndarray) -> str:
+    """One line naming how many NaN / +-Inf values `x` holds and where the first one is."""
+    nan, inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
+    first = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
+    return (f"cannot quantize non-finite values ({nan} NaN, {inf} inf, first at index {first} of "
+            f"shape {tuple(x.shape)}) into the KV cache")
 
 
 def quantize(x: jax.Array, kind: str, qblock: int, check_finite: bool = True) -> tuple[jax.Array, jax.Array]:
     """x (..., dim) float -> (q, scale): q int8 (..., pad_dim) for q8_0, packed uint8
-    (..., pad_dim//2) for q4_0/nf4; scale float16 (..., n_blocks)."""
+    (..., pad_dim//2) for q4_0/nf4; scale float16 (..., n_blocks).
+
+    SPEC §5, with the block scale capped at 65504 (the largest fp16) so any finite input
+    dequantizes to finite values: a block past that range saturates. With `check_finite`, NaN/Inf
+    input raises a one-line ValueError counting them when `x` is concrete; traced values cannot
+    be inspected, so under jit the check is skipped (see `_check_finite`)."""
     _require_quant(kind)
     x = jnp.asarray(x)
     quant_layout(kind, x.shape[-1], qblock)  # validates before tracing
@@ -69,8 +86,17 @@ def _quantize(x: jax.Array, kind: str, qblock: int) -> tuple[jax.Array, jax.Arra
         x = jnp.pad(x, [(0, 0)] * len(lead) + [(0, pad_dim - dim)])
     xb = x.reshape(*lead, nb, qb)
     amax = jnp.max(jnp.abs(xb), axis=-1, keepdims=True)
-    scale = jnp.maximum(amax / np.float32(_QMAX[kind]), np.float32(1e-8))  # fp32, as SPEC says
-    y = xb / scale  # divide by the fp32 scale, not the fp16 one that is stored
+    # XLA's algebraic simplifier turns `a / constant` into `a * (1/constant)` and `a / broadcast(b)`
+    # into `a * broadcast(1/b)`; both are off by an ulp now and then, which moves ties and
+    # near-ties to the other code (q4_0 [6, 3, 0, -2] packed 251 instead of SPEC's 252) and can
+    # flush 1/b to zero for b > 2**126. The barriers hide the divisors' structure so both
+    # divisions are true IEEE quotients, as SPEC and the torch reference compute them.
+    qmax = lax.optimization_barrier(jnp.full(amax.shape, _QMAX[kind], jnp.float32))
+    # Clamped to the largest fp16 so the stored scale is the one the codes were computed with:
+    # a block whose absmax/qmax exceeds 65504 saturates (codes at the extremes) instead of
+    # storing an inf scale that dequantizes to inf and 0 * inf = NaN.
+    scale = jnp.clip(amax / qmax, np.float32(1e-8), np.float32(_FP16_MAX))  # fp32, as SPEC says
+    y = xb / lax.optimization_barrier(jnp.broadcast_to(scale, xb.shape))  # fp32 scale, not the fp16
     if kind == "q8_0":
         q = jnp.clip(jnp.round(y), -127, 127).astype(jnp.int8).reshape(*lead, pad_dim)
     else:

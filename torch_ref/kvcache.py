@@ -18,6 +18,8 @@ from dba.kvspec import FOUR_BIT_KINDS, NF4_LEVELS, QUANT_KINDS, KVPolicy, quant_
 _NF4 = torch.tensor(NF4_LEVELS, dtype=torch.float32)
 # Largest representable code magnitude: scale = absmax / this (nf4 codes live in [-1, 1]).
 _QMAX = {"q8_0": 127.0, "q4_0": 7.0, "nf4": 1.0}
+# The largest finite fp16: the cap on a block's scale (fp16 storage), so dequantize stays finite.
+_FP16_MAX = 65504.0
 
 
 def _require_quant(kind: str) -> None:
@@ -27,13 +29,17 @@ def _require_quant(kind: str) -> None:
 
 def quantize(x: torch.Tensor, kind: str, qblock: int, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """x (..., dim) float -> (q, scale): q int8 (..., pad_dim) for q8_0, packed uint8
-    (..., pad_dim//2) for q4_0/nf4; scale float16 (..., n_blocks)."""
+    (..., pad_dim//2) for q4_0/nf4; scale float16 (..., n_blocks).
+
+    SPEC §5, with the block scale capped at 65504 (the largest fp16) so any finite input
+    dequantizes to finite values: a block past that range saturates. With `check_finite`, NaN/Inf
+    input raises a one-line ValueError counting them (`write` skips the check: it would sync the device)."""
     _require_quant(kind)
     x = x.to(torch.float32)
     dim = x.shape[-1]
     qb, pad_dim, nb = quant_layout(kind, dim, qblock)
     if check_finite and not bool(torch.isfinite(x).all()):
-        raise ValueError("cannot quantize non-finite values (NaN or Inf) into the KV cache")
+        raise ValueError(non_finite_message(x))
     lead = x.shape[:-1]
     if pad_dim != dim:  # zero channels never raise a block's absmax and quantize to code 0
         x = F.pad(x, (0, pad_dim - dim))
@@ -41,7 +47,10 @@ def quantize(x: torch.Tensor, kind: str, qblock: int, check_finite: bool = True)
     amax = xb.abs().amax(dim=-1, keepdim=True)
     # Divide by tensors, not Python scalars: CUDA turns `t / scalar` into a multiply by the
     # reciprocal, which can differ from the true quotient in the last bit (and so from JAX).
-    scale = torch.clamp_min(amax / torch.full_like(amax, _QMAX[kind]), 1e-8)  # fp32
+    # Capped at the largest fp16 so the stored scale is the one the codes were computed with: a
+    # block whose absmax/qmax exceeds 65504 saturates instead of storing an inf scale (which
+    # dequantizes to inf, and 0 * inf = NaN). Same as jax_model/kvcache.py.
+    scale = torch.clamp(amax / torch.full_like(amax, _QMAX[kind]), 1e-8, _FP16_MAX)  # fp32
     y = xb / scale  # divide by the fp32 scale, not the fp16 one that is stored
     if kind == "q8_0":
         q = torch.clamp(torch.round(y), -127, 127).to(torch.int8).reshape(*lead, pad_dim)
@@ -53,6 +62,14 @@ def quantize(x: torch.Tensor, kind: str, qblock: int, check_finite: bool = True)
         u = u.reshape(*lead, pad_dim // 2, 2)
         q = (u[..., 0] * 16 + u[..., 1]).to(torch.uint8)  # even channel in the high nibble
     return q, scale.to(torch.float16).reshape(*lead, nb)
+
+
+def non_finite_message(x: torch.Tensor) -> str:
+    """One line naming how many NaN / +-Inf values `x` holds and where the first one is."""
+    nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
+    first = tuple(int(i) for i in torch.nonzero(~torch.isfinite(x))[0])
+    return (f"cannot quantize non-finite values ({nan} NaN, {inf} inf, first at index {first} of "
+            f"shape {tuple(x.shape)}) into the KV cache")
 
 
 def _nf4_index(y: torch.Tensor) -> torch.Tensor:

@@ -83,14 +83,17 @@ def parse_schedule(text: str | None, default_len: int) -> SeqSchedule:
         if m is None:
             raise ScheduleError(f"malformed --seq-schedule {raw!r}: entry {part.strip()!r} is not LEN@STEP "
                                 f"(e.g. '256@0,512@500')")
-        length = int(m.group(1))
-        if m.group(2) is None:
+        try:  # int() refuses more than sys.get_int_max_str_digits() (4300) digits
+            length = int(m.group(1))
+            start = None if m.group(2) is None else int(m.group(2))
+        except ValueError:
+            raise ScheduleError(f"malformed --seq-schedule {raw!r}: a number in entry {part.strip()[:40]!r}... "
+                                f"is too long") from None
+        if start is None:
             if len(parts) != 1:
                 raise ScheduleError(f"malformed --seq-schedule {raw!r}: entry {part.strip()!r} needs @STEP "
                                     f"(a bare length is only allowed alone)")
             start = 0
-        else:
-            start = int(m.group(2))
         if length <= 0:
             raise ScheduleError(f"malformed --seq-schedule {raw!r}: length in {part.strip()!r} must be positive")
         if entries and start <= entries[-1][0]:
