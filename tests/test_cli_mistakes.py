@@ -107,6 +107,8 @@ CASES = [
     ("unknown-schedule", ["train", "--lr-schedule", "zigzag"], 2, ["zigzag"]),
     ("unknown-cache-train", ["train", "--kv-cache", "q3_k"], 2, ["q3_k"]),
     ("unknown-cache-sample", ["sample", "--ckpt", "{model}", "--kv-cache", "q3_k"], 2, ["q3_k"]),
+    ("negative-seed", ["train", "--seed", "-3"], 2, ["--seed", "-3"]),
+    ("negative-skip-nonfinite", ["train", "--skip-nonfinite", "-1"], 2, ["--skip-nonfinite", "-1"]),
     ("unknown-flag", ["train", "--no-such-flag"], 2, ["--no-such-flag"]),
     ("unknown-command", ["trian"], 2, ["trian"]),
     ("bad-seq-schedule", ["train", "--seq-schedule", "64@0,oops"], 2, ["oops"]),

@@ -103,6 +103,9 @@ FLAGS: list[Flag] = [
     _f("grad_accum", "int", 1, "micro-batches per optimizer step", group="optim"),
     _f("train_seq_len", "int", 128, "training sequence length (without --seq-schedule)", group="optim"),
     _f("seq_schedule", "str", None, "sequence curriculum 'LEN@STEP,...', e.g. '256@0,512@500'", group="optim"),
+    _f("skip_nonfinite", "int", 0, "skip up to N steps whose loss or gradient norm is not finite (their update is "
+       "not applied; each is logged) and stop at the next; 0 = stop at the first, keeping the last good checkpoint",
+       group="optim"),
     # -- precision
     _f("param_dtype", "str", "fp32", "parameter dtype", ("fp32", "bf16"), group="precision"),
     _f("amp", "bool", False, "mixed precision: matmuls in --amp-dtype (softmax/logits/loss stay fp32)", group="precision"),
@@ -205,7 +208,7 @@ PRESENTATION_FLAGS = {"live", "live_update_every", "log_every", "device", "overw
                       # the mesh and hosts change how a run is computed, not what it trains
                       *(f.name for f in FLAGS if f.group in ("analysis", "distributed"))}
 # Flags a resumed run may change without changing the run itself.
-RESUME_MUTABLE = PRESENTATION_FLAGS | {"steps", "eval_every", "eval_iters", "save_every", "out_dir",
+RESUME_MUTABLE = PRESENTATION_FLAGS | {"steps", "eval_every", "eval_iters", "save_every", "out_dir", "skip_nonfinite",
                                         "run_tag", "kv_cache", "kv_cache_k", "kv_cache_v", "kv_cache_k_sem",
                                         "kv_cache_k_geo", "kv_qblock", "kv_qblock_k", "kv_qblock_v",
                                         "kv_qblock_k_sem", "kv_qblock_k_geo", "kv_residual"} | set(NOOP_FLAGS)
@@ -305,7 +308,7 @@ def check_flags(flags: dict[str, Any]) -> None:
 
     for n in ("steps", "batch_size", "grad_accum", "train_seq_len", "eval_iters", "live_update_every", "log_every"):
         pos(n)
-    for n in ("eval_every", "save_every", "warmup_steps", "eval_seq_len"):
+    for n in ("eval_every", "save_every", "warmup_steps", "eval_seq_len", "skip_nonfinite", "seed"):
         pos(n, allow_zero=True)
     if not 0.0 < float(flags["val_frac"]) < 1.0:
         raise UserError(f"--val-frac must be in (0, 1), got {flags['val_frac']}")

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-EVENTS = ("meta", "train", "eval", "done")
+EVENTS = ("meta", "train", "eval", "nonfinite", "done")
 
 
 def _clean(v: Any) -> Any:
@@ -30,17 +30,40 @@ def _clean(v: Any) -> Any:
 
 
 class JsonlLog:
-    """Append-only event log; every line is flushed so a killed run leaves whole lines."""
+    """Append-only event log. Every event is one line handed to the OS as soon as it is written
+    (flushed), so a killed run's log is readable up to its last event. A run killed mid-line
+    leaves a torn last line: appending (a resumed run) first ends it, so it stays one unreadable
+    line that `read_events` skips instead of swallowing the next event. A failed write (disk
+    full) is a one-line UserError."""
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
+        torn = False
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(0, os.SEEK_END)
+                if f.tell() > 0:
+                    f.seek(-1, os.SEEK_END)
+                    torn = f.read(1) != b"\n"
+        except FileNotFoundError:
+            pass
         self._f = open(self.path, "a", encoding="utf-8")
+        if torn:
+            self._write("\n")
+
+    def _write(self, text: str) -> None:
+        try:
+            self._f.write(text)
+            self._f.flush()
+        except OSError as e:
+            from dba.errors import UserError
+
+            raise UserError(f"cannot write {self.path}: {os.strerror(e.errno) if e.errno else e}", 1) from None
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
         rec = {"event": event, "time": round(datetime.datetime.now().timestamp(), 3)}
         rec.update(_clean(fields))
-        self._f.write(json.dumps(rec, sort_keys=False) + "\n")
-        self._f.flush()
+        self._write(json.dumps(rec, sort_keys=False) + "\n")
         return rec
 
     def close(self) -> None:

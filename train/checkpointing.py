@@ -14,18 +14,38 @@ written on one mesh resumes on another mesh or on a single device (Orbax reshard
 Whenever a checkpoint is written, the matching weights-only export (`last.safetensors` /
 `best.safetensors`, config in the metadata) is written beside it, for torch_ref.load(run_dir)
 and jax_model.load(run_dir) on machines without Orbax.
+
+Crash safety: Orbax writes a step into `<step>.orbax-checkpoint-tmp` and renames it to `<step>`
+only when every file is written (then drops the older step), so a SIGKILL or power cut mid-save
+leaves the previous checkpoint as the latest; steps are found by name, so a leftover temporary
+directory is never restored, and it is removed when the manager next opens
+(`cleanup_tmp_directories`) or when that step is saved again. A failed write (disk full,
+permissions, quota) is a one-line UserError (exit 1) naming the checkpoint that is kept.
+A resumed run that reaches a step an interrupted run had already saved (e.g. a 'best' committed
+just before a kill) replaces it.
+
+Test-only fault hooks (`DBA_FAULT`, train/step.py `fault_points`), acting inside Orbax's own
+commit, after the step's files are written to the temporary directory and before the rename:
+`kill_in_save:K` (SIGKILL this process), `enospc_in_save:K` (fail with ENOSPC, as a full disk
+would); and `kill_after_save:K` (SIGKILL right after the save at step K committed). Each fires
+at the first save at step K, whichever kind.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import logging
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
 import jax
 
 from dba.errors import UserError
+from train.step import fault_points
 
 KINDS = ("last", "best")
 
@@ -54,7 +74,8 @@ class RunCheckpoints:
         if kind not in self._mngr:
             ocp = self.ocp
             opts = ocp.CheckpointManagerOptions(max_to_keep=1, create=True,
-                                                enable_async_checkpointing=False)
+                                                enable_async_checkpointing=False,
+                                                cleanup_tmp_directories=True)
             self._mngr[kind] = ocp.CheckpointManager(self.root / kind, options=opts)
         return self._mngr[kind]
 
@@ -68,10 +89,26 @@ class RunCheckpoints:
         state = {"params": params, "opt_state": opt_state, "step": int(step), "seed": int(seed)}
         meta = {**meta, "devices": device_info(params)}
         mngr = self._manager(kind)
-        mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
-                                                      meta=ocp.args.JsonSave(json.loads(json.dumps(meta)))),
-                  force=True)
-        mngr.wait_until_finished()
+        previous = mngr.latest_step()
+        try:
+            if int(step) in mngr.all_steps():  # saved by an interrupted run that reached this step
+                mngr.delete(int(step))
+                previous = mngr.latest_step()
+            with _fault_hooks(int(step)):
+                mngr.save(int(step), args=ocp.args.Composite(state=ocp.args.StandardSave(state),
+                                                              meta=ocp.args.JsonSave(json.loads(json.dumps(meta)))),
+                          force=True)
+                mngr.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 (only write failures are translated; see write_failure)
+            why = write_failure(e)
+            if why is None:
+                raise
+            kept = (f"the previous {kind!r} checkpoint (step {previous}) is kept" if previous is not None
+                    else f"there is no earlier {kind!r} checkpoint")
+            raise UserError(f"cannot write the {kind!r} checkpoint of step {step} in {self.root / kind}: {why}; "
+                            f"{kept}", 1) from None
+        if int(step) in fault_points("kill_after_save"):  # TEST-ONLY (DBA_FAULT)
+            _fault_kill(f"after the {kind!r} checkpoint of step {step} was committed")
 
     def read_meta(self, kind: str = "last") -> dict[str, Any] | None:
         step = self.latest_step(kind)
@@ -102,8 +139,65 @@ class RunCheckpoints:
 
     def close(self) -> None:
         for m in self._mngr.values():
+            # let the removal of leftover temporary directories (started when the manager opened)
+            # finish, so a run that saves nothing still leaves a clean directory
+            await_cleanup = getattr(m, "_maybe_await_cleanup_tmp_directory", None)
+            if await_cleanup is not None:
+                await_cleanup()
             m.close()
         self._mngr.clear()
+
+
+def write_failure(e: BaseException) -> str | None:
+    """A short reason when `e` is a failure to write files (an OSError such as ENOSPC, EDQUOT,
+    EACCES, EROFS, or an error from Orbax/TensorStore whose text carries one), else None."""
+    full = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+    if isinstance(e, OSError):
+        why = os.strerror(e.errno) if e.errno else (str(e) or type(e).__name__)
+    else:  # TensorStore reports an OS error inside its own exception text
+        why = next((t for t in (*full, os.strerror(errno.EROFS), os.strerror(errno.EACCES)) if t in str(e)), None)
+    if why in full:
+        return f"the disk is full ({why})"
+    return why
+
+
+def _fault_kill(where: str) -> None:
+    print(f"DBA_FAULT: SIGKILL {where}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+@contextlib.contextmanager
+def _fault_hooks(step: int):
+    """TEST-ONLY (DBA_FAULT kill_in_save / enospc_in_save): for this save, make Orbax's commit of
+    the temporary directory kill the process or fail with ENOSPC first, i.e. after every file of
+    the checkpoint has been written and before the rename that publishes it."""
+    kill, enospc = step in fault_points("kill_in_save"), step in fault_points("enospc_in_save")
+    if not (kill or enospc):
+        yield
+        return
+    from orbax.checkpoint._src.path import atomicity
+
+    classes = [c for c in (getattr(atomicity, "AtomicRenameTemporaryPath", None),
+                           getattr(atomicity, "CommitFileTemporaryPath", None)) if c is not None]
+    originals = {c: c.__dict__["finalize"] for c in classes}
+
+    def hooked(original):
+        async def finalize(self, *args, **kwargs):
+            if self.get_final().name == str(step):  # the step directory, after its items committed
+                if kill:
+                    _fault_kill(f"inside the save of step {step}, before Orbax's commit of {self.get()}")
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.get()))
+            return await original(self, *args, **kwargs)
+
+        return finalize
+
+    for c in classes:
+        c.finalize = hooked(originals[c])
+    try:
+        yield
+    finally:
+        for c, f in originals.items():
+            c.finalize = f
 
 
 def device_info(params: Any) -> dict[str, Any]:

@@ -5,6 +5,16 @@ accumulated step uses stream i, evaluation uses its own streams with fixed batch
 index, so a resumed run draws exactly the batches an uninterrupted one would. The device only
 syncs at log, eval and save steps; the next batch is sampled on the host while the device runs
 the current step (JAX dispatch is asynchronous).
+
+Faults: a step with a non-finite loss or gradient norm applies no update (train/step.py) and is
+counted on the device; at the next point where the loop syncs anyway (log, analysis, eval, save)
+the count is read: each such step gets a `nonfinite` event, and once more than
+`--skip-nonfinite` of them have happened the run stops before it evaluates or saves anything
+(the last good checkpoint stays the latest), records `done` with reason `nonfinite` and fails
+with a one-line error (exit 1). A checkpoint that cannot be written (disk full) or a train step
+that cannot fit in device memory (checked when it compiles; the longest sequence length of the
+run is compiled first, before the first step) is a one-line error too, after a `done` event
+with reason `error`. SIGINT/SIGTERM save the last checkpoint and stop (exit 130/143).
 """
 
 from __future__ import annotations
@@ -12,6 +22,7 @@ from __future__ import annotations
 import datetime
 import json
 import math
+import os
 import shlex
 import signal
 import shutil
@@ -29,7 +40,7 @@ from train.args import parse_betas, resolve_model, schedule_from
 EVAL_VAL_STREAM = 1_000_003
 EVAL_TRAIN_STREAM = 1_000_033
 RUN_FILES = ("train.jsonl", "summary.md", "best.safetensors", "last.safetensors")
-EXIT_CODES = {"complete": 0, "already_complete": 0, "sigint": 130, "sigterm": 143, "nonfinite_loss": 1}
+EXIT_CODES = {"complete": 0, "already_complete": 0, "sigint": 130, "sigterm": 143, "nonfinite": 1, "error": 1}
 
 
 def holds_run(out_dir: Path) -> bool:
@@ -39,9 +50,9 @@ def holds_run(out_dir: Path) -> bool:
 def clear_run(out_dir: Path) -> None:
     """--overwrite: remove our files only (never the directory itself or anything else in it)."""
     for n in RUN_FILES:
-        p = out_dir / n
-        if p.exists():
-            p.unlink()
+        for p in (out_dir / n, out_dir / f"{n}.tmp"):  # .tmp: a write cut short by a kill
+            if p.exists():
+                p.unlink()
     if (out_dir / "checkpoints").is_dir():
         shutil.rmtree(out_dir / "checkpoints")
 
@@ -138,7 +149,9 @@ def eval_batches(tokens: np.ndarray, flags: dict[str, Any], seq_len: int, stream
 
 def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, run_name: str,
                  argv: list[str], resume_meta: dict[str, Any] | None = None) -> int:
-    """Train; returns the exit status (0 done, 130/143 interrupted, 1 non-finite loss)."""
+    """Train; returns the exit status (0 done, 130/143 interrupted). Raises a UserError (exit 1)
+    after a non-finite step beyond --skip-nonfinite, a failed checkpoint write or a train step too
+    large for the device, each after writing the `done` event and summary."""
     t_start = time.time()
     created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
     from dba.data import check_enough, load_tokens, split_train_val
@@ -181,6 +194,7 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
 
     # ---- JAX side ---------------------------------------------------------------------------
     import jax
+    import jax.numpy as jnp
     from flax import nnx
 
     from jax_model import DBAModel, load_canonical, save_export
@@ -190,7 +204,7 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
     from train.distributed import Silent, host_params, is_main
     from train.progress import make_display
     from train.resources import device_memory, host_rss_bytes
-    from train.step import Stepper
+    from train.step import FAULT_ENV, Stepper, fault_points, fmt_bytes, nonfinite_kind_text
 
     if flags["matmul_precision"] != "high" or "matmul_precision" in explicit:
         jax.config.update("jax_default_matmul_precision",
@@ -231,29 +245,40 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
         params, opt_state, start_step, meta = ckpts.restore("last", stepper.params, stepper.opt_state)
         stepper.set_state(params, opt_state)
         best_val, best_step = meta.get("best_val"), meta.get("best_step")
+        stepper.set_nonfinite_count(int(meta.get("skipped_nonfinite") or 0))
         saved_mesh = (meta.get("devices") or {}).get("mesh")
         if saved_mesh and saved_mesh != mesh_shape:
             resharded = saved_mesh
 
     tok_dict = tok.to_dict() if tok is not None else None
     n_params = cfg.num_params()
-    log = JsonlLog(out / "train.jsonl") if main else Silent()
+    # train.jsonl is opened once the train step has compiled (see the loop): a step too large for
+    # the device fails before the run directory holds a run, so the corrected command runs as is.
+    log: Any = Silent()
     command = "dba train" + ("" if not argv else " " + shlex.join(argv))
-    log.write("meta", argv=list(argv), command=command, run_dir=str(out), run_name=run_name, flags=flags,
-              explicit=sorted(explicit), config=cfg.to_dict(), env=env, n_params=n_params, context=context,
-              resumed_from=start_step if resume_meta is not None else None,
-              init_from=ckpt_info["source"] if ckpt_info else None,
-              data={"path": flags["data"] or "default corpus (pydoc_data.topics)", "tokens": int(len(tokens)),
-                    "train_tokens": int(len(train_tok)), "val_tokens": int(len(val_tok)),
-                    "vocab_size": int(vocab), "tokenizer": tok_dict},
-              dtypes={"param": flags["param_dtype"], "compute": str(np.dtype(compute_dtype)) if compute_dtype is not None else None,
-                      "grad_checkpoint": bool(flags["grad_checkpoint"])},
-              noop_flags={k: flags[k] for k in sorted(explicit) if k in _noop_names()},
-              mesh=mesh_shape, process_count=jax.process_count())
+
+    def open_log() -> None:
+        nonlocal log
+        log = JsonlLog(out / "train.jsonl") if main else Silent()
+        log.write("meta", argv=list(argv), command=command, run_dir=str(out), run_name=run_name, flags=flags,
+                  explicit=sorted(explicit), config=cfg.to_dict(), env=env, n_params=n_params, context=context,
+                  resumed_from=start_step if resume_meta is not None else None,
+                  init_from=ckpt_info["source"] if ckpt_info else None,
+                  data={"path": flags["data"] or "default corpus (pydoc_data.topics)", "tokens": int(len(tokens)),
+                        "train_tokens": int(len(train_tok)), "val_tokens": int(len(val_tok)),
+                        "vocab_size": int(vocab), "tokenizer": tok_dict},
+                  dtypes={"param": flags["param_dtype"], "compute": str(np.dtype(compute_dtype)) if compute_dtype is not None else None,
+                          "grad_checkpoint": bool(flags["grad_checkpoint"])},
+                  noop_flags={k: flags[k] for k in sorted(explicit) if k in _noop_names()},
+                  mesh=mesh_shape, process_count=jax.process_count())
+
+    skip_n = int(flags.get("skip_nonfinite") or 0)
+    nonfinite_seen = int(meta.get("skipped_nonfinite") or 0) if resume_meta is not None else 0
 
     def meta_for(step: int) -> dict[str, Any]:
         return {"config": cfg.to_dict(), "flags": flags, "step": step, "seed": seed, "best_val": best_val,
-                "best_step": best_step, "tokenizer": tok_dict, "context": context, "run_name": run_name}
+                "best_step": best_step, "tokenizer": tok_dict, "context": context, "run_name": run_name,
+                "skipped_nonfinite": nonfinite_seen}
 
     def export(kind: str, step: int, val: float | None) -> None:
         extra = {"step": str(step), "kind": kind, "run_dir": str(out)}
@@ -263,7 +288,14 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
             extra["tokenizer"] = json.dumps(tok_dict)
         params = host_params(stepper.params)  # every process: gathers shards held by other hosts
         if main:
-            save_export(out / f"{kind}.safetensors", nnx.merge(stepper.graphdef, params, stepper.rest), extra)
+            path = out / f"{kind}.safetensors"
+            try:  # written to a temporary name and renamed (dba.weights.save_safetensors)
+                save_export(path, nnx.merge(stepper.graphdef, params, stepper.rest), extra)
+            except OSError as e:
+                path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+                why = os.strerror(e.errno) if e.errno else str(e)
+                raise UserError(f"cannot write {path} (step {step}): {why}; the checkpoint of step {step} "
+                                f"under {ckpts.root / kind} was written", 1) from None
 
     def save(kind: str, step: int, val: float | None = None) -> None:
         ckpts.save(kind, step, stepper.params, stepper.opt_state, seed, meta_for(step))
@@ -287,9 +319,13 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
         analysis_x = jax.device_put(analysis_tokens(val_tok, analysis_spec, cfg.block_size, seed),
                                     stepper.replicated)
 
+    plot_stale = [False]  # events the plot draws were logged since analysis.png was drawn
+
     def record(event: str, **fields) -> dict[str, Any]:
+        if event in ("train", "eval", "analysis"):
+            plot_stale[0] = True
         rec = log.write(event, **fields)
-        if tb is not None:
+        if tb is not None and rec is not None:
             tb.event(rec)
         return rec
 
@@ -310,15 +346,64 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
         from dba.plots import plot_run
         from train.artifacts import read_events
 
+        plot_stale[0] = False
         try:
             plot_run(read_events(out / "train.jsonl"), out / "analysis.png", title=f"{run_name}: {cfg.attn_mode}")
         except Exception as e:  # noqa: BLE001 (a plotting failure must never stop training)
             display.info(f"analysis.png not drawn: {type(e).__name__}: {e}")
+
+    def check_nonfinite(step: int) -> str | None:
+        """Read the device's non-finite step record (a few bytes, at a point that syncs anyway),
+        log each new one; the stop message once more than --skip-nonfinite have happened."""
+        nonlocal nonfinite_seen
+        count, recent = stepper.nonfinite_record()
+        if count == nonfinite_seen:
+            return None
+        fatal = None
+        first = count - len(recent)
+        if first > nonfinite_seen:  # more than the device keeps happened between two syncs
+            record("nonfinite", step=None, quantity=None, count=first, allowed=skip_n,
+                   action="skipped" if first <= skip_n else "stop",
+                   note=f"{first - nonfinite_seen} non-finite steps before step {recent[0][0]} not recorded")
+        for i, (bad_step, kind) in enumerate(recent, start=first):
+            if i < nonfinite_seen:
+                continue
+            quantity, over = nonfinite_kind_text(kind), i + 1 > skip_n
+            record("nonfinite", step=bad_step, quantity=quantity, count=i + 1, allowed=skip_n,
+                   action="stop" if over else "skipped")
+            if over and fatal is None:
+                fatal = (bad_step, quantity, i + 1)
+            elif not over:
+                display.line(f"step {bad_step}: non-finite {quantity}; the update was skipped "
+                             f"({i + 1} of {skip_n} allowed by --skip-nonfinite)")
+        nonfinite_seen = count
+        if count <= skip_n:
+            return None
+        bad_step, quantity, nth = fatal if fatal is not None else (None, "loss or grad_norm", count)
+        kept = ckpts.latest_step("last")
+        kept_txt = (f"the last good checkpoint (step {kept}) is kept in {ckpts.root / 'last'}" if kept is not None
+                    else "no checkpoint had been written")
+        allowed = (f" (non-finite step {nth}; --skip-nonfinite allows {skip_n})" if skip_n
+                   else "")
+        at = f"at step {bad_step}" if bad_step is not None else f"by step {step}"
+        return (f"non-finite {quantity} {at}{allowed}; stopped at step {step} without saving: {kept_txt}; "
+                f"lower --lr, or let --skip-nonfinite N skip such steps")
+
+    pause_at = fault_points("pause_at_step")  # TEST-ONLY (DBA_FAULT): a window to signal a run
+
+    def fault_pause(step: int) -> None:
+        display.line(f"DBA_FAULT: paused at step {step}")
+        end = time.monotonic() + 120.0
+        while stop.reason is None and stop.pending is None and time.monotonic() < end:
+            time.sleep(0.02)
+
     stop = _Stop(shared=jax.process_count() > 1)
     stop.install()
     grow_txt = (f" (grown from {context['requested_block_size']} to cover the longest trained length)"
                 if context["grown"] else "")
     display.line(f"dba train: run dir {out}")
+    if os.environ.get(FAULT_ENV):
+        display.line(f"  {FAULT_ENV}={os.environ[FAULT_ENV]}: test-only fault injection is active")
     display.line(f"  model {cfg.attn_mode} d_model {cfg.d_model} layers {cfg.n_layer} heads {cfg.n_head} "
                  f"vocab {cfg.vocab_size}: {n_params:,} params | context {cfg.block_size}{grow_txt}")
     display.line(f"  data {len(train_tok):,} train / {len(val_tok):,} val tokens | "
@@ -363,20 +448,36 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
 
     # ---- loop ---------------------------------------------------------------------------
     reason = "complete"
+    failure: UserError | None = None
+    nonfinite_msg: str | None = None
+    seen_lengths: set[int] = set()
     step = start_step
     log_every, eval_every, save_every = int(flags["log_every"]), int(flags["eval_every"]), int(flags["save_every"])
     upd_every = int(flags["live_update_every"])
     saved_last_at = start_step if resume_meta is not None else None
     try:
+        if step < steps:
+            # The longest length this run will train at, compiled first: a step too large for the
+            # device fails here, before any training, with the compiled memory estimate.
+            longest = max({schedule.length_at(step)} | {n for s0, n in schedule.entries if step < s0 < steps})
+            shape = (int(flags["grad_accum"]), int(flags["batch_size"]), int(longest))
+            spec = jax.ShapeDtypeStruct(shape, jnp.int32)
+            dt = stepper.compile_for(spec, spec)
+            if dt > 0:
+                need, limit = stepper.memory_bytes.get(shape), stepper.memory_limit
+                mem = "" if need is None else f"; needs ~{fmt_bytes(need)} per device" + (
+                    "" if limit is None else f" (limit {fmt_bytes(limit)})")
+                display.info(f"compiled the train step for sequence length {longest} in {dt:.1f}s "
+                             f"(compile #{stepper.compiles}){mem}")
+        open_log()
         if step >= steps:
             reason = "already_complete"
             display.info(f"the run is already at step {step} >= --steps {steps}; nothing to train")
-        elif step == 0:
+        elif step == 0 and stop.reason is None:
             if analyzer is not None:
                 analyse(0)
             if eval_every > 0:
                 evaluate(0)
-        seen_lengths: set[int] = set()
 
         def next_train_batch(i: int):  # this host's rows, placed as global arrays over the mesh
             x_, y_ = train_batch(train_tok, flags, schedule.length_at(i), i, rows)
@@ -405,69 +506,100 @@ def run_training(flags: dict[str, Any], explicit: dict[str, Any], out_dir: str, 
                 t_data = time.perf_counter()
                 next_batch = next_train_batch(step)
                 data_s += time.perf_counter() - t_data
-            if step % log_every == 0 or step == steps or stop.reason is not None:
+            log_now = step % log_every == 0 or step == steps or stop.reason is not None
+            do_analysis = (analyzer is not None and (step % analysis_spec.every == 0 or step == steps)
+                           and stop.reason is None)
+            do_eval = ((eval_every > 0 and (step % eval_every == 0 or step == steps) and stop.reason is None)
+                       or (eval_every == 0 and step == steps))
+            do_save = save_every > 0 and step % save_every == 0 and step < steps and stop.reason is None
+            if log_now:
                 m = jax.device_get(metrics)
                 elapsed = max(time.perf_counter() - t_mark - excluded, 1e-9)
                 loss = float(m["loss"])
                 rss, rss_peak = host_rss_bytes()
                 dev_mem = device_memory()
                 groups = {k: float(v) for k, v in m.items() if k.startswith("grad_norm_")}
-                rec = record("train", step=step, loss=loss, ppl=math.exp(min(loss, 700.0)), lr=float(m["lr"]),
-                             tok_s=tokens_since / elapsed, seq_len=int(length), grad_accum=int(flags["grad_accum"]),
-                             global_batch=int(flags["batch_size"]) * int(flags["grad_accum"]),
-                             step_ms=1000.0 * elapsed / steps_since, data_ms=1000.0 * data_s / steps_since,
-                             grad_norm_total=float(m["grad_norm"]), **groups, compiles=stepper.compiles,
-                             host_rss_mb=None if rss is None else rss / 2**20, host_peak_mb=rss_peak / 2**20,
-                             device_mem_mb=None if dev_mem is None else dev_mem.get("bytes_in_use", 0) / 2**20)
+                fields = dict(step=step, loss=loss, ppl=math.exp(min(loss, 700.0)), lr=float(m["lr"]),
+                              tok_s=tokens_since / elapsed, seq_len=int(length), grad_accum=int(flags["grad_accum"]),
+                              global_batch=int(flags["batch_size"]) * int(flags["grad_accum"]),
+                              step_ms=1000.0 * elapsed / steps_since, data_ms=1000.0 * data_s / steps_since,
+                              grad_norm_total=float(m["grad_norm"]), **groups,
+                              skipped_nonfinite=int(m["nonfinite_count"]), compiles=stepper.compiles,
+                              host_rss_mb=None if rss is None else rss / 2**20, host_peak_mb=rss_peak / 2**20,
+                              device_mem_mb=None if dev_mem is None else dev_mem.get("bytes_in_use", 0) / 2**20)
+                rec = record("train", **fields)
                 display.set_timing(compile_s=stepper.compile_s)
-                display.train(rec)
+                # the log writes NaN as null; the display shows it as nan
+                display.train({**(rec or {}), **{k: v for k, v in fields.items() if isinstance(v, float)}})
                 if flags["live_plot"]:
                     redraw_plot()
                 t_mark, steps_since, tokens_since, excluded, data_s = time.perf_counter(), 0, 0, 0.0, 0.0
-                if not math.isfinite(loss):
-                    reason = "nonfinite_loss"
-                    display.line(f"dba train: loss is {loss} at step {step}; stopping without saving")
-                    break
             elif step % upd_every == 0:
                 display.advance(step)
+            if log_now or do_analysis or do_eval or do_save:  # the device syncs here anyway
+                nonfinite_msg = check_nonfinite(step)
+                if nonfinite_msg is not None:
+                    reason = "nonfinite"
+                    break
             synced = False
-            if analyzer is not None and (step % analysis_spec.every == 0 or step == steps) and stop.reason is None:
+            if do_analysis:
                 analyse(step)
                 synced = True
-            if eval_every > 0 and (step % eval_every == 0 or step == steps) and stop.reason is None:
+            if do_eval:
                 evaluate(step)
                 synced = True
-            elif eval_every == 0 and step == steps:
-                evaluate(step)
-                synced = True
-            if save_every > 0 and step % save_every == 0 and step < steps and stop.reason is None:
+            if do_save:
                 save("last", step)
                 saved_last_at = step
                 synced = True
             if synced:
                 t_mark, steps_since, tokens_since, excluded, data_s = time.perf_counter(), 0, 0, 0.0, 0.0
+            if step in pause_at:
+                fault_pause(step)
         if stop.reason is not None and reason in ("complete", "already_complete"):
             reason = stop.reason
-        if reason != "nonfinite_loss" and step != saved_last_at:
-            save("last", step)
+        if reason != "nonfinite" and step != saved_last_at:
+            nonfinite_msg = check_nonfinite(step)
+            if nonfinite_msg is not None:
+                reason = "nonfinite"
+            else:
+                save("last", step)
+    except UserError as e:  # a checkpoint that cannot be written, a step too large for the device
+        failure, reason = e, "error"
     finally:
         display.close()
         stop.restore()
     wall = time.time() - t_start
-    record("done", reason=reason, step=step, best_val=best_val, best_step=best_step, wall_s=wall,
-              compiles=stepper.compiles, trace_count=stepper.trace_count, compile_s=stepper.compile_s,
-              lengths=sorted(seen_lengths) if step > start_step else [])
-    log.close()
-    if tb is not None:
-        tb.close()
-    redraw_plot()
-    ckpts.close()
-    if main:
-        write_summary(out, created=created, command=command, env=env, cfg=cfg, flags=flags,
-                      results={"step": step, "best_val": best_val, "reason": reason, "wall_s": wall},
-                      context=context)
+    error_text = str(failure) if failure is not None else nonfinite_msg
+    try:
+        if failure is not None and isinstance(log, Silent) and main:  # before the run started: leave no run
+            ckpts.close()
+            raise failure
+        record("done", reason=reason, step=step, best_val=best_val, best_step=best_step, wall_s=wall,
+               compiles=stepper.compiles, trace_count=stepper.trace_count, compile_s=stepper.compile_s,
+               lengths=sorted(seen_lengths) if step > start_step else [], skipped_nonfinite=nonfinite_seen,
+               step_memory_mb=max(stepper.memory_bytes.values(), default=0) / 2**20 or None,
+               **({"error": error_text} if error_text else {}))
+        log.close()
+        if tb is not None:
+            tb.close()
+        if plot_stale[0]:  # (the last evaluation usually drew it already)
+            redraw_plot()
+        ckpts.close()
+        if main:
+            write_summary(out, created=created, command=command, env=env, cfg=cfg, flags=flags,
+                          results={"step": step, "best_val": best_val, "reason": reason, "wall_s": wall},
+                          context=context)
+    except UserError:  # e.g. the disk is still full: report the first error
+        if failure is None:
+            raise
+        ckpts.close()
+    if failure is not None:
+        raise failure
     best_txt = f"best val {best_val:.4f} (ppl {math.exp(best_val):.2f})" if best_val is not None else "no eval"
     display.line(f"dba train: {reason} at step {step}, {best_txt}, {wall:.0f}s | run dir {out}")
+    if nonfinite_msg is not None:
+        raise UserError(nonfinite_msg, 1)
     return EXIT_CODES.get(reason, 1)
 
 

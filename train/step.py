@@ -7,6 +7,19 @@ train/optim.py. Params and optimizer state are donated, so the step updates them
 
 `Stepper` holds the state and counts traces: `trace_count` is incremented in the Python body of
 the jitted function, which only runs when JAX traces (i.e. compiles) a new shape.
+
+Non-finite steps: a step whose loss or global gradient norm is not finite applies no update
+(parameters and optimizer state stay exactly as they were, selected inside the jitted step, so
+no host sync is added) and is counted in `Stepper.faults`, a small device-side record (count and
+the last `FAULT_RING` bad steps) the loop reads at the points where it syncs anyway; the loop
+decides whether to go on (`--skip-nonfinite`) or stop.
+
+Memory: every compile reads the executable's memory estimate (`compiled.memory_analysis()`) and
+refuses, with a one-line UserError, a step that cannot fit the device (`device_memory_limit`).
+
+Test-only fault hooks (`DBA_FAULT`, see `fault_points`): `nan_loss_at:K` / `nan_grad_at:K` make
+the loss / the gradients of step K (1-based, as logged) NaN inside the jitted step, so the
+non-finite handling can be tested deterministically. Unset, they add nothing to the step.
 """
 
 from __future__ import annotations
@@ -22,6 +35,7 @@ import numpy as np
 import optax
 from flax import nnx
 
+from dba.errors import UserError
 from jax_model.model import DBAModel, cross_entropy
 from train import sharding
 from train.grad_norms import group_grad_norms
@@ -29,6 +43,87 @@ from train.optim import _find_hparams
 
 
 _MALLOC_TUNED: bool | None = None
+
+FAULT_ENV = "DBA_FAULT"
+FAULT_RING = 16  # the device keeps the step and kind of this many latest non-finite steps
+NONFINITE_LOSS, NONFINITE_GRAD = 1, 2  # bits of a non-finite step's kind
+
+
+def fault_points(name: str) -> set[int]:
+    """TEST-ONLY fault injection: the steps given to hook `name` in the DBA_FAULT environment
+    variable, a comma-separated list of `hook:step` (e.g. `nan_loss_at:5,kill_in_save:8`).
+
+    Hooks (read where they act): nan_loss_at / nan_grad_at (here), kill_in_save / enospc_in_save /
+    kill_after_save (train/checkpointing.py), pause_at_step (train/loop.py). Used by
+    tests/test_faults.py to inject crashes, disk-full errors and NaNs at exact points of a real
+    run; never set it for real training.
+    """
+    out: set[int] = set()
+    for item in os.environ.get(FAULT_ENV, "").split(","):
+        hook, _, arg = item.strip().partition(":")
+        if hook == name:
+            try:
+                out.add(int(arg))
+            except ValueError:
+                raise UserError(f"{FAULT_ENV}: bad item {item.strip()!r} (expected {name}:STEP)", 2) from None
+    return out
+
+
+def nonfinite_kind_text(kind: int) -> str:
+    parts = [n for bit, n in ((NONFINITE_LOSS, "loss"), (NONFINITE_GRAD, "grad_norm")) if kind & bit]
+    return " and ".join(parts) or "unknown"
+
+
+def fmt_bytes(n: float) -> str:
+    if n >= 2**30:
+        return f"{n / 2**30:.2f} GiB"
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
+
+
+def host_memory_bytes() -> int | None:
+    """The memory this host may give the process: physical RAM, capped by a cgroup limit."""
+    total = None
+    try:
+        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        pass
+    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
+        try:
+            with open(path) as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        if text.isdigit() and int(text) < 2**60:  # "max" / a huge number: no limit
+            total = int(text) if total is None else min(total, int(text))
+    return total
+
+
+def device_memory_limit(device: Any) -> int | None:
+    """Bytes the train step may use on `device`: the allocator's `bytes_limit` where the platform
+    reports one (GPU, TPU); on CPU the host memory (`host_memory_bytes`, shared by all CPU
+    devices of the process); None where unknown (then nothing is checked)."""
+    try:
+        stats = device.memory_stats()
+    except Exception:  # noqa: BLE001 (platforms without allocator stats)
+        stats = None
+    if stats and stats.get("bytes_limit"):
+        return int(stats["bytes_limit"])
+    if getattr(device, "platform", None) == "cpu":
+        return host_memory_bytes()
+    return None
+
+
+def compiled_memory_bytes(compiled: Any) -> int | None:
+    """Per-device bytes a compiled executable needs: arguments + outputs - outputs aliased to
+    (donated) arguments + temporaries + generated code; None where XLA gives no analysis."""
+    try:
+        m = compiled.memory_analysis()
+    except Exception:  # noqa: BLE001
+        return None
+    if m is None:
+        return None
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes - m.alias_size_in_bytes
+               + m.temp_size_in_bytes + getattr(m, "generated_code_size_in_bytes", 0))
 
 
 def tune_host_malloc() -> bool:
@@ -113,11 +208,17 @@ class Stepper:
         self.eval_trace_count = 0
         self.compile_s = 0.0
         self._compiled: dict[tuple, Any] = {}
+        self.memory_bytes: dict[tuple, int] = {}  # compiled estimate per batch shape
+        self.memory_limit: int | None = None
+        self.faults = self._fault_record(0)
+        # TEST-ONLY hooks (DBA_FAULT): steps (1-based) whose loss / gradients are made NaN.
+        self._nan_loss_at = sorted(fault_points("nan_loss_at"))
+        self._nan_grad_at = sorted(fault_points("nan_grad_at"))
         # Explicit layouts in and out: the updated state keeps its sharding step after step (and
         # donation can reuse the buffers); metrics (a dict) come back replicated.
         p_sh, o_sh, b_sh, r_sh = self.param_sharding, self.opt_sharding, self.batch_sharding, self.replicated
-        self._train = jax.jit(self._train_impl, in_shardings=(p_sh, o_sh, b_sh, b_sh, r_sh),
-                              out_shardings=(p_sh, o_sh, r_sh), donate_argnums=(0, 1) if donate else ())
+        self._train = jax.jit(self._train_impl, in_shardings=(p_sh, o_sh, r_sh, b_sh, b_sh, r_sh),
+                              out_shardings=(p_sh, o_sh, r_sh, r_sh), donate_argnums=(0, 1, 2) if donate else ())
         self._eval = jax.jit(self._eval_impl, in_shardings=(p_sh, b_sh, b_sh), out_shardings=r_sh)
 
     # -- pure functions ------------------------------------------------------------------
@@ -128,7 +229,18 @@ class Stepper:
         logits = model.forward(x_BT, deterministic=deterministic)
         return cross_entropy(logits, y_BT)
 
-    def _train_impl(self, params, opt_state, x_ABT, y_ABT, step):
+    def _fault_record(self, count: int) -> dict[str, jax.Array]:
+        rec = {"count": np.int32(count), "steps": np.zeros(FAULT_RING, np.int32),
+               "kinds": np.zeros(FAULT_RING, np.int32)}
+        return jax.device_put(rec, self.replicated)
+
+    @staticmethod
+    def _poison(step, steps: list[int]):
+        """NaN at the listed (1-based) steps, else 1 (test-only, DBA_FAULT)."""
+        hit = jnp.any(step + 1 == jnp.asarray(steps, jnp.int32))
+        return jnp.where(hit, jnp.float32(jnp.nan), jnp.float32(1.0))
+
+    def _train_impl(self, params, opt_state, faults, x_ABT, y_ABT, step):
         self.trace_count += 1  # runs only while tracing
         n_micro = x_ABT.shape[0]
         base_key = jax.random.fold_in(jax.random.key(self.seed), step)
@@ -154,13 +266,31 @@ class Stepper:
                                              (jnp.arange(n_micro), x_ABT, y_ABT))
             grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), g_sum, params)
             loss = l_sum / n_micro
+        if self._nan_loss_at:  # test-only (DBA_FAULT): the gradients stay finite
+            loss = loss * self._poison(step, self._nan_loss_at)
+        if self._nan_grad_at:  # test-only (DBA_FAULT): the loss stays finite
+            bad = self._poison(step, self._nan_grad_at)
+            grads = jax.tree.map(lambda g: g * bad.astype(g.dtype), grads)
         grad_norm = optax.global_norm(grads)
         group_norms = group_grad_norms(grads, self.decoupled)
-        updates, opt_state = self.tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        updates, new_opt_state = self.tx.update(grads, opt_state, params)
+        new_params = optax.apply_updates(params, updates)
+        # A non-finite step applies nothing: old parameters and optimizer state, selected on the
+        # device (like optax.apply_if_finite, without changing the optimizer state's structure).
+        loss_ok, grad_ok = jnp.isfinite(loss), jnp.isfinite(grad_norm)
+        ok = loss_ok & grad_ok
+        keep = lambda new, old: jnp.where(ok, new, old)  # noqa: E731
+        params = jax.tree.map(keep, new_params, params)
+        opt_state = jax.tree.map(keep, new_opt_state, opt_state)
+        kind = (jnp.where(loss_ok, 0, NONFINITE_LOSS) + jnp.where(grad_ok, 0, NONFINITE_GRAD)).astype(jnp.int32)
+        slot = faults["count"] % FAULT_RING
+        faults = {"count": faults["count"] + jnp.where(ok, 0, 1).astype(jnp.int32),
+                  "steps": jnp.where(ok, faults["steps"], faults["steps"].at[slot].set(step + 1)),
+                  "kinds": jnp.where(ok, faults["kinds"], faults["kinds"].at[slot].set(kind))}
         hp = _find_hparams(opt_state)
         lr = jnp.asarray(hp["learning_rate"], jnp.float32) if hp and "learning_rate" in hp else jnp.float32(0)
-        return params, opt_state, {"loss": loss, "grad_norm": grad_norm, "lr": lr, **group_norms}
+        return params, opt_state, faults, {"loss": loss, "grad_norm": grad_norm, "lr": lr,
+                                           "nonfinite_count": faults["count"], **group_norms}
 
     def _eval_impl(self, params, x_NBT, y_NBT):
         self.eval_trace_count += 1
@@ -181,24 +311,68 @@ class Stepper:
         return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local_ABT))
 
     def compile_for(self, x_ABT, y_ABT) -> float:
-        """Ahead-of-time compile the train step for this batch shape; returns seconds (0 if cached)."""
+        """Ahead-of-time compile the train step for this batch shape (arrays, or int32
+        jax.ShapeDtypeStructs of the global (A, B, T) shape); returns seconds (0 if cached).
+        Raises a UserError (exit 1) when the compiled step cannot fit in device memory."""
         key = tuple(x_ABT.shape)
         if key in self._compiled:
             return 0.0
         sharding.check_batch(sharding.mesh_shape(self.mesh), int(x_ABT.shape[1]), "the batch size")
         t0 = time.perf_counter()
-        self._compiled[key] = self._train.lower(self.params, self.opt_state, x_ABT, y_ABT,
-                                                np.int32(0)).compile()
+        compiled = self._train.lower(self.params, self.opt_state, self.faults, x_ABT, y_ABT,
+                                     np.int32(0)).compile()
         dt = time.perf_counter() - t0
         self.compile_s += dt
+        self._check_memory(compiled, key)
+        self._compiled[key] = compiled
         return dt
+
+    def _check_memory(self, compiled: Any, key: tuple) -> None:
+        """Refuse a step whose compiled per-device estimate exceeds the device's memory (CPU
+        devices of one process share the host's memory, so there the estimate counts once per
+        local device of the mesh)."""
+        need = compiled_memory_bytes(compiled)
+        if need is None:
+            return
+        self.memory_bytes[key] = need
+        local = [d for d in self.mesh.devices.flat if d.process_index == jax.process_index()]
+        device = local[0] if local else jax.local_devices()[0]
+        limit = device_memory_limit(device)
+        self.memory_limit = limit
+        if limit is None:
+            return
+        shared = device.platform == "cpu" and len(local) > 1
+        total = need * len(local) if shared else need
+        if total > limit:
+            a, b, t = key
+            where = (f"x {len(local)} CPU devices = ~{fmt_bytes(total)}, but the host has {fmt_bytes(limit)}"
+                     if shared else f"but the {device.platform} device has {fmt_bytes(limit)}")
+            raise UserError(
+                f"the train step for batch {b} x seq {t} x accum {a} needs ~{fmt_bytes(need)} per device "
+                f"(compiled estimate) {where}; reduce --batch-size (and raise --grad-accum to keep the "
+                f"global batch), the sequence length or the model, or try --grad-checkpoint or --mesh fsdp=N", 1)
 
     def train_step(self, x_ABT, y_ABT, step: int) -> dict[str, jax.Array]:
         """One optimizer step (async: nothing is fetched from the device)."""
         self.compile_for(x_ABT, y_ABT)
         fn = self._compiled[tuple(x_ABT.shape)]
-        self.params, self.opt_state, metrics = fn(self.params, self.opt_state, x_ABT, y_ABT, np.int32(step))
+        self.params, self.opt_state, self.faults, metrics = fn(self.params, self.opt_state, self.faults,
+                                                               x_ABT, y_ABT, np.int32(step))
         return metrics
+
+    def set_nonfinite_count(self, count: int) -> None:
+        """Start the non-finite step count at `count` (a resumed run continues its count)."""
+        self.faults = self._fault_record(int(count))
+
+    def nonfinite_record(self) -> tuple[int, list[tuple[int, int]]]:
+        """(count, [(step, kind), ...] of the last min(count, FAULT_RING) non-finite steps, oldest
+        first). Fetches a few bytes from the device: call it where the loop syncs anyway."""
+        f = jax.device_get(self.faults)
+        count = int(f["count"])
+        out = []
+        for i in range(max(0, count - FAULT_RING), count):
+            out.append((int(f["steps"][i % FAULT_RING]), int(f["kinds"][i % FAULT_RING])))
+        return count, out
 
     def eval_loss(self, x_NBT, y_NBT) -> jax.Array:
         return self._eval(self.params, x_NBT, y_NBT)
