@@ -142,8 +142,8 @@ def _timed(step, n_warmup: int, n_steps: int) -> tuple[float, list[float]]:
     return warm, times
 
 
-def bench_jax(cfg: ModelConfig, args: argparse.Namespace, batches) -> dict:
-    import jax
+def _jax_stepper(cfg: ModelConfig, args: argparse.Namespace, mesh=None):
+    """`dba train`'s Stepper for the benchmark's dtypes and optimizer (on `mesh` when given)."""
     import jax.numpy as jnp
     from flax import nnx
 
@@ -152,13 +152,16 @@ def bench_jax(cfg: ModelConfig, args: argparse.Namespace, batches) -> dict:
     from train.step import Stepper
 
     param = jnp.bfloat16 if args.param_dtype == "bf16" else jnp.float32
-    compute = jnp.bfloat16 if args.amp else param
-    model = DBAModel(cfg, rngs=nnx.Rngs(args.seed), dtype=compute, param_dtype=param)
+    model = DBAModel(cfg, rngs=nnx.Rngs(args.seed), dtype=jnp.bfloat16 if args.amp else param, param_dtype=param)
     tx = build_optimizer(args.optimizer, lr=3e-4, total_steps=10_000, weight_decay=0.1, grad_clip=1.0)
-    stepper = Stepper(model, tx, seed=args.seed)
-    del model
-    xs = [jax.device_put(x) for x, _ in batches]
-    ys = [jax.device_put(y) for _, y in batches]
+    return Stepper(model, tx, seed=args.seed, mesh=mesh)
+
+
+def _time_stepper(stepper, xs: list, ys: list, args: argparse.Namespace):
+    """Compile, then time `args.steps` train steps after `args.warmup` untimed ones, cycling the
+    batches; (compile_s, warmup_s, step times, step) where `step()` runs one more step."""
+    import jax
+
     compile_s = stepper.compile_for(xs[0], ys[0])
     i = [0]
 
@@ -170,6 +173,16 @@ def bench_jax(cfg: ModelConfig, args: argparse.Namespace, batches) -> dict:
         return m
 
     warm, times = _timed(step, args.warmup, args.steps)
+    return compile_s, warm, times, step
+
+
+def bench_jax(cfg: ModelConfig, args: argparse.Namespace, batches) -> dict:
+    import jax
+
+    stepper = _jax_stepper(cfg, args)
+    xs = [jax.device_put(x) for x, _ in batches]
+    ys = [jax.device_put(y) for _, y in batches]
+    compile_s, warm, times, step = _time_stepper(stepper, xs, ys, args)
     loss = float(step()["loss"])
     return {"compile_s": compile_s, "warmup_s": warm, "step_s": times, "final_loss": loss,
             "jax": jax.__version__, "devices": str(jax.devices())}
@@ -287,34 +300,15 @@ def _mib(n: float) -> str:
 def bench_mesh(cfg: ModelConfig, args: argparse.Namespace, batches, mesh_text: str) -> dict:
     """The `dba train` step on one mesh: timing, compiled per-device memory, state bytes per device."""
     import jax
-    import jax.numpy as jnp
-    from flax import nnx
 
-    from jax_model import DBAModel
     from train import sharding
-    from train.optim import build_optimizer
-    from train.step import Stepper
 
     mesh = sharding.make_mesh(sharding.parse_mesh(mesh_text))
-    param = jnp.bfloat16 if args.param_dtype == "bf16" else jnp.float32
-    model = DBAModel(cfg, rngs=nnx.Rngs(args.seed), dtype=jnp.bfloat16 if args.amp else param, param_dtype=param)
-    tx = build_optimizer(args.optimizer, lr=3e-4, total_steps=10_000, weight_decay=0.1, grad_clip=1.0)
-    stepper = Stepper(model, tx, seed=args.seed, mesh=mesh)
-    del model
+    stepper = _jax_stepper(cfg, args, mesh)
     xs = [stepper.put_batch(x) for x, _ in batches]
     ys = [stepper.put_batch(y) for _, y in batches]
-    compile_s = stepper.compile_for(xs[0], ys[0])
+    compile_s, warm, times, step = _time_stepper(stepper, xs, ys, args)
     mem = stepper._compiled[tuple(xs[0].shape)].memory_analysis()
-    i = [0]
-
-    def step():
-        k = i[0] % len(xs)
-        m = stepper.train_step(xs[k], ys[k], i[0])
-        jax.block_until_ready((m, stepper.params))
-        i[0] += 1
-        return m
-
-    warm, times = _timed(step, args.warmup, args.steps)
 
     def get(name: str) -> int:  # memory_analysis() may be None on some backends
         return int(getattr(mem, name, 0) or 0)

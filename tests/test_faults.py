@@ -115,17 +115,6 @@ def compilation_cache(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A learnable toy stream of uint16 ids, vocab 97, saved as .npy."""
-    rng = np.random.default_rng(0)
-    base = np.arange(20_000) * 7 % 97
-    toks = np.where(rng.random(20_000) < 0.2, rng.integers(0, 97, 20_000), base).astype(np.uint16)
-    path = tmp_path_factory.mktemp("data") / "toy.npy"
-    np.save(path, toks)
-    return path
-
-
-@pytest.fixture(scope="module")
 def straight(data, tmp_path_factory):
     """The uninterrupted run every faulted run must reproduce."""
     out = tmp_path_factory.mktemp("runs") / "straight"

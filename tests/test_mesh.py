@@ -156,16 +156,6 @@ def dba_train(*args, devices=1, cwd=None, **popen):
                           timeout=300, check=False)
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    base = np.arange(20_000) * 7 % 97
-    toks = np.where(rng.random(20_000) < 0.2, rng.integers(0, 97, 20_000), base).astype(np.uint16)
-    path = tmp_path_factory.mktemp("data") / "toy.npy"
-    np.save(path, toks)
-    return path
-
-
 @pytest.mark.parametrize("args,devices,needle", [
     (["--mesh", "data=8", "--batch-size", 12], 1, "--batch-size 12 is not divisible by the mesh's batch axes"),
     (["--mesh", "model=2"], 1, "unknown axis 'model'"),

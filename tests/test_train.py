@@ -47,17 +47,6 @@ def losses(run_dir, event="train", key="loss"):
     return out
 
 
-@pytest.fixture(scope="module")
-def data(tmp_path_factory):
-    """A learnable toy stream of uint16 ids, vocab 97, saved as .npy."""
-    rng = np.random.default_rng(0)
-    base = np.arange(20_000) * 7 % 97
-    toks = np.where(rng.random(20_000) < 0.2, rng.integers(0, 97, 20_000), base).astype(np.uint16)
-    path = tmp_path_factory.mktemp("data") / "toy.npy"
-    np.save(path, toks)
-    return path
-
-
 # ---- end to end with the seed's flags, scaled to a toy; it doubles as the straight run -----
 
 SEED_FLAGS = ["--mode", "train", "--device", "cpu", "--data-format", "npy", "--vocab-size", 97, *TOY,

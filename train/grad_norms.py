@@ -17,18 +17,10 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
+from train.sharding import path_names
+
 _SEM = ("q_sem", "k_sem", "k_sem_null")
 _GEO = ("q_geo", "k_geo", "k_geo_null")
-
-
-def _names(path) -> list[str]:
-    out = []
-    for k in path:
-        for attr in ("key", "name", "idx"):
-            if hasattr(k, attr):
-                out.append(str(getattr(k, attr)))
-                break
-    return out
 
 
 def param_groups(names: list[str], decoupled: bool) -> list[str]:
@@ -58,7 +50,7 @@ def group_grad_norms(grads: Any, decoupled: bool) -> dict[str, jax.Array]:
     sq = {g: jnp.zeros((), jnp.float32) for g in group_names(decoupled)}
     for path, leaf in jax.tree_util.tree_flatten_with_path(grads)[0]:
         s = None
-        for g in param_groups(_names(path), decoupled):
+        for g in param_groups(path_names(path), decoupled):
             if s is None:
                 s = jnp.sum(jnp.square(leaf.astype(jnp.float32)))
             sq[g] = sq[g] + s
