@@ -54,3 +54,25 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
     if path:
         Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
         print(f"\nwrote {path}")
+
+
+def torch_device(name: str) -> str:
+    """`--device auto` -> cuda, then mps, when present, else cpu; a named device must exist."""
+    import torch
+
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
+    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
+        raise SystemExit(f"--device {name}: torch sees no such device here")
+    if name not in ("cpu", "cuda", "mps"):
+        raise SystemExit(f"--device {name!r}: choose auto, cpu, cuda or mps")
+    return name
+
+
+def torch_sync(device: str) -> None:
+    import torch
+
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elif device == "mps":
+        torch.mps.synchronize()

@@ -27,7 +27,7 @@ import time
 
 import numpy as np
 
-from bench.common import machine, named_config, print_table, write_json
+from bench.common import machine, named_config, print_table, torch_device, torch_sync, write_json
 from dba.config import ModelConfig
 from dba.kvspec import KVPolicy, human_bytes, kv_bytes
 
@@ -39,13 +39,19 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--kinds", default="fp16,q8_0,q4_0,nf4")
     p.add_argument("--new-tokens", type=int, default=32)
     p.add_argument("--prefill-chunk", type=int, default=2048)
-    p.add_argument("--decode-block", type=int, default=1024)
+    p.add_argument("--decode-block", type=int, default=1024,
+                   help="cache positions per block of cached attention (>= context + new tokens: one block, no loop)")
+    p.add_argument("--prefill-block", type=int, default=0,
+                   help="the same for the prefill's later chunks (0: --decode-block)")
     p.add_argument("--residual", type=int, default=128)
     p.add_argument("--backends", default="jax,torch")
     p.add_argument("--repeats", type=int, default=3, help="timed runs per case (median reported)")
     p.add_argument("--quick", action="store_true", help="contexts 1024,8192, kinds q4_0,fp16, 1 repeat")
     p.add_argument("--malloc-tuning", choices=("jax", "all", "none"), default="jax",
                    help="which backends run with train.step.tune_host_malloc")
+    p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and activations")
+    p.add_argument("--device", default="auto",
+                   help="torch's device: auto (cuda, then mps, when present; else cpu), cpu, cuda, mps")
     p.add_argument("--json", default=None, help="also write the results here")
 
 
@@ -59,14 +65,15 @@ def bench_jax(cfg: ModelConfig, policy: KVPolicy, ctx: int, args) -> dict:
     from jax_model.sampling import _token_loop
 
     new, chunk, block = args.new_tokens, args.prefill_chunk, args.decode_block
-    model = jax_model.DBAModel(cfg)
+    dt = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
+    model = jax_model.DBAModel(cfg, dtype=dt, param_dtype=dt)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, ctx)), jnp.int32)
 
     def fill():
         cache = kvc.init_cache(cfg, policy, 1, ctx + new)
         for s in range(0, ctx, chunk):
-            logits, cache = prefill(model, cache, tokens[:, s:s + chunk], fresh=s == 0, decode_block=block,
-                                    last_only=True)
+            logits, cache = prefill(model, cache, tokens[:, s:s + chunk], fresh=s == 0,
+                                    decode_block=args.prefill_block or block, last_only=True)
         return jax.block_until_ready((logits, cache))
 
     def decode(logits, cache):  # consumes the cache (donated): every run refills it
@@ -99,20 +106,24 @@ def bench_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, args) -> dict:
     from torch_ref.sampling import sample_next
 
     new, chunk, block = args.new_tokens, args.prefill_chunk, args.decode_block
-    model = torch_ref.DBAModel(cfg).eval()
-    tokens = torch.as_tensor(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, ctx)))
+    device = torch_device(args.device)
+    model = torch_ref.DBAModel(cfg).eval().to(device=device, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
+    tokens = torch.as_tensor(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, ctx))).to(device)
 
     def run() -> tuple[float, float, int]:
+        torch_sync(device)
         t0 = time.perf_counter()
-        cache = kvc.init_cache(cfg, policy, 1, ctx + new)
+        cache = kvc.init_cache(cfg, policy, 1, ctx + new, device=device)
         for s in range(0, ctx, chunk):
-            logits = forward_cached(model, cache, tokens[:, s:s + chunk], fresh=s == 0, decode_block=block,
-                                    last_only=True)
+            logits = forward_cached(model, cache, tokens[:, s:s + chunk], fresh=s == 0,
+                                    decode_block=args.prefill_block or block, last_only=True)
         logits = logits[:, -1]
+        torch_sync(device)
         t1 = time.perf_counter()
         for _ in range(new):
             tok = sample_next(logits, None, 0.0, None, None)
             logits = forward_cached(model, cache, tok[:, None], fresh=False, decode_block=block)[:, 0]
+        torch_sync(device)
         return t1 - t0, time.perf_counter() - t1, kvc.nbytes(cache)
 
     with torch.no_grad():
@@ -121,11 +132,42 @@ def bench_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, args) -> dict:
         warm = time.perf_counter() - t0
         times = [run()[:2] for _ in range(args.repeats)]
     return {"prefill_s": [t[0] for t in times], "decode_s": [t[1] for t in times], "warmup_s": warm,
-            "cache_bytes": cache_bytes}
+            "cache_bytes": cache_bytes, "device": device}
 
 
-def _child(backend: str, cfg: ModelConfig, cases: list, args) -> list[dict]:
-    """Every (ctx, kind) case of one backend, in a fresh process."""
+def copy_bandwidth(backend: str, args) -> float:
+    """Device memory bandwidth in GB/s, bytes read + written by an elementwise pass over 1 GiB
+    (256 MiB on a CPU), best of 5: the yardstick 'time to read the cache once' is measured with."""
+    if backend == "jax":
+        import jax
+        import jax.numpy as jnp
+
+        cpu = jax.default_backend() == "cpu"
+        x = jnp.ones(((64 if cpu else 256) * 2**20,), jnp.float32)
+        f = jax.jit(lambda a: a * 1.5 + 1.0)
+        run, sync = (lambda: f(x)), (lambda y: y.block_until_ready())
+    else:
+        import torch
+
+        device = torch_device(args.device)
+        cpu = device == "cpu"
+        x = torch.ones(((64 if cpu else 256) * 2**20,), dtype=torch.float32, device=device)
+        out = torch.empty_like(x)  # preallocated: one read and one write per element
+        run, sync = (lambda: torch.mul(x, 1.5, out=out)), (lambda y: torch_sync(device))
+    sync(run())
+    calls = 1 if cpu else 10
+    best = float("inf")
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(calls):
+            y = run()
+        sync(y)
+        best = min(best, (time.perf_counter() - t0) / calls)
+    return 2 * x.nbytes / best / 1e9
+
+
+def _child(backend: str, cfg: ModelConfig, cases: list, args) -> dict:
+    """Every (ctx, kind) case of one backend, in a fresh process, and its memory bandwidth."""
     if args.malloc_tuning in ("all", backend):
         from train.step import tune_host_malloc
 
@@ -137,7 +179,9 @@ def _child(backend: str, cfg: ModelConfig, cases: list, args) -> list[dict]:
         out.append({"ctx": ctx, "kind": kind, **r})
         print(f"  {backend} ctx={ctx} kind={kind}: decode {args.new_tokens / statistics.median(r['decode_s']):,.1f} "
               f"tok/s", flush=True)
-    return out
+    bw = copy_bandwidth(backend, args)
+    print(f"  {backend} memory bandwidth (read + write): {bw:,.1f} GB/s", flush=True)
+    return {"cases": out, "bandwidth_GB_s": bw}
 
 
 def run(args: argparse.Namespace) -> int:
@@ -161,23 +205,35 @@ def run(args: argparse.Namespace) -> int:
     for i, (ctx, kind) in enumerate(cases):
         read = kv_bytes(cfg, ctx, 1, KVPolicy(kind=kind, residual=args.residual))["total_bytes"]
         for backend in backends:
-            r = by_backend[backend][i]
+            r = by_backend[backend]["cases"][i]
+            bw = by_backend[backend]["bandwidth_GB_s"]
             pre, dec = statistics.median(r["prefill_s"]), statistics.median(r["decode_s"])
+            one_read_s = read / (bw * 1e9)
             res = {"backend": backend, **r, "prefill_s_median": pre, "decode_s_median": dec,
                    "prefill_tok_s": ctx / pre, "decode_tok_s": new / dec, "tok_s_incl_prefill": new / (pre + dec),
-                   "bytes_read_per_token": read, "effective_GB_s": read * new / dec / 1e9}
+                   "bytes_read_per_token": read, "effective_GB_s": read * new / dec / 1e9,
+                   "bandwidth_GB_s": bw, "one_cache_read_s": one_read_s,
+                   "decode_step_over_one_read": dec / new / one_read_s}
             results.append(res)
             rows.append([ctx, kind, backend, f"{res['prefill_tok_s']:,.0f}", f"{res['decode_tok_s']:,.1f}",
                          f"{res['tok_s_incl_prefill']:,.1f}", human_bytes(read), f"{res['effective_GB_s']:.2f}",
-                         human_bytes(r["cache_bytes"]), f"{r['warmup_s']:.1f}"])
+                         f"{1e3 * dec / new:.3f}", f"{1e3 * one_read_s:.3f}",
+                         f"{res['decode_step_over_one_read']:.1f}", human_bytes(r["cache_bytes"]),
+                         f"{r['warmup_s']:.1f}"])
     title = (f"Decode, config {args.config} ({'no ' if args.no_null_attn else ''}null attn), batch 1, "
-             f"{new} new tokens, prefill chunk {args.prefill_chunk}, decode block {args.decode_block}, "
+             f"{new} new tokens, prefill chunk {args.prefill_chunk}, decode block {args.decode_block}"
+             + (f", prefill block {args.prefill_block}" if args.prefill_block else "") + ", "
              f"median of {args.repeats}")
     print_table(title, ["ctx", "kind", "backend", "prefill tok/s", "decode tok/s", "tok/s incl. prefill",
-                        "cache read/token", "eff. GB/s", "cache size", "warm-up s"], rows)
+                        "cache read/token", "eff. GB/s", "ms/token", "1 read ms", "x 1 read", "cache size",
+                        "warm-up s"], rows)
+    print("1 read ms: the cache's bytes over the measured memory bandwidth ("
+          + ", ".join(f"{b} {by_backend[b]['bandwidth_GB_s']:,.0f} GB/s" for b in backends)
+          + "); x 1 read: decode ms/token over that")
     write_json(args.json, {"bench": "decode", "config": cfg.to_dict(), "machine": machine(),
                            "new_tokens": new, "prefill_chunk": args.prefill_chunk,
                            "decode_block": args.decode_block, "malloc_tuning": args.malloc_tuning,
+                           "dtype": args.dtype,
                            "results": results})
     return 0
 

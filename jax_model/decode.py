@@ -137,8 +137,10 @@ def cached_attend(attn: Attention, q_BHTD: jax.Array, streams: dict, q_start: ja
         valid = (k_pos >= nominal) & (k_pos < store_end)
         return update(carry, block, valid[None, :] & (k_pos[None, :] <= q_pos[:, None]))
 
-    n_blocks = (store_end + blk - 1) // blk
-    carry = jax.lax.fori_loop(0, n_blocks, body, (m0, l0, acc0))
+    if blk == max_len:  # one block covers the cache: no loop (on a GPU each trip costs a host sync)
+        carry = body(0, (m0, l0, acc0))
+    else:
+        carry = jax.lax.fori_loop(0, (store_end + blk - 1) // blk, body, (m0, l0, acc0))
     if r:
         w_pos = kvc.window_positions(r, length)
         block = {name: kvc.read_window(s, r, length) for name, s in streams.items()}

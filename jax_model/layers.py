@@ -13,11 +13,13 @@ backward that keeps XLA:CPU on its fast matmul path (see `dense`).
 from __future__ import annotations
 
 import math
+import os
 
 import jax
 import jax.numpy as jnp
 
 from dba.config import ModelConfig
+from dba.errors import UserError
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)
 
@@ -42,6 +44,11 @@ def _dot(a: jax.Array, b: jax.Array, contract_b: int) -> jax.Array:
     return out.astype(a.dtype)
 
 
+def dot_rows(a: jax.Array, b_KO: jax.Array) -> jax.Array:
+    """a (M, K) @ b (K, O) with b contracted on its rows, fp32 accumulation, in a's dtype."""
+    return _dot(a, b_KO, 0)
+
+
 def _swap(x: jax.Array) -> jax.Array:
     """The last two dims transposed and materialised (the barrier stops XLA folding it away)."""
     return jax.lax.optimization_barrier(jnp.swapaxes(x, -1, -2))
@@ -59,7 +66,11 @@ def tn_matmul(a: jax.Array, b: jax.Array) -> jax.Array:
         return jnp.einsum("...na,...nb->...ab", a, b, preferred_element_type=jnp.float32)
     if a.shape[-1] <= b.shape[-1]:
         return jnp.matmul(_swap(a), b, preferred_element_type=jnp.float32)
-    return _swap(jnp.matmul(_swap(b), a, preferred_element_type=jnp.float32))
+    # The barrier sits between the dot and the transpose back: XLA would otherwise fold that
+    # transpose into the dot as a contraction over the rows of `a`, the slow path again (the
+    # tied output's weight gradient: 68 -> 44 ms on config A).
+    return jnp.swapaxes(jax.lax.optimization_barrier(
+        jnp.matmul(_swap(b), a, preferred_element_type=jnp.float32)), -1, -2)
 
 
 @jax.custom_vjp
@@ -80,23 +91,49 @@ def _dense_bwd(res, dy_NO):
 _dense_cpu.defvjp(_dense_fwd, _dense_bwd)
 
 
+# The tied output projection: its logits gradient arrives in fp32 (the loss is fp32) and is cast
+# to the operands' dtype before its two matmuls, so under bf16 compute they run as bf16 GEMMs
+# (autodiff would run them in fp32). On accelerators the vocab is zero-padded to a multiple of
+# VOCAB_PAD for the matmuls: an odd vocab (50257) leaves cuBLAS with unaligned, slow kernels.
+def _env_int(name: str, default: int) -> int:
+    value = os.environ.get(name, str(default))
+    if not value.strip().isdigit():
+        raise UserError(f"{name}={value!r}: expected a non-negative integer")
+    return int(value)
+
+
+VOCAB_PAD = _env_int("DBA_VOCAB_PAD", 128)
+
+
+def vocab_pad(n_vocab: int) -> int:
+    """Zero rows appended to a (V, E) output projection for its matmuls (0 on CPU)."""
+    return 0 if _on_cpu() or VOCAB_PAD <= 1 else -n_vocab % VOCAB_PAD
+
+
 @jax.custom_vjp
-def _dense_t_cpu(x_NI: jax.Array, w_OI: jax.Array) -> jax.Array:
-    return jax.lax.dot_general(x_NI, w_OI, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+def _dense_t(x_NI: jax.Array, w_OI: jax.Array) -> jax.Array:
+    pad = vocab_pad(w_OI.shape[0])
+    w = jnp.pad(w_OI, ((0, pad), (0, 0))) if pad else w_OI
+    y = jax.lax.dot_general(x_NI, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+    return y[:, :w_OI.shape[0]] if pad else y
 
 
 def _dense_t_fwd(x_NI, w_OI):
-    return _dense_t_cpu(x_NI, w_OI), (x_NI, w_OI)
+    return _dense_t(x_NI, w_OI), (x_NI, w_OI)
 
 
 def _dense_t_bwd(res, dy_NO):
     x_NI, w_OI = res
     dy_NO = dy_NO.astype(x_NI.dtype)
+    pad = vocab_pad(w_OI.shape[0])
+    if pad:
+        dy_NO, w = jnp.pad(dy_NO, ((0, 0), (0, pad))), jnp.pad(w_OI, ((0, pad), (0, 0)))
+        return _dot(dy_NO, w, 0), tn_matmul(dy_NO, x_NI)[:w_OI.shape[0]].astype(w_OI.dtype)
     # tn_matmul transposes x and the (O, I) product, never the (N, O) logits gradient.
     return _dot(dy_NO, w_OI, 0), tn_matmul(dy_NO, x_NI).astype(w_OI.dtype)
 
 
-_dense_t_cpu.defvjp(_dense_t_fwd, _dense_t_bwd)
+_dense_t.defvjp(_dense_t_fwd, _dense_t_bwd)
 
 
 def dense(x: jax.Array, w_IO: jax.Array) -> jax.Array:
@@ -115,11 +152,7 @@ def dense_t(x: jax.Array, w_OI: jax.Array) -> jax.Array:
     """x (..., I) @ w (O, I)^T -> (..., O) in fp32: the tied output projection."""
     lead = x.shape[:-1]
     x2 = x.reshape(-1, x.shape[-1])
-    if _on_cpu():
-        y = _dense_t_cpu(x2, w_OI)
-    else:
-        y = jax.lax.dot_general(x2, w_OI, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return y.reshape(*lead, w_OI.shape[0])
+    return _dense_t(x2, w_OI).reshape(*lead, w_OI.shape[0])
 
 
 def rope_cos_sin(rot_dim: int, base: float, positions: jax.Array) -> tuple[jax.Array, jax.Array]:
@@ -285,6 +318,46 @@ def _attend_block(q: jax.Array, k_BKLD: jax.Array, v_BKLD: jax.Array, mask: jax.
     return jnp.einsum("bkgtl,bkld->bkgtd", p.astype(v_BKLD.dtype), v_BKLD)
 
 
+# -- fused attention on accelerators -------------------------------------------------------------
+# On a GPU the (T, T) score blocks of the XLA path above go through HBM several times per layer;
+# a fused (flash) kernel keeps them on chip. DBA_ATTENTION picks the implementation of fresh causal
+# attention without dropout or null key, read when a function is traced:
+#   auto  (default) cuDNN's fused kernel on a GPU with bf16/fp16 activations, else the XLA path;
+#   cudnn / xla     jax.nn.dot_product_attention with that implementation ("xla" is jax's
+#                   reference version, which runs anywhere: the tests compare it with ours);
+#   ours            always the XLA path above.
+ATTENTION_IMPLS = ("auto", "cudnn", "xla", "ours")
+
+
+def fused_attention_impl(dtype) -> str | None:
+    """The jax.nn.dot_product_attention implementation to use for `dtype` activations, or None."""
+    choice = os.environ.get("DBA_ATTENTION", "auto")
+    if choice not in ATTENTION_IMPLS:
+        raise UserError(f"DBA_ATTENTION={choice!r}: choose one of {', '.join(ATTENTION_IMPLS)}")
+    if choice == "auto":
+        fused = jax.default_backend() == "gpu" and dtype in (jnp.bfloat16, jnp.float16)
+        return "cudnn" if fused else None
+    return None if choice == "ours" else choice
+
+
+def fused_attend(q_BHTD: jax.Array, k_BKLD: jax.Array, v_BKLD: jax.Array, impl: str) -> jax.Array:
+    """Causal attention, scale 1, through jax.nn.dot_product_attention: (B, H, T, Dv) in v's dtype.
+
+    The decoupled head dims (e.g. 4 + 8 = 12) are zero-padded to one multiple of 8 for q, k and v
+    (cuDNN's rule); zeros add nothing to q.k and the padded output columns are dropped.
+    """
+    dqk, dv = q_BHTD.shape[-1], v_BKLD.shape[-1]
+    d = -(-max(dqk, dv) // 8) * 8
+
+    def btnh(x):
+        x = jnp.pad(x.astype(q_BHTD.dtype), [(0, 0)] * 3 + [(0, d - x.shape[-1])])
+        return x.transpose(0, 2, 1, 3)
+
+    out = jax.nn.dot_product_attention(btnh(q_BHTD), btnh(k_BKLD), btnh(v_BKLD), scale=1.0, is_causal=True,
+                                       implementation=impl)
+    return out[..., :dv].transpose(0, 2, 1, 3).astype(v_BKLD.dtype)
+
+
 def attend(q_BHTD: jax.Array, k_BKLD: jax.Array, v_BKLD: jax.Array,
            null_kv: tuple[jax.Array, jax.Array] | None,
            dropout=None, n_chunks: int = _N_CHUNKS) -> jax.Array:
@@ -295,6 +368,10 @@ def attend(q_BHTD: jax.Array, k_BKLD: jax.Array, v_BKLD: jax.Array,
     """
     b, h, t, _ = q_BHTD.shape
     n_kv, t_k = k_BKLD.shape[1], k_BKLD.shape[2]
+    if t == t_k and null_kv is None and dropout is None:
+        impl = fused_attention_impl(q_BHTD.dtype)
+        if impl is not None:
+            return fused_attend(q_BHTD, k_BKLD, v_BKLD, impl)
     q = group_queries(q_BHTD, n_kv)
     chunk = max(_MIN_CHUNK, -(-t // n_chunks))
     if t != t_k or t < 2 * chunk:

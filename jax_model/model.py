@@ -11,6 +11,7 @@ separate, so names and checkpoints are unchanged); the loss has a fused backward
 
 from __future__ import annotations
 
+import os
 from functools import partial
 
 import jax
@@ -18,7 +19,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dba.config import ModelConfig
-from jax_model.layers import apply_rope, attend, dense, dense_t, merge_heads, path_scales, rope_cos_sin, split_heads
+from dba.errors import UserError
+from jax_model.layers import (apply_rope, attend, dense, dense_t, dot_rows, merge_heads, path_scales, rope_cos_sin,
+                              split_heads, tn_matmul, vocab_pad)
 
 _init = nnx.initializers.normal(stddev=0.02)
 _FEW_ROWS = 16  # up to this many tokens the attention projections run as separate matmuls
@@ -229,15 +232,17 @@ class DBAModel(nnx.Module):
             x = self.emb_in(x)
         return x.astype(jnp.float32)
 
-    def unembed(self, x_BTC: jax.Array) -> jax.Array:
+    def _head_operands(self, x_BTC: jax.Array) -> tuple[jax.Array, jax.Array]:
+        """(final features (B, T, E), tied embedding (V, E)), both in the compute dtype."""
         x = self.ln_f(x_BTC)
         if self.emb_out is not None:
             x = self.emb_out(x)
-        emb = self.tok_emb.embedding[...]
-        return dense_t(x.astype(self.dtype), emb.astype(self.dtype))  # (B, T, V) fp32
+        return x.astype(self.dtype), self.tok_emb.embedding[...].astype(self.dtype)
 
-    def forward(self, idx_BT: jax.Array, deterministic: bool = True) -> jax.Array:
-        """The un-jitted forward, for use inside other transforms (train step, grads)."""
+    def unembed(self, x_BTC: jax.Array) -> jax.Array:
+        return dense_t(*self._head_operands(x_BTC))  # (B, T, V) fp32
+
+    def _trunk(self, idx_BT: jax.Array, deterministic: bool) -> jax.Array:
         positions = jnp.arange(idx_BT.shape[1])
         x = self.embed(idx_BT)
         for block in self.blocks:
@@ -245,7 +250,18 @@ class DBAModel(nnx.Module):
                 x = nnx.remat(lambda blk, h: blk(h, positions, deterministic))(block, x)
             else:
                 x = block(x, positions, deterministic)
-        return self.unembed(x)
+        return x
+
+    def forward(self, idx_BT: jax.Array, deterministic: bool = True) -> jax.Array:
+        """The un-jitted forward, for use inside other transforms (train step, grads)."""
+        return self.unembed(self._trunk(idx_BT, deterministic))
+
+    def loss(self, idx_BT: jax.Array, targets_BT: jax.Array, deterministic: bool = True) -> jax.Array:
+        """Mean next-token cross-entropy (fp32) of the un-jitted forward: the same value as
+        `cross_entropy(forward(idx), targets)`, with the output projection and the loss fused
+        (`linear_cross_entropy`) so training never keeps a separate (B, T, V) gradient."""
+        x, emb = self._head_operands(self._trunk(idx_BT, deterministic))
+        return linear_cross_entropy(x.reshape(-1, x.shape[-1]), emb, targets_BT.reshape(-1))
 
     def __call__(self, tokens, deterministic: bool = True) -> jax.Array:
         idx = jnp.asarray(tokens)
@@ -300,3 +316,81 @@ def _ce_bwd(res, g):
 
 
 _cross_entropy.defvjp(_ce_fwd, _ce_bwd)
+
+
+def linear_cross_entropy(x_NE: jax.Array, w_VE: jax.Array, targets_N: jax.Array) -> jax.Array:
+    """Mean cross-entropy of logits x @ w^T (fp32 accumulation) against targets, fused.
+
+    One pass over the fp32 (N, V) logits makes logsumexp and the picked logit; the backward turns
+    them into (softmax - onehot) / N already in the operands' dtype (bf16 GEMMs under mixed
+    precision) for the two matmuls. Apart from the fp32 logits the forward keeps, no (N, V) array
+    exists in fp32: on an H100 (seed config) the unfused head spent ~11 ms/step in elementwise
+    passes over them. On accelerators the vocab is zero-padded (`layers.vocab_pad`) and the pad
+    columns are masked out of the softmax. On a CPU the tokens go in `head_chunks()` independent
+    chunks, so XLA:CPU runs the head's big matmuls on all cores at once.
+    """
+    return _linear_ce(x_NE, w_VE, targets_N.astype(jnp.int32), head_chunks(x_NE.shape[0]))
+
+
+def head_chunks(n_tokens: int) -> int:
+    """Token chunks of the fused head: XLA:CPU runs independent ops concurrently, each dot on one
+    core, so one (N, V) matmul leaves the other cores idle (~125 of the 511 ms config A step on
+    2 cores). DBA_HEAD_CHUNKS overrides; accelerators use 1 (one large GEMM fills the device)."""
+    env = os.environ.get("DBA_HEAD_CHUNKS")
+    if env is not None:
+        if not env.strip().isdigit():
+            raise UserError(f"DBA_HEAD_CHUNKS={env!r}: expected a non-negative integer")
+        n = int(env)
+    else:
+        n = min(os.cpu_count() or 1, 8) if jax.default_backend() == "cpu" else 1
+    while n > 1 and n_tokens % n:
+        n -= 1
+    return max(n, 1)
+
+
+def _padded(w_VE: jax.Array) -> jax.Array:
+    pad = vocab_pad(w_VE.shape[0])
+    return jnp.pad(w_VE, ((0, pad), (0, 0))) if pad else w_VE
+
+
+def _chunks(a: jax.Array, n: int) -> list[jax.Array]:
+    size = a.shape[0] // n
+    return [a[i * size:(i + 1) * size] for i in range(n)]
+
+
+@partial(jax.custom_vjp, nondiff_argnums=(3,))
+def _linear_ce(x_NE, w_VE, targets_N, n_chunks):
+    return _linear_ce_fwd(x_NE, w_VE, targets_N, n_chunks)[0]
+
+
+def _linear_ce_fwd(x_NE, w_VE, targets_N, n_chunks):
+    n_vocab, w = w_VE.shape[0], _padded(w_VE)
+    residuals, total = [], 0.0
+    for x_c, t_c in zip(_chunks(x_NE, n_chunks), _chunks(targets_N, n_chunks)):
+        logits = jax.lax.dot_general(x_c, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+        real = logits if w.shape[0] == n_vocab else jnp.where(jnp.arange(w.shape[0]) < n_vocab, logits, -jnp.inf)
+        logz = jax.nn.logsumexp(real, axis=-1)
+        picked = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
+        total = total + jnp.sum(logz - picked)
+        residuals.append((logits, logz))
+    return total / targets_N.size, (x_NE, w_VE, targets_N, residuals)
+
+
+def _linear_ce_bwd(n_chunks, res, g):
+    x_NE, w_VE, targets_N, residuals = res
+    n_vocab, w = w_VE.shape[0], _padded(w_VE)
+    cols = jnp.arange(w.shape[0])
+    dxs, dw = [], 0.0
+    for x_c, t_c, (logits, logz) in zip(_chunks(x_NE, n_chunks), _chunks(targets_N, n_chunks), residuals):
+        d = jnp.exp(logits - logz[:, None]) - (cols == t_c[:, None])
+        if w.shape[0] != n_vocab:
+            d = jnp.where(cols < n_vocab, d, 0.0)
+        d = (d * (g / targets_N.size)).astype(x_NE.dtype)
+        dxs.append(dot_rows(d, w))
+        # tn_matmul transposes x and the (V, E) product, never the (n, V) gradient.
+        dw = dw + tn_matmul(d, x_c)
+    dx = dxs[0] if n_chunks == 1 else jnp.concatenate(dxs, axis=0)
+    return dx, dw[:n_vocab].astype(w_VE.dtype), None
+
+
+_linear_ce.defvjp(_linear_ce_fwd, _linear_ce_bwd)

@@ -36,7 +36,7 @@ import optax
 from flax import nnx
 
 from dba.errors import UserError
-from jax_model.model import DBAModel, cross_entropy
+from jax_model.model import DBAModel
 from train import sharding
 from train.grad_norms import group_grad_norms
 from train.optim import _find_hparams
@@ -226,8 +226,7 @@ class Stepper:
         # Fresh Variable objects at this trace level: dropout bumps its RNG counters in place.
         rest = jax.tree.map(lambda a: a, rest)
         model = nnx.merge(self.graphdef, params, rest)
-        logits = model.forward(x_BT, deterministic=deterministic)
-        return cross_entropy(logits, y_BT)
+        return model.loss(x_BT, y_BT, deterministic=deterministic)
 
     def _fault_record(self, count: int) -> dict[str, jax.Array]:
         rec = {"count": np.int32(count), "steps": np.zeros(FAULT_RING, np.int32),

@@ -12,6 +12,7 @@ BENCHES = {
     "train": "tokens/s and MFU of the JAX train step and the torch reference step",
     "decode": "prefill/decode tokens/s per KV-cache kind and context, JAX and torch",
     "memory": "peak host memory of training and of decode (vs kv_bytes), JAX and torch",
+    "profile": "where the JAX train step's time goes: device time per op from a jax.profiler trace",
     "dashboard": "what the live rich dashboard of `dba train` costs in tokens/s",
 }
 
