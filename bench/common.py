@@ -33,6 +33,29 @@ def best_of(fn: Callable[[], Any], repeats: int) -> float:
     return best
 
 
+def best_per_call(fn: Callable[[], Any], sync: Callable[[Any], Any], calls: int, repeats: int) -> float:
+    """Fastest time per call over `repeats` rounds of `calls` back-to-back calls of `fn` and one
+    `sync` of the last result (on an accelerator queued calls leave no dispatch gaps)."""
+    def rounds():
+        for _ in range(calls):
+            out = fn()
+        sync(out)
+
+    return best_of(rounds, repeats) / calls
+
+
+DEVICE_HELP = "torch's device: auto (cuda, then mps, when present; else cpu), cpu, cuda, mps"
+
+
+def bench_main(prog: str, doc: str, add_arguments: Callable, run: Callable, argv: list[str] | None) -> int:
+    """`python -m bench.NAME`: the same arguments and run as `dba bench NAME`."""
+    import argparse
+
+    p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
+    add_arguments(p)
+    return run(p.parse_args(argv))
+
+
 def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
     cells = [[str(c) for c in r] for r in rows]
     widths = [max(len(h), *(len(r[i]) for r in cells)) if cells else len(h) for i, h in enumerate(headers)]

@@ -27,7 +27,8 @@ import time
 
 import numpy as np
 
-from bench.common import machine, named_config, print_table, torch_device, torch_sync, write_json
+from bench.common import (DEVICE_HELP, bench_main, best_per_call, machine, named_config, print_table, torch_device,
+                          torch_sync, write_json)
 from dba.config import ModelConfig
 from dba.kvspec import KVPolicy, human_bytes, kv_bytes
 
@@ -51,7 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which backends run with train.step.tune_host_malloc")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and activations")
     p.add_argument("--device", default="auto",
-                   help="torch's device: auto (cuda, then mps, when present; else cpu), cpu, cuda, mps")
+                   help=DEVICE_HELP)
     p.add_argument("--json", default=None, help="also write the results here")
 
 
@@ -155,15 +156,7 @@ def copy_bandwidth(backend: str, args) -> float:
         out = torch.empty_like(x)  # preallocated: one read and one write per element
         run, sync = (lambda: torch.mul(x, 1.5, out=out)), (lambda y: torch_sync(device))
     sync(run())
-    calls = 1 if cpu else 10
-    best = float("inf")
-    for _ in range(5):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            y = run()
-        sync(y)
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return 2 * x.nbytes / best / 1e9
+    return 2 * x.nbytes / best_per_call(run, sync, 1 if cpu else 10, 5) / 1e9
 
 
 def _child(backend: str, cfg: ModelConfig, cases: list, args) -> dict:
@@ -239,9 +232,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench.decode", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return bench_main("bench.decode", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -30,7 +30,7 @@ import time
 
 import numpy as np
 
-from bench.common import machine, named_config, print_table, write_json
+from bench.common import bench_main, machine, named_config, print_table, write_json
 from dba.config import ModelConfig
 from dba.kvspec import KVPolicy, human_bytes, kv_bytes
 
@@ -292,9 +292,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench.memory", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return bench_main("bench.memory", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

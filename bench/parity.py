@@ -84,9 +84,9 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench.parity", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    from bench.common import bench_main
+
+    return bench_main("bench.parity", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import time
 
 import numpy as np
 
-from bench.common import named_config, print_table, write_json
+from bench.common import bench_main, named_config, print_table, write_json
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -139,9 +139,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench.profile", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return bench_main("bench.profile", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ import time
 
 import numpy as np
 
-from bench.common import machine, named_config, print_table, torch_device, torch_sync, write_json
+from bench.common import (DEVICE_HELP, bench_main, best_per_call, machine, named_config, print_table, torch_device,
+                          torch_sync, write_json)
 from dba.config import ModelConfig
 
 
@@ -65,7 +66,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--peak-size", type=int, default=0,
                    help="n of the n x n x n peak matmul (0: 2048 on a CPU, 8192 on an accelerator)")
     p.add_argument("--device", default="auto",
-                   help="torch's device: auto (cuda, then mps, when present; else cpu), cpu, cuda, mps")
+                   help=DEVICE_HELP)
     p.add_argument("--attention", choices=("auto", "cudnn", "xla", "ours"), default=None,
                    help="the JAX step's fresh causal attention (DBA_ATTENTION; default: its value, else auto)")
     p.add_argument("--seed", type=int, default=0)
@@ -111,15 +112,8 @@ def jax_peak(n: int, dtype: str, repeats: int = 7) -> float:
     b = jax.random.normal(jax.random.key(1), (n, n), dt)
     f = jax.jit(lambda x, y: jnp.dot(x, y, preferred_element_type=dt))
     f(a, b).block_until_ready()
-    calls = 1 if jax.default_backend() == "cpu" else 10  # queued back to back: no dispatch gaps
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            out = f(a, b)
-        out.block_until_ready()
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return 2 * n**3 / best / 1e9
+    calls = 1 if jax.default_backend() == "cpu" else 10
+    return 2 * n**3 / best_per_call(lambda: f(a, b), lambda out: out.block_until_ready(), calls, repeats) / 1e9
 
 
 def torch_peak(n: int, dtype: str, device: str = "cpu", repeats: int = 7) -> float:
@@ -133,14 +127,7 @@ def torch_peak(n: int, dtype: str, device: str = "cpu", repeats: int = 7) -> flo
     torch.matmul(a, b)
     torch_sync(device)
     calls = 1 if device == "cpu" else 10
-    best = float("inf")
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            torch.matmul(a, b)
-        torch_sync(device)
-        best = min(best, (time.perf_counter() - t0) / calls)
-    return 2 * n**3 / best / 1e9
+    return 2 * n**3 / best_per_call(lambda: torch.matmul(a, b), lambda out: torch_sync(device), calls, repeats) / 1e9
 
 
 # ---- the two steps --------------------------------------------------------------------------
@@ -254,15 +241,18 @@ def _child(backend: str, args: argparse.Namespace, cfg: ModelConfig, batches, pe
         import torch
 
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
-        peak = torch_peak(args.peak_size, peak_dtype, torch_device(args.device))
+
+        def measure_peak():
+            return torch_peak(args.peak_size, peak_dtype, torch_device(args.device))
     else:
-        peak = jax_peak(args.peak_size, peak_dtype)
+        def measure_peak():
+            return jax_peak(args.peak_size, peak_dtype)
+    peak = measure_peak()
     print(f"  {backend} matmul peak ({args.peak_size or 'auto'}^3, {peak_dtype}): {peak:,.1f} GFLOP/s", flush=True)
     r = (bench_jax if backend == "jax" else bench_torch)(cfg, args, batches)
     # Measured again after the step: on a shared machine a neighbour's burst during the first
     # measurement would lower the peak and inflate MFU; the better of the two is the peak.
-    after = (torch_peak(args.peak_size, peak_dtype, torch_device(args.device)) if backend == "torch"
-             else jax_peak(args.peak_size, peak_dtype))
+    after = measure_peak()
     print(f"  {backend} matmul peak after the step: {after:,.1f} GFLOP/s", flush=True)
     return {**r, "peak_gflop_s": max(peak, after), "peak_gflop_s_start_end": [peak, after], "malloc_tuned": tuned}
 
@@ -423,9 +413,7 @@ def run_meshes(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="bench.train", description=__doc__.split("\n\n")[0])
-    add_arguments(p)
-    return run(p.parse_args(argv))
+    return bench_main("bench.train", __doc__, add_arguments, run, argv)
 
 
 if __name__ == "__main__":

@@ -91,18 +91,22 @@ def _dense_bwd(res, dy_NO):
 _dense_cpu.defvjp(_dense_fwd, _dense_bwd)
 
 
-# The tied output projection: its logits gradient arrives in fp32 (the loss is fp32) and is cast
-# to the operands' dtype before its two matmuls, so under bf16 compute they run as bf16 GEMMs
-# (autodiff would run them in fp32). On accelerators the vocab is zero-padded to a multiple of
-# VOCAB_PAD for the matmuls: an odd vocab (50257) leaves cuBLAS with unaligned, slow kernels.
-def _env_int(name: str, default: int) -> int:
-    value = os.environ.get(name, str(default))
+def env_int(name: str, default: int | None = None) -> int | None:
+    """A non-negative integer from the environment (`default` when unset); a one-line UserError
+    naming the variable and value otherwise."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
     if not value.strip().isdigit():
         raise UserError(f"{name}={value!r}: expected a non-negative integer")
     return int(value)
 
 
-VOCAB_PAD = _env_int("DBA_VOCAB_PAD", 128)
+# The tied output projection: its logits gradient arrives in fp32 (the loss is fp32) and is cast
+# to the operands' dtype before its two matmuls, so under bf16 compute they run as bf16 GEMMs
+# (autodiff would run them in fp32). On accelerators the vocab is zero-padded to a multiple of
+# VOCAB_PAD for the matmuls: an odd vocab (50257) leaves cuBLAS with unaligned, slow kernels.
+VOCAB_PAD = env_int("DBA_VOCAB_PAD", 128)
 
 
 def vocab_pad(n_vocab: int) -> int:
@@ -110,12 +114,20 @@ def vocab_pad(n_vocab: int) -> int:
     return 0 if _on_cpu() or VOCAB_PAD <= 1 else -n_vocab % VOCAB_PAD
 
 
+def pad_vocab(w_VE: jax.Array) -> jax.Array:
+    """w with `vocab_pad` zero rows appended (w itself when there are none)."""
+    pad = vocab_pad(w_VE.shape[0])
+    return jnp.pad(w_VE, ((0, pad), (0, 0))) if pad else w_VE
+
+
+def padded_logits(x_NE: jax.Array, w_VE: jax.Array) -> jax.Array:
+    """fp32 (N, V + vocab_pad) = x @ pad_vocab(w)^T; the pad columns are 0."""
+    return jax.lax.dot_general(x_NE, pad_vocab(w_VE), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+
 @jax.custom_vjp
 def _dense_t(x_NI: jax.Array, w_OI: jax.Array) -> jax.Array:
-    pad = vocab_pad(w_OI.shape[0])
-    w = jnp.pad(w_OI, ((0, pad), (0, 0))) if pad else w_OI
-    y = jax.lax.dot_general(x_NI, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-    return y[:, :w_OI.shape[0]] if pad else y
+    return padded_logits(x_NI, w_OI)[:, :w_OI.shape[0]]
 
 
 def _dense_t_fwd(x_NI, w_OI):
@@ -124,13 +136,12 @@ def _dense_t_fwd(x_NI, w_OI):
 
 def _dense_t_bwd(res, dy_NO):
     x_NI, w_OI = res
-    dy_NO = dy_NO.astype(x_NI.dtype)
-    pad = vocab_pad(w_OI.shape[0])
-    if pad:
-        dy_NO, w = jnp.pad(dy_NO, ((0, 0), (0, pad))), jnp.pad(w_OI, ((0, pad), (0, 0)))
-        return _dot(dy_NO, w, 0), tn_matmul(dy_NO, x_NI)[:w_OI.shape[0]].astype(w_OI.dtype)
+    w = pad_vocab(w_OI)
+    dy = dy_NO.astype(x_NI.dtype)
+    if w.shape[0] != w_OI.shape[0]:
+        dy = jnp.pad(dy, ((0, 0), (0, w.shape[0] - w_OI.shape[0])))
     # tn_matmul transposes x and the (O, I) product, never the (N, O) logits gradient.
-    return _dot(dy_NO, w_OI, 0), tn_matmul(dy_NO, x_NI).astype(w_OI.dtype)
+    return dot_rows(dy, w), tn_matmul(dy, x_NI)[:w_OI.shape[0]].astype(w_OI.dtype)
 
 
 _dense_t.defvjp(_dense_t_fwd, _dense_t_bwd)

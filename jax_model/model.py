@@ -19,9 +19,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from dba.config import ModelConfig
-from dba.errors import UserError
-from jax_model.layers import (apply_rope, attend, dense, dense_t, dot_rows, merge_heads, path_scales, rope_cos_sin,
-                              split_heads, tn_matmul, vocab_pad)
+from jax_model.layers import (apply_rope, attend, dense, dense_t, dot_rows, env_int, merge_heads, pad_vocab,
+                              padded_logits, path_scales, rope_cos_sin, split_heads, tn_matmul)
 
 _init = nnx.initializers.normal(stddev=0.02)
 _FEW_ROWS = 16  # up to this many tokens the attention projections run as separate matmuls
@@ -336,21 +335,12 @@ def head_chunks(n_tokens: int) -> int:
     """Token chunks of the fused head: XLA:CPU runs independent ops concurrently, each dot on one
     core, so one (N, V) matmul leaves the other cores idle (~125 of the 511 ms config A step on
     2 cores). DBA_HEAD_CHUNKS overrides; accelerators use 1 (one large GEMM fills the device)."""
-    env = os.environ.get("DBA_HEAD_CHUNKS")
-    if env is not None:
-        if not env.strip().isdigit():
-            raise UserError(f"DBA_HEAD_CHUNKS={env!r}: expected a non-negative integer")
-        n = int(env)
-    else:
+    n = env_int("DBA_HEAD_CHUNKS")
+    if n is None:
         n = min(os.cpu_count() or 1, 8) if jax.default_backend() == "cpu" else 1
     while n > 1 and n_tokens % n:
         n -= 1
     return max(n, 1)
-
-
-def _padded(w_VE: jax.Array) -> jax.Array:
-    pad = vocab_pad(w_VE.shape[0])
-    return jnp.pad(w_VE, ((0, pad), (0, 0))) if pad else w_VE
 
 
 def _chunks(a: jax.Array, n: int) -> list[jax.Array]:
@@ -364,11 +354,12 @@ def _linear_ce(x_NE, w_VE, targets_N, n_chunks):
 
 
 def _linear_ce_fwd(x_NE, w_VE, targets_N, n_chunks):
-    n_vocab, w = w_VE.shape[0], _padded(w_VE)
+    n_vocab = w_VE.shape[0]
     residuals, total = [], 0.0
     for x_c, t_c in zip(_chunks(x_NE, n_chunks), _chunks(targets_N, n_chunks)):
-        logits = jax.lax.dot_general(x_c, w, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
-        real = logits if w.shape[0] == n_vocab else jnp.where(jnp.arange(w.shape[0]) < n_vocab, logits, -jnp.inf)
+        logits = padded_logits(x_c, w_VE)
+        n_cols = logits.shape[1]
+        real = logits if n_cols == n_vocab else jnp.where(jnp.arange(n_cols) < n_vocab, logits, -jnp.inf)
         logz = jax.nn.logsumexp(real, axis=-1)
         picked = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
         total = total + jnp.sum(logz - picked)
@@ -378,7 +369,7 @@ def _linear_ce_fwd(x_NE, w_VE, targets_N, n_chunks):
 
 def _linear_ce_bwd(n_chunks, res, g):
     x_NE, w_VE, targets_N, residuals = res
-    n_vocab, w = w_VE.shape[0], _padded(w_VE)
+    n_vocab, w = w_VE.shape[0], pad_vocab(w_VE)
     cols = jnp.arange(w.shape[0])
     dxs, dw = [], 0.0
     for x_c, t_c, (logits, logz) in zip(_chunks(x_NE, n_chunks), _chunks(targets_N, n_chunks), residuals):
