@@ -92,3 +92,27 @@ def test_memory_bench_end_to_end(tmp_path, monkeypatch):
     assert row["cache_bytes"] == row["kv_bytes"] and row["cache_in_place"]
     for key in ("ratio_accounted", "ratio_measured", "rss_growth", "xla_temp_bytes"):
         assert key in row
+
+
+def test_profile_bench_names_ops(tmp_path, monkeypatch, capsys):
+    """`dba bench profile` traces the train step and attributes op time to HLO ops."""
+    from bench import profile as bprofile
+
+    monkeypatch.setattr(bprofile, "named_config", lambda name, **kw: TINY.replace(**kw))
+    out = tmp_path / "p.json"
+    args = _args(bprofile, batch_size=2, seq_len=13, steps=1, warmup=1, top=50, json=str(out),
+                 trace_dir=str(tmp_path / "trace"))
+    assert bprofile.run(args) == 0
+    data = json.loads(out.read_text())
+    assert data["where"] == "cpu" and data["op_us_per_step"] and data["cost_flops"] > 0
+    table = capsys.readouterr().out
+    assert "dot_general" in table  # at least one listed op carries its HLO note
+
+
+def test_hlo_op_notes_parses_compiled_text():
+    from bench.profile import hlo_op_notes
+
+    text = ('  %ynn_fusion.3 = f32[256,8192]{1,0} fusion(%a, %b), kind=kCustom, '
+            'metadata={op_name="jit(_train_impl)/transpose(jvp())/dot_general" stack_frame_id=1}\n'
+            '  ROOT %t = (f32[2]{0}) tuple(%x)\n')
+    assert hlo_op_notes(text) == {"ynn_fusion.3": "f32[256,8192] transpose(jvp())/dot_general"}
