@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import json
 import platform
+import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any, Callable
 
 from dba.config import ModelConfig
+from dba.errors import UserError
 
 # Config A of the issues: the 2-core reference point v29 was measured on.
 CONFIG_A = dict(vocab_size=8192, block_size=256, n_layer=4, n_head=8, d_model=256, d_ff=1024, embed_dim=256,
@@ -21,6 +24,25 @@ CONFIGS = {"A": CONFIG_A, "seed": SEED}
 
 def named_config(name: str, **overrides: Any) -> ModelConfig:
     return ModelConfig(**{**CONFIGS[name], **overrides})
+
+
+def int_at_least(minimum: int) -> Callable[[str], int]:
+    """argparse type: an integer >= `minimum`; anything else is a one-line usage error naming it."""
+    import argparse
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+positive_int, nonneg_int = int_at_least(1), int_at_least(0)
 
 
 def best_of(fn: Callable[[], Any], repeats: int) -> float:
@@ -53,7 +75,12 @@ def bench_main(prog: str, doc: str, add_arguments: Callable, run: Callable, argv
 
     p = argparse.ArgumentParser(prog=prog, description=doc.split("\n\n")[0])
     add_arguments(p)
-    return run(p.parse_args(argv))
+    args = p.parse_args(argv)
+    try:
+        return int(run(args) or 0)
+    except UserError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return e.code
 
 
 def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
@@ -79,6 +106,38 @@ def write_json(path: str | None, payload: dict[str, Any]) -> None:
         print(f"\nwrote {path}")
 
 
+def _report_call(fn: Callable, args: tuple, kwargs: dict) -> tuple:
+    # A SystemExit would kill the pool's worker and leave the parent waiting for ever; an
+    # exception object may not pickle. Both come back as plain values.
+    try:
+        return "ok", fn(*args, **kwargs)
+    except UserError as e:
+        return "user", str(e), e.code
+    except SystemExit as e:
+        return "user", str(e.code), 1
+    except Exception:
+        return "failed", traceback.format_exc()
+
+
+def in_fresh_process(fn: Callable, *args: Any, **kwargs: Any) -> Any:
+    """fn(*args, **kwargs) in a newly spawned process: its own XLA or torch thread pools, malloc
+    settings and environment, none of them shared with another backend's run. A user error there
+    is raised here as a UserError with the same message; any other failure as a RuntimeError
+    carrying the child's traceback."""
+    import multiprocessing as mp
+
+    with mp.get_context("spawn").Pool(1) as pool:
+        status, *rest = pool.apply(_report_call, (fn, args, kwargs))
+    if status == "ok":
+        return rest[0]
+    if status == "user":
+        raise UserError(rest[0], rest[1])
+    raise RuntimeError(f"the benchmark's {getattr(fn, '__name__', 'child')} process failed:\n{rest[0]}")
+
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+
+
 def torch_device(name: str) -> str:
     """`--device auto` -> cuda, then mps, when present, else cpu; a named device must exist."""
     import torch
@@ -86,9 +145,7 @@ def torch_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
     if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
-        raise SystemExit(f"--device {name}: torch sees no such device here")
-    if name not in ("cpu", "cuda", "mps"):
-        raise SystemExit(f"--device {name!r}: choose auto, cpu, cuda or mps")
+        raise UserError(f"--device {name}: torch sees no such device here", 1)
     return name
 
 

@@ -19,16 +19,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import machine, print_table, write_json
+from bench.common import machine, positive_int, print_table, write_json
 from train.dashboard import _MIN_REDRAW_S
 
 REPO = Path(__file__).resolve().parents[1]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--steps", type=int, default=150, help="train steps per run (default 150)")
-    p.add_argument("--repeats", type=int, default=2, help="runs per display mode, alternated (default 2)")
-    p.add_argument("--redraws", type=int, default=300, help="redraws timed for the per-redraw cost")
+    p.add_argument("--steps", type=positive_int, default=150, help="train steps per run (default 150)")
+    p.add_argument("--repeats", type=positive_int, default=2, help="runs per display mode, alternated (default 2)")
+    p.add_argument("--redraws", type=positive_int, default=300, help="redraws timed for the per-redraw cost")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON")
 
 

@@ -27,8 +27,8 @@ import time
 
 import numpy as np
 
-from bench.common import (DEVICE_HELP, bench_main, best_per_call, machine, named_config, print_table, torch_device,
-                          torch_sync, write_json)
+from bench.common import (DEVICE_HELP, DEVICES, bench_main, best_per_call, in_fresh_process, machine, named_config,
+                          nonneg_int, positive_int, print_table, torch_device, torch_sync, write_json)
 from dba.config import ModelConfig
 from dba.kvspec import KVPolicy, human_bytes, kv_bytes
 
@@ -38,21 +38,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-null-attn", action="store_true", help="config without null attention")
     p.add_argument("--contexts", default="1024,8192,32768", help="prompt lengths, comma separated")
     p.add_argument("--kinds", default="fp16,q8_0,q4_0,nf4")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--prefill-chunk", type=int, default=2048)
-    p.add_argument("--decode-block", type=int, default=1024,
+    p.add_argument("--new-tokens", type=positive_int, default=32)
+    p.add_argument("--prefill-chunk", type=positive_int, default=2048)
+    p.add_argument("--decode-block", type=positive_int, default=1024,
                    help="cache positions per block of cached attention (>= context + new tokens: one block, no loop)")
-    p.add_argument("--prefill-block", type=int, default=0,
+    p.add_argument("--prefill-block", type=nonneg_int, default=0,
                    help="the same for the prefill's later chunks (0: --decode-block)")
-    p.add_argument("--residual", type=int, default=128)
+    p.add_argument("--residual", type=nonneg_int, default=128)
     p.add_argument("--backends", default="jax,torch")
-    p.add_argument("--repeats", type=int, default=3, help="timed runs per case (median reported)")
+    p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per case (median reported)")
     p.add_argument("--quick", action="store_true", help="contexts 1024,8192, kinds q4_0,fp16, 1 repeat")
     p.add_argument("--malloc-tuning", choices=("jax", "all", "none"), default="jax",
                    help="which backends run with train.step.tune_host_malloc")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and activations")
-    p.add_argument("--device", default="auto",
-                   help=DEVICE_HELP)
+    p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     p.add_argument("--json", default=None, help="also write the results here")
 
 
@@ -178,7 +177,6 @@ def _child(backend: str, cfg: ModelConfig, cases: list, args) -> dict:
 
 
 def run(args: argparse.Namespace) -> int:
-    import multiprocessing as mp
 
     if args.quick:
         args.contexts, args.kinds, args.repeats = "1024,8192", "q4_0,fp16", 1
@@ -191,8 +189,7 @@ def run(args: argparse.Namespace) -> int:
     cases = [(ctx, kind) for ctx in contexts for kind in kinds]
     by_backend = {}
     for backend in backends:
-        with mp.get_context("spawn").Pool(1) as pool:
-            by_backend[backend] = pool.apply(_child, (backend, cfg, cases, args))
+        by_backend[backend] = in_fresh_process(_child, backend, cfg, cases, args)
     new = args.new_tokens
     rows, results = [], []
     for i, (ctx, kind) in enumerate(cases):

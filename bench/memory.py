@@ -30,7 +30,8 @@ import time
 
 import numpy as np
 
-from bench.common import bench_main, machine, named_config, print_table, write_json
+from bench.common import (bench_main, in_fresh_process, machine, named_config, nonneg_int, positive_int, print_table,
+                          write_json)
 from dba.config import ModelConfig
 from dba.kvspec import KVPolicy, human_bytes, kv_bytes
 
@@ -42,13 +43,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backends", default="jax,torch")
     p.add_argument("--contexts", default="32768", help="decode contexts, comma separated")
     p.add_argument("--kinds", default="q4_0,fp16", help="decode cache kinds, comma separated")
-    p.add_argument("--new-tokens", type=int, default=32)
-    p.add_argument("--prefill-chunk", type=int, default=2048)
-    p.add_argument("--decode-block", type=int, default=1024)
-    p.add_argument("--residual", type=int, default=128)
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=3, help="measured train steps (after a compiling one)")
+    p.add_argument("--new-tokens", type=positive_int, default=32)
+    p.add_argument("--prefill-chunk", type=positive_int, default=2048)
+    p.add_argument("--decode-block", type=positive_int, default=1024)
+    p.add_argument("--residual", type=nonneg_int, default=128)
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--steps", type=positive_int, default=3, help="measured train steps (after a compiling one)")
     p.add_argument("--optimizer", choices=("lion", "lion_v29", "adamw"), default="lion")
     p.add_argument("--malloc-tuning", choices=("jax", "all", "none"), default="jax",
                    help="which backends' *training* runs with train.step.tune_host_malloc (as dba train)")
@@ -182,9 +183,7 @@ def train_jax(cfg: ModelConfig, args) -> dict:
                                                      weight_decay=0.1, grad_clip=1.0))
     nbytes = lambda tree: int(sum(a.nbytes for a in jax.tree.leaves(tree)))  # noqa: E731
     batches = [(jax.device_put(x), jax.device_put(y)) for x, y in _batches(cfg, args)]
-    stepper.compile_for(*batches[0])
-    compiled = getattr(stepper, "_compiled", {}).get(tuple(batches[0][0].shape))
-    stats = compiled.memory_analysis() if compiled is not None else None
+    stats = stepper.compiled(*batches[0]).memory_analysis()
     jax.block_until_ready(stepper.train_step(*batches[0], 0))
     after_first = rss()
     with PeakRSS() as m:
@@ -229,13 +228,6 @@ def _child(part: str, backend: str, cfg: ModelConfig, args, policy=None, ctx=Non
     return (decode_jax if backend == "jax" else decode_torch)(cfg, policy, ctx, args)
 
 
-def _run_child(*a, **kw) -> dict:
-    import multiprocessing as mp
-
-    with mp.get_context("spawn").Pool(1) as pool:
-        return pool.apply(_child, a, kw)
-
-
 def _fmt(n: int | None) -> str:
     return "n/a" if n is None else human_bytes(n)
 
@@ -252,7 +244,7 @@ def run(args: argparse.Namespace) -> int:
     if "train" in parts:
         rows = []
         for backend in backends:
-            r = {"backend": backend, **_run_child("train", backend, cfg, args)}
+            r = {"backend": backend, **in_fresh_process(_child, "train", backend, cfg, args)}
             out["train"].append(r)
             rows.append([backend, _fmt(r["params_bytes"]), _fmt(r["opt_state_bytes"]), _fmt(r["xla_temp_bytes"]),
                          _fmt(r["rss_base"]), _fmt(r["rss_after_first_step"]), _fmt(r["rss_peak"]),
@@ -270,7 +262,7 @@ def run(args: argparse.Namespace) -> int:
                 policy = KVPolicy(kind=kind, residual=args.residual)
                 kvb = kv_bytes(cfg, ctx + 2 * args.new_tokens, 1, policy)["total_bytes"]
                 for backend in backends:
-                    r = _run_child("decode", backend, cfg, args, policy=policy, ctx=ctx)
+                    r = in_fresh_process(_child, "decode", backend, cfg, args, policy=policy, ctx=ctx)
                     measured = None if r["rss_growth"] is None else r["cache_bytes"] + r["rss_growth"]
                     res = {"backend": backend, "ctx": ctx, "kind": kind, "kv_bytes": kvb, **r,
                            "decode_bytes_measured": measured, "ratio_measured": _ratio(measured, kvb),

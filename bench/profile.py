@@ -25,22 +25,14 @@ import time
 
 import numpy as np
 
-from bench.common import bench_main, named_config, print_table, write_json
+from bench.common import bench_main, named_config, positive_int, print_table, write_json
+from bench.train import add_step_arguments, apply_attention_choice
+from dba.errors import UserError
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", choices=("A", "seed"), default="A")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--steps", type=int, default=3, help="traced steps")
-    p.add_argument("--warmup", type=int, default=2, help="untraced steps after compilation")
-    p.add_argument("--optimizer", choices=("lion", "lion_v29", "adamw"), default="lion")
-    p.add_argument("--param-dtype", choices=("fp32", "bf16"), default="fp32")
-    p.add_argument("--amp", action="store_true", help="matmuls in bf16 (softmax/logits/loss stay fp32)")
-    p.add_argument("--attention", choices=("auto", "cudnn", "xla", "ours"), default=None,
-                   help="fresh causal attention implementation (DBA_ATTENTION)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--top", type=int, default=30, help="op names listed")
+    add_step_arguments(p, 3, "traced steps")
+    p.add_argument("--top", type=positive_int, default=30, help="op names listed")
     p.add_argument("--trace-dir", default=None, help="keep the trace here (default: a temporary folder)")
     p.add_argument("--json", default=None, help="also write the summary here")
 
@@ -93,11 +85,17 @@ def hlo_op_notes(hlo_text: str) -> dict[str, str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.attention:
-        os.environ["DBA_ATTENTION"] = args.attention
+    apply_attention_choice(args)
     import jax
 
     from bench.train import _jax_stepper
+
+    trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="dba-profile-")
+    try:
+        os.makedirs(trace_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=trace_dir).close()
+    except OSError as e:
+        raise UserError(f"--trace-dir {trace_dir}: cannot write there ({e.strerror})", 1) from None
 
     cfg = named_config(args.config)
     b, t = args.batch_size, args.seq_len
@@ -106,14 +104,13 @@ def run(args: argparse.Namespace) -> int:
     x, y = jax.device_put(tok[..., :-1].copy()), jax.device_put(tok[..., 1:].copy())
     stepper = _jax_stepper(cfg, args)
     compile_s = stepper.compile_for(x, y)
-    compiled = stepper._compiled[tuple(x.shape)]
+    compiled = stepper.compiled(x, y)
     notes = hlo_op_notes(compiled.as_text())
     cost = compiled.cost_analysis()
     cost = cost[0] if isinstance(cost, (list, tuple)) else (cost or {})
     for i in range(args.warmup):
         jax.block_until_ready(stepper.train_step(x, y, i))
 
-    trace_dir = args.trace_dir or tempfile.mkdtemp(prefix="dba-profile-")
     jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
     t0 = time.perf_counter()
     for i in range(args.steps):

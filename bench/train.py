@@ -43,40 +43,56 @@ import argparse
 import os
 import statistics
 import time
+from functools import partial
 
 import numpy as np
 
-from bench.common import (DEVICE_HELP, bench_main, best_per_call, machine, named_config, print_table, torch_device,
-                          torch_sync, write_json)
+from bench.common import (DEVICE_HELP, DEVICES, bench_main, best_per_call, in_fresh_process, machine, named_config,
+                          nonneg_int, positive_int, print_table, torch_device, torch_sync, write_json)
 from dba.config import ModelConfig
 
 
-def add_arguments(p: argparse.ArgumentParser) -> None:
+# jax_model.layers.ATTENTION_IMPLS, spelled out so building the parser does not import JAX.
+ATTENTION_CHOICES = ("auto", "cudnn", "xla", "ours")
+
+
+def add_step_arguments(p: argparse.ArgumentParser, steps: int, steps_help: str) -> None:
+    """The JAX train step's config, batch shape, dtypes and optimizer, and how many steps:
+    shared by `bench train` and `bench profile`, which build the same step."""
     p.add_argument("--config", choices=("A", "seed"), default="A")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seq-len", type=int, default=256)
-    p.add_argument("--grad-accum", type=int, default=1)
-    p.add_argument("--steps", type=int, default=10, help="timed steps per backend")
-    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
+    p.add_argument("--batch-size", type=positive_int, default=8)
+    p.add_argument("--seq-len", type=positive_int, default=256)
+    p.add_argument("--steps", type=positive_int, default=steps, help=steps_help)
+    p.add_argument("--warmup", type=nonneg_int, default=2, help="untimed steps after compilation")
     p.add_argument("--optimizer", choices=("lion", "lion_v29", "adamw"), default="lion")
     p.add_argument("--param-dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--amp", action="store_true", help="matmuls in bf16 (softmax/logits/loss stay fp32)")
-    p.add_argument("--backends", default="jax,torch")
-    p.add_argument("--threads", type=int, default=0, help="torch intra-op threads (0 = all cores)")
-    p.add_argument("--peak-size", type=int, default=0,
-                   help="n of the n x n x n peak matmul (0: 2048 on a CPU, 8192 on an accelerator)")
-    p.add_argument("--device", default="auto",
-                   help=DEVICE_HELP)
-    p.add_argument("--attention", choices=("auto", "cudnn", "xla", "ours"), default=None,
+    p.add_argument("--attention", choices=ATTENTION_CHOICES, default=None,
                    help="the JAX step's fresh causal attention (DBA_ATTENTION; default: its value, else auto)")
     p.add_argument("--seed", type=int, default=0)
+
+
+def apply_attention_choice(args: argparse.Namespace) -> None:
+    """`--attention` as DBA_ATTENTION, which the model reads when the step is traced."""
+    if args.attention:
+        os.environ["DBA_ATTENTION"] = args.attention
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    add_step_arguments(p, 10, "timed steps per backend")
+    p.add_argument("--grad-accum", type=positive_int, default=1)
+    p.add_argument("--backends", default="jax,torch")
+    p.add_argument("--threads", type=nonneg_int, default=0, help="torch intra-op threads (0 = all cores)")
+    p.add_argument("--peak-size", type=nonneg_int, default=0,
+                   help="n of the n x n x n peak matmul (0: 2048 on a CPU, 8192 on an accelerator)")
+    p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
     p.add_argument("--malloc-tuning", choices=("jax", "all", "none"), default="jax",
                    help="which backends run with train.step.tune_host_malloc (dba train applies it to JAX)")
     p.add_argument("--json", default=None, help="also write the results here")
     p.add_argument("--mesh", action="append", default=None, metavar="MESH",
                    help="benchmark the JAX step on this device mesh, e.g. 'fsdp=8' or '1' (repeatable; "
                         "replaces the backend comparison with a per-mesh table)")
-    p.add_argument("--fake-devices", type=int, default=0, metavar="N",
+    p.add_argument("--fake-devices", type=nonneg_int, default=0, metavar="N",
                    help="with --mesh on CPU: split the host into N XLA devices (XLA_FLAGS in the benchmark's process)")
 
 
@@ -235,18 +251,14 @@ def _child(backend: str, args: argparse.Namespace, cfg: ModelConfig, batches, pe
         from train.step import tune_host_malloc
 
         tuned = tune_host_malloc()  # before JAX/torch start their thread pools
-    if args.attention:
-        os.environ["DBA_ATTENTION"] = args.attention
+    apply_attention_choice(args)
     if backend == "torch":
         import torch
 
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
-
-        def measure_peak():
-            return torch_peak(args.peak_size, peak_dtype, torch_device(args.device))
+        measure_peak = partial(torch_peak, args.peak_size, peak_dtype, torch_device(args.device))
     else:
-        def measure_peak():
-            return jax_peak(args.peak_size, peak_dtype)
+        measure_peak = partial(jax_peak, args.peak_size, peak_dtype)
     peak = measure_peak()
     print(f"  {backend} matmul peak ({args.peak_size or 'auto'}^3, {peak_dtype}): {peak:,.1f} GFLOP/s", flush=True)
     r = (bench_jax if backend == "jax" else bench_torch)(cfg, args, batches)
@@ -258,8 +270,6 @@ def _child(backend: str, args: argparse.Namespace, cfg: ModelConfig, batches, pe
 
 
 def run(args: argparse.Namespace) -> int:
-    import multiprocessing as mp
-
     if args.mesh:
         return run_meshes(args)
     cfg = named_config(args.config)
@@ -279,10 +289,8 @@ def run(args: argparse.Namespace) -> int:
     peak_dtype = "bf16" if args.amp or args.param_dtype == "bf16" else "fp32"
 
     results, rows = [], []
-    ctx = mp.get_context("spawn")
     for backend in backends:
-        with ctx.Pool(1) as pool:
-            r = pool.apply(_child, (backend, args, cfg, batches, peak_dtype))
+        r = in_fresh_process(_child, backend, args, cfg, batches, peak_dtype)
         med = statistics.median(r["step_s"])
         tok_s = tokens_per_step / med
         gflops = tok_s * fpt / 1e9
@@ -327,7 +335,7 @@ def bench_mesh(cfg: ModelConfig, args: argparse.Namespace, batches, mesh_text: s
     xs = [stepper.put_batch(x) for x, _ in batches]
     ys = [stepper.put_batch(y) for _, y in batches]
     compile_s, warm, times, step = _time_stepper(stepper, xs, ys, args)
-    mem = stepper._compiled[tuple(xs[0].shape)].memory_analysis()
+    mem = stepper.compiled(xs[0], ys[0]).memory_analysis()
 
     def get(name: str) -> int:  # memory_analysis() may be None on some backends
         return int(getattr(mem, name, 0) or 0)
@@ -356,8 +364,6 @@ def _mesh_child(args: argparse.Namespace, cfg: ModelConfig, batches) -> list[dic
 
 def run_meshes(args: argparse.Namespace) -> int:
     """One fresh process (XLA_FLAGS set before it imports JAX) runs the step on every --mesh."""
-    import multiprocessing as mp
-
     from train import sharding
 
     cfg = named_config(args.config)
@@ -374,8 +380,7 @@ def run_meshes(args: argparse.Namespace) -> int:
         flags = [f for f in (old or "").split() if not f.startswith("--xla_force_host_platform_device_count")]
         os.environ["XLA_FLAGS"] = " ".join([*flags, f"--xla_force_host_platform_device_count={args.fake_devices}"])
     try:
-        with mp.get_context("spawn").Pool(1) as pool:
-            results = pool.apply(_mesh_child, (args, cfg, batches))
+        results = in_fresh_process(_mesh_child, args, cfg, batches)
     finally:
         if args.fake_devices and old is None:
             os.environ.pop("XLA_FLAGS", None)

@@ -4,12 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 import pytest
 
+from bench import common as bcommon
 from bench import decode as bdecode
 from bench import memory as bmemory
+from bench import profile as bprofile
+from bench import train as btrain
 from dba.config import ModelConfig
+from dba.errors import UserError
 from dba.kvspec import KVPolicy, kv_bytes
 
 TINY = ModelConfig(vocab_size=64, block_size=64, n_layer=2, n_head=2, d_model=16, d_ff=32, embed_dim=16,
@@ -119,3 +124,31 @@ def test_hlo_op_notes_parses_compiled_text():
             'metadata={op_name="jit(_train_impl)/transpose(jvp())/dot_general" stack_frame_id=1}\n'
             '  ROOT %t = (f32[2]{0}) tuple(%x)\n')
     assert hlo_op_notes(text) == {"ynn_fusion.3": "f32[256,8192] transpose(jvp())/dot_general"}
+
+
+@pytest.mark.parametrize("module, flag, value", [
+    (bdecode, "--repeats", "0"), (bdecode, "--residual", "-1"), (bmemory, "--steps", "0"),
+    (bmemory, "--seq-len", "two"), (bprofile, "--top", "0"), (bprofile, "--steps", "0"),
+    (btrain, "--batch-size", "0"), (btrain, "--warmup", "-1"), (btrain, "--device", "tpu")])
+def test_bench_flags_reject_bad_values(module, flag, value, capsys):
+    p = argparse.ArgumentParser(prog="bench")
+    module.add_arguments(p)
+    with pytest.raises(SystemExit) as e:
+        p.parse_args([flag, value])
+    assert e.value.code == 2
+    assert f"argument {flag}:" in capsys.readouterr().err
+
+
+def test_in_fresh_process_returns_and_reports_child_errors():
+    assert bcommon.in_fresh_process(max, 3, 7) == 7
+    # A SystemExit in the child used to kill the pool's worker and hang the parent.
+    with pytest.raises(UserError, match="^no such device$"):
+        bcommon.in_fresh_process(sys.exit, "no such device")
+    with pytest.raises(RuntimeError, match="invalid literal for int"):
+        bcommon.in_fresh_process(int, "x")
+
+
+def test_bench_attention_choices_match_the_model():
+    from jax_model.layers import ATTENTION_IMPLS
+
+    assert btrain.ATTENTION_CHOICES == ATTENTION_IMPLS

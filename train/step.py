@@ -351,10 +351,15 @@ class Stepper:
                 f"(compiled estimate) {where}; reduce --batch-size (and raise --grad-accum to keep the "
                 f"global batch), the sequence length or the model, or try --grad-checkpoint or --mesh fsdp=N", 1)
 
+    def compiled(self, x_ABT, y_ABT) -> Any:
+        """The compiled train step for this batch shape (compiled now if it was not yet), for
+        `memory_analysis()`, `cost_analysis()` and its HLO text."""
+        self.compile_for(x_ABT, y_ABT)
+        return self._compiled[tuple(x_ABT.shape)]
+
     def train_step(self, x_ABT, y_ABT, step: int) -> dict[str, jax.Array]:
         """One optimizer step (async: nothing is fetched from the device)."""
-        self.compile_for(x_ABT, y_ABT)
-        fn = self._compiled[tuple(x_ABT.shape)]
+        fn = self.compiled(x_ABT, y_ABT)
         self.params, self.opt_state, self.faults, metrics = fn(self.params, self.opt_state, self.faults,
                                                                x_ABT, y_ABT, np.int32(step))
         return metrics
