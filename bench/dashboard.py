@@ -54,7 +54,7 @@ def redraw_ms(n: int) -> float:
 
 
 def _run(out: Path, live: str, steps: int) -> float:
-    cmd = [sys.executable, "-m", "dba.cli", "train", "--steps", str(steps), "--eval-every", "0", "--log-every", "10",
+    cmd = [sys.executable, "-m", "cli", "train", "--steps", str(steps), "--eval-every", "0", "--log-every", "10",
            "--live", live, "--out-dir", str(out), "--overwrite"]
     env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="3", COLUMNS="200", LINES="50")
     if live == "rich":  # a real terminal, so rich animates as it would for a user
@@ -73,7 +73,7 @@ def _run(out: Path, live: str, steps: int) -> float:
         code = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True).returncode
     if code != 0:
         raise RuntimeError(f"dba train --live {live} exited {code}")
-    from train.artifacts import read_events
+    from dba.runlog import read_events
 
     rates = [e["tok_s"] for e in read_events(out / "train.jsonl", "train")][1:]
     return statistics.median(rates)

@@ -27,10 +27,24 @@ import time
 
 import numpy as np
 
-from bench.common import (DEVICE_HELP, DEVICES, bench_main, best_per_call, in_fresh_process, machine, named_config,
-                          nonneg_int, positive_int, print_table, torch_device, torch_sync, write_json)
+from bench.common import (
+    DEVICE_HELP,
+    DEVICES,
+    bench_main,
+    best_per_call,
+    in_fresh_process,
+    machine,
+    named_config,
+    nonneg_int,
+    positive_int,
+    print_table,
+    torch_device,
+    torch_sync,
+    write_json,
+)
 from dba.config import ModelConfig
-from dba.kvspec import KVPolicy, human_bytes, kv_bytes
+from dba.kvspec import KVPolicy, kv_bytes
+from dba.units import human_bytes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -102,7 +116,7 @@ def bench_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, args) -> dict:
 
     import torch_ref
     from torch_ref import kvcache as kvc
-    from torch_ref.decode import forward_cached
+    from torch_ref.decode import prefill
     from torch_ref.sampling import sample_next
 
     new, chunk, block = args.new_tokens, args.prefill_chunk, args.decode_block
@@ -115,14 +129,15 @@ def bench_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, args) -> dict:
         t0 = time.perf_counter()
         cache = kvc.init_cache(cfg, policy, 1, ctx + new, device=device)
         for s in range(0, ctx, chunk):
-            logits = forward_cached(model, cache, tokens[:, s:s + chunk], fresh=s == 0,
+            logits, cache = prefill(model, cache, tokens[:, s:s + chunk], fresh=s == 0,
                                     decode_block=args.prefill_block or block, last_only=True)
         logits = logits[:, -1]
         torch_sync(device)
         t1 = time.perf_counter()
         for _ in range(new):
             tok = sample_next(logits, None, 0.0, None, None)
-            logits = forward_cached(model, cache, tok[:, None], fresh=False, decode_block=block)[:, 0]
+            logits, cache = model.forward_cached(tok[:, None], cache, fresh=False, decode_block=block)
+            logits = logits[:, 0]
         torch_sync(device)
         return t1 - t0, time.perf_counter() - t1, kvc.nbytes(cache)
 

@@ -30,14 +30,17 @@ import time
 
 import numpy as np
 
-from bench.common import (bench_main, in_fresh_process, machine, named_config, nonneg_int, positive_int, print_table,
-                          write_json)
+from bench.common import (CONFIGS, bench_main, in_fresh_process, machine, named_config, nonneg_int, positive_int,
+                          print_table, write_json)
 from dba.config import ModelConfig
-from dba.kvspec import KVPolicy, human_bytes, kv_bytes
+from dba.kvspec import KVPolicy, kv_bytes
+from dba.optimizers import OPTIMIZERS
+from dba.resources import host_rss_bytes, reset_peak_rss
+from dba.units import human_bytes
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--config", choices=("A", "seed"), default="A")
+    p.add_argument("--config", choices=tuple(CONFIGS), default="A")
     p.add_argument("--no-null-attn", action="store_true", help="config without null attention")
     p.add_argument("--parts", default="train,decode", help="which measurements: train, decode")
     p.add_argument("--backends", default="jax,torch")
@@ -50,43 +53,27 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--seq-len", type=positive_int, default=256)
     p.add_argument("--steps", type=positive_int, default=3, help="measured train steps (after a compiling one)")
-    p.add_argument("--optimizer", choices=("lion", "lion_v29", "adamw"), default="lion")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="lion")
     p.add_argument("--malloc-tuning", choices=("jax", "all", "none"), default="jax",
                    help="which backends' *training* runs with train.step.tune_host_malloc (as dba train)")
     p.add_argument("--json", default=None, help="also write the results here")
 
 
 # ---- resident memory -------------------------------------------------------------------------
-def _status_bytes(field: str) -> int | None:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith(field + ":"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
-
-
 def rss() -> int | None:
-    return _status_bytes("VmRSS")
+    return host_rss_bytes()[0]
 
 
 class PeakRSS:
     """Peak RSS over a `with` block and its growth over the RSS at entry (None off Linux)."""
 
     def __enter__(self):
-        try:
-            with open("/proc/self/clear_refs", "w") as f:
-                f.write("5")  # resets VmHWM to the current RSS (Linux >= 4.0)
-            self.resettable = True
-        except OSError:
-            self.resettable = False
+        self.resettable = reset_peak_rss()  # VmHWM back to the current RSS (Linux >= 4.0)
         self.start = rss()
         return self
 
     def __exit__(self, *exc):
-        self.peak = _status_bytes("VmHWM") if self.resettable else None
+        self.peak = host_rss_bytes()[1] if self.resettable else None
         self.growth = None if self.peak is None or self.start is None else max(0, self.peak - self.start)
 
 
@@ -133,7 +120,7 @@ def decode_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, args) -> dict:
 
     import torch_ref
     from torch_ref import kvcache as kvc
-    from torch_ref.decode import forward_cached
+    from torch_ref.decode import prefill
     from torch_ref.sampling import sample_next
 
     new, chunk, blk = args.new_tokens, args.prefill_chunk, args.decode_block
@@ -145,13 +132,13 @@ def decode_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, args) -> dict:
     def decode(logits):
         for _ in range(new):
             tok = sample_next(logits, None, 0.0, None, None)
-            logits = forward_cached(model, cache, tok[:, None], fresh=False, decode_block=blk)[:, 0]
+            logits = model.forward_cached(tok[:, None], cache, fresh=False, decode_block=blk)[0][:, 0]
         return logits
 
     with torch.no_grad():
         for s in range(0, ctx, chunk):
-            logits = forward_cached(model, cache, tokens[:, s:s + chunk], fresh=s == 0, decode_block=blk,
-                                    last_only=True)
+            logits, _ = prefill(model, cache, tokens[:, s:s + chunk], fresh=s == 0, decode_block=blk,
+                                last_only=True)
         logits = decode(logits[:, -1])  # the same warm-up round as JAX's
         t0 = time.perf_counter()
         with PeakRSS() as m:

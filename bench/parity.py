@@ -1,7 +1,7 @@
 """Parity report: worst JAX-vs-torch errors per attention mode, the v29 fixture, and cached
 decode per cache kind. Prints the README's parity table.
 
-    python -m bench.parity            # from the repository root (uses parity_tests/helpers.py)
+    python -m bench.parity            # the cases of bench/parity_cases.py, as parity_tests/ checks them
 """
 
 from __future__ import annotations
@@ -25,9 +25,8 @@ def run(args: argparse.Namespace) -> int:
     from bench.common import print_table, write_json
     from dba.kvspec import KVPolicy
     from dba.weights import tied_aliases
-    from parity_tests.helpers import (build_jax, build_torch, config_matrix, init_like_state, make_config,
-                                      random_state, random_tokens)
-    from parity_tests.test_model_parity import jax_grads_canonical
+    from bench.parity_cases import (build_jax, build_torch, config_matrix, init_like_state, jax_grads_canonical,
+                                    make_config, random_state, random_tokens)
 
     worst: dict[str, dict[str, float]] = {}
     for name, cfg in config_matrix():

@@ -47,9 +47,10 @@ from functools import partial
 
 import numpy as np
 
-from bench.common import (DEVICE_HELP, DEVICES, bench_main, best_per_call, in_fresh_process, machine, named_config,
-                          nonneg_int, positive_int, print_table, torch_device, torch_sync, write_json)
+from bench.common import (CONFIGS, DEVICE_HELP, DEVICES, bench_main, best_per_call, in_fresh_process, machine,
+                          named_config, nonneg_int, positive_int, print_table, torch_device, torch_sync, write_json)
 from dba.config import ModelConfig
+from dba.optimizers import OPTIMIZERS
 
 
 # jax_model.layers.ATTENTION_IMPLS, spelled out so building the parser does not import JAX.
@@ -59,12 +60,12 @@ ATTENTION_CHOICES = ("auto", "cudnn", "xla", "ours")
 def add_step_arguments(p: argparse.ArgumentParser, steps: int, steps_help: str) -> None:
     """The JAX train step's config, batch shape, dtypes and optimizer, and how many steps:
     shared by `bench train` and `bench profile`, which build the same step."""
-    p.add_argument("--config", choices=("A", "seed"), default="A")
+    p.add_argument("--config", choices=tuple(CONFIGS), default="A")
     p.add_argument("--batch-size", type=positive_int, default=8)
     p.add_argument("--seq-len", type=positive_int, default=256)
     p.add_argument("--steps", type=positive_int, default=steps, help=steps_help)
     p.add_argument("--warmup", type=nonneg_int, default=2, help="untimed steps after compilation")
-    p.add_argument("--optimizer", choices=("lion", "lion_v29", "adamw"), default="lion")
+    p.add_argument("--optimizer", choices=OPTIMIZERS, default="lion")
     p.add_argument("--param-dtype", choices=("fp32", "bf16"), default="fp32")
     p.add_argument("--amp", action="store_true", help="matmuls in bf16 (softmax/logits/loss stay fp32)")
     p.add_argument("--attention", choices=ATTENTION_CHOICES, default=None,

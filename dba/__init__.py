@@ -7,8 +7,12 @@ __all__ = ["ModelConfig", "ConfigError", "UserError", "preset", "KVPolicy", "kv_
 
 
 def __getattr__(name):  # KV accounting lives in dba.kvspec; imported lazily to keep this light
-    if name in ("KVPolicy", "kv_bytes", "human_bytes"):
+    if name in ("KVPolicy", "kv_bytes"):
         from dba import kvspec
 
         return getattr(kvspec, name)
+    if name == "human_bytes":
+        from dba.units import human_bytes
+
+        return human_bytes
     raise AttributeError(name)

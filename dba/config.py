@@ -140,6 +140,21 @@ class ModelConfig:
         return sum(math.prod(s) for k, s in param_shapes(self).items() if k not in aliases)
 
 
+def path_scales(cfg: ModelConfig) -> tuple[float, ...]:
+    """Multipliers folded into the query of each score path (one path unless decoupled), so that
+    `q_cat . k_cat` is the SPEC §3 score and attention runs with scale 1."""
+    if cfg.attn_mode != "decoupled":
+        return (1.0 / math.sqrt(cfg.qk_dim // cfg.n_head),)
+    ds, dg = cfg.sem_head_dim, cfg.geo_head_dim
+    extra = 1.0 / math.sqrt(ds + dg) if cfg.decoupled_scale == "v29_sdpa" else 1.0
+    return (extra / math.sqrt(ds), extra / math.sqrt(dg))
+
+
+def key_streams(cfg: ModelConfig) -> tuple[str, ...]:
+    """The cached key streams in the order their per-head slices are concatenated in q_cat/k_cat."""
+    return ("k_sem", "k_geo") if cfg.attn_mode == "decoupled" else ("k",)
+
+
 def _validate(c: ModelConfig) -> None:
     def need(cond: bool, msg: str) -> None:
         if not cond:

@@ -1,17 +1,23 @@
 """KV-cache policy, quantization block layout and memory accounting (SPEC §5, §6).
 
 Framework-free: the JAX cache (`jax_model.kvcache`) and the torch cache (`torch_ref.kvcache`)
-both take their storage geometry from `stream_spec` here, and `kv_bytes` is the analytic figure
-that the bytes they really allocate are tested against.
+both hold a `StreamSpec` from here as their streams' static geometry and allocate the arrays
+`storage_layout` names, and `kv_bytes` is the analytic figure that the bytes they really
+allocate are tested against. The quantizers' constants and checks live here too, once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from dba.errors import UserError
+from dba.units import human_bytes  # noqa: F401 (SPEC §6's formatter, re-exported with the accounting)
+
+if TYPE_CHECKING:
+    import numpy as np
 
 KV_KINDS = ("fp32", "fp16", "q8_0", "q4_0", "nf4")
 QUANT_KINDS = ("q8_0", "q4_0", "nf4")
@@ -26,6 +32,11 @@ NF4_LEVELS: tuple[float, ...] = (
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
 
+# Largest representable code magnitude: scale = absmax / this (nf4 codes live in [-1, 1]).
+QMAX = {"q8_0": 127.0, "q4_0": 7.0, "nf4": 1.0}
+# The largest finite fp16: the cap on a block's scale (fp16 storage), so dequantize stays finite.
+FP16_MAX = 65504.0
+
 # Streams each attention mode caches (names match ModelConfig.kv_streams()).
 _MODE_STREAMS = {"decoupled": ("k_sem", "k_geo", "v")}
 _DEFAULT_STREAMS = ("k", "v")
@@ -33,6 +44,28 @@ _DEFAULT_STREAMS = ("k", "v")
 
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
+
+
+def require_quant(kind: str) -> None:
+    """quantize/dequantize take the quantized kinds only (a ValueError: a programming mistake)."""
+    if kind not in QUANT_KINDS:
+        raise ValueError(f"quantize/dequantize handle {'|'.join(QUANT_KINDS)}, not {kind!r}")
+
+
+def non_finite_message(x: np.ndarray) -> str:
+    """One line naming how many NaN / +-Inf values `x` holds and where the first one is."""
+    import numpy as np  # only on this error path: `dba` stays light to import
+
+    nan, inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
+    first = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
+    return (f"cannot quantize non-finite values ({nan} NaN, {inf} inf, first at index {first} of "
+            f"shape {tuple(x.shape)}) into the KV cache")
+
+
+def check_room(cached: int, new: int, max_len: int) -> None:
+    """A one-line UserError when `new` more tokens do not fit a cache holding `cached` of max_len."""
+    if cached + new > max_len:
+        raise UserError(f"KV cache overflow: {cached} cached + {new} new tokens > max_len={max_len}")
 
 
 # ---- block layout ------------------------------------------------------------------------
@@ -102,6 +135,20 @@ def stream_spec(name: str, kind: str, dim: int, qblock: int, residual: int,
     if kind in QUANT_KINDS:
         ring = residual if max_len is None else min(residual, max_len)
     return StreamSpec(name, kind, dim, qb, pad_dim, n_blocks, ring)
+
+
+def storage_layout(spec: StreamSpec, batch: int, max_len: int) -> dict[str, tuple[tuple[int, ...], str] | None]:
+    """The arrays a preallocated stream holds, as {"data", "scale", "ring"} -> (shape, dtype name)
+    or None when absent: `data` (B, max_len, dim) fp32/fp16 for plain kinds, else the quantized
+    payload (B, max_len, pad_dim) int8 (q8_0) or (B, max_len, pad_dim//2) packed uint8 (4-bit);
+    `scale` (B, max_len, n_blocks) fp16; `ring` (B, spec.residual, dim) fp16 when the spec has a
+    window. `spec.residual` must already be clipped to max_len (`stream_spec(..., max_len=)`)."""
+    if not spec.quantized:
+        return {"data": ((batch, max_len, spec.dim), "float32" if spec.kind == "fp32" else "float16"),
+                "scale": None, "ring": None}
+    return {"data": ((batch, max_len, spec.payload_dim), "uint8" if spec.kind in FOUR_BIT_KINDS else "int8"),
+            "scale": ((batch, max_len, spec.n_blocks), "float16"),
+            "ring": ((batch, spec.residual, spec.dim), "float16") if spec.residual > 0 else None}
 
 
 def stream_bytes(spec: StreamSpec, batch: int, seq_len: int) -> int:
@@ -199,10 +246,12 @@ class KVPolicy:
         return cls(**d)
 
     @classmethod
-    def from_args(cls, args: Any) -> "KVPolicy":
-        """From an argparse namespace with v29's flag names; missing or None = default."""
-        def get(attr: str, default: Any = None) -> Any:
-            v = getattr(args, attr, None)
+    def from_flags(cls, flags: Mapping[str, Any]) -> "KVPolicy":
+        """From v29's flag names (`kv_cache`, `kv_qblock`, `kv_residual`, `kv_cache_k`,
+        `kv_cache_v`, `kv_cache_k_sem`, `kv_cache_k_geo`, `kv_qblock_k`, `kv_qblock_v`,
+        `kv_qblock_k_sem`, `kv_qblock_k_geo`) in a mapping; missing or None = default."""
+        def get(name: str, default: Any = None) -> Any:
+            v = flags.get(name)
             return default if v is None else v
 
         return cls(
@@ -212,6 +261,7 @@ class KVPolicy:
             k_geo=get("kv_cache_k_geo"), qblock_k=get("kv_qblock_k"), qblock_v=get("kv_qblock_v"),
             qblock_k_sem=get("kv_qblock_k_sem"), qblock_k_geo=get("kv_qblock_k_geo"),
         )
+
 
 
 FP16 = KVPolicy()
@@ -241,18 +291,3 @@ def kv_bytes(cfg: Any, seq_len: int, batch: int = 1, policy: KVPolicy | None = N
 def baseline_bytes(cfg: Any, seq_len: int, batch: int = 1) -> dict[str, Any]:
     """The same model in `standard` mode with an fp16 cache (the seed's baseline)."""
     return kv_bytes(cfg.replace(attn_mode="standard"), seq_len, batch, FP16)
-
-
-_UNITS = ("B", "KB", "MB", "GB", "TB")
-
-
-def human_bytes(n: float) -> str:
-    """SPEC §6: 1024-based units; whole bytes, one decimal from 100 up, else two decimals."""
-    x = float(n)
-    i = 0
-    while abs(x) >= 1024 and i < len(_UNITS) - 1:
-        x /= 1024.0
-        i += 1
-    if i == 0:
-        return f"{x:.0f}{_UNITS[0]}"
-    return f"{x:.1f}{_UNITS[i]}" if abs(x) >= 100 else f"{x:.2f}{_UNITS[i]}"

@@ -12,24 +12,15 @@ from typing import Any
 
 from dba.config import ModelConfig
 from dba.errors import UserError
-from dba.kvspec import KVPolicy, baseline_bytes, human_bytes, kv_bytes
+from dba.kvspec import KVPolicy, baseline_bytes, kv_bytes
+from dba.runlog import read_events
+from dba.units import human_bytes
 
 CTX_128K = 128_000
 # Flags that do not change what a run trains: runs differing only in these are the same variant.
 _NOT_VARIANT = {"seed", "out_dir", "run_tag", "run_root", "resume", "overwrite", "live", "live_update_every",
                 "log_every", "device", "print_config", "mode", "debug", "instrument", "tb", "live_plot",
                 "save_every", "eval_every", "eval_iters", "coordinator", "num_processes", "process_id", "mesh"}
-
-
-def read_jsonl(path: Path) -> list[dict[str, Any]]:
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                out.append(json.loads(line))
-            except json.JSONDecodeError:  # a torn last line of a killed run
-                continue
-    return out
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
@@ -41,23 +32,13 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     if not log.is_file():
         raise UserError(f"run {str(d)!r} has no train.jsonl (is it a `dba train` run directory?)", 2)
     try:
-        events = read_jsonl(log)
+        events = read_events(log)
     except (OSError, UnicodeDecodeError) as e:
         raise UserError(f"run {str(d)!r}: cannot read {log.name}: {e}", 1) from None
     metas = [e for e in events if e.get("event") == "meta"]
     if not metas or not isinstance(metas[0].get("config"), dict):
         raise UserError(f"run {str(d)!r}: {log.name} has no meta event with the model config", 2)
     return {"dir": d if d.is_dir() else d.parent, "events": events, "meta": metas[-1]}
-
-
-def _policy(flags: dict[str, Any]) -> KVPolicy:
-    class _Args:  # KVPolicy.from_args reads attributes
-        pass
-
-    a = _Args()
-    for k, v in flags.items():
-        setattr(a, k, v)
-    return KVPolicy.from_args(a)
 
 
 def attention_dims(cfg: ModelConfig) -> str:
@@ -74,7 +55,7 @@ def summarize(run: dict[str, Any]) -> dict[str, Any]:
     flags = dict(meta.get("flags") or {})
     ctx = int((meta.get("context") or {}).get("longest_train_len") or cfg.block_size)
     try:
-        policy = _policy(flags)
+        policy = KVPolicy.from_flags(flags)
     except Exception as e:  # noqa: BLE001 (a policy the KV module rejects is reported, not fatal)
         raise UserError(f"run {str(run['dir'])!r}: its KV-cache flags do not form a policy: {e}", 1) from None
     evals = [e for e in events if e.get("event") == "eval" and isinstance(e.get("val_loss"), (int, float))]

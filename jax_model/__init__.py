@@ -1,7 +1,7 @@
 """Flax NNX model of the decoupled bottleneck transformer (never imports torch)."""
 
 from jax_model import decode, kvcache
-from jax_model.checkpoint import canonical_state, load, load_canonical, save_export
+from jax_model.weights_io import canonical_state, load, load_canonical, save_export
 from jax_model.model import DBAModel, cross_entropy
 from jax_model.sampling import generate
 

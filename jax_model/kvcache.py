@@ -4,13 +4,14 @@ Mirrors `torch_ref/kvcache.py` function for function: same names, same storage l
 bytes. Geometry (block size, padding, ring length) comes from `dba.kvspec` so the bytes this
 allocates are, by construction and by test, the ones `dba.kvspec.kv_bytes` reports.
 
-The cache is a `flax.struct` pytree: arrays are leaves, the stream's kind/width/qblock/ring length
-are static, so one jitted decode step serves every position (`pos` is an int32 array, never a
-Python int).
+The cache is a `flax.struct` pytree: arrays are leaves, each stream's `StreamSpec` (kind, width,
+qblock, ring length) is static, so one jitted decode step serves every position (`pos` is an int32
+array, never a Python int). `Attention` takes one layer's `LayerCache` and returns the updated one.
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import partial
 from typing import Any
 
@@ -20,18 +21,10 @@ import numpy as np
 from flax import struct
 from jax import lax
 
-from dba.kvspec import FOUR_BIT_KINDS, NF4_LEVELS, QUANT_KINDS, KVPolicy, quant_layout
+from dba.kvspec import (FOUR_BIT_KINDS, FP16_MAX, NF4_LEVELS, QMAX, KVPolicy, StreamSpec, non_finite_message,
+                        quant_layout, require_quant, storage_layout, stream_spec)
 
 _NF4 = np.asarray(NF4_LEVELS, dtype=np.float32)
-# Largest representable code magnitude: scale = absmax / this (nf4 codes live in [-1, 1]).
-_QMAX = {"q8_0": 127.0, "q4_0": 7.0, "nf4": 1.0}
-# The largest finite fp16: the cap on a block's scale (fp16 storage), so dequantize stays finite.
-_FP16_MAX = 65504.0
-
-
-def _require_quant(kind: str) -> None:
-    if kind not in QUANT_KINDS:
-        raise ValueError(f"quantize/dequantize handle {'|'.join(QUANT_KINDS)}, not {kind!r}")
 
 
 @jax.jit
@@ -50,14 +43,6 @@ def _check_finite(x: jax.Array) -> None:
         raise ValueError(non_finite_message(np.asarray(x, dtype=np.float32)))
 
 
-def non_finite_message(x: np.ndarray) -> str:
-    """One line naming how many NaN / +-Inf values `x` holds and where the first one is."""
-    nan, inf = int(np.isnan(x).sum()), int(np.isinf(x).sum())
-    first = tuple(int(i) for i in np.argwhere(~np.isfinite(x))[0])
-    return (f"cannot quantize non-finite values ({nan} NaN, {inf} inf, first at index {first} of "
-            f"shape {tuple(x.shape)}) into the KV cache")
-
-
 def quantize(x: jax.Array, kind: str, qblock: int, check_finite: bool = True) -> tuple[jax.Array, jax.Array]:
     """x (..., dim) float -> (q, scale): q int8 (..., pad_dim) for q8_0, packed uint8
     (..., pad_dim//2) for q4_0/nf4; scale float16 (..., n_blocks).
@@ -66,7 +51,7 @@ def quantize(x: jax.Array, kind: str, qblock: int, check_finite: bool = True) ->
     dequantizes to finite values: a block past that range saturates. With `check_finite`, NaN/Inf
     input raises a one-line ValueError counting them when `x` is concrete; traced values cannot
     be inspected, so under jit the check is skipped (see `_check_finite`)."""
-    _require_quant(kind)
+    require_quant(kind)
     x = jnp.asarray(x)
     quant_layout(kind, x.shape[-1], qblock)  # validates before tracing
     if check_finite:
@@ -91,11 +76,11 @@ def _quantize(x: jax.Array, kind: str, qblock: int) -> tuple[jax.Array, jax.Arra
     # near-ties to the other code (q4_0 [6, 3, 0, -2] packed 251 instead of SPEC's 252) and can
     # flush 1/b to zero for b > 2**126. The barriers hide the divisors' structure so both
     # divisions are true IEEE quotients, as SPEC and the torch reference compute them.
-    qmax = lax.optimization_barrier(jnp.full(amax.shape, _QMAX[kind], jnp.float32))
+    qmax = lax.optimization_barrier(jnp.full(amax.shape, QMAX[kind], jnp.float32))
     # Clamped to the largest fp16 so the stored scale is the one the codes were computed with:
     # a block whose absmax/qmax exceeds 65504 saturates (codes at the extremes) instead of
     # storing an inf scale that dequantizes to inf and 0 * inf = NaN.
-    scale = jnp.clip(amax / qmax, np.float32(1e-8), np.float32(_FP16_MAX))  # fp32, as SPEC says
+    scale = jnp.clip(amax / qmax, np.float32(1e-8), np.float32(FP16_MAX))  # fp32, as SPEC says
     y = xb / lax.optimization_barrier(jnp.broadcast_to(scale, xb.shape))  # fp32 scale, not the fp16
     if kind == "q8_0":
         q = jnp.clip(jnp.round(y), -127, 127).astype(jnp.int8).reshape(*lead, pad_dim)
@@ -136,7 +121,7 @@ def _nf4_values(u: jax.Array) -> jax.Array:
 
 def dequantize(q: jax.Array, scale: jax.Array, kind: str, dim: int, qblock: int) -> jax.Array:
     """Inverse of `quantize`: float32 (..., dim) = code * float32(stored fp16 scale)."""
-    _require_quant(kind)
+    require_quant(kind)
     quant_layout(kind, dim, qblock)
     return _dequantize(q, scale, kind, dim, qblock)
 
@@ -160,28 +145,54 @@ def _dequantize(q: jax.Array, scale: jax.Array, kind: str, dim: int, qblock: int
 
 @struct.dataclass
 class StreamCache:
-    """One cached sequence tensor of a layer.
+    """One cached sequence tensor of a layer: the arrays `dba.kvspec.storage_layout` names for its
+    `spec` (data, scale or None, ring or None; the ring holds position p in slot p % residual).
 
-    `data`: (B, max_len, dim) fp32/fp16 for plain kinds, else the quantized payload
-    (B, max_len, pad_dim) int8 or (B, max_len, pad_dim//2) uint8; `scale`: (B, max_len, n_blocks)
-    fp16 or None; `ring`: (B, residual, dim) fp16 holding position p in slot p % residual, or None.
-    """
+    `spec` (kind, width, effective qblock, ring length) is static, the arrays are the leaves."""
 
     data: jax.Array
     scale: jax.Array | None
     ring: jax.Array | None
-    kind: str = struct.field(pytree_node=False)
-    dim: int = struct.field(pytree_node=False)
-    qblock: int = struct.field(pytree_node=False)  # the effective block (quant_layout's qb)
-    residual: int = struct.field(pytree_node=False)  # ring length R; 0 = no ring
+    spec: StreamSpec = struct.field(pytree_node=False)
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    @property
+    def qblock(self) -> int:
+        """The effective block (quant_layout's qb)."""
+        return self.spec.qblock_eff
+
+    @property
+    def residual(self) -> int:
+        """Ring length R; 0 = no ring."""
+        return self.spec.residual
+
+    @property
+    def quantized(self) -> bool:
+        return self.spec.quantized
 
     @property
     def max_len(self) -> int:
         return self.data.shape[1]
 
+
+@struct.dataclass
+class LayerCache:
+    """One layer's streams (name -> StreamCache) and `pos`, the tokens they hold (int32 scalar):
+    what `Attention` takes and returns."""
+
+    streams: dict[str, StreamCache]
+    pos: jax.Array
+
     @property
-    def quantized(self) -> bool:
-        return self.kind in QUANT_KINDS
+    def max_len(self) -> int:
+        return next(iter(self.streams.values())).max_len
 
 
 @struct.dataclass
@@ -195,19 +206,26 @@ class Cache:
     def max_len(self) -> int:
         return next(iter(self.layers[0].values())).max_len
 
+    def layer(self, i: int) -> LayerCache:
+        """Layer i's streams at the cache's position."""
+        return LayerCache(self.layers[i], self.pos)
 
-def init_stream(kind: str, dim: int, qblock: int, residual: int, batch: int, max_len: int) -> StreamCache:
+    def with_layers(self, layers: Sequence[LayerCache]) -> Cache:
+        """The cache holding these layers (all at one position): a new pytree."""
+        return self.replace(layers=tuple(l.streams for l in layers), pos=layers[0].pos)
+
+
+def alloc_stream(spec: StreamSpec, batch: int, max_len: int) -> StreamCache:
+    """Zeroed storage for `spec` (its ring already clipped to max_len)."""
+    arrays = {k: None if a is None else jnp.zeros(a[0], jnp.dtype(a[1]))
+              for k, a in storage_layout(spec, batch, max_len).items()}
+    return StreamCache(arrays["data"], arrays["scale"], arrays["ring"], spec)
+
+
+def init_stream(kind: str, dim: int, qblock: int, residual: int, batch: int, max_len: int,
+                name: str = "") -> StreamCache:
     """Zeroed storage for one stream; `residual` is the requested window (clipped to max_len)."""
-    spec_qb, pad_dim, nb = quant_layout(kind, dim, qblock)
-    if kind in ("fp32", "fp16"):
-        dt = jnp.float32 if kind == "fp32" else jnp.float16
-        return StreamCache(jnp.zeros((batch, max_len, dim), dt), None, None, kind, dim, spec_qb, 0)
-    payload = pad_dim // 2 if kind in FOUR_BIT_KINDS else pad_dim
-    data = jnp.zeros((batch, max_len, payload), jnp.uint8 if kind in FOUR_BIT_KINDS else jnp.int8)
-    scale = jnp.zeros((batch, max_len, nb), jnp.float16)
-    r = min(residual, max_len)
-    ring = jnp.zeros((batch, r, dim), jnp.float16) if r > 0 else None
-    return StreamCache(data, scale, ring, kind, dim, spec_qb, r)
+    return alloc_stream(stream_spec(name, kind, dim, qblock, residual, max_len), batch, max_len)
 
 
 def init_cache(cfg: Any, policy: KVPolicy | None, batch: int, max_len: int) -> Cache:
@@ -215,14 +233,10 @@ def init_cache(cfg: Any, policy: KVPolicy | None, batch: int, max_len: int) -> C
     policy = KVPolicy() if policy is None else policy
     if batch <= 0 or max_len <= 0:
         raise ValueError(f"batch and max_len must be positive, got batch={batch}, max_len={max_len}")
-    layers = []
-    for _ in range(cfg.n_layer):
-        layer = {}
-        for name, dim in cfg.kv_streams().items():
-            kind, qblock = policy.resolve(name, cfg.attn_mode)
-            layer[name] = init_stream(kind, dim, qblock, policy.residual, batch, max_len)
-        layers.append(layer)
-    return Cache(tuple(layers), jnp.zeros((), jnp.int32))
+    specs = {name: policy.stream(name, cfg, max_len=max_len) for name in cfg.kv_streams()}
+    layers = tuple({name: alloc_stream(spec, batch, max_len) for name, spec in specs.items()}
+                   for _ in range(cfg.n_layer))
+    return Cache(layers, jnp.zeros((), jnp.int32))
 
 
 def nbytes(cache: Cache | StreamCache) -> int:

@@ -12,13 +12,11 @@ backward that keeps XLA:CPU on its fast matmul path (see `dense`).
 
 from __future__ import annotations
 
-import math
 import os
 
 import jax
 import jax.numpy as jnp
 
-from dba.config import ModelConfig
 from dba.errors import UserError
 
 NEG_INF = float(jnp.finfo(jnp.float32).min)
@@ -195,13 +193,13 @@ def merge_heads(x_BHTD: jax.Array) -> jax.Array:
     return x_BHTD.transpose(0, 2, 1, 3).reshape(b, t, h * d)
 
 
-def path_scales(cfg: ModelConfig) -> tuple[float, ...]:
-    """Multipliers folded into the query of each score path (one path unless decoupled)."""
-    if cfg.attn_mode != "decoupled":
-        return (1.0 / math.sqrt(cfg.qk_dim // cfg.n_head),)
-    ds, dg = cfg.sem_head_dim, cfg.geo_head_dim
-    extra = 1.0 / math.sqrt(ds + dg) if cfg.decoupled_scale == "v29_sdpa" else 1.0
-    return (extra / math.sqrt(ds), extra / math.sqrt(dg))
+def kv_heads(streams: dict[str, jax.Array], key_names: tuple[str, ...],
+             n_kv: int) -> tuple[jax.Array, jax.Array]:
+    """Streams (B, L, width) -> k_cat, v (B, K, L, D) over the K kv-heads (no repetition): each
+    head's slices of the key streams `key_names` concatenated in that order, as in q_cat."""
+    keys = [split_heads(streams[name], n_kv) for name in key_names]
+    k = keys[0] if len(keys) == 1 else jnp.concatenate(keys, axis=-1)
+    return k, split_heads(streams["v"], n_kv)
 
 
 def group_queries(q_BHTD: jax.Array, n_kv: int) -> jax.Array:

@@ -16,11 +16,18 @@ from functools import partial
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from dba.config import ModelConfig
-from jax_model.layers import (apply_rope, attend, dense, dense_t, dot_rows, env_int, merge_heads, pad_vocab,
-                              padded_logits, path_scales, rope_cos_sin, split_heads, tn_matmul)
+from dba.config import ModelConfig, key_streams, path_scales
+from dba.errors import UserError
+from dba.kvspec import check_room
+from jax_model import decode
+from jax_model import kvcache as kvc
+from jax_model.cached_attention import cached_attend
+from jax_model.layers import (INFERENCE_CHUNKS, apply_rope, attend, dense, dense_t, dot_rows, env_int, merge_heads,
+                              pad_vocab, padded_logits, rope_cos_sin, split_heads, tn_matmul)
+from jax_model.layers import kv_heads as _kv_heads
 
 _init = nnx.initializers.normal(stddev=0.02)
 _FEW_ROWS = 16  # up to this many tokens the attention projections run as separate matmuls
@@ -65,6 +72,7 @@ class Attention(nnx.Module):
                 self.v_null = zeros(1, 1, widths["v"])
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
         self.scales = path_scales(cfg)
+        self.key_names = key_streams(cfg)
 
     # tie_qk: the K projection *is* the Q projection (one weight, gradients summed).
     def _k(self, name: str) -> nnx.Linear:
@@ -126,28 +134,17 @@ class Attention(nnx.Module):
             return ("q_sem", "q_geo"), ("k_sem", "k_geo", "v_proj")
         return ("q_proj",), ("k_proj", "v_proj")
 
-    def queries(self, x_BTC: jax.Array, positions: jax.Array) -> jax.Array:
-        """q_cat (B, H, T, Dqk): rotated, scaled per path and by the learned temperature."""
-        return self._queries(self._project(x_BTC, self._names()[0]), positions)
-
-    def new_kv(self, x_BTC: jax.Array, positions: jax.Array) -> dict[str, jax.Array]:
-        """The cached streams for these tokens, (B, T, width) each; keys stored after RoPE."""
-        return self._new_kv(self._project(x_BTC, self._names()[1]), positions)
-
     def queries_and_kv(self, x_BTC: jax.Array, positions: jax.Array) -> tuple[jax.Array, dict[str, jax.Array]]:
-        """`queries` and `new_kv` of the same x with all projections in one matmul."""
+        """(q_cat (B, H, T, Dqk): rotated, scaled per path and by the learned temperature; the
+        cached streams for these tokens, name -> (B, T, width), keys stored after RoPE), with all
+        projections in one matmul."""
         q_names, kv_names = self._names()
         proj = self._project(x_BTC, q_names + kv_names)
         return self._queries(proj[:len(q_names)], positions), self._new_kv(proj[len(q_names):], positions)
 
     def kv_heads(self, streams: dict[str, jax.Array]) -> tuple[jax.Array, jax.Array]:
         """Streams (B, L, width) -> k_cat, v (B, K, L, D) over the K kv-heads (no repetition)."""
-        h_kv = self.cfg.n_kv_head
-        if self.cfg.attn_mode == "decoupled":
-            k = jnp.concatenate([split_heads(streams["k_sem"], h_kv), split_heads(streams["k_geo"], h_kv)], axis=-1)
-        else:
-            k = split_heads(streams["k"], h_kv)
-        return k, split_heads(streams["v"], h_kv)
+        return _kv_heads(streams, self.key_names, self.cfg.n_kv_head)
 
     def null_kv(self) -> tuple[jax.Array, jax.Array] | None:
         """The null key (H, Dqk) and value (H, Dv) per query head, or None."""
@@ -163,12 +160,36 @@ class Attention(nnx.Module):
             k, v = jnp.repeat(k, h // h_kv, axis=0), jnp.repeat(v, h // h_kv, axis=0)
         return k, v
 
-    def __call__(self, x_BTC: jax.Array, positions: jax.Array, deterministic: bool = True) -> jax.Array:
-        q, streams = self.queries_and_kv(x_BTC, positions)
-        k, v = self.kv_heads(streams)
-        drop = None if (self.dropout is None or deterministic) else partial(self.dropout, deterministic=False)
-        y = self.out_proj(merge_heads(attend(q, k, v, self.null_kv(), dropout=drop)))
-        return drop(y) if drop is not None else y
+    def __call__(self, x_BTC: jax.Array, positions: jax.Array, cache: kvc.LayerCache | None = None, *,
+                 deterministic: bool = True, fresh: bool = False,
+                 decode_block: int = 1024) -> tuple[jax.Array, kvc.LayerCache | None]:
+        """(B, T, d_model) at absolute `positions` -> (output (B, T, d_model), cache).
+
+        Without a cache: causal attention over x's own K/V (training, the full forward), with
+        dropout unless `deterministic`. With a layer cache holding `cache.pos` tokens: x's K/V are
+        written at cache.pos and x attends over its own fresh, unquantized K/V when `fresh` (the
+        cache held nothing before: v29's order for a prompt), else over what the cache returns
+        (`cached_attend`, `decode_block` keys at a time); returns the cache holding pos + T.
+        """
+        q, kv = self.queries_and_kv(x_BTC, positions)  # all projections in one matmul
+        drop = None
+        if cache is None:
+            if self.dropout is not None and not deterministic:
+                drop = partial(self.dropout, deterministic=False)
+            k, v = self.kv_heads(kv)
+            y = attend(q, k, v, self.null_kv(), dropout=drop)
+        else:
+            end = cache.pos + x_BTC.shape[1]
+            streams = {name: kvc.write(s, kv[name], cache.pos) for name, s in cache.streams.items()}
+            if fresh:
+                k, v = self.kv_heads(kv)
+                y = attend(q, k, v, self.null_kv(), n_chunks=INFERENCE_CHUNKS)
+            else:
+                y = cached_attend(q, streams, cache.pos, end, self.null_kv(), n_kv_head=self.cfg.n_kv_head,
+                                  key_names=self.key_names, decode_block=decode_block)
+            cache = cache.replace(streams=streams, pos=end)
+        y = self.out_proj(merge_heads(y))
+        return (drop(y) if drop is not None else y), cache
 
 
 class MLP(nnx.Module):
@@ -202,13 +223,22 @@ class Block(nnx.Module):
         self.ln2 = norm()
         self.ff = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
-    def __call__(self, x: jax.Array, positions: jax.Array, deterministic: bool = True) -> jax.Array:
-        x = x + self.attn(self.ln1(x), positions, deterministic).astype(jnp.float32)
-        return x + self.ff(self.ln2(x), deterministic).astype(jnp.float32)
+    def __call__(self, x: jax.Array, positions: jax.Array, cache: kvc.LayerCache | None = None, *,
+                 deterministic: bool = True, fresh: bool = False,
+                 decode_block: int = 1024) -> tuple[jax.Array, kvc.LayerCache | None]:
+        """Pre-LN block; the layer cache goes through `Attention` (see there) and comes back."""
+        y, cache = self.attn(self.ln1(x), positions, cache, deterministic=deterministic, fresh=fresh,
+                             decode_block=decode_block)
+        x = x + y.astype(jnp.float32)
+        return x + self.ff(self.ln2(x), deterministic).astype(jnp.float32), cache
 
 
 class DBAModel(nnx.Module):
-    """`model(tokens)` -> logits (B, T, V) in fp32 for a full causal forward (jitted per shape)."""
+    """`model(tokens)` -> logits (B, T, V) in fp32 for a full causal forward (jitted per shape).
+
+    Every path walks the same blocks (`_trunk`): the full forward and the loss without a cache,
+    prefill, prompt chunks and decode through `forward_cached` with one (`decode` and `sampling`
+    reach no further into the model)."""
 
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs | None = None, dtype=jnp.float32,
                  param_dtype=jnp.float32, remat: bool = False):
@@ -241,41 +271,69 @@ class DBAModel(nnx.Module):
     def unembed(self, x_BTC: jax.Array) -> jax.Array:
         return dense_t(*self._head_operands(x_BTC))  # (B, T, V) fp32
 
-    def _trunk(self, idx_BT: jax.Array, deterministic: bool) -> jax.Array:
-        positions = jnp.arange(idx_BT.shape[1])
+    def _trunk(self, idx_BT: jax.Array, cache: kvc.Cache | None = None, *, deterministic: bool = True,
+               fresh: bool = False, decode_block: int = 1024) -> tuple[jax.Array, kvc.Cache | None]:
+        """Embedding and blocks: features (B, T, d_model) fp32 and the cache (None without one)."""
+        t = idx_BT.shape[1]
+        positions = jnp.arange(t) if cache is None else cache.pos + jnp.arange(t)
         x = self.embed(idx_BT)
-        for block in self.blocks:
-            if self.remat:
-                x = nnx.remat(lambda blk, h: blk(h, positions, deterministic))(block, x)
-            else:
-                x = block(x, positions, deterministic)
-        return x
+        layers = []
+        for i, block in enumerate(self.blocks):
+            if cache is None and self.remat:
+                x = nnx.remat(lambda blk, h: blk(h, positions, deterministic=deterministic)[0])(block, x)
+                continue
+            x, layer = block(x, positions, None if cache is None else cache.layer(i),
+                             deterministic=deterministic, fresh=fresh, decode_block=decode_block)
+            layers.append(layer)
+        return x, (None if cache is None else cache.with_layers(layers))
+
+    def forward_cached(self, tokens_BT: jax.Array, cache: kvc.Cache | None, *, fresh: bool = False,
+                       decode_block: int = 1024, last_only: bool = False) -> tuple[jax.Array, kvc.Cache | None]:
+        """Tokens (B, T) int32 through the blocks and `cache` -> (logits (B, T, V) fp32, or (B, 1, V)
+        for the last position only with `last_only`; the cache holding T more tokens).
+
+        The one cached path of prefill, prompt chunks and decode (see `Attention` for `fresh` and
+        `decode_block`); with cache=None it is the full causal forward and returns (logits, None).
+        Traced, it trusts the cache to have room (checked by the host-side `decode` wrappers);
+        called eagerly it refuses an overflow with a UserError.
+        """
+        if cache is not None and not isinstance(cache.pos, jax.core.Tracer):
+            check_room(int(cache.pos), tokens_BT.shape[1], cache.max_len)
+        x, cache = self._trunk(tokens_BT, cache, fresh=fresh, decode_block=decode_block)
+        if last_only:  # generation needs only the next-token logits, not the prompt's
+            x = x[:, -1:]
+        return self.unembed(x), cache
 
     def forward(self, idx_BT: jax.Array, deterministic: bool = True) -> jax.Array:
         """The un-jitted forward, for use inside other transforms (train step, grads)."""
-        return self.unembed(self._trunk(idx_BT, deterministic))
+        return self.unembed(self._trunk(idx_BT, deterministic=deterministic)[0])
 
     def loss(self, idx_BT: jax.Array, targets_BT: jax.Array, deterministic: bool = True) -> jax.Array:
         """Mean next-token cross-entropy (fp32) of the un-jitted forward: the same value as
         `cross_entropy(forward(idx), targets)`, with the output projection and the loss fused
         (`linear_cross_entropy`) so training never keeps a separate (B, T, V) gradient."""
-        x, emb = self._head_operands(self._trunk(idx_BT, deterministic))
+        x, emb = self._head_operands(self._trunk(idx_BT, deterministic=deterministic)[0])
         return linear_cross_entropy(x.reshape(-1, x.shape[-1]), emb, targets_BT.reshape(-1))
 
-    def __call__(self, tokens, deterministic: bool = True) -> jax.Array:
-        idx = jnp.asarray(tokens)
+    def as_tokens(self, tokens) -> jax.Array:
+        """Token ids as an int32 (B, T) array; 1-D ids become one row. A one-line UserError naming
+        the shape and dtype for anything but integer ids shaped (T,) or (B, T)."""
+        idx = tokens if isinstance(tokens, jax.Array) else np.asarray(tokens)
         if idx.ndim == 1:
             idx = idx[None]
-        if idx.ndim != 2 or not jnp.issubdtype(idx.dtype, jnp.integer):
-            raise ValueError(f"tokens must be integer ids shaped (B, T), got {idx.shape} {idx.dtype}")
-        return _jit_forward(self, idx.astype(jnp.int32), deterministic)
+        if idx.ndim != 2 or not np.issubdtype(idx.dtype, np.integer):
+            raise UserError(f"tokens must be integer ids shaped (B, T), got shape {tuple(idx.shape)} "
+                            f"dtype {np.dtype(idx.dtype).name}")
+        return jnp.asarray(idx, jnp.int32)
+
+    def __call__(self, tokens, deterministic: bool = True) -> jax.Array:
+        return _jit_forward(self, self.as_tokens(tokens), deterministic)
 
     def decode_logits(self, tokens, prefill: int, policy=None, decode_block: int = 1024,
                       max_len: int | None = None) -> jax.Array:
         """Teacher-forced cached decode: prefill `prefill` tokens, then one token at a time."""
-        from jax_model.decode import decode_logits
-
-        return decode_logits(self, tokens, prefill=prefill, policy=policy, decode_block=decode_block, max_len=max_len)
+        return decode.decode_logits(self, tokens, prefill=prefill, policy=policy, decode_block=decode_block,
+                                    max_len=max_len)
 
 
 @nnx.jit(static_argnums=(2,))

@@ -2,23 +2,25 @@
 
 Greedy when `temperature == 0` or `top_k == 1`; otherwise temperature, then top-k, then
 nucleus (top-p) filtering, sampled with a key derived from (seed, step). Mirrors
-torch_ref/generate.py (the same filtering; the random streams differ between frameworks).
+torch_ref/sampling.py (the same filtering; the random streams differ between frameworks).
 """
 
 from __future__ import annotations
 
 from functools import partial
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
-from flax import nnx
 
 from dba.errors import UserError
 from dba.generation import check_fits, check_sampling
 from dba.kvspec import KVPolicy
+from jax_model import decode
 from jax_model import kvcache as kvc
-from jax_model.decode import _forward_cached, as_token_array, prefill
-from jax_model.model import DBAModel
+
+if TYPE_CHECKING:
+    from jax_model.model import DBAModel
 
 
 def filter_logits(logits_BV: jax.Array, temperature: float, top_k: int | None, top_p: float | None) -> jax.Array:
@@ -44,7 +46,7 @@ def sample_next(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k:
     return jax.random.categorical(key, filter_logits(logits_BV, temperature, top_k, top_p)).astype(jnp.int32)
 
 
-@partial(nnx.jit, graph=False, donate_argnames=("cache",),  # see decode._jit
+@partial(decode.jit_donating_cache,
          static_argnames=("n_new", "temperature", "top_k", "top_p", "eos_id", "decode_block"))
 def _token_loop(model: DBAModel, cache: kvc.Cache, last_logits_BV: jax.Array, key: jax.Array, *,
                 n_new: int, temperature: float, top_k, top_p, eos_id,
@@ -58,7 +60,7 @@ def _token_loop(model: DBAModel, cache: kvc.Cache, last_logits_BV: jax.Array, ke
         if eos_id is not None:
             tok = jnp.where(done, eos_id, tok)
             done = done | (tok == eos_id)
-        new_logits, cache = _forward_cached(model, cache, tok[:, None], False, decode_block)
+        new_logits, cache = model.forward_cached(tok[:, None], cache, fresh=False, decode_block=decode_block)
         return (cache, new_logits[:, 0], done), tok
 
     init = (cache, last_logits_BV, jnp.zeros((b,), bool))
@@ -74,14 +76,14 @@ def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy
              max_len: int | None = None) -> jax.Array:
     """Prompt (B, T) ids -> (B, T + max_new_tokens) ids; rows that emit `eos_id` pad with it."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
-    idx = as_token_array(prompt)
+    idx = model.as_tokens(prompt)
     b, t = idx.shape
     if t == 0:
         raise UserError("the prompt is empty: give at least one token")
     max_len = t + max_new_tokens if max_len is None else max_len
     check_fits(t + max_new_tokens, max_len)
     cache = kvc.init_cache(model.cfg, policy or KVPolicy(kind="fp16"), b, max_len)
-    logits, cache = prefill(model, cache, idx, fresh=True, decode_block=decode_block, last_only=True)
+    logits, cache = decode.prefill(model, cache, idx, decode_block=decode_block, last_only=True)
     if max_new_tokens == 0:
         return idx
     new, _ = _token_loop(model, cache, logits[:, -1], jax.random.PRNGKey(seed), n_new=max_new_tokens,

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from parity_tests.helpers import build_jax, build_torch, make_config, random_state, random_tokens
+from bench.parity_cases import build_jax, build_torch, make_config, random_state, random_tokens
 from train.analysis import AnalysisSpec, analyse
 
 CASES = [("decoupled", ("null",)), ("decoupled", ("tie_qk",)), ("standard", ()), ("bottleneck", ("null",)),
@@ -31,8 +31,8 @@ def _torch_reference(tm, idx, layers, heads, topk, window):
             if li in layers:
                 a = block.attn
                 h_in = block.ln1(x)
-                q = a.queries(h_in, pos)  # (B, H, T, D)
-                k, _ = a.kv_heads(a.new_kv(h_in, pos))  # (B, K, T, D)
+                q, kv = a.queries_and_kv(h_in, pos)  # q: (B, H, T, D)
+                k, _ = a.kv_heads(kv)  # (B, K, T, D)
                 k = k.repeat_interleave(cfg.n_head // k.shape[1], dim=1)
                 s = (q @ k.transpose(-1, -2)).double().numpy()
                 mask = np.tril(np.ones((t, t), bool))
@@ -74,7 +74,7 @@ def _torch_reference(tm, idx, layers, heads, topk, window):
                     srs.append((sw ** 2).sum() / sw[0] ** 2)
                 out.setdefault("proj_stable_rank", []).append(np.array(srs))
                 out.setdefault("attn", []).append(p[0])
-            x = block(x, pos)
+            x, _ = block(x, pos)
     return {k: np.stack(v) for k, v in out.items()}
 
 

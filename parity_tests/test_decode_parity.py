@@ -15,8 +15,7 @@ import torch_ref
 from dba.errors import UserError
 from dba.kvspec import KVPolicy, kv_bytes
 from jax_model import kvcache as jkv
-from jax_model.decode import _forward_cached
-from parity_tests.helpers import build_jax, build_torch, init_like_state, make_config, random_state, random_tokens
+from bench.parity_cases import build_jax, build_torch, init_like_state, make_config, random_state, random_tokens
 
 DECODE_CONFIGS = [
     ("decoupled", ("null",)), ("decoupled", ("tie_qk", "embed")), ("decoupled", ()),
@@ -109,7 +108,7 @@ def test_decode_step_compiles_once_and_streams_the_cache():
     graphdef, params = nnx.split(jm)
 
     def step(params, cache, tok):
-        return _forward_cached(nnx.merge(graphdef, params), cache, tok[:, None], False, 256)
+        return nnx.merge(graphdef, params).forward_cached(tok[:, None], cache, fresh=False, decode_block=256)
 
     compiled = jax.jit(step).lower(params, cache, jnp.zeros((1,), jnp.int32)).compile()
     temp = compiled.memory_analysis().temp_size_in_bytes
@@ -123,8 +122,9 @@ def test_decode_step_is_not_retraced_per_token(monkeypatch):
     traces = []
     import jax_model.decode as jd
 
-    original = jd._forward_cached
-    monkeypatch.setattr(jd, "_forward_cached", lambda *a, **k: traces.append(1) or original(*a, **k))
+    original = jax_model.DBAModel.forward_cached
+    monkeypatch.setattr(jax_model.DBAModel, "forward_cached",
+                        lambda self, *a, **k: traces.append(1) or original(self, *a, **k))
     cache = jkv.init_cache(cfg, KVPolicy(kind="q8_0"), 2, 16)
     logits, cache = jd.prefill(jm, cache, jnp.zeros((2, 3), jnp.int32), fresh=True, decode_block=8)
     for i in range(5):
@@ -206,13 +206,46 @@ def test_bad_generation_inputs_raise_one_line(call, needle):
         assert needle in str(e.value) and "\n" not in str(e.value)
 
 
-def test_torch_cache_overflow_is_refused():
+@pytest.mark.parametrize("framework", ["jax", "torch"])
+def test_cache_overflow_is_refused(framework):
+    """Both frameworks refuse to run past max_len with the same one-line UserError, from the
+    prefill and the decode step alike (JAX: in the host-side wrappers of the jitted cores)."""
+    import torch_ref.decode as td
     from torch_ref import kvcache as tkv
-    from torch_ref.decode import forward_cached
+
+    import jax_model.decode as jd
 
     cfg = make_config("standard")
-    tm = build_torch(cfg, random_state(cfg))
-    cache = tkv.init_cache(cfg, KVPolicy(kind="fp16"), 1, 6)
-    forward_cached(tm, cache, torch.zeros((1, 5), dtype=torch.long), fresh=True)
-    with pytest.raises(UserError, match="overflow"):
-        forward_cached(tm, cache, torch.zeros((1, 2), dtype=torch.long), fresh=False)
+    state = random_state(cfg)
+    if framework == "jax":
+        model, kvc, dec, tokens = build_jax(cfg, state), jkv, jd, lambda t: jnp.zeros((1, t), jnp.int32)
+    else:
+        model, kvc, dec, tokens = build_torch(cfg, state), tkv, td, lambda t: torch.zeros((1, t), dtype=torch.long)
+    cache = kvc.init_cache(cfg, KVPolicy(kind="fp16"), 1, 6)
+    _, cache = dec.prefill(model, cache, tokens(5))
+    with pytest.raises(UserError, match="overflow") as e:
+        dec.prefill(model, cache, tokens(2))
+    assert str(e.value) == "KV cache overflow: 5 cached + 2 new tokens > max_len=6"
+    _, cache = dec.decode_step(model, cache, tokens(1)[:, 0])
+    with pytest.raises(UserError, match="KV cache overflow: 6 cached \\+ 1 new tokens > max_len=6"):
+        dec.decode_step(model, cache, tokens(1)[:, 0])
+    with pytest.raises(UserError, match="KV cache overflow"):  # the model's cached path, called eagerly
+        model.forward_cached(tokens(1), cache, fresh=False)
+
+
+@pytest.mark.parametrize("bad,needle", [
+    (np.zeros((1, 4), np.float32), "shape (1, 4) dtype float32"),
+    (np.zeros((1, 2, 3), np.int64), "shape (1, 2, 3) dtype int64"),
+    (np.zeros((2, 3), bool), "shape (2, 3) dtype bool"),
+])
+def test_as_tokens_is_one_check_in_both_frameworks(bad, needle):
+    cfg = make_config("standard")
+    state = random_state(cfg)
+    for model in (build_jax(cfg, state), build_torch(cfg, state)):
+        assert tuple(model.as_tokens([3, 1, 2]).shape) == (1, 3)
+        assert tuple(model.as_tokens(np.zeros((2, 5), np.uint16)).shape) == (2, 5)
+        for call in (model.as_tokens, model, lambda t: model.decode_logits(t, prefill=1)):
+            with pytest.raises(UserError) as e:
+                call(bad)
+            msg = str(e.value)
+            assert msg == f"tokens must be integer ids shaped (B, T), got {needle}", msg

@@ -6,11 +6,10 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from flax import nnx
 
-import jax_model
 from dba.weights import tied_aliases
-from parity_tests.helpers import build_jax, build_torch, config_matrix, random_state, random_tokens
+from bench.parity_cases import (build_jax, build_torch, config_matrix, jax_grads_canonical, random_state,
+                                 random_tokens)
 
 MATRIX = config_matrix()
 
@@ -23,16 +22,6 @@ def test_matrix_covers_every_mode_and_option():
         assert any(c.tie_qk for c in of_mode) and any(c.null_attn for c in of_mode)
         assert any(not c.rope for c in of_mode) and any(not c.learned_temp for c in of_mode)
         assert any(c.mlp == "gelu" for c in of_mode) and any(c.embed_dim != c.d_model for c in of_mode)
-
-
-def jax_grads_canonical(model, tokens, targets) -> tuple[float, dict[str, np.ndarray]]:
-    def loss_fn(m):
-        return jax_model.cross_entropy(m.forward(tokens), targets)
-
-    loss, grads = nnx.value_and_grad(loss_fn)(model)
-    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
-    grad_model = nnx.merge(graphdef, grads, rest)
-    return float(loss), jax_model.canonical_state(grad_model)
 
 
 @pytest.mark.parametrize("name,cfg", MATRIX, ids=[n for n, _ in MATRIX])

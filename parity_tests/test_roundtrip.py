@@ -13,7 +13,7 @@ import torch
 import jax_model
 import torch_ref
 from dba.weights import load_safetensors, tied_aliases
-from parity_tests.helpers import build_jax, build_torch, make_config, random_state, random_tokens
+from bench.parity_cases import build_jax, build_torch, make_config, random_state, random_tokens
 
 FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "v29" / "dec_plain" / "best.pt"
 
@@ -42,7 +42,7 @@ def test_v29_pt_export_v29_pt_loads_strictly(tmp_path):
     cfg = make_config("decoupled", ("tie_qk", "null"))
     state = random_state(cfg, 5)
     torch_ref.save_v29(tmp_path / "orig.pt", cfg, state, step=7)
-    run = [sys.executable, "-m", "dba.cli", "convert"]
+    run = [sys.executable, "-m", "cli", "convert"]
     r1 = subprocess.run(run + [str(tmp_path / "orig.pt"), str(tmp_path / "x.safetensors")], capture_output=True, text=True)
     assert r1.returncode == 0, r1.stderr
     r2 = subprocess.run(run + [str(tmp_path / "x.safetensors"), str(tmp_path / "back.pt")], capture_output=True, text=True)
@@ -60,7 +60,7 @@ def test_v29_pt_export_v29_pt_loads_strictly(tmp_path):
 def test_convert_v29_fixture_both_ways(tmp_path):
     if not FIXTURE.exists():
         pytest.skip("fixture not present")
-    run = [sys.executable, "-m", "dba.cli", "convert"]
+    run = [sys.executable, "-m", "cli", "convert"]
     assert subprocess.run(run + [str(FIXTURE), str(tmp_path / "f.safetensors")], capture_output=True).returncode == 0
     cfg, state, _ = load_safetensors(tmp_path / "f.safetensors")
     assert cfg.decoupled_scale == "v29_sdpa"
@@ -73,7 +73,7 @@ def test_convert_v29_fixture_both_ways(tmp_path):
 def test_convert_refuses_per_path_decoupled_to_v29(tmp_path):
     cfg = make_config("decoupled")  # per_path scaling, no null attention: v29 can't express it
     torch_ref.save_export(tmp_path / "m.safetensors", build_torch(cfg, random_state(cfg)))
-    r = subprocess.run([sys.executable, "-m", "dba.cli", "convert", str(tmp_path / "m.safetensors"),
+    r = subprocess.run([sys.executable, "-m", "cli", "convert", str(tmp_path / "m.safetensors"),
                         str(tmp_path / "m.pt")], capture_output=True, text=True)
     assert r.returncode != 0 and "decoupled_scale" in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.pt").exists()
@@ -89,7 +89,7 @@ def test_convert_errors_are_one_line(tmp_path, argv, needle):
     src = tmp_path / "m.safetensors"
     torch_ref.save_export(src, build_torch(cfg, random_state(cfg)))
     argv = [a.format(src=src) for a in argv]
-    r = subprocess.run([sys.executable, "-m", "dba.cli", "convert", *argv], capture_output=True, text=True, cwd=tmp_path)
+    r = subprocess.run([sys.executable, "-m", "cli", "convert", *argv], capture_output=True, text=True, cwd=tmp_path)
     assert r.returncode in (1, 2)
     assert needle in r.stderr and "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1
 

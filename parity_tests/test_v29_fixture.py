@@ -38,7 +38,7 @@ def test_jax_reproduces_v29_logits(io):
 
 def test_fixture_is_sensitive_to_the_score_scaling(io):
     """The paper's per-path scaling gives visibly different logits: the scaling rule matters."""
-    cfg, state, _ = torch_ref.checkpoint.load_with_config(DEC_PLAIN / "best.pt")
+    cfg, state, _ = torch_ref.weights_io.load_with_config(DEC_PLAIN / "best.pt")
     other = torch_ref.DBAModel(cfg.replace(decoupled_scale="per_path"))
     torch_ref.load_canonical(other, state)
     with torch.no_grad():

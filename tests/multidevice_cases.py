@@ -20,7 +20,7 @@ import jax_model
 from dba.config import ModelConfig
 from dba.errors import UserError
 from train import sharding
-from train.checkpointing import RunCheckpoints
+from train.orbax_checkpoints import RunCheckpoints
 from train.optim import build_optimizer
 from train.step import Stepper
 

@@ -16,7 +16,7 @@ from flax import nnx
 from dba.errors import UserError
 from jax_model import layers as jl
 from jax_model.model import cross_entropy
-from parity_tests.helpers import build_jax, make_config, random_state, random_tokens
+from bench.parity_cases import build_jax, make_config, random_state, random_tokens
 
 
 def _qkv(h: int, n_kv: int, dqk: int, dv: int, t: int = 37, b: int = 2, seed: int = 0):

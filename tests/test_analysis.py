@@ -24,7 +24,7 @@ import pytest
 from dba.errors import UserError
 from tests.test_train import ENV, REPO, TOY, dba_train, ok
 from train.analysis import effective_rank, local_mass, parse_indices, row_entropy, stable_rank, topk_mass
-from train.artifacts import read_events
+from dba.runlog import read_events
 
 T = 11
 
@@ -95,7 +95,7 @@ def test_group_grad_norms_partition_the_tree():
     from flax import nnx
 
     from jax_model import DBAModel
-    from parity_tests.helpers import make_config
+    from bench.parity_cases import make_config
     from train.grad_norms import group_grad_norms
 
     cfg = make_config("decoupled", ("null", "embed"))
@@ -193,7 +193,7 @@ def test_analysis_png_and_tensorboard(instrumented):
 
 
 def test_tb_missing_is_one_line(tmp_path, instrumented, monkeypatch):
-    code = ("import sys; sys.modules['tensorboardX'] = None; from dba.cli import main; "
+    code = ("import sys; sys.modules['tensorboardX'] = None; from cli.main import main; "
             f"sys.exit(main(['train', '--data', {str(instrumented['data'])!r}, '--vocab-size', '97', '--steps', '1', "
             f"'--tb', '--out-dir', {str(tmp_path / 'x')!r}]))")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=ENV, capture_output=True, text=True, timeout=120)
@@ -207,7 +207,7 @@ def test_analysis_h5_survives_sigkill(instrumented, tmp_path):
     analysis event reached train.jsonl, each complete."""
     for delay_events in (1, 3):
         out = tmp_path / f"k{delay_events}"
-        p = subprocess.Popen([sys.executable, "-m", "dba.cli", "train", "--data", str(instrumented["data"]),
+        p = subprocess.Popen([sys.executable, "-m", "cli", "train", "--data", str(instrumented["data"]),
                               "--vocab-size", "97", *TOY, "--steps", "400", "--eval-every", "0", "--log-every", "1",
                               "--batch-size", "2", "--train-seq-len", "32", "--instrument", "medium",
                               "--analysis-every", "1", "--analysis-max-tokens", "32", "--live", "basic",
@@ -269,7 +269,7 @@ def test_report_two_runs_kv_equals_kv_bytes(instrumented):
                  "--layers", 2, "--n-head", 3, "--d-ff", 96, "--steps", 4, "--eval-every", 2, "--eval-iters", 2,
                  "--batch-size", 4, "--train-seq-len", 32, "--live", "off", "--out-dir", std))
     runs = [instrumented["out"], std]
-    r = subprocess.run([sys.executable, "-m", "dba.cli", "report", *map(str, runs), "--json"], cwd=REPO, env=ENV,
+    r = subprocess.run([sys.executable, "-m", "cli", "report", *map(str, runs), "--json"], cwd=REPO, env=ENV,
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     rep = json.loads(r.stdout)
@@ -282,7 +282,7 @@ def test_report_two_runs_kv_equals_kv_bytes(instrumented):
         assert row["params"] == cfg.num_params()
         best = min(e["val_loss"] for e in read_events(Path(run) / "train.jsonl", "eval"))
         assert row["best_val_loss"] == pytest.approx(best)
-    md = subprocess.run([sys.executable, "-m", "dba.cli", "report", *map(str, runs), "--plot",
+    md = subprocess.run([sys.executable, "-m", "cli", "report", *map(str, runs), "--plot",
                          str(instrumented["root"] / "conv.png")], cwd=REPO, env=ENV, capture_output=True,
                         text=True, timeout=120)
     assert md.returncode == 0, md.stderr
@@ -319,7 +319,7 @@ def test_report_seed_variants_mean_std(instrumented, tmp_path):
 @pytest.mark.parametrize("args,needle", [(["/nonexistent/run"], "does not exist"),
                                          (["."], "has no train.jsonl")])
 def test_report_bad_input_one_line(args, needle):
-    r = subprocess.run([sys.executable, "-m", "dba.cli", "report", *args], cwd=REPO, env=ENV,
+    r = subprocess.run([sys.executable, "-m", "cli", "report", *args], cwd=REPO, env=ENV,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr
     assert len(r.stderr.strip().splitlines()) == 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
@@ -75,7 +76,7 @@ def files(tmp_path_factory) -> dict[str, Path]:
 
 
 def dba(*args: str, cwd: Path, debug: bool = False, timeout: int = 300) -> subprocess.CompletedProcess:
-    argv = [sys.executable, "-m", "dba.cli", *(["--debug"] if debug else []), *args]
+    argv = [sys.executable, "-m", "cli", *(["--debug"] if debug else []), *args]
     env = dict(ENV, PYTHONPATH=str(REPO))
     return subprocess.run(argv, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
 
@@ -157,9 +158,18 @@ def _fill(args: list[str], files: dict[str, Path]) -> list[str]:
     return [a.format(**{k: str(v) for k, v in files.items()}) if "{" in a else a for a in args]
 
 
-@pytest.mark.parametrize("argv,code,needles", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_mistake_is_one_line(argv, code, needles, files):
-    r = dba(*_fill(argv, files), cwd=files["cwd"])
+@pytest.fixture(scope="module")
+def results(files) -> dict[str, subprocess.CompletedProcess]:
+    """Every case's command, run as independent processes a few at a time (most of each is the
+    interpreter starting up, which uses one core)."""
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        futures = {case: pool.submit(dba, *_fill(argv, files), cwd=files["cwd"]) for case, argv, _, _ in CASES}
+    return {case: f.result() for case, f in futures.items()}
+
+
+@pytest.mark.parametrize("case,argv,code,needles", CASES, ids=[c[0] for c in CASES])
+def test_mistake_is_one_line(case, argv, code, needles, files, results):
+    r = results[case]
     lines = r.stderr.strip().splitlines()
     assert r.returncode == code, (r.returncode, r.stdout[-2000:], r.stderr[-3000:])
     assert "Traceback" not in r.stderr and len(lines) == 1, r.stderr

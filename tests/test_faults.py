@@ -13,7 +13,7 @@
 
 Faults are injected with the test-only DBA_FAULT hooks (train/step.py `fault_points`): they act
 inside the real code paths (Orbax's own commit of its temporary directory, the jitted step).
-Runs go through a subprocess (`python -m dba.cli train ...`) like a user's would.
+Runs go through a subprocess (`python -m cli train ...`) like a user's would.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.artifacts import read_events
+from dba.runlog import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1",
@@ -46,7 +46,7 @@ TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 def _cmd(args):
-    return [sys.executable, "-m", "dba.cli", "train", *map(str, args)]
+    return [sys.executable, "-m", "cli", "train", *map(str, args)]
 
 
 def _env(fault):
@@ -89,7 +89,7 @@ def tmp_dirs(out):
 
 
 def export_step(path):
-    from dba.checkpoints import read_weights
+    from dba.weight_files import read_weights
 
     return int(read_weights(path)[2]["metadata"]["step"])
 
@@ -277,7 +277,7 @@ def test_skip_nonfinite_skips_counts_and_stops(straight, data, tmp_path):
     assert done["event"] == "done" and done["reason"] == "nonfinite" and done["step"] == 6
     assert done["skipped_nonfinite"] == 2
     assert ckpt_steps(out, "last") == [4] and export_step(out / "last.safetensors") == 4
-    from train.checkpointing import RunCheckpoints
+    from train.orbax_checkpoints import RunCheckpoints
 
     ck = RunCheckpoints(out)
     assert ck.read_meta("last")["skipped_nonfinite"] == 1
@@ -343,6 +343,7 @@ def test_step_too_large_for_device_fails_at_compile(monkeypatch):
 
     import train.step as step_mod
     from dba.errors import UserError
+    from dba.units import human_bytes
 
     s = _stepper()
     monkeypatch.setattr(step_mod, "device_memory_limit", lambda device: 64 * 2**10)
@@ -352,7 +353,7 @@ def test_step_too_large_for_device_fails_at_compile(monkeypatch):
     msg = str(ei.value)
     need = s.memory_bytes[(1, 2, 16)]
     assert ei.value.code == 1 and "\n" not in msg
-    assert need > 64 * 2**10 and step_mod.fmt_bytes(need) in msg and "64.0 KiB" in msg, msg
+    assert need > 64 * 2**10 and human_bytes(need, "iec") in msg and "64.0 KiB" in msg, msg
     assert "compiled estimate" in msg and "--batch-size" in msg
     assert s.compiles == 0  # nothing to run
     monkeypatch.setattr(step_mod, "device_memory_limit", lambda device: need)  # just fits
@@ -363,7 +364,7 @@ def test_train_cli_refuses_oversized_step_before_the_run(monkeypatch, capsys, da
     """Through the CLI: the longest sequence length of the curriculum is compiled first, so the
     run fails before its first step, with one line, and leaves no run behind to --overwrite."""
     import train.step as step_mod
-    from dba.cli import main
+    from cli.main import main
 
     # room for the length-16 step (~0.3 MiB), not for the length-32 one the run reaches at step 6
     monkeypatch.setattr(step_mod, "device_memory_limit", lambda device: 400 * 2**10)
@@ -375,14 +376,14 @@ def test_train_cli_refuses_oversized_step_before_the_run(monkeypatch, capsys, da
     assert code == 1 and len(err.splitlines()) == 1, err
     assert err.startswith("dba train: error: the train step for batch 2 x seq 32 x accum 1 needs ~"), err
     assert "400.0 KiB" in err and "compiled estimate" in err
-    from train.loop import holds_run
+    from dba.run_dir import holds_run
 
     assert not holds_run(out)
 
 
 def test_jsonl_log_survives_a_torn_line(tmp_path):
     """A run killed mid-line leaves a torn last line: the next writer ends it first."""
-    from train.artifacts import JsonlLog
+    from dba.runlog import JsonlLog
 
     path = tmp_path / "train.jsonl"
     path.write_text('{"event": "meta"}\n{"event": "train", "st')

@@ -218,17 +218,48 @@ def test_policy_stream_spec():
         p.stream("v", "bottleneck")  # a mode string needs the width
 
 
-def test_policy_from_args_and_dict():
+def test_policy_from_parsed_flags_and_dict():
     ns = argparse.Namespace(kv_cache="q4_0", kv_qblock=None, kv_residual=64, kv_cache_k=None,
                             kv_cache_v="q8_0", kv_cache_k_sem=None, kv_cache_k_geo="nf4",
                             kv_qblock_k=None, kv_qblock_v=16, kv_qblock_k_sem=None, kv_qblock_k_geo=None)
-    p = KVPolicy.from_args(ns)
+    p = KVPolicy.from_flags(vars(ns))
     assert p == KVPolicy(kind="q4_0", qblock=32, residual=64, v="q8_0", k_geo="nf4", qblock_v=16)
-    assert KVPolicy.from_args(argparse.Namespace()) == KVPolicy()
+    assert KVPolicy.from_flags(vars(argparse.Namespace())) == KVPolicy()
     assert KVPolicy.from_dict(p.to_dict()) == p
     assert json.loads(json.dumps(p.to_dict()))["k_geo"] == "nf4"
     with pytest.raises(UserError):
         KVPolicy.from_dict({"kind": "fp16", "bogus": 1})
+
+
+def test_policy_from_flags_reads_a_mapping():
+    flags = {"kv_cache": "q8_0", "kv_qblock": 0, "kv_residual": None, "kv_cache_k": "nf4", "kv_qblock_k_sem": 8,
+             "kv_cache_k_sem": "q4_0", "unrelated": 3}
+    want = KVPolicy(kind="q8_0", qblock=0, k="nf4", k_sem="q4_0", qblock_k_sem=8)
+    assert KVPolicy.from_flags(flags) == want
+    assert KVPolicy.from_flags(vars(argparse.Namespace(**flags))) == want  # parsed flags
+    assert KVPolicy.from_flags({}) == KVPolicy()
+    with pytest.raises(UserError, match="q3_k"):
+        KVPolicy.from_flags({"kv_cache_v": "q3_k"})
+
+
+def test_storage_layout_is_what_the_caches_allocate():
+    from dba.kvspec import storage_layout
+
+    spec = stream_spec("k_sem", "q4_0", 37, 32, 128, max_len=100)
+    assert storage_layout(spec, 2, 100) == {"data": ((2, 100, 32), "uint8"), "scale": ((2, 100, 2), "float16"),
+                                            "ring": ((2, 100, 37), "float16")}
+    assert storage_layout(stream_spec("v", "q8_0", 24, 8, 0), 1, 5)["ring"] is None
+    assert storage_layout(stream_spec("v", "fp32", 24, 8, 64), 1, 5) == {
+        "data": ((1, 5, 24), "float32"), "scale": None, "ring": None}
+
+
+def test_check_room_is_one_line():
+    from dba.kvspec import check_room
+
+    check_room(5, 1, 6)
+    with pytest.raises(UserError) as e:
+        check_room(5, 2, 6)
+    assert str(e.value) == "KV cache overflow: 5 cached + 2 new tokens > max_len=6"
 
 
 def test_constants():
@@ -241,7 +272,7 @@ def test_constants():
 # ---- dba kv-mem ---------------------------------------------------------------------------
 
 def kvmem(*argv: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "dba.cli", "kv-mem", *argv], cwd=REPO,
+    return subprocess.run([sys.executable, "-m", "cli", "kv-mem", *argv], cwd=REPO,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -325,7 +356,7 @@ def test_cli_ckpt_safetensors(tmp_path):
 
 
 def test_dba_core_imports_no_framework():
-    code = ("import sys, dba, dba.kvspec, dba.commands.kvmem; dba.kv_bytes; "
+    code = ("import sys, dba, dba.kvspec, cli.kvmem; dba.kv_bytes; "
             "assert 'jax' not in sys.modules and 'torch' not in sys.modules, "
             "[m for m in ('jax', 'torch') if m in sys.modules]")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)

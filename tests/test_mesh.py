@@ -21,7 +21,7 @@ from jax.sharding import PartitionSpec as P
 
 from dba.errors import UserError
 from train import distributed, sharding
-from train.artifacts import read_events
+from dba.runlog import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 # LLVM optimisation only speeds up the generated code; these runs are dominated by compiling.
@@ -148,7 +148,7 @@ TOY = ["--data-format", "npy", "--vocab-size", 97, "--attn-mode", "decoupled", "
 
 
 def dba_train(*args, devices=1, cwd=None, **popen):
-    cmd = [sys.executable, "-m", "dba.cli", "train", *map(str, args)]
+    cmd = [sys.executable, "-m", "cli", "train", *map(str, args)]
     if popen:
         return subprocess.Popen(cmd, cwd=cwd or REPO, env=env_with_devices(devices), stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True, **popen)
@@ -172,7 +172,7 @@ def test_bad_mesh_one_line(args, devices, needle, data, tmp_path):
 
 
 def test_bench_mesh_errors_one_line():
-    r = subprocess.run([sys.executable, "-m", "dba.cli", "bench", "train", "--mesh", "1", "--mesh", "data=3"],
+    r = subprocess.run([sys.executable, "-m", "cli", "bench", "train", "--mesh", "1", "--mesh", "data=3"],
                        cwd=REPO, env=env_with_devices(1), capture_output=True, text=True, timeout=120, check=False)
     assert r.returncode == 2 and len(r.stderr.strip().splitlines()) == 1, r.stderr
     assert "--batch-size 8 is not divisible by the mesh's batch axes (data=3 = 3)" in r.stderr

@@ -2,7 +2,7 @@
 straight run, the curriculum compiles once per length and grows the context, grad accumulation
 and rematerialisation change nothing, and user mistakes are one-line errors.
 
-CLI runs go through a subprocess (`python -m dba.cli train ...`) like a user's would.
+CLI runs go through a subprocess (`python -m cli train ...`) like a user's would.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from train.artifacts import read_events
+from dba.runlog import read_events
 
 REPO = Path(__file__).resolve().parents[1]
 TOY = ["--attn-mode", "decoupled", "--d-model", "48", "--layers", "2", "--n-head", "3", "--d-ff", "96",
@@ -26,12 +26,12 @@ ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBU
 
 
 def dba_train(*args, cwd=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "dba.cli", "train", *map(str, args)], cwd=cwd or REPO,
+    return subprocess.run([sys.executable, "-m", "cli", "train", *map(str, args)], cwd=cwd or REPO,
                           env=ENV, capture_output=True, text=True, timeout=timeout)
 
 
 def popen_train(*args):
-    return subprocess.Popen([sys.executable, "-m", "dba.cli", "train", *map(str, args)], cwd=REPO, env=ENV,
+    return subprocess.Popen([sys.executable, "-m", "cli", "train", *map(str, args)], cwd=REPO, env=ENV,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
 
 
@@ -116,7 +116,7 @@ def test_run_dir_loads_in_torch_and_jax(seed_run):
     a = tm(x).detach().numpy()
     b = np.asarray(jm(x))
     assert np.abs(a - b).max() <= 2e-5
-    from dba.checkpoints import read_weights
+    from dba.weight_files import read_weights
 
     _, _, info = read_weights(out / "last.safetensors")
     assert info["metadata"]["step"] == "8"
@@ -300,7 +300,7 @@ def test_no_arg_defaults_go_to_runs_default(tmp_path):
 
 
 def test_clear_run_removes_only_run_files(tmp_path):
-    from train.loop import clear_run, holds_run
+    from dba.run_dir import clear_run, holds_run
 
     (tmp_path / "checkpoints" / "last").mkdir(parents=True)
     (tmp_path / "train.jsonl").write_text("{}\n")

@@ -1,7 +1,7 @@
 """PyTorch reference of the decoupled bottleneck transformer (never imports JAX)."""
 
 from torch_ref import decode, kvcache, optim
-from torch_ref.checkpoint import canonical_state, load, load_canonical, save_export, save_v29
+from torch_ref.weights_io import canonical_state, load, load_canonical, save_export, save_v29
 from torch_ref.model import DBAModel, default_device
 from torch_ref.sampling import generate
 

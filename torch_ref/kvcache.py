@@ -7,24 +7,17 @@ returns the stream). MPS-safe: nothing here uses float64.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 
-from dba.kvspec import FOUR_BIT_KINDS, NF4_LEVELS, QUANT_KINDS, KVPolicy, quant_layout
+from dba.kvspec import (FP16_MAX, NF4_LEVELS, QMAX, KVPolicy, StreamSpec, non_finite_message,
+                        quant_layout, require_quant, storage_layout, stream_spec)
 
 _NF4 = torch.tensor(NF4_LEVELS, dtype=torch.float32)
-# Largest representable code magnitude: scale = absmax / this (nf4 codes live in [-1, 1]).
-_QMAX = {"q8_0": 127.0, "q4_0": 7.0, "nf4": 1.0}
-# The largest finite fp16: the cap on a block's scale (fp16 storage), so dequantize stays finite.
-_FP16_MAX = 65504.0
-
-
-def _require_quant(kind: str) -> None:
-    if kind not in QUANT_KINDS:
-        raise ValueError(f"quantize/dequantize handle {'|'.join(QUANT_KINDS)}, not {kind!r}")
 
 
 def quantize(x: torch.Tensor, kind: str, qblock: int, check_finite: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -34,12 +27,12 @@ def quantize(x: torch.Tensor, kind: str, qblock: int, check_finite: bool = True)
     SPEC §5, with the block scale capped at 65504 (the largest fp16) so any finite input
     dequantizes to finite values: a block past that range saturates. With `check_finite`, NaN/Inf
     input raises a one-line ValueError counting them (`write` skips the check: it would sync the device)."""
-    _require_quant(kind)
+    require_quant(kind)
     x = x.to(torch.float32)
     dim = x.shape[-1]
     qb, pad_dim, nb = quant_layout(kind, dim, qblock)
     if check_finite and not bool(torch.isfinite(x).all()):
-        raise ValueError(non_finite_message(x))
+        raise ValueError(non_finite_message(x.detach().float().cpu().numpy()))
     lead = x.shape[:-1]
     if pad_dim != dim:  # zero channels never raise a block's absmax and quantize to code 0
         x = F.pad(x, (0, pad_dim - dim))
@@ -50,7 +43,7 @@ def quantize(x: torch.Tensor, kind: str, qblock: int, check_finite: bool = True)
     # Capped at the largest fp16 so the stored scale is the one the codes were computed with: a
     # block whose absmax/qmax exceeds 65504 saturates instead of storing an inf scale (which
     # dequantizes to inf, and 0 * inf = NaN). Same as jax_model/kvcache.py.
-    scale = torch.clamp(amax / torch.full_like(amax, _QMAX[kind]), 1e-8, _FP16_MAX)  # fp32
+    scale = torch.clamp(amax / torch.full_like(amax, QMAX[kind]), 1e-8, FP16_MAX)  # fp32
     y = xb / scale  # divide by the fp32 scale, not the fp16 one that is stored
     if kind == "q8_0":
         q = torch.clamp(torch.round(y), -127, 127).to(torch.int8).reshape(*lead, pad_dim)
@@ -62,14 +55,6 @@ def quantize(x: torch.Tensor, kind: str, qblock: int, check_finite: bool = True)
         u = u.reshape(*lead, pad_dim // 2, 2)
         q = (u[..., 0] * 16 + u[..., 1]).to(torch.uint8)  # even channel in the high nibble
     return q, scale.to(torch.float16).reshape(*lead, nb)
-
-
-def non_finite_message(x: torch.Tensor) -> str:
-    """One line naming how many NaN / +-Inf values `x` holds and where the first one is."""
-    nan, inf = int(torch.isnan(x).sum()), int(torch.isinf(x).sum())
-    first = tuple(int(i) for i in torch.nonzero(~torch.isfinite(x))[0])
-    return (f"cannot quantize non-finite values ({nan} NaN, {inf} inf, first at index {first} of "
-            f"shape {tuple(x.shape)}) into the KV cache")
 
 
 def _nf4_index(y: torch.Tensor) -> torch.Tensor:
@@ -88,7 +73,7 @@ def _nf4_index(y: torch.Tensor) -> torch.Tensor:
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, kind: str, dim: int, qblock: int) -> torch.Tensor:
     """Inverse of `quantize`: float32 (..., dim) = code * float32(stored fp16 scale)."""
-    _require_quant(kind)
+    require_quant(kind)
     qb, pad_dim, nb = quant_layout(kind, dim, qblock)
     lead = q.shape[:-1]
     if kind == "q8_0":
@@ -104,28 +89,53 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, kind: str, dim: int, qblock
 
 @dataclass
 class StreamCache:
-    """One cached sequence tensor of a layer (same layout as jax_model.kvcache.StreamCache).
-
-    `data`: (B, max_len, dim) fp32/fp16 for plain kinds, else the quantized payload
-    (B, max_len, pad_dim) int8 or (B, max_len, pad_dim//2) uint8; `scale`: (B, max_len, n_blocks)
-    fp16 or None; `ring`: (B, residual, dim) fp16 holding position p in slot p % residual, or None.
-    """
+    """One cached sequence tensor of a layer (same layout as jax_model.kvcache.StreamCache): the
+    tensors `dba.kvspec.storage_layout` names for its `spec` (data, scale or None, ring or None;
+    the ring holds position p in slot p % residual)."""
 
     data: torch.Tensor
     scale: torch.Tensor | None
     ring: torch.Tensor | None
-    kind: str
-    dim: int
-    qblock: int  # the effective block (quant_layout's qb)
-    residual: int  # ring length R; 0 = no ring
+    spec: StreamSpec
+
+    @property
+    def kind(self) -> str:
+        return self.spec.kind
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim
+
+    @property
+    def qblock(self) -> int:
+        """The effective block (quant_layout's qb)."""
+        return self.spec.qblock_eff
+
+    @property
+    def residual(self) -> int:
+        """Ring length R; 0 = no ring."""
+        return self.spec.residual
+
+    @property
+    def quantized(self) -> bool:
+        return self.spec.quantized
 
     @property
     def max_len(self) -> int:
         return self.data.shape[1]
 
+
+@dataclass
+class LayerCache:
+    """One layer's streams (name -> StreamCache, written in place) and `pos`, the tokens they
+    hold (a Python int: no device sync): what `Attention` takes and returns."""
+
+    streams: dict[str, StreamCache]
+    pos: int
+
     @property
-    def quantized(self) -> bool:
-        return self.kind in QUANT_KINDS
+    def max_len(self) -> int:
+        return next(iter(self.streams.values())).max_len
 
 
 @dataclass
@@ -139,22 +149,28 @@ class Cache:
     def max_len(self) -> int:
         return next(iter(self.layers[0].values())).max_len
 
+    def layer(self, i: int) -> LayerCache:
+        """Layer i's streams at the cache's position."""
+        return LayerCache(self.layers[i], self.pos)
+
+    def with_layers(self, layers: Sequence[LayerCache]) -> Cache:
+        """This cache, updated in place to hold these layers (all at one position); returns it."""
+        self.layers = [l.streams for l in layers]
+        self.pos = layers[0].pos
+        return self
+
+
+def alloc_stream(spec: StreamSpec, batch: int, max_len: int, device: Any = None) -> StreamCache:
+    """Zeroed storage for `spec` (its ring already clipped to max_len)."""
+    tensors = {k: None if a is None else torch.zeros(a[0], dtype=getattr(torch, a[1]), device=device)
+               for k, a in storage_layout(spec, batch, max_len).items()}
+    return StreamCache(tensors["data"], tensors["scale"], tensors["ring"], spec)
+
 
 def init_stream(kind: str, dim: int, qblock: int, residual: int, batch: int, max_len: int,
-                device: Any = None) -> StreamCache:
+                name: str = "", device: Any = None) -> StreamCache:
     """Zeroed storage for one stream; `residual` is the requested window (clipped to max_len)."""
-    spec_qb, pad_dim, nb = quant_layout(kind, dim, qblock)
-    if kind in ("fp32", "fp16"):
-        dt = torch.float32 if kind == "fp32" else torch.float16
-        return StreamCache(torch.zeros((batch, max_len, dim), dtype=dt, device=device), None, None,
-                           kind, dim, spec_qb, 0)
-    payload = pad_dim // 2 if kind in FOUR_BIT_KINDS else pad_dim
-    dt = torch.uint8 if kind in FOUR_BIT_KINDS else torch.int8
-    data = torch.zeros((batch, max_len, payload), dtype=dt, device=device)
-    scale = torch.zeros((batch, max_len, nb), dtype=torch.float16, device=device)
-    r = min(residual, max_len)
-    ring = torch.zeros((batch, r, dim), dtype=torch.float16, device=device) if r > 0 else None
-    return StreamCache(data, scale, ring, kind, dim, spec_qb, r)
+    return alloc_stream(stream_spec(name, kind, dim, qblock, residual, max_len), batch, max_len, device)
 
 
 def init_cache(cfg: Any, policy: KVPolicy | None, batch: int, max_len: int, device: Any = None) -> Cache:
@@ -162,13 +178,9 @@ def init_cache(cfg: Any, policy: KVPolicy | None, batch: int, max_len: int, devi
     policy = KVPolicy() if policy is None else policy
     if batch <= 0 or max_len <= 0:
         raise ValueError(f"batch and max_len must be positive, got batch={batch}, max_len={max_len}")
-    layers = []
-    for _ in range(cfg.n_layer):
-        layer = {}
-        for name, dim in cfg.kv_streams().items():
-            kind, qblock = policy.resolve(name, cfg.attn_mode)
-            layer[name] = init_stream(kind, dim, qblock, policy.residual, batch, max_len, device)
-        layers.append(layer)
+    specs = {name: policy.stream(name, cfg, max_len=max_len) for name in cfg.kv_streams()}
+    layers = [{name: alloc_stream(spec, batch, max_len, device) for name, spec in specs.items()}
+              for _ in range(cfg.n_layer)]
     return Cache(layers, 0)
 
 

@@ -8,12 +8,8 @@ Mirrors jax_model/layers.py.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
-
-from dba.config import ModelConfig
 
 
 def rope_cos_sin(rot_dim: int, base: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -42,13 +38,13 @@ def merge_heads(x_BHTD: torch.Tensor) -> torch.Tensor:
     return x_BHTD.transpose(1, 2).reshape(b, t, h * d)
 
 
-def path_scales(cfg: ModelConfig) -> tuple[float, ...]:
-    """Multipliers folded into the query of each score path (one path unless decoupled)."""
-    if cfg.attn_mode != "decoupled":
-        return (1.0 / math.sqrt(cfg.qk_dim // cfg.n_head),)
-    ds, dg = cfg.sem_head_dim, cfg.geo_head_dim
-    extra = 1.0 / math.sqrt(ds + dg) if cfg.decoupled_scale == "v29_sdpa" else 1.0
-    return (extra / math.sqrt(ds), extra / math.sqrt(dg))
+def kv_heads(streams: dict[str, torch.Tensor], key_names: tuple[str, ...],
+             n_kv: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Streams (B, L, width) -> k_cat, v (B, K, L, D) over the K kv-heads (no repetition): each
+    head's slices of the key streams `key_names` concatenated in that order, as in q_cat."""
+    keys = [split_heads(streams[name], n_kv) for name in key_names]
+    k = keys[0] if len(keys) == 1 else torch.cat(keys, dim=-1)
+    return k, split_heads(streams["v"], n_kv)
 
 
 def causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
@@ -57,13 +53,19 @@ def causal_mask(t_q: int, t_k: int, device) -> torch.Tensor:
     return torch.arange(t_k, device=device)[None, :] <= q_pos[:, None]
 
 
-def attend(q_BHTD: torch.Tensor, k_BHLD: torch.Tensor, v_BHLD: torch.Tensor,
+def attend(q_BHTD: torch.Tensor, k_BKLD: torch.Tensor, v_BKLD: torch.Tensor,
            null_kv: tuple[torch.Tensor, torch.Tensor] | None, dropout_p: float = 0.0) -> torch.Tensor:
-    """Causal attention with scale 1 (the scale lives in q); K/V already expanded to H heads.
+    """Causal attention with scale 1 (the scale lives in q) over K/V with K kv-heads; for gqa
+    (K < H) each kv-head is repeated for its H/K query heads here (not SDPA's `enable_gqa`,
+    which torch < 2.5 lacks).
 
     Without null attention this is SDPA. With it, one extra never-masked key sits in front of
     the real keys, which SDPA cannot express without a mask, so the path is written out.
     """
+    group = q_BHTD.shape[1] // k_BKLD.shape[1]
+    if group > 1:
+        k_BKLD, v_BKLD = k_BKLD.repeat_interleave(group, dim=1), v_BKLD.repeat_interleave(group, dim=1)
+    k_BHLD, v_BHLD = k_BKLD, v_BKLD
     t_q, t_k = q_BHTD.shape[2], k_BHLD.shape[2]
     if null_kv is None:
         if t_q == t_k:

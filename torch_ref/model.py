@@ -4,12 +4,21 @@ so a v29 state dict loads with `strict=True`. Mirrors jax_model/model.py.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
+
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from dba.config import ModelConfig
-from torch_ref.layers import apply_rope, attend, merge_heads, path_scales, rope_cos_sin, split_heads
+from dba.config import ModelConfig, key_streams, path_scales
+from dba.errors import UserError
+from dba.kvspec import check_room
+from torch_ref import decode
+from torch_ref import kvcache as kvc
+from torch_ref.cached_attention import cached_attend
+from torch_ref.layers import apply_rope, attend, merge_heads, rope_cos_sin, split_heads
+from torch_ref.layers import kv_heads as _kv_heads
 
 
 def default_device() -> torch.device:
@@ -49,6 +58,7 @@ class Attention(nn.Module):
                 self.k_null = nn.Parameter(torch.zeros(1, 1, widths["k"]))
                 self.v_null = nn.Parameter(torch.zeros(1, 1, widths["v"]))
         self.scales = path_scales(cfg)
+        self.key_names = key_streams(cfg)
 
     # -- the pieces every path (full forward, prefill, decode) shares ----------------------
     def _rope(self, x_BHTD: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -57,40 +67,28 @@ class Attention(nn.Module):
         cos, sin = rope_cos_sin(self.cfg.rope_dim, self.cfg.rope_base, positions)
         return apply_rope(x_BHTD, cos, sin)
 
-    def queries(self, x_BTC: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        """q_cat (B, H, T, Dqk): rotated, scaled per path and by the learned temperature."""
-        h = self.cfg.n_head
+    def queries_and_kv(self, x_BTC: torch.Tensor,
+                       positions: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(q_cat (B, H, T, Dqk): rotated, scaled per path and by the learned temperature; the
+        cached streams for these tokens, name -> (B, T, width), keys stored after RoPE)."""
+        h, h_kv = self.cfg.n_head, self.cfg.n_kv_head
         if self.cfg.attn_mode == "decoupled":
             q_sem = split_heads(self.q_sem(x_BTC), h) * self.scales[0]
             q_geo = self._rope(split_heads(self.q_geo(x_BTC), h), positions) * self.scales[1]
             q = torch.cat([q_sem, q_geo], dim=-1)
+            k_geo = self._rope(split_heads(self.k_geo(x_BTC), h_kv), positions)
+            kv = {"k_sem": self.k_sem(x_BTC), "k_geo": merge_heads(k_geo), "v": self.v_proj(x_BTC)}
         else:
             q = self._rope(split_heads(self.q_proj(x_BTC), h), positions) * self.scales[0]
+            k = self._rope(split_heads(self.k_proj(x_BTC), h_kv), positions)
+            kv = {"k": merge_heads(k), "v": self.v_proj(x_BTC)}
         if self.cfg.learned_temp:
             q = q * self.logit_scale.exp().to(q.dtype)[None, :, None, None]
-        return q
-
-    def new_kv(self, x_BTC: torch.Tensor, positions: torch.Tensor) -> dict[str, torch.Tensor]:
-        """The cached streams for these tokens, (B, T, width) each; keys stored after RoPE."""
-        h_kv = self.cfg.n_kv_head
-        if self.cfg.attn_mode == "decoupled":
-            k_geo = self._rope(split_heads(self.k_geo(x_BTC), h_kv), positions)
-            return {"k_sem": self.k_sem(x_BTC), "k_geo": merge_heads(k_geo), "v": self.v_proj(x_BTC)}
-        k = self._rope(split_heads(self.k_proj(x_BTC), h_kv), positions)
-        return {"k": merge_heads(k), "v": self.v_proj(x_BTC)}
+        return q, kv
 
     def kv_heads(self, streams: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        """Streams (B, L, width) -> k_cat, v (B, H, L, D), K/V heads repeated for gqa."""
-        h_kv = self.cfg.n_kv_head
-        if self.cfg.attn_mode == "decoupled":
-            k = torch.cat([split_heads(streams["k_sem"], h_kv), split_heads(streams["k_geo"], h_kv)], dim=-1)
-        else:
-            k = split_heads(streams["k"], h_kv)
-        v = split_heads(streams["v"], h_kv)
-        group = self.cfg.n_head // h_kv
-        if group > 1:
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
-        return k, v
+        """Streams (B, L, width) -> k_cat, v (B, K, L, D) over the K kv-heads (no repetition)."""
+        return _kv_heads(streams, self.key_names, self.cfg.n_kv_head)
 
     def null_kv(self) -> tuple[torch.Tensor, torch.Tensor] | None:
         """The null key (H, Dqk) and value (H, Dv), or None without null attention."""
@@ -106,12 +104,35 @@ class Attention(nn.Module):
             k, v = k.repeat_interleave(h // h_kv, dim=0), v.repeat_interleave(h // h_kv, dim=0)
         return k, v
 
-    def forward(self, x_BTC: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        q = self.queries(x_BTC, positions)
-        k, v = self.kv_heads(self.new_kv(x_BTC, positions))
-        p = self.cfg.dropout if self.training else 0.0
-        y = attend(q, k.to(q.dtype), v, self.null_kv(), dropout_p=p)
-        return F.dropout(self.out_proj(merge_heads(y)), p=p, training=self.training)
+    def forward(self, x_BTC: torch.Tensor, positions: torch.Tensor, cache: kvc.LayerCache | None = None, *,
+                fresh: bool = False, decode_block: int = 1024) -> tuple[torch.Tensor, kvc.LayerCache | None]:
+        """(B, T, d_model) at absolute `positions` -> (output (B, T, d_model), cache).
+
+        Without a cache: causal attention over x's own K/V (training, the full forward), with
+        dropout in training mode. With a layer cache holding `cache.pos` tokens: x's K/V are
+        written at cache.pos (in place) and x attends over its own fresh, unquantized K/V when
+        `fresh` (the cache held nothing before: v29's order for a prompt), else over what the
+        cache returns (`cached_attend`, `decode_block` keys at a time); returns the cache holding
+        pos + T.
+        """
+        q, kv = self.queries_and_kv(x_BTC, positions)
+        p = self.cfg.dropout if self.training and cache is None else 0.0
+        if cache is None:
+            k, v = self.kv_heads(kv)
+            y = attend(q, k.to(q.dtype), v, self.null_kv(), dropout_p=p)
+        else:
+            end = cache.pos + x_BTC.shape[1]
+            for name, s in cache.streams.items():
+                kvc.write(s, kv[name], cache.pos)
+            if fresh:
+                k, v = self.kv_heads(kv)
+                y = attend(q, k.to(q.dtype), v, self.null_kv())
+            else:
+                y = cached_attend(q, cache.streams, cache.pos, end, self.null_kv(), n_kv_head=self.cfg.n_kv_head,
+                                  key_names=self.key_names, decode_block=decode_block)
+            cache = kvc.LayerCache(cache.streams, end)
+        y = self.out_proj(merge_heads(y))
+        return (F.dropout(y, p=p) if p > 0.0 else y), cache
 
 
 class MLP(nn.Module):
@@ -141,13 +162,20 @@ class Block(nn.Module):
         self.ln2 = nn.LayerNorm(cfg.d_model, eps=1e-5)
         self.ff = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        x = x + self.attn(self.ln1(x), positions)
-        return x + self.ff(self.ln2(x))
+    def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: kvc.LayerCache | None = None, *,
+                fresh: bool = False, decode_block: int = 1024) -> tuple[torch.Tensor, kvc.LayerCache | None]:
+        """Pre-LN block; the layer cache goes through `Attention` (see there) and comes back."""
+        y, cache = self.attn(self.ln1(x), positions, cache, fresh=fresh, decode_block=decode_block)
+        x = x + y
+        return x + self.ff(self.ln2(x)), cache
 
 
 class DBAModel(nn.Module):
-    """`model(tokens)` -> logits (B, T, V) in fp32 for a full causal forward."""
+    """`model(tokens)` -> logits (B, T, V) in fp32 for a full causal forward.
+
+    Every path walks the same blocks (`_trunk`): the full forward and the loss without a cache,
+    prefill, prompt chunks and decode through `forward_cached` with one (`decode` and `sampling`
+    reach no further into the model)."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -171,11 +199,20 @@ class DBAModel(nn.Module):
         return self.tok_emb.weight.device
 
     def as_tokens(self, tokens) -> torch.Tensor:
+        """Token ids as an int64 (B, T) tensor on the model's device; 1-D ids become one row. A
+        one-line UserError naming the shape and dtype for anything but integer ids shaped (T,) or
+        (B, T)."""
+        if not torch.is_tensor(tokens):
+            tokens = np.asarray(tokens)
+            if tokens.ndim in (1, 2) and np.issubdtype(tokens.dtype, np.integer):
+                tokens = tokens.astype(np.int64, copy=False)  # uint16/uint32 ids: torch lacks them
         t = torch.as_tensor(tokens, device=self.device)
         if t.dim() == 1:
             t = t[None]
-        if t.dim() != 2 or t.dtype.is_floating_point:
-            raise ValueError(f"tokens must be integer ids shaped (B, T), got {tuple(t.shape)} {t.dtype}")
+        integer = not (t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool)
+        if t.dim() != 2 or not integer:
+            raise UserError(f"tokens must be integer ids shaped (B, T), got shape {tuple(t.shape)} "
+                            f"dtype {str(t.dtype).removeprefix('torch.')}")
         return t.long()
 
     def embed(self, idx_BT: torch.Tensor) -> torch.Tensor:
@@ -188,13 +225,38 @@ class DBAModel(nn.Module):
             x = self.emb_out(x)
         return torch.matmul(x, self.tok_emb.weight.t()).float()
 
+    def _trunk(self, idx_BT: torch.Tensor, cache: kvc.Cache | None = None, *, fresh: bool = False,
+               decode_block: int = 1024) -> tuple[torch.Tensor, kvc.Cache | None]:
+        """Embedding and blocks: features (B, T, d_model) and the cache (None without one)."""
+        start = 0 if cache is None else cache.pos
+        positions = torch.arange(start, start + idx_BT.shape[1], device=idx_BT.device)
+        x = self.embed(idx_BT)
+        layers = []
+        for i, block in enumerate(self.blocks):
+            x, layer = block(x, positions, None if cache is None else cache.layer(i), fresh=fresh,
+                             decode_block=decode_block)
+            layers.append(layer)
+        return x, (None if cache is None else cache.with_layers(layers))
+
+    def forward_cached(self, tokens_BT: torch.Tensor, cache: kvc.Cache | None, *, fresh: bool = False,
+                       decode_block: int = 1024, last_only: bool = False) -> tuple[torch.Tensor, kvc.Cache | None]:
+        """Tokens (B, T) ids through the blocks and `cache` -> (logits (B, T, V) fp32, or (B, 1, V)
+        for the last position only with `last_only`; the cache holding T more tokens: the same
+        object, updated in place).
+
+        The one cached path of prefill, prompt chunks and decode (see `Attention` for `fresh` and
+        `decode_block`), run without autograd; with cache=None it is the full causal forward and
+        returns (logits, None). An overflow of the cache is refused with a UserError.
+        """
+        if cache is not None:
+            check_room(cache.pos, tokens_BT.shape[1], cache.max_len)
+        with torch.no_grad() if cache is not None else nullcontext():
+            x, cache = self._trunk(tokens_BT, cache, fresh=fresh, decode_block=decode_block)
+            return self.unembed(x[:, -1:] if last_only else x), cache
+
     def forward(self, tokens) -> torch.Tensor:
-        idx = self.as_tokens(tokens)
-        positions = torch.arange(idx.shape[1], device=idx.device)
-        x = self.embed(idx)
-        for block in self.blocks:
-            x = block(x, positions)
-        return self.unembed(x)
+        """Logits (B, T, V) fp32 of the full causal forward (no cache)."""
+        return self.unembed(self._trunk(self.as_tokens(tokens))[0])
 
     def loss(self, tokens, targets) -> torch.Tensor:
         logits = self(tokens)
@@ -203,6 +265,5 @@ class DBAModel(nn.Module):
     def decode_logits(self, tokens, prefill: int, policy=None, decode_block: int = 1024,
                       max_len: int | None = None) -> torch.Tensor:
         """Teacher-forced cached decode: prefill `prefill` tokens, then one token at a time."""
-        from torch_ref.decode import decode_logits
-
-        return decode_logits(self, tokens, prefill=prefill, policy=policy, decode_block=decode_block, max_len=max_len)
+        return decode.decode_logits(self, tokens, prefill=prefill, policy=policy, decode_block=decode_block,
+                                    max_len=max_len)

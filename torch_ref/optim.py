@@ -11,11 +11,7 @@ import math
 
 import torch
 
-from dba.errors import UserError
-
-OPTIMIZERS = ("lion", "lion_v29", "adamw")
-SCHEDULES = ("constant", "cosine")
-DEFAULT_BETAS = {"lion": (0.9, 0.99), "lion_v29": (0.9, 0.99), "adamw": (0.9, 0.95)}
+from dba.optimizers import DEFAULT_BETAS, check_optimizer, check_schedule
 
 
 class Lion(torch.optim.Optimizer):
@@ -70,8 +66,7 @@ def schedule_value(step: int, lr: float, *, total_steps: int, lr_schedule: str =
     """The same numbers as train.optim.make_schedule (optax): linear warmup from 0 (step 0 gets 0),
     then constant, or cosine from lr down to min_lr at total_steps, held after."""
     lr, w, T = float(lr), int(warmup_steps), int(total_steps)
-    if lr_schedule not in SCHEDULES:
-        raise UserError(f"unknown lr schedule {lr_schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    check_schedule(lr, lr_schedule=lr_schedule, warmup_steps=w, total_steps=T, min_lr=float(min_lr))
     if step < w:
         return lr * step / w
     if lr_schedule == "constant":
@@ -80,24 +75,6 @@ def schedule_value(step: int, lr: float, *, total_steps: int, lr_schedule: str =
     t = min(step - w, T - w)
     cos = 0.5 * (1.0 + math.cos(math.pi * t / (T - w)))
     return lr * ((1.0 - alpha) * cos + alpha)
-
-
-def _validate(name, lr, total_steps, weight_decay, lr_schedule, warmup_steps, min_lr):
-    if name not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
-    if lr_schedule not in SCHEDULES:
-        raise UserError(f"unknown lr schedule {lr_schedule!r}; choose one of: {', '.join(SCHEDULES)}")
-    if lr < 0:
-        raise UserError(f"learning rate must be >= 0, got {lr}")
-    if weight_decay < 0:
-        raise UserError(f"weight_decay must be >= 0, got {weight_decay}")
-    if warmup_steps < 0:
-        raise UserError(f"warmup_steps must be >= 0, got {warmup_steps}")
-    if lr_schedule == "cosine":
-        if int(total_steps) <= int(warmup_steps):
-            raise UserError(f"cosine schedule needs total_steps ({total_steps}) > warmup_steps ({warmup_steps})")
-        if min_lr < 0 or min_lr > lr:
-            raise UserError(f"min_lr must be in [0, lr={lr}], got {min_lr}")
 
 
 def _is_exempt(name: str, p: torch.Tensor) -> bool:
@@ -117,7 +94,8 @@ def build_optimizer(name: str, params=None, *, lr: float, total_steps: int, beta
     Call scheduler.step() after each optimizer step (clip_and_step does): step k uses schedule(k).
     """
     lr, weight_decay = float(lr), float(weight_decay)
-    _validate(name, lr, total_steps, weight_decay, lr_schedule, warmup_steps, min_lr)
+    check_optimizer(name, lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=int(warmup_steps),
+                    total_steps=total_steps, min_lr=float(min_lr))
     del grad_clip  # applied by clip_and_step; accepted so both builders take the same arguments
     b1, b2 = (float(b) for b in (DEFAULT_BETAS[name] if betas is None else betas))
 

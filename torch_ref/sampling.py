@@ -1,16 +1,21 @@
-"""Batched generation over the KV cache. Mirrors jax_model/generate.py: greedy when
-`temperature == 0` or `top_k == 1`; otherwise temperature, top-k, then top-p filtering."""
+"""Batched generation over the KV cache. Mirrors jax_model/sampling.py: greedy when
+`temperature == 0` or `top_k == 1`; otherwise temperature, top-k, then top-p filtering. The
+prompt goes through `decode.prefill`, every new token through `model.forward_cached`."""
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import torch
 
 from dba.errors import UserError
 from dba.generation import check_fits, check_sampling
 from dba.kvspec import KVPolicy
+from torch_ref import decode
 from torch_ref import kvcache as kvc
-from torch_ref.decode import forward_cached
-from torch_ref.model import DBAModel
+
+if TYPE_CHECKING:
+    from torch_ref.model import DBAModel
 
 
 def filter_logits(logits_BV: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None) -> torch.Tensor:
@@ -50,7 +55,8 @@ def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy
     max_len = t + max_new_tokens if max_len is None else max_len
     check_fits(t + max_new_tokens, max_len)
     cache = kvc.init_cache(model.cfg, policy or KVPolicy(kind="fp16"), b, max_len, device=idx.device)
-    logits = forward_cached(model, cache, idx, fresh=True, decode_block=decode_block, last_only=True)[:, -1]
+    logits, cache = decode.prefill(model, cache, idx, decode_block=decode_block, last_only=True)
+    logits = logits[:, -1]
     generator = torch.Generator().manual_seed(seed)
     done = torch.zeros(b, dtype=torch.bool, device=idx.device)
     out = [idx]
@@ -60,5 +66,6 @@ def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy
             tok = torch.where(done, torch.full_like(tok, eos_id), tok)
             done |= tok == eos_id
         out.append(tok[:, None])
-        logits = forward_cached(model, cache, tok[:, None], fresh=False, decode_block=decode_block)[:, 0]
+        logits, cache = model.forward_cached(tok[:, None], cache, fresh=False, decode_block=decode_block)
+        logits = logits[:, 0]
     return torch.cat(out, dim=1)

@@ -35,7 +35,6 @@ from flax import nnx
 from dba.errors import UserError
 from jax_model.layers import causal_mask, group_queries, null_scores, scores
 
-LEVELS = ("off", "basic", "medium", "full")
 ROW_METRICS = ("attn_entropy", "attn_topk_mass", "attn_local_mass", "attn_null_mass")
 PATH_METRICS = ("sem_energy_ratio", "geo_energy_ratio")
 RANK_METRICS = ("attn_erank", "proj_stable_rank")
@@ -85,25 +84,17 @@ class AnalysisSpec:
         return self.level == "full"
 
 
-def spec_from_flags(flags: dict[str, Any], cfg) -> AnalysisSpec | None:
-    """The analysis to run, or None for `--instrument off`. Bad values are one-line UserErrors."""
-    level = flags.get("instrument") or "off"
-    if level not in LEVELS:
-        raise UserError(f"--instrument {level!r}: expected one of {', '.join(LEVELS)}", 2)
-    if level == "off":
+def spec_for(analysis, eval_every: int, cfg) -> AnalysisSpec | None:
+    """The analysis a run's `AnalysisConfig` asks for, or None for `--instrument off` (its values
+    were checked when it was built; the layer and head lists are checked against `cfg` here)."""
+    if not analysis.enabled:
         return None
-    for name in ("analysis_max_tokens", "analysis_topk", "analysis_local_window"):
-        if int(flags[name]) < 1:
-            raise UserError(f"--{name.replace('_', '-')} {flags[name]}: must be >= 1", 2)
-    if int(flags["analysis_every"]) < 0:
-        raise UserError(f"--analysis-every {flags['analysis_every']}: must be >= 0", 2)
-    every = int(flags["analysis_every"]) or int(flags.get("eval_every") or 0) or 100
+    every = int(analysis.every) or int(eval_every or 0) or 100
     return AnalysisSpec(
-        level=level, every=every, max_tokens=int(flags["analysis_max_tokens"]),
-        layers=parse_indices(flags["analysis_layers"], cfg.n_layer, "analysis-layers", "layer"),
-        heads=parse_indices(flags["analysis_heads"], cfg.n_head, "analysis-heads", "head"),
-        topk=int(flags["analysis_topk"]), local_window=int(flags["analysis_local_window"]),
-        save_scores=bool(flags["analysis_save_scores"]))
+        level=analysis.instrument, every=every, max_tokens=int(analysis.max_tokens),
+        layers=parse_indices(analysis.layers, cfg.n_layer, "analysis-layers", "layer"),
+        heads=parse_indices(analysis.heads, cfg.n_head, "analysis-heads", "head"),
+        topk=int(analysis.topk), local_window=int(analysis.local_window), save_scores=bool(analysis.save_scores))
 
 
 # -- metric kernels (pure jnp; unit-tested on hand-built patterns) ------------------------------
@@ -219,7 +210,7 @@ def analyse(model, idx_BT: jax.Array, spec: AnalysisSpec) -> dict[str, jax.Array
                     if name in maps:
                         keep("scores" + name[1:], maps[name][0])
         if li < max(spec.layers):  # later layers are not needed
-            x = block(x, positions, True)
+            x, _ = block(x, positions)
     return {k: jnp.stack(v) for k, v in per.items()}
 
 

@@ -1,10 +1,10 @@
-"""Run-directory files: `train.jsonl` (one JSON event per line, flushed per line) and `summary.md`
-in the seed run's format (shared/seed/run_summary.md), with the KV-cache memory section (SPEC §6).
+"""Run-directory files besides the event log (dba/runlog.py): the environment record and
+`summary.md` in the seed run's format (shared/seed/run_summary.md), with the KV-cache memory
+section (SPEC §6).
 """
 
 from __future__ import annotations
 
-import datetime
 import json
 import math
 import os
@@ -13,76 +13,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
-EVENTS = ("meta", "train", "eval", "nonfinite", "done")
-
-
-def _clean(v: Any) -> Any:
-    """JSON-safe values: numpy scalars to Python, NaN/inf to None."""
-    if isinstance(v, dict):
-        return {str(k): _clean(x) for k, x in v.items()}
-    if isinstance(v, (list, tuple)):
-        return [_clean(x) for x in v]
-    if hasattr(v, "item") and callable(v.item) and getattr(v, "ndim", 1) == 0:
-        v = v.item()
-    if isinstance(v, float) and not math.isfinite(v):
-        return None
-    return v
-
-
-class JsonlLog:
-    """Append-only event log. Every event is one line handed to the OS as soon as it is written
-    (flushed), so a killed run's log is readable up to its last event. A run killed mid-line
-    leaves a torn last line: appending (a resumed run) first ends it, so it stays one unreadable
-    line that `read_events` skips instead of swallowing the next event. A failed write (disk
-    full) is a one-line UserError."""
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        torn = False
-        try:
-            with open(self.path, "rb") as f:
-                f.seek(0, os.SEEK_END)
-                if f.tell() > 0:
-                    f.seek(-1, os.SEEK_END)
-                    torn = f.read(1) != b"\n"
-        except FileNotFoundError:
-            pass
-        self._f = open(self.path, "a", encoding="utf-8")
-        if torn:
-            self._write("\n")
-
-    def _write(self, text: str) -> None:
-        try:
-            self._f.write(text)
-            self._f.flush()
-        except OSError as e:
-            from dba.errors import UserError
-
-            raise UserError(f"cannot write {self.path}: {os.strerror(e.errno) if e.errno else e}", 1) from None
-
-    def write(self, event: str, **fields: Any) -> dict[str, Any]:
-        rec = {"event": event, "time": round(datetime.datetime.now().timestamp(), 3)}
-        rec.update(_clean(fields))
-        self._write(json.dumps(rec, sort_keys=False) + "\n")
-        return rec
-
-    def close(self) -> None:
-        if not self._f.closed:
-            self._f.close()
-
-
-def read_events(path: str | Path, event: str | None = None) -> list[dict[str, Any]]:
-    """Events of a train.jsonl (optionally one kind), skipping a torn last line."""
-    out = []
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if event is None or rec.get("event") == event:
-                out.append(rec)
-    return out
+from dba.kvspec import QUANT_KINDS, KVPolicy, baseline_bytes, kv_bytes
+from dba.runlog import clean_record
+from dba.units import human_bytes
 
 
 def environment() -> dict[str, Any]:
@@ -105,24 +38,9 @@ def device_line(env: dict[str, Any]) -> str:
     return f"{env['backend']} ({env['device_kind']} x{env['device_count']})"
 
 
-def kv_section(cfg, flags: dict[str, Any], trained_ctx: int) -> list[str]:
+def kv_section(cfg, policy: KVPolicy, trained_ctx: int) -> list[str]:
     """The seed's "KV Cache Memory (batch=1)" lines, at block_size (v29's choice), at the longest
     trained context when that differs, and at 128k tokens."""
-    try:
-        from dba.kvspec import KVPolicy, baseline_bytes, human_bytes, kv_bytes
-    except ImportError:  # the KV accounting module is another issue's; say so rather than fail
-        return ["- (KV accounting unavailable: dba.kvspec is not installed)"]
-
-    class _A:  # KVPolicy.from_args reads attributes
-        pass
-
-    a = _A()
-    for k, v in flags.items():
-        setattr(a, k, v)
-    try:
-        policy = KVPolicy.from_args(a)
-    except Exception as e:  # a bad policy must not lose the summary
-        return [f"- (bad KV policy: {e})"]
     lines = [f"- Policy: `{policy_text(policy, cfg)}`"]
     ctxs = [cfg.block_size] + ([trained_ctx] if trained_ctx != cfg.block_size else [])
     for ctx in ctxs:
@@ -144,14 +62,14 @@ def policy_text(policy, cfg) -> str:
     parts = []
     for name in cfg.kv_streams():
         kind, qb = policy.resolve(name, cfg.attn_mode)
-        parts.append(f"{name}={kind}" + (f"/qb{qb}" if kind in ("q8_0", "q4_0", "nf4") else ""))
-    if any(policy.resolve(n, cfg.attn_mode)[0] in ("q8_0", "q4_0", "nf4") for n in cfg.kv_streams()):
+        parts.append(f"{name}={kind}" + (f"/qb{qb}" if kind in QUANT_KINDS else ""))
+    if any(policy.resolve(n, cfg.attn_mode)[0] in QUANT_KINDS for n in cfg.kv_streams()):
         parts.append(f"residual={policy.residual}")
     return ", ".join(parts)
 
 
 def write_summary(out_dir: str | Path, *, created: str, command: str, env: dict[str, Any], cfg,
-                  flags: dict[str, Any], results: dict[str, Any], context: dict[str, Any]) -> Path:
+                  flags: dict[str, Any], policy: KVPolicy, results: dict[str, Any], context: dict[str, Any]) -> Path:
     out_dir = Path(out_dir)
     best = results.get("best_val")
     best_txt = (f"`{best:.6f}` (ppl `{math.exp(min(best, 700)):.2f}`)" if best is not None and math.isfinite(best)
@@ -168,7 +86,7 @@ def write_summary(out_dir: str | Path, *, created: str, command: str, env: dict[
         f"- Device: `{device_line(env)}`",
         f"- Command: `{command}`", "",
         "## Model Config", "", "```json", json.dumps(cfg.to_dict(), indent=2, sort_keys=True), "```", "",
-        "## Training Args", "", "```json", json.dumps(_clean(flags), indent=2, sort_keys=True), "```", "",
+        "## Training Args", "", "```json", json.dumps(clean_record(flags), indent=2, sort_keys=True), "```", "",
         "## Results", "",
         f"- Last step: `{results.get('step')}`",
         f"- Best val loss: {best_txt}",
@@ -178,7 +96,7 @@ def write_summary(out_dir: str | Path, *, created: str, command: str, env: dict[
         f"- Wall time: `{results.get('wall_s', 0.0):.1f}s`",
         f"- Files: {', '.join(f'`{n}`' for n in files)}", "",
         "## KV Cache Memory (batch=1)", "",
-        *kv_section(cfg, flags, int(context.get("longest_train_len", cfg.block_size))), "",
+        *kv_section(cfg, policy, int(context.get("longest_train_len", cfg.block_size))), "",
     ]
     path = out_dir / "summary.md"
     tmp = path.with_name("summary.md.tmp")

@@ -28,16 +28,18 @@ from rich.progress import (
 )
 from rich.table import Table
 
+from dba.resources import host_rss_bytes
+from dba.units import human_bytes
 from train.progress import ANALYSIS_SHORT, Display, _fmt_tok, analysis_line, eval_line
-from train.resources import device_memory, host_rss_bytes
+from train.resources import device_memory
 
 # Redraws are capped at 2/s however small --live-update-every is: one costs ~10 ms of the
 # loop thread on a 2-core CPU (`dba bench dashboard`), which at 10/s cost ~20% of tokens/s.
 _MIN_REDRAW_S = 0.5
 
 
-def _mb(x: float | None) -> str:
-    return "-" if x is None else f"{x / 2**20:,.0f} MB"
+def _bytes(x: float | None) -> str:
+    return "-" if x is None else human_bytes(x, "iec")
 
 
 def _kv_table(rows: list[tuple[str, str]]) -> Table:
@@ -95,11 +97,11 @@ class Dashboard(Display):
 
     def _memory_panel(self) -> Panel:
         rss, peak = host_rss_bytes()
-        rows = [("host RSS", _mb(rss)), ("host peak", _mb(peak))]
+        rows = [("host RSS", _bytes(rss)), ("host peak", _bytes(peak))]
         dev = device_memory()
         if dev is not None:
-            rows += [("device in use", _mb(dev.get("bytes_in_use"))), ("device peak", _mb(dev.get("peak_bytes_in_use"))),
-                     ("device limit", _mb(dev.get("bytes_limit")))]
+            rows += [("device in use", _bytes(dev.get("bytes_in_use"))), ("device peak", _bytes(dev.get("peak_bytes_in_use"))),
+                     ("device limit", _bytes(dev.get("bytes_limit")))]
         else:
             rows.append(("device", "not reported"))
         return Panel(_kv_table(rows), title="memory")

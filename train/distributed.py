@@ -114,6 +114,15 @@ def process_index() -> int:
     return int(jax.process_index())
 
 
+def process_count() -> int:
+    """The number of processes of the JAX program (1 before JAX is imported: single-process)."""
+    if "jax" not in sys.modules:
+        return 1
+    import jax
+
+    return int(jax.process_count())
+
+
 def is_main() -> bool:
     """Process 0 writes logs, exports and summaries; every process takes part in the steps,
     evaluations and (sharded) checkpoint writes."""

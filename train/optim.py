@@ -15,11 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dba.errors import UserError
-
-OPTIMIZERS = ("lion", "lion_v29", "adamw")
-SCHEDULES = ("constant", "cosine")
-DEFAULT_BETAS = {"lion": (0.9, 0.99), "lion_v29": (0.9, 0.99), "adamw": (0.9, 0.95)}
+from dba.optimizers import DEFAULT_BETAS, check_optimizer, check_schedule
 
 
 def lion_v29(b1: float = 0.9, b2: float = 0.99) -> optax.GradientTransformation:
@@ -65,28 +61,17 @@ def make_schedule(lr: float, *, total_steps: int, lr_schedule: str = "constant",
     constant, or cosine from lr to min_lr reached at `total_steps` and held after.
     """
     lr, warmup_steps, min_lr = float(lr), int(warmup_steps), float(min_lr)
-    if lr < 0:
-        raise UserError(f"learning rate must be >= 0, got {lr}")
-    if warmup_steps < 0:
-        raise UserError(f"warmup_steps must be >= 0, got {warmup_steps}")
+    check_schedule(lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps, total_steps=total_steps, min_lr=min_lr)
     if lr_schedule == "constant":
         if warmup_steps == 0:
             return optax.constant_schedule(lr)
         return optax.join_schedules(
             [optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)], [warmup_steps]
         )
-    if lr_schedule == "cosine":
-        if int(total_steps) <= warmup_steps:
-            raise UserError(
-                f"cosine schedule needs total_steps ({total_steps}) > warmup_steps ({warmup_steps})"
-            )
-        if min_lr < 0 or min_lr > lr:
-            raise UserError(f"min_lr must be in [0, lr={lr}], got {min_lr}")
-        if warmup_steps == 0:
-            alpha = 0.0 if lr == 0 else min_lr / lr
-            return optax.cosine_decay_schedule(lr, int(total_steps), alpha=alpha)
-        return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, int(total_steps), end_value=min_lr)
-    raise UserError(f"unknown lr schedule {lr_schedule!r}; choose one of: {', '.join(SCHEDULES)}")
+    if warmup_steps == 0:
+        alpha = 0.0 if lr == 0 else min_lr / lr
+        return optax.cosine_decay_schedule(lr, int(total_steps), alpha=alpha)
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, int(total_steps), end_value=min_lr)
 
 
 def build_optimizer(
@@ -104,12 +89,10 @@ def build_optimizer(
     min_lr: float = 0.0,
 ) -> optax.GradientTransformation:
     """The training chain. `lion` is the paper's update (optax.lion), `lion_v29` the seed run's."""
-    if name not in OPTIMIZERS:
-        raise UserError(f"unknown optimizer {name!r}; choose one of: {', '.join(OPTIMIZERS)}")
+    check_optimizer(name, lr=float(lr), weight_decay=float(weight_decay), lr_schedule=lr_schedule,
+                    warmup_steps=int(warmup_steps), total_steps=total_steps, min_lr=float(min_lr))
     b1, b2 = (float(b) for b in (DEFAULT_BETAS[name] if betas is None else betas))
     wd = float(weight_decay)
-    if wd < 0:
-        raise UserError(f"weight_decay must be >= 0, got {weight_decay}")
     mask = decay_mask if wd_exempt_1d else None  # v29 decays every parameter
     schedule = make_schedule(lr, total_steps=total_steps, lr_schedule=lr_schedule,
                              warmup_steps=warmup_steps, min_lr=min_lr)

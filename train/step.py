@@ -36,11 +36,12 @@ import optax
 from flax import nnx
 
 from dba.errors import UserError
+from dba.resources import host_memory_bytes
+from dba.units import human_bytes
 from jax_model.model import DBAModel
 from train import sharding
 from train.grad_norms import group_grad_norms
 from train.optim import _find_hparams
-
 
 _MALLOC_TUNED: bool | None = None
 
@@ -54,7 +55,7 @@ def fault_points(name: str) -> set[int]:
     variable, a comma-separated list of `hook:step` (e.g. `nan_loss_at:5,kill_in_save:8`).
 
     Hooks (read where they act): nan_loss_at / nan_grad_at (here), kill_in_save / enospc_in_save /
-    kill_after_save (train/checkpointing.py), pause_at_step (train/loop.py). Used by
+    kill_after_save (train/orbax_checkpoints.py), pause_at_step (train/run.py). Used by
     tests/test_faults.py to inject crashes, disk-full errors and NaNs at exact points of a real
     run; never set it for real training.
     """
@@ -72,30 +73,6 @@ def fault_points(name: str) -> set[int]:
 def nonfinite_kind_text(kind: int) -> str:
     parts = [n for bit, n in ((NONFINITE_LOSS, "loss"), (NONFINITE_GRAD, "grad_norm")) if kind & bit]
     return " and ".join(parts) or "unknown"
-
-
-def fmt_bytes(n: float) -> str:
-    if n >= 2**30:
-        return f"{n / 2**30:.2f} GiB"
-    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.1f} KiB"
-
-
-def host_memory_bytes() -> int | None:
-    """The memory this host may give the process: physical RAM, capped by a cgroup limit."""
-    total = None
-    try:
-        total = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-    except (ValueError, OSError, AttributeError):
-        pass
-    for path in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            with open(path) as f:
-                text = f.read().strip()
-        except OSError:
-            continue
-        if text.isdigit() and int(text) < 2**60:  # "max" / a huge number: no limit
-            total = int(text) if total is None else min(total, int(text))
-    return total
 
 
 def device_memory_limit(device: Any) -> int | None:
@@ -344,10 +321,10 @@ class Stepper:
         total = need * len(local) if shared else need
         if total > limit:
             a, b, t = key
-            where = (f"x {len(local)} CPU devices = ~{fmt_bytes(total)}, but the host has {fmt_bytes(limit)}"
-                     if shared else f"but the {device.platform} device has {fmt_bytes(limit)}")
+            where = (f"x {len(local)} CPU devices = ~{human_bytes(total, 'iec')}, but the host has {human_bytes(limit, 'iec')}"
+                     if shared else f"but the {device.platform} device has {human_bytes(limit, 'iec')}")
             raise UserError(
-                f"the train step for batch {b} x seq {t} x accum {a} needs ~{fmt_bytes(need)} per device "
+                f"the train step for batch {b} x seq {t} x accum {a} needs ~{human_bytes(need, 'iec')} per device "
                 f"(compiled estimate) {where}; reduce --batch-size (and raise --grad-accum to keep the "
                 f"global batch), the sequence length or the model, or try --grad-checkpoint or --mesh fsdp=N", 1)
 

@@ -1,7 +1,7 @@
 """Loading and saving torch_ref weights: v29 `.pt` payloads, safetensors exports, run directories.
 
 `.pt` files are only ever read with `weights_only=True`: a checkpoint someone sent you cannot
-run code. Mirrors jax_model/checkpoint.py.
+run code. Mirrors jax_model/weights_io.py.
 """
 
 from __future__ import annotations
@@ -14,15 +14,17 @@ from typing import Any
 import numpy as np
 import torch
 
-from dba.checkpoints import resolve_weights_file
-from dba.config import ConfigError, ModelConfig
+from dba.config import ModelConfig
 from dba.errors import UserError
-from dba.weights import load_safetensors, save_safetensors, tied_aliases, validate_state
+from dba.v29 import v29_config_dict
+from dba.weight_files import read_weights
+from dba.weights import save_safetensors, tied_aliases, validate_state
 from torch_ref.model import DBAModel, default_device
 
 
-def read_v29_payload(path: str | Path) -> dict[str, Any]:
-    """The v29 checkpoint dict, read without executing any pickled code."""
+def read_v29_payload(path: str | Path) -> Any:
+    """A `.pt` file as torch.load(weights_only=True) reads it, without executing any pickled code,
+    with the state dict's tensors as numpy arrays (for dba.v29.from_payload's checks)."""
     path = Path(path)
     try:
         payload = torch.load(str(path), map_location="cpu", weights_only=True)
@@ -31,16 +33,10 @@ def read_v29_payload(path: str | Path) -> dict[str, Any]:
     except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError, AttributeError, ImportError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot load {str(path)!r} as a weights-only checkpoint: {first}", 1) from None
-    if not isinstance(payload, dict) or "config" not in payload or "model" not in payload:
-        raise UserError(f"{str(path)!r} is not a v29 checkpoint (expected a dict with 'config' and 'model')", 1)
+    if isinstance(payload, dict) and isinstance(payload.get("model"), dict):
+        payload = {**payload, "model": {k: to_numpy(v) if isinstance(v, torch.Tensor) else v
+                                        for k, v in payload["model"].items()}}
     return payload
-
-
-def v29_config(payload: dict[str, Any], source: str) -> ModelConfig:
-    try:
-        return ModelConfig.from_dict(dict(payload["config"]), v29=True)
-    except (ConfigError, TypeError) as e:
-        raise UserError(f"{source}: bad model config: {e}", 1) from None
 
 
 def to_numpy(t: torch.Tensor) -> np.ndarray:
@@ -64,20 +60,9 @@ def load_canonical(model: DBAModel, state: dict[str, np.ndarray], source: str = 
 
 
 def load_with_config(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray], dict[str, Any]]:
-    """(config, canonical numpy state, info) from a v29 .pt, a .safetensors export or a run dir."""
-    file = resolve_weights_file(path)
-    if file.suffix == ".safetensors":
-        cfg, state, meta = load_safetensors(file)
-        return cfg, state, {"source": str(file), "format": "safetensors", "metadata": meta}
-    payload = read_v29_payload(file)
-    cfg = v29_config(payload, str(file))
-    model_sd = payload["model"]
-    if not isinstance(model_sd, dict) or not all(isinstance(v, torch.Tensor) for v in model_sd.values()):
-        raise UserError(f"{str(file)!r}: 'model' is not a state dict of tensors", 1)
-    state = {k: to_numpy(v) for k, v in model_sd.items()}
-    validate_state(cfg, state, str(file))
-    info = {"source": str(file), "format": "v29", "step": payload.get("step"), "best_val": payload.get("best_val")}
-    return cfg, state, info
+    """(config, canonical numpy state, info) from a v29 .pt (read by torch, weights only), a
+    .safetensors export or a run dir."""
+    return read_weights(path, load_payload=read_v29_payload)
 
 
 def load(path: str | Path, device: str | torch.device | None = None,
@@ -101,11 +86,7 @@ def save_v29(path: str | Path, cfg: ModelConfig, state: dict[str, np.ndarray], s
              best_val: float = math.nan) -> Path:
     """Write a checkpoint v29 can load: its payload layout, tie_qk keys sharing one tensor."""
     validate_state(cfg, state, str(path))
-    implied = ModelConfig.from_dict({k: v for k, v in cfg.to_dict().items() if k != "decoupled_scale"}, v29=True)
-    if implied.decoupled_scale != cfg.decoupled_scale:
-        raise UserError(f"cannot write {str(path)!r} for v29: the model uses decoupled_scale="
-                        f"{cfg.decoupled_scale!r}, which v29 cannot express without null_attn "
-                        f"(it would load as {implied.decoupled_scale!r}); keep the safetensors export", 1)
+    config = v29_config_dict(cfg, str(path))
     tensors: dict[str, torch.Tensor] = {}
     aliases = tied_aliases(cfg)
     for k, v in state.items():
@@ -113,8 +94,6 @@ def save_v29(path: str | Path, cfg: ModelConfig, state: dict[str, np.ndarray], s
             tensors[k] = torch.from_numpy(np.array(v))
     for k, q in aliases.items():
         tensors[k] = tensors[q]
-    # v29's ModelConfig has no decoupled_scale: its scaling is implied by attn_mode/null_attn.
-    config = {k: v for k, v in cfg.to_dict().items() if k != "decoupled_scale"}
     payload = {"config": config, "model": {k: tensors[k] for k in state}, "step": int(step), "best_val": float(best_val)}
     path = Path(path)
     tmp = path.with_name(path.name + ".tmp")

@@ -12,7 +12,7 @@ import json
 import sys
 import time
 
-from dba.commands.common import add_kv_arguments
+from cli.kv_flags import add_kv_arguments
 from dba.errors import UserError
 
 
@@ -109,7 +109,7 @@ def _torch_device(name: str | None):
 def run(args: argparse.Namespace) -> int:
     from dba.kvspec import KVPolicy
 
-    policy = KVPolicy.from_args(args)
+    policy = KVPolicy.from_flags(vars(args))
     if args.num_samples < 1:
         raise UserError(f"--num-samples must be >= 1, got {args.num_samples}")
     if args.max_new_tokens < 0:
@@ -147,7 +147,7 @@ def run(args: argparse.Namespace) -> int:
         import numpy as np
 
         import jax_model
-        from dba.checkpoints import read_weights
+        from dba.weight_files import read_weights
 
         cfg, state, info = read_weights(args.ckpt)
         model = jax_model.load_canonical(jax_model.DBAModel(cfg), state, info["source"])

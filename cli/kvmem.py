@@ -15,10 +15,11 @@ import os
 import sys
 from typing import Any
 
+from cli.kv_flags import add_kv_arguments
 from dba.config import ATTN_MODES, EXPERIMENTS, SIZES, ModelConfig, preset
 from dba.errors import UserError
-from dba.commands.common import add_kv_arguments
-from dba.kvspec import QUANT_KINDS, KVPolicy, baseline_bytes, human_bytes, kv_bytes
+from dba.kvspec import QUANT_KINDS, KVPolicy, baseline_bytes, kv_bytes
+from dba.units import human_bytes
 
 CTX_128K = 128_000  # SPEC §6: "128k" means 128,000 tokens
 
@@ -69,7 +70,7 @@ def parse_contexts(text: str) -> list[int]:
 
 
 def config_from_checkpoint(path: str) -> ModelConfig:
-    from dba.checkpoints import read_weights
+    from dba.weight_files import read_weights
 
     return read_weights(path)[0]
 
@@ -190,7 +191,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--batch must be a positive integer, got {args.batch}")
     extra = parse_contexts(args.ctx)
     cfg = model_config(args)
-    policy = KVPolicy.from_args(args)
+    policy = KVPolicy.from_flags(vars(args))
     rep = build_report(cfg, policy, args.batch, extra)
     text = json.dumps(rep, sort_keys=True) if args.json else render(rep)
     try:

@@ -2,7 +2,7 @@
 
 Canonical names are v29's state-dict names with torch layouts; NNX Linear kernels are [in, out],
 so Linear weights are transposed on the way in and out. `.pt` files are read by dba.torchfile,
-a weights-only reader that needs no torch. Mirrors torch_ref/checkpoint.py.
+a weights-only reader that needs no torch. Mirrors torch_ref/weights_io.py.
 """
 
 from __future__ import annotations
@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from dba.checkpoints import read_weights
+from dba.weight_files import read_weights
 from dba.weights import param_shapes, save_safetensors, tied_aliases, validate_state
 from jax_model.model import DBAModel
 

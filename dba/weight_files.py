@@ -1,4 +1,5 @@
-"""Finding the weights file behind a user-given path (framework-free)."""
+"""The weights file behind a user-given path, and reading it with no framework: a v29 `.pt`
+(dba.torchfile), a safetensors export, or a run directory holding either."""
 
 from __future__ import annotations
 
@@ -28,9 +29,10 @@ def resolve_weights_file(path: str | Path) -> Path:
     return p
 
 
-def read_weights(path: str | Path):
+def read_weights(path: str | Path, load_payload=None):
     """(config, canonical numpy state, info) from a v29 .pt, a .safetensors export or a run dir,
-    with no framework (the .pt is read by dba.torchfile's weights-only reader)."""
+    with no framework: the .pt is read by dba.torchfile's weights-only reader unless
+    `load_payload(path)` is given (torch_ref passes torch.load with weights_only=True)."""
     from dba.v29 import read_v29_checkpoint
     from dba.weights import load_safetensors
 
@@ -39,4 +41,4 @@ def read_weights(path: str | Path):
         cfg, state, meta = load_safetensors(file)
         info = {"source": str(file), "format": "safetensors", "metadata": meta, "step": meta.get("step")}
         return cfg, state, info
-    return read_v29_checkpoint(file)
+    return read_v29_checkpoint(file, load_payload)

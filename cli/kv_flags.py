@@ -8,7 +8,7 @@ from dba.kvspec import KV_KINDS
 
 
 def add_kv_arguments(p: argparse.ArgumentParser) -> None:
-    """v29's KV-cache policy flags; read them back with `KVPolicy.from_args(args)`."""
+    """v29's KV-cache policy flags; read them back with `KVPolicy.from_flags(vars(args))`."""
     k = p.add_argument_group("KV cache policy (v29 flags)")
     k.add_argument("--kv-cache", choices=list(KV_KINDS), default=None, help="default kind (fp16)")
     k.add_argument("--kv-qblock", type=int, default=None, help="quantization block (32; 0 = default)")

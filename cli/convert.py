@@ -26,7 +26,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"{str(dst)!r} already exists (pass --overwrite to replace it)")
     if not dst.parent.exists():
         raise UserError(f"output directory {str(dst.parent)!r} does not exist")
-    from dba.checkpoints import read_weights
+    from dba.weight_files import read_weights
 
     cfg, state, info = read_weights(args.src)
     if dst.suffix == ".safetensors":
@@ -38,7 +38,7 @@ def run(args: argparse.Namespace) -> int:
         save_safetensors(dst, cfg, state, meta)
     else:
         try:
-            from torch_ref.checkpoint import save_v29
+            from torch_ref.weights_io import save_v29
         except ImportError:
             raise UserError("writing a v29 .pt needs PyTorch: pip install torch", 1) from None
         step = int(info.get("step") or 0)

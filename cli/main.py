@@ -14,12 +14,12 @@ from dba.config import ConfigError
 from dba.errors import UserError
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "train": ("train.cli", "train a model with JAX (v29 flag names)"),
-    "sample": ("dba.commands.sample", "generate text from a checkpoint (torch or JAX backend)"),
-    "kv-mem": ("dba.commands.kvmem", "KV-cache memory table for a model and cache policy"),
-    "convert": ("dba.commands.convert", "convert weights between v29 .pt and safetensors exports"),
-    "report": ("dba.commands.report", "compare runs: best loss, KV cache, tokens/s; mean ± std over seeds"),
-    "bench": ("dba.commands.bench", "benchmarks: train-step and decode throughput"),
+    "train": ("cli.train", "train a model with JAX (v29 flag names)"),
+    "sample": ("cli.sample", "generate text from a checkpoint (torch or JAX backend)"),
+    "kv-mem": ("cli.kvmem", "KV-cache memory table for a model and cache policy"),
+    "convert": ("cli.convert", "convert weights between v29 .pt and safetensors exports"),
+    "report": ("cli.report", "compare runs: best loss, KV cache, tokens/s; mean ± std over seeds"),
+    "bench": ("cli.bench", "benchmarks: train-step and decode throughput"),
 }
 
 

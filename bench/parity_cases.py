@@ -1,4 +1,6 @@
-"""Shared builders for cross-framework tests: tiny configs and random, non-trivial weights."""
+"""The cases JAX and torch are compared on: tiny, prime-ish configurations, random non-trivial
+weights, and models of both frameworks built from them. Shared by `parity_tests/` and the parity
+report (`python -m bench.parity`), so the report measures exactly what the tests check."""
 
 from __future__ import annotations
 
@@ -104,3 +106,17 @@ def init_like_state(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
     for k, q in tied_aliases(cfg).items():
         state[k] = state[q]
     return state
+
+
+def jax_grads_canonical(model, tokens, targets) -> tuple[float, dict[str, np.ndarray]]:
+    """(loss, gradients under canonical names) of the JAX model's mean cross-entropy."""
+    from flax import nnx
+
+    import jax_model
+
+    def loss_fn(m):
+        return jax_model.cross_entropy(m.forward(tokens), targets)
+
+    loss, grads = nnx.value_and_grad(loss_fn)(model)
+    graphdef, _, rest = nnx.split(model, nnx.Param, ...)
+    return float(loss), jax_model.canonical_state(nnx.merge(graphdef, grads, rest))

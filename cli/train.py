@@ -1,0 +1,155 @@
+"""`dba train`: train a model with JAX, v29's flag names (see train/args.py for every flag).
+
+    dba train                                   # the default recipe -> runs/default
+    dba train --data tokens.npy --vocab-size 50257 --attn-mode decoupled --sem-dim 48 ...
+    dba train --resume                          # continue runs/default from its last checkpoint
+    dba train --out-dir runs/x --resume --steps 5000
+
+Errors in flags or data are one line with exit status 2 (usage) or 1 (runtime); SIGINT/SIGTERM
+save the last checkpoint and exit 130/143.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from dba.errors import UserError
+from train import args as targs
+
+_PLATFORM = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "tpu": "tpu"}
+
+
+def add_arguments(parser) -> None:
+    parser.description = (__doc__ or "").split("\n\n")[0]
+    targs.add_arguments(parser)
+
+
+def _select_platform(device: str) -> None:
+    """Pick the JAX platform before JAX initialises a backend."""
+    if device == "auto":
+        return
+    platform = _PLATFORM[device]
+    if "jax" in sys.modules:
+        import jax
+
+        try:
+            jax.config.update("jax_platforms", platform)
+        except Exception:  # backends already initialised (in-process callers): keep what exists
+            pass
+    else:
+        os.environ["JAX_PLATFORMS"] = platform
+
+
+def _command_argv() -> list[str]:
+    """The flags after `train` on the command line (for the log and summary)."""
+    argv = [a for a in sys.argv[1:] if a != "--debug"]
+    return argv[argv.index("train") + 1:] if "train" in argv else argv
+
+
+def _resume_meta(out: Path) -> dict[str, Any] | None:
+    """The meta of the run's last checkpoint, or None when there is none."""
+    from train.orbax_checkpoints import RunCheckpoints
+
+    ck = RunCheckpoints(out)
+    try:
+        return ck.read_meta("last") if ck.latest_step("last") is not None else None
+    finally:
+        ck.close()
+
+
+def _resumed_flags(explicit: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
+    """The saved run's flags that this invocation inherits; a typed flag that would change the
+    model, the data or the optimizer state is a usage error."""
+    saved = dict(meta.get("flags") or {})
+    changed = [k for k in explicit if k in targs.FIXED_ON_RESUME and k in saved and explicit[k] != saved[k]]
+    if changed:
+        k = changed[0]
+        raise UserError(f"--resume: --{k.replace('_', '-')} {explicit[k]!r} differs from the run's "
+                        f"{saved[k]!r}; a resumed run keeps its model, data and optimizer", 2)
+    # Per-invocation switches are not inherited: a run started with --overwrite or on another
+    # device resumes here as asked now.
+    return {k: v for k, v in saved.items() if k not in targs.NOT_INHERITED}
+
+
+def run(args) -> int:
+    argv = _command_argv()
+    explicit = targs.explicit_flags(args)
+    config = targs.run_config(explicit)  # every flag checked before anything runs
+    _select_platform(config.run.device)
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    if config.run.device in ("auto", "cpu"):
+        from train.step import tune_host_malloc
+
+        tune_host_malloc()  # before XLA:CPU starts its threads (see its docstring)
+    d = config.distributed
+    if not config.run.print_config:
+        from train.distributed import initialize
+
+        # Before anything touches a device (reading a checkpoint to --resume included).
+        initialize(d.coordinator, d.num_processes, d.process_id)
+
+    if config.ckpt.resume and not config.ckpt.out_dir and not config.ckpt.run_tag:
+        out_dir, name = os.path.join(str(config.ckpt.run_root), "default"), "default"
+    else:
+        out_dir, name = config.out_dir(targs.PRESENTATION_FLAGS)
+    out = Path(out_dir)
+
+    if config.run.print_config:
+        from train.run import train
+
+        return train(config, out_dir=out, name=name, argv=argv)
+    # A generated (timestamped) name is never shared: a run started in the same second gets -2.
+    generated = not (config.ckpt.out_dir or config.ckpt.run_tag or config.ckpt.resume) and name != "default"
+    lock = _lock(out, generated)  # held until the run ends: a second `dba train` here is refused
+    if generated:
+        out, name = lock.dir, lock.dir.name
+    try:
+        return _train_in(out, name, argv, explicit, config)
+    finally:
+        lock.release(discard=True)  # a run that wrote nothing leaves no directory behind
+
+
+def _lock(out: Path, new_name: bool):
+    """The run directory's lock (dba/run_dir.py), taken by the writer process (process 0) only;
+    with several processes all of them stop when it cannot be taken."""
+    from dba.run_dir import RunDirLock
+    from train.distributed import agree, is_main, process_count
+
+    if new_name and process_count() > 1:
+        raise UserError("a multi-host run needs a fixed run directory on the shared filesystem: "
+                        "pass --out-dir or --run-tag", 2)
+    lock, refused = RunDirLock(out, new_name=new_name), None
+    if is_main():
+        try:
+            lock.acquire()
+        except UserError as e:
+            refused = e
+    if process_count() > 1 and agree(int(refused is not None)) and refused is None:
+        raise UserError(f"run directory {str(out)!r} is in use: process 0 could not lock it", 1)
+    if refused is not None:
+        raise refused
+    return lock
+
+
+def _train_in(out: Path, name: str, argv: list[str], explicit: dict[str, Any], config) -> int:
+    """Resume or start the run in `out` (locked by the caller)."""
+    from dba.run_dir import clear_run, holds_run
+    from train.run import train
+
+    resume_meta = None
+    if config.ckpt.resume:
+        resume_meta = _resume_meta(out)
+        if resume_meta is None:
+            print(f"dba train: --resume: {out} holds no checkpoint; starting a new run there", flush=True)
+        else:
+            base = _resumed_flags(explicit, resume_meta)
+            config = targs.run_config(explicit, base=base, implied={"resume": True, "out_dir": str(out)})
+    if holds_run(out) and not config.ckpt.resume:
+        if not config.ckpt.overwrite:
+            raise UserError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                            f"or choose another --out-dir/--run-tag", 2)
+        clear_run(out)
+    return train(config, out_dir=out, name=name, argv=argv, resume_meta=resume_meta)

@@ -1,0 +1,33 @@
+"""The test suite's JAX compilation cache (this file sits at the repository root so it applies to
+`tests/` and `parity_tests/` alike, before any test module imports JAX).
+
+Many tests run `dba train` in a subprocess several times with the same shapes (a straight run,
+then resumed legs; fault injection; meshes), and each process would compile the same train and
+eval steps again. The session therefore shares one JAX persistent compilation cache (a fresh
+directory per session, unless JAX_COMPILATION_CACHE_DIR is already set): every program is still
+traced and compiled once per session, later processes load the executable instead.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+
+
+def pytest_configure(config):
+    # Before any test module imports JAX or copies os.environ for its subprocesses (xdist workers
+    # inherit the variables from the controller, so they share the directory).
+    if os.environ.get("JAX_COMPILATION_CACHE_DIR"):
+        return
+    cache = tempfile.mkdtemp(prefix="dba-test-jax-cache-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = cache
+    os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0"  # the toy programs compile fast
+    os.environ["JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES"] = "0"
+    config._dba_jax_cache = cache
+
+
+def pytest_unconfigure(config):
+    cache = getattr(config, "_dba_jax_cache", None)
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)

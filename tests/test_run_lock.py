@@ -1,0 +1,104 @@
+"""Two runs never share a run directory: a `dba train` holds an OS lock on it for its whole life
+(dba/run_dir.py). A second `dba train` (new, --resume or --overwrite) on a directory in use stops
+at once with one line naming the directory and the holder's pid, and changes nothing there; a
+SIGKILLed holder leaves no stale lock; read-only commands work on a directory in use."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from dba.errors import UserError
+from dba.run_dir import LOCK_NAME, RunDirLock
+from tests.test_faults import ENV, REPO, TINY, _cmd, dba_train, one_line_error
+
+
+def _snapshot(d: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+class PausedRun:
+    """A `dba train` paused (test-only DBA_FAULT hook) after step `at`, its files written."""
+
+    def __init__(self, out: Path, data: Path, at: int, steps: int = 8):
+        self.p = subprocess.Popen(_cmd(["--data", data, "--steps", steps, *TINY, "--out-dir", out]), cwd=REPO,
+                                  env=dict(ENV, DBA_FAULT=f"pause_at_step:{at}"), stdout=subprocess.PIPE,
+                                  stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self.seen = []
+        for line in self.p.stdout:
+            self.seen.append(line)
+            if line.startswith("DBA_FAULT: paused at step"):
+                return
+        raise AssertionError("the run ended before pausing:\n" + "".join(self.seen))
+
+    def stop(self, sig=signal.SIGTERM) -> tuple[int, str]:
+        self.p.send_signal(sig)
+        rest, _ = self.p.communicate(timeout=300)
+        return self.p.returncode, "".join(self.seen) + (rest or "")
+
+
+def test_second_run_is_refused_and_changes_nothing_while_readers_work(data, tmp_path):
+    out = tmp_path / "shared"
+    first = PausedRun(out, data, 3)
+    try:
+        before = _snapshot(out)
+        assert "train.jsonl" in before and "last.safetensors" in before
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            r = dba_train("--data", data, "--steps", 8, *TINY, "--seed", 8, "--out-dir", out, *extra)
+            one_line_error(r, 1)
+            assert str(out) in r.stderr and f"pid {first.p.pid}" in r.stderr and "in use" in r.stderr, r.stderr
+            assert _snapshot(out) == before, extra
+        # read-only commands never take the lock
+        report = subprocess.run([sys.executable, "-m", "cli", "report", str(out), "--json", "--no-redraw"], cwd=REPO,
+                                env=ENV, capture_output=True, text=True, timeout=120)
+        assert report.returncode == 0, report.stderr
+        sample = subprocess.run([sys.executable, "-m", "cli", "sample", "--ckpt", str(out), "--backend", "torch",
+                                 "--prompt-tokens", "1,2,3", "--max-new-tokens", "4"], cwd=REPO, env=ENV,
+                                capture_output=True, text=True, timeout=120)
+        assert sample.returncode == 0, sample.stderr
+        assert len(sample.stdout.strip().split(",")) == 7
+        assert _snapshot(out) == before
+    finally:
+        code, text = first.stop()
+    assert code == 143, text
+    metas = [line for line in (out / "train.jsonl").read_text().splitlines() if '"event": "meta"' in line]
+    assert len(metas) == 1 and '"seed": 7' in metas[0]
+
+
+def test_sigkilled_holder_leaves_no_stale_lock(data, tmp_path):
+    out = tmp_path / "killed"
+    code, _ = PausedRun(out, data, 3, steps=4).stop(signal.SIGKILL)
+    assert code == -signal.SIGKILL and (out / LOCK_NAME).exists()
+    r = dba_train("--out-dir", out, "--resume", "--live", "off")
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "complete at step 4" in r.stdout
+
+
+def test_lock_object_refuses_a_second_holder_and_cleans_up_what_it_created(tmp_path):
+    d = tmp_path / "new" / "run"
+    a = RunDirLock(d).acquire()
+    assert d.is_dir() and a.held and (d / LOCK_NAME).read_text().strip() == str(os.getpid())
+    with pytest.raises(UserError) as e:  # flock locks are per open file: a second open is refused
+        RunDirLock(d).acquire()
+    assert f"pid {os.getpid()}" in str(e.value) and e.value.code == 1
+    a.release(discard=True)
+    assert not d.exists() and not d.parent.exists() and tmp_path.is_dir()
+    b = RunDirLock(d).acquire()  # free again
+    (d / "train.jsonl").write_text("")
+    b.release(discard=True)
+    assert (d / "train.jsonl").exists() and (d / LOCK_NAME).exists()  # not empty: kept
+
+
+def test_generated_names_are_never_shared(tmp_path):
+    a = RunDirLock(tmp_path / "runs" / "dba-decoupled-20261202-160342", new_name=True).acquire()
+    b = RunDirLock(tmp_path / "runs" / "dba-decoupled-20261202-160342", new_name=True).acquire()
+    assert a.dir.name == "dba-decoupled-20261202-160342" and b.dir.name == "dba-decoupled-20261202-160342-2"
+    b.release(discard=True)
+    assert not b.dir.exists() and a.dir.is_dir()
+    a.release(discard=True)
+    assert not (tmp_path / "runs").exists()

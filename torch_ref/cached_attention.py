@@ -1,0 +1,61 @@
+"""Attention over a KV cache (SPEC §5 "Decode reads the cache in blocks"): T queries against the
+first `length` cached tokens, one block of `decode_block` keys at a time with an online softmax
+(running max, denominator and output in fp32), so a long quantized cache is never dequantized
+whole. Plain arguments, no modules: `Attention` calls it with its queries and its layer's
+streams. Mirrors jax_model/cached_attention.py.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from torch_ref import kvcache as kvc
+from torch_ref.layers import kv_heads
+
+
+def cached_attend(q_BHTD: torch.Tensor, streams: dict[str, kvc.StreamCache], q_start: int, length: int,
+                  null_kv: tuple[torch.Tensor, torch.Tensor] | None, *, n_kv_head: int,
+                  key_names: tuple[str, ...], decode_block: int) -> torch.Tensor:
+    """Attention of T queries q_cat (B, H, T, Dqk) at absolute positions q_start.. over the first
+    `length` tokens of a layer's cached `streams` (key streams `key_names`, concatenated per head
+    in q_cat's order, and "v"), one block of `decode_block` keys at a time (online softmax, fp32
+    accumulators); `null_kv` the null key (H, Dqk) and value (H, Dv) per query head, or None.
+    Returns (B, H, T, Dv) in q's dtype. Query head h uses kv-head h // (H/K): the G = H/K query
+    heads of a kv-head go through one matmul as G*T rows, so K/V are never repeated."""
+    b, h, t, _ = q_BHTD.shape
+    n_kv = n_kv_head
+    dev = q_BHTD.device
+    max_len = next(iter(streams.values())).max_len
+    blk = min(decode_block, max_len)
+    q = q_BHTD.float()
+    q_rows = q.reshape(b, n_kv, (h // n_kv) * t, -1)
+    q_pos = q_start + torch.arange(t, device=dev)
+    dv = streams["v"].dim // n_kv
+
+    if null_kv is None:
+        m = torch.full((b, h, t), torch.finfo(torch.float32).min, device=dev)
+        l = torch.zeros((b, h, t), device=dev)
+        acc = torch.zeros((b, h, t, dv), device=dev)
+    else:  # the null key is never masked: it seeds the running max, sum and output
+        k_null, v_null = null_kv
+        m = torch.einsum("bhtd,hd->bht", q, k_null.float())
+        l = torch.ones_like(m)
+        acc = v_null.float()[None, :, None, :].expand(b, h, t, dv).clone()
+
+    for nominal in range(0, length, blk):
+        start = min(nominal, max_len - blk)  # the last block may overlap the previous one
+        block = {name: kvc.read(s, start, blk, length) for name, s in streams.items()}
+        k, v = kv_heads(block, key_names, n_kv)  # (B, K, blk, D)
+        s = torch.matmul(q_rows, k.float().transpose(-1, -2)).reshape(b, h, t, blk)
+        k_pos = start + torch.arange(blk, device=dev)
+        valid = (k_pos >= nominal) & (k_pos < length)
+        valid = valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        s = s.masked_fill(~valid, torch.finfo(torch.float32).min)
+        m_new = torch.maximum(m, s.amax(-1))
+        corr = torch.exp(m - m_new)
+        p = torch.exp(s - m_new[..., None]).masked_fill(~valid, 0.0)
+        l = l * corr + p.sum(-1)
+        pv = torch.matmul(p.reshape(b, n_kv, -1, blk), v.float()).reshape(b, h, t, dv)
+        acc = acc * corr[..., None] + pv
+        m = m_new
+    return (acc / l[..., None]).to(q_BHTD.dtype)

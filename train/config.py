@@ -1,0 +1,436 @@
+"""The typed configuration of a `dba train` run: one frozen, validated dataclass per flag group.
+
+`train/args.py` declares the flags (v29's names) and builds a `RunConfig` from the flags the user
+typed, once; nothing below the CLI reads a flags dict. Each group checks its own values when it
+is built and names the flag in a one-line `UserError` (exit 2). `RunConfig.to_flags()` gives the
+flat record of flag values that the run directory keeps (`meta` event, checkpoint meta,
+`summary.md`), which `--resume` and `dba report` read back.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+from dba.config import EXPERIMENTS, SIZES, ConfigError, ModelConfig, size_fields
+from dba.errors import UserError
+from dba.kvspec import KVPolicy
+from dba.optimizers import check_optimizer, parse_betas
+from train.curriculum import SeqSchedule, parse_schedule
+
+# The no-argument recipe's model (a v29 flag that is not given leaves these untouched).
+DEFAULT_MODEL: dict[str, Any] = dict(
+    d_model=128, n_layer=4, n_head=4, d_ff=512, embed_dim=128, attn_mode="decoupled",
+    sem_dim=32, geo_dim=64, attn_dim=128, kv_head=None, rope=True, rope_base=10000.0,
+    tie_qk=False, null_attn=False, learned_temp=True, mlp="swiglu", dropout=0.0,
+    decoupled_scale="per_path",
+)
+
+
+def flag_text(name: str) -> str:
+    """The command-line spelling of a flag: `eval_every` -> `--eval-every`."""
+    return "--" + name.replace("_", "-")
+
+
+def _at_least(value: Any, minimum: int, flag: str) -> None:
+    if value is None or value < minimum:
+        raise UserError(f"{flag_text(flag)} must be {'> 0' if minimum == 1 else '>= 0'}, got {value}")
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """What this invocation is: v29's mode flag, the JAX platform, the seed."""
+
+    mode: str = "train"
+    device: str = "auto"
+    print_config: bool = False
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        if self.mode != "train":
+            raise UserError("--mode sample is not part of `dba train`; use `dba sample`")
+        if self.device == "mps":
+            raise UserError("JAX has no mps backend; on a Mac train elsewhere and run the weights with the "
+                            "PyTorch reference (torch_ref.load(run_dir), `dba sample --backend torch`)")
+        _at_least(self.seed, 0, "seed")
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    path: str | None = None
+    format: str = "auto"
+    dtype: str = "uint16"
+    tokenizer: str = "byte"
+    vocab_size: int | None = None
+    val_frac: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.0 < float(self.val_frac) < 1.0:
+            raise UserError(f"--val-frac must be in (0, 1), got {self.val_frac}")
+
+
+@dataclass(frozen=True)
+class ModelFlags:
+    """The model flags as typed (v29's names); `resolve` turns them into a ModelConfig."""
+
+    size: str | None = None
+    exp: str | None = None
+    d_model: int | None = None
+    layers: int | None = None
+    n_head: int | None = None
+    d_ff: int | None = None
+    embed_dim: int | None = None
+    attn_mode: str | None = None
+    attn_dim: int | None = None
+    sem_dim: int | None = None
+    geo_dim: int | None = None
+    kv_head: int | None = None
+    block: int | None = None
+    rope_base: float | None = None
+    rope: bool = False
+    no_rope: bool = False
+    tie_qk: bool = False
+    no_tie_qk: bool = False
+    null_attn: bool = False
+    no_null_attn: bool = False
+    no_learned_temp: bool = False
+    mlp: str | None = None
+    dropout: float | None = None
+    decoupled_scale: str | None = None
+
+    # flag -> ModelConfig field, where they are set from one value
+    SIMPLE: ClassVar[dict[str, str]] = {
+        "d_model": "d_model", "layers": "n_layer", "n_head": "n_head", "d_ff": "d_ff", "embed_dim": "embed_dim",
+        "attn_mode": "attn_mode", "attn_dim": "attn_dim", "sem_dim": "sem_dim", "geo_dim": "geo_dim",
+        "kv_head": "kv_head", "rope_base": "rope_base", "mlp": "mlp", "dropout": "dropout",
+        "decoupled_scale": "decoupled_scale"}
+    SWITCHES: ClassVar[tuple[tuple[str, str, str], ...]] = (
+        ("rope", "no_rope", "rope"), ("tie_qk", "no_tie_qk", "tie_qk"), ("null_attn", "no_null_attn", "null_attn"))
+
+    def __post_init__(self) -> None:
+        for on, off, _ in self.SWITCHES:
+            if getattr(self, on) and getattr(self, off):
+                raise UserError(f"{flag_text(on)} and {flag_text(off)} contradict each other")
+
+    @property
+    def mode(self) -> str:
+        """The attention mode these flags ask for (the recipe's decoupled unless given)."""
+        return self.attn_mode or (EXPERIMENTS[self.exp]["attn_mode"] if self.exp else DEFAULT_MODEL["attn_mode"])
+
+    def overrides(self) -> dict[str, Any]:
+        """ModelConfig fields given by the flags themselves (no presets, no defaults)."""
+        out: dict[str, Any] = {}
+        for flag, field in self.SIMPLE.items():
+            if getattr(self, flag) is not None:
+                out[field] = getattr(self, flag)
+        if "d_model" in out:  # a new width carries its usual companions unless they are given
+            out.setdefault("d_ff", 4 * out["d_model"])
+            out.setdefault("embed_dim", out["d_model"])
+        for on, off, field in self.SWITCHES:
+            if getattr(self, on):
+                out[field] = True
+            if getattr(self, off):
+                out[field] = False
+        if self.no_learned_temp:
+            out["learned_temp"] = False
+        return out
+
+    def fields(self) -> dict[str, Any]:
+        """ModelConfig fields (without vocab_size/block_size): recipe, then presets, then flags."""
+        fields: dict[str, Any] = dict(DEFAULT_MODEL)
+        if self.size:
+            fields.update(size_fields(self.size, self.attn_mode or (EXPERIMENTS[self.exp]["attn_mode"] if self.exp
+                                                                    else fields["attn_mode"])))
+            fields.pop("block_size", None)
+        if self.exp:
+            fields.update(EXPERIMENTS[self.exp])
+        fields.update(self.overrides())
+        return fields
+
+
+@dataclass(frozen=True)
+class StepsConfig:
+    """How much is trained and in what batches: steps, batch, accumulation, sequence curriculum."""
+
+    steps: int = 600
+    batch_size: int = 16
+    grad_accum: int = 1
+    train_seq_len: int = 128
+    seq_schedule: str | None = None
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "train_seq_len"):
+            _at_least(getattr(self, name), 1, name)
+        self.schedule  # noqa: B018 (parsed once here so a malformed schedule fails with the flags)
+
+    @property
+    def schedule(self) -> SeqSchedule:
+        return parse_schedule(self.seq_schedule, int(self.train_seq_len))
+
+
+@dataclass(frozen=True)
+class OptimConfig:
+    name: str = "adamw"  # --optimizer
+    lr: float = 2e-3
+    weight_decay: float = 0.1
+    wd_exempt_1d: bool = False
+    adam_betas: str = "0.9,0.95"
+    adam_eps: float = 1e-8
+    lion_betas: str = "0.9,0.99"
+    grad_clip: float = 1.0
+    lr_schedule: str = "constant"
+    warmup_steps: int = 0
+    min_lr: float = 0.0
+    skip_nonfinite: int = 0
+
+    def __post_init__(self) -> None:
+        if self.lr < 0:
+            raise UserError(f"--lr must be >= 0, got {self.lr}")
+        if self.grad_clip < 0:
+            raise UserError(f"--grad-clip must be >= 0, got {self.grad_clip}")
+        _at_least(self.warmup_steps, 0, "warmup_steps")
+        _at_least(self.skip_nonfinite, 0, "skip_nonfinite")
+        parse_betas(self.adam_betas, "adam_betas")
+        parse_betas(self.lion_betas, "lion_betas")
+        check_optimizer(self.name, lr=self.lr, weight_decay=self.weight_decay, lr_schedule=self.lr_schedule,
+                        warmup_steps=self.warmup_steps, min_lr=self.min_lr)
+
+    @property
+    def betas(self) -> tuple[float, float]:
+        """The betas of the chosen optimizer (--adam-betas for AdamW, --lion-betas for Lion)."""
+        if self.name == "adamw":
+            return parse_betas(self.adam_betas, "adam_betas")
+        return parse_betas(self.lion_betas, "lion_betas")
+
+
+@dataclass(frozen=True)
+class PrecisionConfig:
+    param_dtype: str = "fp32"
+    amp: bool = False
+    amp_dtype: str = "bf16"
+    grad_checkpoint: bool = False
+    matmul_precision: str = "high"  # v29's torch knob; maps onto jax_default_matmul_precision
+
+    @property
+    def compute_dtype(self) -> str:
+        """The matmul dtype name: --amp-dtype under --amp, else the parameter dtype."""
+        return self.amp_dtype if self.amp else self.param_dtype
+
+
+@dataclass(frozen=True)
+class EvalConfig:
+    every: int = 100
+    iters: int = 10
+    seq_len: int = 0  # 0 = the current training length
+
+    def __post_init__(self) -> None:
+        _at_least(self.every, 0, "eval_every")
+        _at_least(self.iters, 1, "eval_iters")
+        _at_least(self.seq_len, 0, "eval_seq_len")
+
+
+@dataclass(frozen=True)
+class AnalysisConfig:
+    """`--instrument` and its `--analysis-*` knobs, plus the plots and TensorBoard switches."""
+
+    LEVELS: ClassVar[tuple[str, ...]] = ("off", "basic", "medium", "full")
+
+    instrument: str = "off"
+    every: int = 0  # 0 = at every evaluation
+    heads: str = "0"
+    layers: str = "0,-1"
+    local_window: int = 32
+    max_tokens: int = 256
+    save_scores: bool = False
+    topk: int = 8
+    live_plot: bool = False
+    tb: bool = False
+
+    def __post_init__(self) -> None:
+        if self.instrument not in self.LEVELS:
+            raise UserError(f"--instrument {self.instrument!r}: expected one of {', '.join(self.LEVELS)}")
+        for field, flag in (("max_tokens", "analysis_max_tokens"), ("topk", "analysis_topk"),
+                            ("local_window", "analysis_local_window")):
+            if int(getattr(self, field)) < 1:
+                raise UserError(f"{flag_text(flag)} {getattr(self, field)}: must be >= 1")
+        if int(self.every) < 0:
+            raise UserError(f"--analysis-every {self.every}: must be >= 0")
+
+    @property
+    def enabled(self) -> bool:
+        return self.instrument != "off"
+
+
+@dataclass(frozen=True)
+class CheckpointConfig:
+    """Checkpoints and the run directory."""
+
+    save_every: int = 0
+    resume: bool = False
+    overwrite: bool = False
+    ckpt: str | None = None
+    out_dir: str | None = None
+    run_root: str = "runs"
+    run_tag: str | None = None
+
+    def __post_init__(self) -> None:
+        _at_least(self.save_every, 0, "save_every")
+        if self.resume and self.overwrite:
+            raise UserError("--resume and --overwrite contradict each other")
+
+
+@dataclass(frozen=True)
+class DistributedConfig:
+    """The device mesh and the multi-host start (not inherited by --resume)."""
+
+    mesh: str | None = None
+    coordinator: str | None = None
+    num_processes: int | None = None
+    process_id: int | None = None
+
+    @property
+    def mesh_axes(self) -> dict[str, int]:
+        from train.sharding import parse_mesh
+
+        return parse_mesh(self.mesh)
+
+    def check(self, batch_size: int) -> None:
+        """The mesh's syntax and the batch split (the device count is checked once JAX is up),
+        and the multi-host flags."""
+        from train.distributed import init_args
+        from train.sharding import check_batch
+
+        check_batch(self.mesh_axes, int(batch_size))
+        init_args(self.coordinator, self.num_processes, self.process_id)
+
+
+@dataclass(frozen=True)
+class DisplayConfig:
+    live: str = "auto"
+    update_every: int = 1
+    log_every: int = 10
+
+    def __post_init__(self) -> None:
+        _at_least(self.update_every, 1, "live_update_every")
+        _at_least(self.log_every, 1, "log_every")
+
+
+# The attribute of RunConfig that holds each group (the flag table's `group=`).
+GROUP_TYPES: dict[str, type] = {
+    "run": RunSettings, "data": DataConfig, "model": ModelFlags, "steps": StepsConfig, "optim": OptimConfig,
+    "precision": PrecisionConfig, "eval": EvalConfig, "analysis": AnalysisConfig, "ckpt": CheckpointConfig,
+    "distributed": DistributedConfig, "display": DisplayConfig,
+}
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """Everything a run is configured with, typed and validated, grouped as the flags are."""
+
+    run: RunSettings
+    data: DataConfig
+    model: ModelFlags
+    steps: StepsConfig
+    optim: OptimConfig
+    precision: PrecisionConfig
+    eval: EvalConfig
+    analysis: AnalysisConfig
+    ckpt: CheckpointConfig
+    distributed: DistributedConfig
+    display: DisplayConfig
+    kv: KVPolicy  # the cache policy of the summary's KV-memory section
+    recorded: Mapping[str, Any]  # flags accepted for v29 command lines and recorded only (incl. kv extras)
+    explicit: frozenset[str]  # the flags typed on this command line
+    # flag name -> (group, field): filled in by train/args.py's table, so to_flags can undo it
+    flag_fields: Mapping[str, tuple[str, str]] = dataclasses.field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:  # checks that span groups
+        o = self.optim
+        check_optimizer(o.name, lr=o.lr, weight_decay=o.weight_decay, lr_schedule=o.lr_schedule,
+                        warmup_steps=o.warmup_steps, total_steps=self.steps.steps, min_lr=o.min_lr)
+        self.distributed.check(self.steps.batch_size)
+
+    def to_flags(self) -> dict[str, Any]:
+        """The flat record {flag name: value} of this configuration (v29's names)."""
+        out: dict[str, Any] = {}
+        for flag, (group, field) in self.flag_fields.items():
+            if group == "kv":
+                out[flag] = getattr(self.kv, field)
+            elif group == "recorded":
+                out[flag] = self.recorded.get(flag)
+            else:
+                out[flag] = getattr(getattr(self, group), field)
+        return out
+
+    def noop_flags(self) -> dict[str, Any]:
+        """The v29-only flags typed on this command line, with their values."""
+        return {k: self.recorded[k] for k in sorted(self.explicit) if k in self.recorded}
+
+    # ---- resolution against the data and the checkpoint ----------------------------------
+    def resolve_model(self, vocab_size: int, ckpt_cfg: ModelConfig | None = None,
+                      check_clash: bool = True) -> tuple[ModelConfig, dict[str, Any]]:
+        """The ModelConfig (block_size grown to the longest length the run uses) and the growth
+        record. With `ckpt_cfg` (--ckpt, --resume) the model is the checkpoint's; model flags
+        typed now must agree with it (unless `check_clash` is off, as on --resume)."""
+        steps, schedule = int(self.steps.steps), self.steps.schedule
+        longest = schedule.max_length(steps)
+        if self.eval.seq_len:
+            longest = max(longest, int(self.eval.seq_len))
+        m = self.model
+        if ckpt_cfg is not None:
+            if check_clash:
+                self._check_ckpt_clash(ckpt_cfg)
+            if ckpt_cfg.vocab_size < vocab_size:
+                raise UserError(f"--ckpt model has vocab_size {ckpt_cfg.vocab_size} but the data needs {vocab_size}")
+            fields = ckpt_cfg.to_dict()
+            requested = int(m.block) if m.block else ckpt_cfg.block_size
+        else:
+            fields = m.fields()
+            fields["vocab_size"] = int(vocab_size)
+            requested = int(m.block) if m.block else (SIZES[m.size]["block_size"] if m.size else longest)
+        block = max(requested, longest)
+        fields["block_size"] = block
+        try:
+            cfg = ModelConfig.from_dict(fields)
+        except ConfigError as e:
+            raise UserError(f"model config: {e}") from None
+        context = {"requested_block_size": requested, "block_size": block, "longest_train_len": longest,
+                   "grown": block > requested, "lengths": schedule.lengths_until(steps),
+                   "boundaries": schedule.boundaries(steps)}
+        return cfg, context
+
+    def _check_ckpt_clash(self, ckpt_cfg: ModelConfig) -> None:
+        typed = [k for k in self.explicit if k in self.flag_fields and self.flag_fields[k][0] == "model"]
+        if not typed:
+            return
+        given = dataclasses.replace(ModelFlags(), **{self.flag_fields[k][1]: getattr(self.model, self.flag_fields[k][1])
+                                                     for k in typed}).fields()
+        typed_fields = {ModelFlags.SIMPLE.get(k, k) for k in typed} - {"block"}
+        typed_fields |= {field for on, off, field in ModelFlags.SWITCHES if on in typed or off in typed}
+        typed_fields |= {"learned_temp"} if "no_learned_temp" in typed else set()
+        ckpt = ckpt_cfg.to_dict()
+        clash = [k for k in given if k in ckpt and k in typed_fields and given[k] != ckpt[k]]
+        if clash:
+            k = clash[0]
+            raise UserError(f"--ckpt model has {k}={ckpt[k]!r} but the flags ask for "
+                            f"{given[k]!r}; drop the model flags to train the checkpoint's model")
+
+    # ---- where the run goes -------------------------------------------------------------
+    def run_name(self, presentation: frozenset[str]) -> str:
+        """--run-tag; 'default' when only flags in `presentation` were typed; else a timestamped name."""
+        if self.ckpt.run_tag:
+            return str(self.ckpt.run_tag)
+        if not (self.explicit - presentation):
+            return "default"
+        return f"dba-{self.model.mode}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+    def out_dir(self, presentation: frozenset[str]) -> tuple[str, str]:
+        """(run directory, run name)."""
+        if self.ckpt.out_dir:
+            out = str(self.ckpt.out_dir)
+            return out, os.path.basename(os.path.normpath(out)) or out
+        name = self.run_name(presentation)
+        return os.path.join(str(self.ckpt.run_root), name), name

@@ -1,0 +1,664 @@
+"""A `dba train` run: `Run(config, ...)` plans it (data, model config, analysis) without touching
+a device, `start()` builds the JAX side (mesh, model, optimizer, checkpoints, display), and `fit()`
+trains, with the periodic work (train log, analysis, evaluation, checkpoints, display) registered
+as hooks with an interval (train/hooks.py). `train()` does all three.
+
+The device only syncs at log, eval and save steps; the next batch is sampled on the host while the
+device runs the current step (JAX dispatch is asynchronous).
+
+Faults: a step with a non-finite loss or gradient norm applies no update (train/step.py) and is
+counted on the device; at the next point where the loop syncs anyway the count is read
+(`check_nonfinite`): each such step gets a `nonfinite` event, and once more than
+`--skip-nonfinite` of them have happened the run stops before it evaluates or saves anything
+(the last good checkpoint stays the latest), records `done` with reason `nonfinite` and fails
+with a one-line error (exit 1). A checkpoint that cannot be written (disk full) or a train step
+that cannot fit in device memory (checked when it compiles; the longest sequence length of the
+run is compiled first, before the first step) is a one-line error too, after a `done` event
+with reason `error`. SIGINT/SIGTERM save the last checkpoint and stop (exit 130/143).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import math
+import os
+import shlex
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from dba.errors import UserError
+from dba.units import human_bytes
+from train.batches import (
+    EVAL_TRAIN_STREAM,
+    EVAL_VAL_STREAM,
+    RunData,
+    eval_batches,
+    train_batch,
+)
+from train.config import RunConfig
+from train.hooks import Hook, Hooks
+from train.signals import EXIT_CODES, StopSignal
+
+_NUMPY_NAMES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
+
+
+@dataclass
+class Progress:
+    """Where the run is: the step, the best evaluation, the non-finite steps seen, the last save."""
+
+    step: int = 0
+    best_val: float | None = None
+    best_step: int | None = None
+    nonfinite_seen: int = 0
+    saved_last_at: int | None = None
+    lengths: set[int] = field(default_factory=set)  # sequence lengths trained at by this invocation
+
+
+@dataclass
+class Throughput:
+    """Tokens and time since the last log (compiles excluded), for tokens/s and ms/step."""
+
+    t_mark: float = field(default_factory=time.perf_counter)
+    steps: int = 0
+    tokens: int = 0
+    excluded_s: float = 0.0
+    data_s: float = 0.0
+
+    def reset(self) -> None:
+        self.t_mark, self.steps, self.tokens, self.excluded_s, self.data_s = time.perf_counter(), 0, 0, 0.0, 0.0
+
+    def elapsed(self) -> float:
+        return max(time.perf_counter() - self.t_mark - self.excluded_s, 1e-9)
+
+
+def train(config: RunConfig, *, out_dir: str | Path, name: str, argv: list[str],
+          resume_meta: dict[str, Any] | None = None) -> int:
+    """Plan, build and train a run; the exit status (0 done, 130/143 interrupted)."""
+    run = Run(config, out_dir=out_dir, name=name, argv=argv, resume_meta=resume_meta)
+    if config.run.print_config:
+        run.print_config()
+        return 0
+    run.start()
+    return run.fit()
+
+
+class Run:
+    # ---- plan (no device) ---------------------------------------------------------------
+    def __init__(self, config: RunConfig, *, out_dir: str | Path, name: str, argv: list[str],
+                 resume_meta: dict[str, Any] | None = None):
+        self.config, self.out, self.name, self.argv = config, Path(out_dir), name, list(argv)
+        self.resume_meta = resume_meta
+        self.t_start = time.time()
+        self.created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        self.data = RunData.load(config.data)
+        ckpt_cfg, self.init_state, self.init_info = self._initial_weights()
+        self.cfg, self.context = config.resolve_model(self.data.vocab_size, ckpt_cfg, check_clash=resume_meta is None)
+        longest_train = config.steps.schedule.max_length(config.steps.steps)
+        self.data.check_lengths(longest_train, int(config.eval.seq_len) or longest_train)
+        from train.analysis import spec_for
+
+        self.analysis_spec = spec_for(config.analysis, config.eval.every, self.cfg)
+        if config.analysis.tb:
+            try:
+                import tensorboardX  # noqa: F401
+            except ImportError:
+                raise UserError("--tb needs tensorboardX, which is not installed: pip install 'dba[tb]' "
+                                "(or pip install tensorboardX)", 2) from None
+        self.command = "dba train" + ("" if not self.argv else " " + shlex.join(self.argv))
+
+    def _initial_weights(self):
+        """(config, state, info) of --ckpt for a new run; the saved config on --resume."""
+        from dba.config import ModelConfig
+
+        if self.resume_meta is not None:
+            return ModelConfig.from_dict(self.resume_meta["config"]), None, None
+        if self.config.ckpt.ckpt:
+            from dba.weight_files import read_weights
+
+            return read_weights(self.config.ckpt.ckpt)
+        return None, None, None
+
+    def print_config(self) -> None:
+        print(json.dumps({"model": self.cfg.to_dict(), "args": self.config.to_flags(), "context": self.context,
+                          "run_dir": str(self.out)}, indent=2, sort_keys=True, default=str))
+
+    # ---- the JAX side -------------------------------------------------------------------
+    def start(self) -> None:
+        """Build the mesh, model, optimizer state (restored on --resume), checkpoints, display,
+        analysis and hooks. Writes nothing but an empty checkpoints directory."""
+        import jax
+
+        from train import sharding
+        from train.distributed import Silent, is_main
+        from train.orbax_checkpoints import RunCheckpoints
+
+        c = self.config
+        if c.precision.matmul_precision != "high" or "matmul_precision" in c.explicit:
+            jax.config.update("jax_default_matmul_precision",
+                              {"highest": "highest", "high": "high", "medium": "bfloat16"}[c.precision.matmul_precision])
+        self.env = self._environment()
+        # The mesh is checked against the devices here, before anything is built or compiled.
+        self.mesh = sharding.make_mesh(c.distributed.mesh_axes)
+        if self.mesh.size != jax.device_count() and jax.process_count() > 1:
+            raise UserError(f"{jax.process_count()} processes need a --mesh over all {jax.device_count()} devices, "
+                            f"e.g. --mesh data=-1 (data parallel) or --mesh fsdp=-1 (sharded state)")
+        self.mesh_shape = sharding.mesh_shape(self.mesh)
+        sharding.check_batch(self.mesh_shape, int(c.steps.batch_size))  # again: a -1 axis is now resolved
+        self.main = is_main()  # process 0 writes the run directory's files; every process computes
+        self.out.mkdir(parents=True, exist_ok=True)
+        self.ckpts = RunCheckpoints(self.out)
+        self.stepper = self._build_stepper()
+        self.rows = self.stepper.local_rows(int(c.steps.batch_size))  # this host's share of every batch
+        self.progress, self.resharded = Progress(), None
+        if self.resume_meta is not None:
+            self._restore()
+        # train.jsonl is opened once the train step has compiled (`fit`): a step too large for the
+        # device fails before the run directory holds a run, so the corrected command runs as is.
+        self.log: Any = Silent()
+        self._start_display_and_analysis()
+        self.stop = StopSignal(shared=jax.process_count() > 1)
+        self.hooks = self._default_hooks()
+        self._eval_cache: dict[int, tuple] = {}
+        self.window = Throughput()
+        self.latest: tuple[Any, int] | None = None  # device metrics and length of the newest step
+
+    def _environment(self) -> dict[str, Any]:
+        from train.artifacts import environment
+
+        try:
+            return environment()
+        except Exception as e:  # e.g. --device gpu without a GPU or without jax[cuda]
+            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise UserError(f"--device {self.config.run.device}: JAX cannot use this platform here ({first}); "
+                            f"install the matching jax build (e.g. jax[cuda12]) or use --device cpu", 1) from None
+
+    def _build_stepper(self):
+        import jax.numpy as jnp
+        from flax import nnx
+
+        from jax_model import DBAModel, load_canonical
+        from train.optim import build_optimizer
+        from train.step import Stepper
+
+        c = self.config
+        dtypes = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
+        model = DBAModel(self.cfg, rngs=nnx.Rngs(c.run.seed), dtype=dtypes[c.precision.compute_dtype],
+                         param_dtype=dtypes[c.precision.param_dtype], remat=bool(c.precision.grad_checkpoint))
+        if self.init_state is not None:
+            load_canonical(model, self.init_state, self.init_info["source"])
+        o = c.optim
+        tx = build_optimizer(o.name, lr=o.lr, total_steps=int(c.steps.steps), betas=o.betas, eps=o.adam_eps,
+                             weight_decay=o.weight_decay, wd_exempt_1d=o.wd_exempt_1d, grad_clip=o.grad_clip,
+                             lr_schedule=o.lr_schedule, warmup_steps=o.warmup_steps, min_lr=o.min_lr)
+        return Stepper(model, tx, seed=c.run.seed, mesh=self.mesh)
+
+    def _restore(self) -> None:
+        """--resume: the last checkpoint, restored straight onto this run's shardings, whatever
+        mesh wrote it."""
+        params, opt_state, step, meta = self.ckpts.restore("last", self.stepper.params, self.stepper.opt_state)
+        self.stepper.set_state(params, opt_state)
+        seen = int(meta.get("skipped_nonfinite") or 0)
+        self.stepper.set_nonfinite_count(seen)
+        self.progress = Progress(step=step, best_val=meta.get("best_val"), best_step=meta.get("best_step"),
+                                 nonfinite_seen=seen, saved_last_at=step)
+        saved_mesh = (meta.get("devices") or {}).get("mesh")
+        if saved_mesh and saved_mesh != self.mesh_shape:
+            self.resharded = saved_mesh
+
+    def _start_display_and_analysis(self) -> None:
+        import jax
+
+        from train.distributed import Silent
+        from train.progress import make_display
+
+        main = self.main
+        self.display = make_display(self.config.display.live, self.config.steps.steps,
+                                    self.progress.step) if main else Silent()
+        self.tb = None
+        if self.config.analysis.tb and main:
+            from train.tensorboard import TBWriter
+
+            self.tb = TBWriter(self.out / "tb")
+        self.analyzer = self.store = self.analysis_x = None
+        self.plot_stale = False  # events the plot draws were logged since analysis.png was drawn
+        spec = self.analysis_spec
+        if spec is None:
+            return
+        from train.analysis import Analyzer, analysis_tokens
+        from train.analysis_store import AnalysisStore
+
+        self.analyzer = Analyzer(spec, self.stepper.graphdef, self.stepper.rest, self.cfg)
+        self.store = AnalysisStore(self.out / "analysis.h5", save_matrices=spec.save_matrices,
+                                   save_svals=spec.save_svals) if main else Silent()
+        # a global (replicated) array: the analysis runs on every process's devices
+        self.analysis_x = jax.device_put(analysis_tokens(self.data.val, spec, self.cfg.block_size, self.config.run.seed),
+                                         self.stepper.replicated)
+
+    # ---- hooks --------------------------------------------------------------------------
+    def add_hook(self, name: str, every: int, fn, **kw) -> Hook:
+        """Run `fn(step)` after every `every`-th step (see train/hooks.py for at_end, on_stop,
+        reads_state, syncs)."""
+        return self.hooks.add(Hook(name, int(every), fn, **kw))
+
+    def _default_hooks(self) -> Hooks:
+        c = self.config
+        self.hooks = Hooks()
+        self.add_hook("log", c.display.log_every, self.log_train, on_stop=True, reads_state=False)
+        self.add_hook("display", c.display.update_every, self.display.advance, at_end=False, reads_state=False,
+                      syncs=False)
+        if self.analyzer is not None:
+            self.add_hook("analysis", self.analysis_spec.every, self.analyse)
+        self.add_hook("eval", c.eval.every, self.evaluate)
+        self.add_hook("save", c.ckpt.save_every, self.save_last, at_end=False)  # the final save is `fit`'s
+        return self.hooks
+
+    # ---- the pieces -----------------------------------------------------------------------
+    def record(self, event: str, **fields) -> dict[str, Any] | None:
+        """One event in train.jsonl (and TensorBoard)."""
+        if event in ("train", "eval", "analysis"):
+            self.plot_stale = True
+        rec = self.log.write(event, **fields)
+        if self.tb is not None and rec is not None:
+            self.tb.event(rec)
+        return rec
+
+    def log_train(self, step: int) -> dict[str, Any] | None:
+        """The `train` event of the newest step: loss, lr, throughput, gradient norms, memory."""
+        import jax
+
+        from dba.resources import host_rss_bytes
+        from train.resources import device_memory
+
+        metrics, length = self.latest
+        m, w = jax.device_get(metrics), self.window
+        elapsed, loss = w.elapsed(), float(m["loss"])
+        rss, rss_peak = host_rss_bytes()
+        dev_mem = device_memory()
+        s = self.config.steps
+        fields = dict(step=step, loss=loss, ppl=math.exp(min(loss, 700.0)), lr=float(m["lr"]),
+                      tok_s=w.tokens / elapsed, seq_len=int(length), grad_accum=int(s.grad_accum),
+                      global_batch=int(s.batch_size) * int(s.grad_accum), step_ms=1000.0 * elapsed / w.steps,
+                      data_ms=1000.0 * w.data_s / w.steps, grad_norm_total=float(m["grad_norm"]),
+                      **{k: float(v) for k, v in m.items() if k.startswith("grad_norm_")},
+                      skipped_nonfinite=int(m["nonfinite_count"]), compiles=self.stepper.compiles,
+                      host_rss_mb=None if rss is None else rss / 2**20,
+                      host_peak_mb=None if rss_peak is None else rss_peak / 2**20,
+                      device_mem_mb=None if dev_mem is None else dev_mem.get("bytes_in_use", 0) / 2**20)
+        rec = self.record("train", **fields)
+        self.display.set_timing(compile_s=self.stepper.compile_s)
+        # the log writes NaN as null; the display shows it as nan
+        self.display.train({**(rec or {}), **{k: v for k, v in fields.items() if isinstance(v, float)}})
+        if self.config.analysis.live_plot:
+            self.redraw_plot()
+        w.reset()
+        return rec
+
+    def evaluate(self, step: int) -> dict[str, Any] | None:
+        """Validation and train loss on the fixed eval batches at the current training length
+        (or --eval-seq-len); a new best saves the `best` checkpoint."""
+        import jax
+
+        c, p = self.config, self.progress
+        length = int(c.eval.seq_len) or c.steps.schedule.length_at(max(step - 1, 0))
+        xv, yv, xt, yt = self._eval_batches(length)
+        t0 = time.perf_counter()
+        val_loss, train_loss = (float(v) for v in jax.device_get((self.stepper.eval_loss(xv, yv),
+                                                                  self.stepper.eval_loss(xt, yt))))
+        new_best = step > 0 and math.isfinite(val_loss) and (p.best_val is None or val_loss < p.best_val)
+        if new_best:
+            p.best_val, p.best_step = val_loss, step
+        eval_s = time.perf_counter() - t0
+        rec = self.record("eval", step=step, train_loss=train_loss, val_loss=val_loss,
+                          val_ppl=math.exp(min(val_loss, 700.0)), best_val=p.best_val, seq_len=length, eval_s=eval_s)
+        self.display.set_timing(eval_s=eval_s)
+        self.display.eval(rec)
+        if new_best:
+            self.save("best", step, val_loss)
+        self.redraw_plot()
+        return rec
+
+    def _eval_batches(self, length: int) -> tuple:
+        if length not in self._eval_cache:
+            c = self.config
+            kw = dict(batch_size=int(c.steps.batch_size), iters=int(c.eval.iters), seed=c.run.seed, seq_len=length,
+                      rows=self.rows)
+            xv, yv = eval_batches(self.data.val, stream=EVAL_VAL_STREAM, **kw)
+            xt, yt = eval_batches(self.data.train, stream=EVAL_TRAIN_STREAM, **kw)
+            self._eval_cache[length] = tuple(self.stepper.put_batch(a) for a in (xv, yv, xt, yt))
+        return self._eval_cache[length]
+
+    def analyse(self, step: int) -> dict[str, Any] | None:
+        """The attention analysis pass: analysis.h5 first, so every logged analysis has its group."""
+        t0 = time.perf_counter()
+        spec = self.analysis_spec
+        metrics, arrays = self.analyzer(self.stepper.params, self.analysis_x)
+        self.store.append(step, metrics, arrays, spec.layers, spec.heads)
+        took = time.perf_counter() - t0
+        rec = self.record("analysis", step=step, seq_len=int(self.analysis_x.shape[1]), level=spec.level,
+                          layers=list(spec.layers), heads=list(spec.heads), **metrics, analysis_s=took)
+        self.display.set_timing(analysis_s=took)
+        self.display.analysis(rec)
+        return rec
+
+    def save(self, kind: str, step: int, val: float | None = None) -> None:
+        """The Orbax checkpoint `kind` ('last' / 'best') and its safetensors export."""
+        self.ckpts.save(kind, step, self.stepper.params, self.stepper.opt_state, self.config.run.seed,
+                        self.checkpoint_meta(step))
+        self.export(kind, step, val)
+
+    def save_last(self, step: int) -> None:
+        self.save("last", step)
+        self.progress.saved_last_at = step
+
+    def checkpoint_meta(self, step: int) -> dict[str, Any]:
+        p = self.progress
+        return {"config": self.cfg.to_dict(), "flags": self.config.to_flags(), "step": step, "seed": self.config.run.seed,
+                "best_val": p.best_val, "best_step": p.best_step, "tokenizer": self._tokenizer_dict(),
+                "context": self.context, "run_name": self.name, "skipped_nonfinite": p.nonfinite_seen}
+
+    def _tokenizer_dict(self) -> dict[str, Any] | None:
+        return self.data.tokenizer.to_dict() if self.data.tokenizer is not None else None
+
+    def export(self, kind: str, step: int, val: float | None) -> None:
+        """`<kind>.safetensors`: the weights with the config (and tokenizer) in the metadata,
+        written to a temporary name and renamed (dba.weights.save_safetensors)."""
+        from flax import nnx
+
+        from jax_model import save_export
+        from train.distributed import host_params
+
+        extra = {"step": str(step), "kind": kind, "run_dir": str(self.out)}
+        if val is not None:
+            extra["val_loss"] = repr(float(val))
+        if self.data.tokenizer is not None:
+            extra["tokenizer"] = json.dumps(self._tokenizer_dict())
+        params = host_params(self.stepper.params)  # every process: gathers shards held by other hosts
+        if not self.main:
+            return
+        path = self.out / f"{kind}.safetensors"
+        try:
+            save_export(path, nnx.merge(self.stepper.graphdef, params, self.stepper.rest), extra)
+        except OSError as e:
+            path.with_name(path.name + ".tmp").unlink(missing_ok=True)
+            why = os.strerror(e.errno) if e.errno else str(e)
+            raise UserError(f"cannot write {path} (step {step}): {why}; the checkpoint of step {step} "
+                            f"under {self.ckpts.root / kind} was written", 1) from None
+
+    def redraw_plot(self) -> None:
+        if not self.main:
+            return
+        from dba.plots import plot_run
+        from dba.runlog import read_events
+
+        self.plot_stale = False
+        try:
+            plot_run(read_events(self.out / "train.jsonl"), self.out / "analysis.png",
+                     title=f"{self.name}: {self.cfg.attn_mode}")
+        except Exception as e:  # noqa: BLE001 (a plotting failure must never stop training)
+            self.display.info(f"analysis.png not drawn: {type(e).__name__}: {e}")
+
+    def check_nonfinite(self, step: int) -> str | None:
+        """Read the device's non-finite step record (a few bytes, at a point that syncs anyway),
+        log each new one; the stop message once more than --skip-nonfinite have happened."""
+        p, skip_n = self.progress, int(self.config.optim.skip_nonfinite)
+        count, recent = self.stepper.nonfinite_record()
+        if count == p.nonfinite_seen:
+            return None
+        fatal = None
+        first = count - len(recent)
+        if first > p.nonfinite_seen:  # more than the device keeps happened between two syncs
+            self.record("nonfinite", step=None, quantity=None, count=first, allowed=skip_n,
+                        action="skipped" if first <= skip_n else "stop",
+                        note=f"{first - p.nonfinite_seen} non-finite steps before step {recent[0][0]} not recorded")
+        for i, (bad_step, kind) in enumerate(recent, start=first):
+            if i < p.nonfinite_seen:
+                continue
+            fatal = self._record_nonfinite(bad_step, kind, i + 1, skip_n) if fatal is None else fatal
+        p.nonfinite_seen = count
+        if count <= skip_n:
+            return None
+        return self._nonfinite_message(step, fatal or (None, "loss or grad_norm", count), skip_n)
+
+    def _record_nonfinite(self, bad_step: int, kind: int, nth: int, skip_n: int) -> tuple | None:
+        """One `nonfinite` event; (step, quantity, nth) when this one is past --skip-nonfinite."""
+        from train.step import nonfinite_kind_text
+
+        quantity, over = nonfinite_kind_text(kind), nth > skip_n
+        self.record("nonfinite", step=bad_step, quantity=quantity, count=nth, allowed=skip_n,
+                    action="stop" if over else "skipped")
+        if over:
+            return bad_step, quantity, nth
+        self.display.line(f"step {bad_step}: non-finite {quantity}; the update was skipped "
+                          f"({nth} of {skip_n} allowed by --skip-nonfinite)")
+        return None
+
+    def _nonfinite_message(self, step: int, fatal: tuple, skip_n: int) -> str:
+        bad_step, quantity, nth = fatal
+        kept = self.ckpts.latest_step("last")
+        kept_txt = (f"the last good checkpoint (step {kept}) is kept in {self.ckpts.root / 'last'}" if kept is not None
+                    else "no checkpoint had been written")
+        allowed = f" (non-finite step {nth}; --skip-nonfinite allows {skip_n})" if skip_n else ""
+        at = f"at step {bad_step}" if bad_step is not None else f"by step {step}"
+        return (f"non-finite {quantity} {at}{allowed}; stopped at step {step} without saving: {kept_txt}; "
+                f"lower --lr, or let --skip-nonfinite N skip such steps")
+
+    # ---- the loop -----------------------------------------------------------------------
+    def fit(self) -> int:
+        """Train to --steps (or a stop signal); write `done` and the summary. Returns the exit
+        status; raises a UserError (exit 1) after a fatal non-finite step, a failed checkpoint
+        write or a train step too large for the device."""
+        reason, failure, nonfinite_msg = "complete", None, None
+        self.stop.install()
+        self._announce()
+        try:
+            reason, nonfinite_msg = self._train_loop()
+        except UserError as e:  # a checkpoint that cannot be written, a step too large for the device
+            failure, reason = e, "error"
+        finally:
+            self.display.close()
+            self.stop.restore()
+        return self._finish(reason, failure, nonfinite_msg)
+
+    def _train_loop(self) -> tuple[str, str | None]:
+        c, p, steps = self.config, self.progress, int(self.config.steps.steps)
+        if p.step < steps:
+            self._compile_longest()
+        self._open_log()
+        if p.step >= steps:
+            self.display.info(f"the run is already at step {p.step} >= --steps {steps}; nothing to train")
+            return "already_complete", None
+        if p.step == 0 and self.stop.reason is None:
+            if self.analyzer is not None:
+                self.analyse(0)
+            if c.eval.every > 0:
+                self.evaluate(0)
+        from train.step import fault_points
+
+        pause_at = fault_points("pause_at_step")  # TEST-ONLY (DBA_FAULT): a window to signal a run
+        batch = self._next_batch(p.step)
+        self.window.reset()
+        while p.step < steps and self.stop.reason is None:
+            batch = self._train_step(batch)
+            message = self._after_step(p.step)
+            if message is not None:
+                return "nonfinite", message
+            if p.step in pause_at:
+                self._fault_pause(p.step)
+        if p.step != p.saved_last_at:
+            message = self.check_nonfinite(p.step)
+            if message is not None:
+                return "nonfinite", message
+            self.save_last(p.step)
+        return self.stop.reason or "complete", None
+
+    def _compile_longest(self) -> None:
+        """The longest length this run will train at, compiled first: a step too large for the
+        device fails here, before any training, with the compiled memory estimate."""
+        import jax
+        import jax.numpy as jnp
+
+        c, step, steps = self.config, self.progress.step, int(self.config.steps.steps)
+        schedule = c.steps.schedule
+        longest = max({schedule.length_at(step)} | {n for s0, n in schedule.entries if step < s0 < steps})
+        shape = (int(c.steps.grad_accum), int(c.steps.batch_size), int(longest))
+        spec = jax.ShapeDtypeStruct(shape, jnp.int32)
+        dt = self.stepper.compile_for(spec, spec)
+        if dt > 0:
+            need, limit = self.stepper.memory_bytes.get(shape), self.stepper.memory_limit
+            mem = "" if need is None else f"; needs ~{human_bytes(need, 'iec')} per device" + (
+                "" if limit is None else f" (limit {human_bytes(limit, 'iec')})")
+            self.display.info(f"compiled the train step for sequence length {longest} in {dt:.1f}s "
+                              f"(compile #{self.stepper.compiles}){mem}")
+
+    def _next_batch(self, step: int):
+        """This host's rows of step `step`'s batch, placed as global arrays over the mesh."""
+        c = self.config
+        x, y = train_batch(self.data.train, batch_size=int(c.steps.batch_size), grad_accum=int(c.steps.grad_accum),
+                           seed=c.run.seed, seq_len=c.steps.schedule.length_at(step), step=step, rows=self.rows)
+        return self.stepper.put_batch(x), self.stepper.put_batch(y)
+
+    def _train_step(self, batch):
+        """One optimizer step on `batch`; samples the next batch while the device runs it."""
+        p, w, steps = self.progress, self.window, int(self.config.steps.steps)
+        x, y = batch
+        length = x.shape[2]
+        if length not in p.lengths:
+            p.lengths.add(length)
+            dt = self.stepper.compile_for(x, y)
+            w.excluded_s += dt
+            if dt > 0:
+                self.display.info(f"step {p.step}: sequence length {length} -> compiled the train step in {dt:.1f}s "
+                                  f"(compile #{self.stepper.compiles})")
+        self.latest = (self.stepper.train_step(x, y, p.step), length)
+        p.step += 1
+        w.steps += 1
+        w.tokens += x.size
+        if p.step % self.config.display.log_every == 0:
+            self.stop.sync()  # multi-process: every process sees a signal at the same step
+        if p.step >= steps:
+            return None
+        t0 = time.perf_counter()
+        batch = self._next_batch(p.step)
+        w.data_s += time.perf_counter() - t0
+        return batch
+
+    def _after_step(self, step: int) -> str | None:
+        """The hooks due at `step`: first those that do not read the trained state (log, display),
+        then, if anything synced, the non-finite check, then evaluation, analysis and saves.
+        Returns the stop message of a fatal non-finite step."""
+        due = self.hooks.due(step, int(self.config.steps.steps), self.stop.reason is not None)
+        for h in due:
+            if not h.reads_state:
+                h.fn(step)
+        if any(h.syncs for h in due):  # the device syncs here anyway
+            message = self.check_nonfinite(step)
+            if message is not None:
+                return message
+        guarded = [h for h in due if h.reads_state]
+        for h in guarded:
+            h.fn(step)
+        if any(h.syncs for h in guarded):
+            self.window.reset()
+        return None
+
+    def _fault_pause(self, step: int) -> None:
+        self.display.line(f"DBA_FAULT: paused at step {step}")
+        end = time.monotonic() + 120.0
+        while not self.stop.requested and time.monotonic() < end:
+            time.sleep(0.02)
+
+    # ---- start and end ----------------------------------------------------------------------
+    def _open_log(self) -> None:
+        import jax
+
+        from dba.runlog import JsonlLog
+        from train.distributed import Silent
+
+        c = self.config
+        self.log = JsonlLog(self.out / "train.jsonl") if self.main else Silent()
+        self.log.write("meta", argv=list(self.argv), command=self.command, run_dir=str(self.out), run_name=self.name,
+                       flags=c.to_flags(), explicit=sorted(c.explicit), config=self.cfg.to_dict(), env=self.env,
+                       n_params=self.cfg.num_params(), context=self.context,
+                       resumed_from=self.progress.step if self.resume_meta is not None else None,
+                       init_from=self.init_info["source"] if self.init_info else None,
+                       data=self.data.record(c.data.path),
+                       dtypes={"param": c.precision.param_dtype, "compute": _NUMPY_NAMES[c.precision.compute_dtype],
+                               "grad_checkpoint": bool(c.precision.grad_checkpoint)},
+                       noop_flags=c.noop_flags(), mesh=self.mesh_shape, process_count=jax.process_count())
+
+    def _announce(self) -> None:
+        import jax
+
+        from train import sharding
+        from train.artifacts import device_line
+        from train.step import FAULT_ENV
+
+        c, cfg, d, ctx = self.config, self.cfg, self.display, self.context
+        grow_txt = (f" (grown from {ctx['requested_block_size']} to cover the longest trained length)"
+                    if ctx["grown"] else "")
+        d.line(f"dba train: run dir {self.out}")
+        if os.environ.get(FAULT_ENV):
+            d.line(f"  {FAULT_ENV}={os.environ[FAULT_ENV]}: test-only fault injection is active")
+        d.line(f"  model {cfg.attn_mode} d_model {cfg.d_model} layers {cfg.n_layer} heads {cfg.n_head} "
+               f"vocab {cfg.vocab_size}: {cfg.num_params():,} params | context {cfg.block_size}{grow_txt}")
+        d.line(f"  data {len(self.data.train):,} train / {len(self.data.val):,} val tokens | "
+               f"{c.optim.name} lr {c.optim.lr:g} ({c.optim.lr_schedule}) | batch {c.steps.batch_size} x "
+               f"accum {c.steps.grad_accum} | seq {', '.join(f'{L}@{s}' for s, L in ctx['boundaries'])} | "
+               f"steps {self.progress.step}->{c.steps.steps} | {device_line(self.env)}")
+        ms = self.mesh_shape
+        if self.mesh.size > 1 or jax.process_count() > 1:
+            d.line(f"  mesh {sharding.mesh_text(ms)} over {self.mesh.size} devices"
+                   + (f" on {jax.process_count()} processes" if jax.process_count() > 1 else "")
+                   + f": batch rows split {sharding.batch_ways(ms)} ways, parameters and optimizer "
+                     f"state {ms['fsdp']} ways")
+        if self.resharded:
+            d.line(f"  resumed from a checkpoint written on mesh {sharding.mesh_text(self.resharded)}: "
+                   f"resharded onto {sharding.mesh_text(ms)}")
+
+    def _finish(self, reason: str, failure: UserError | None, nonfinite_msg: str | None) -> int:
+        """`done`, the final plot and `summary.md`; the exit status (raises the run's error)."""
+        from train.distributed import Silent
+
+        p, wall = self.progress, time.time() - self.t_start
+        error_text = str(failure) if failure is not None else nonfinite_msg
+        try:
+            if failure is not None and isinstance(self.log, Silent) and self.main:  # before the run started
+                self.ckpts.close()  # leave no run: the corrected command runs as is
+                raise failure
+            self._write_done(reason, wall, error_text)
+        except UserError:  # e.g. the disk is still full: report the first error
+            if failure is None:
+                raise
+            self.ckpts.close()
+        if failure is not None:
+            raise failure
+        best = p.best_val
+        best_txt = f"best val {best:.4f} (ppl {math.exp(best):.2f})" if best is not None else "no eval"
+        self.display.line(f"dba train: {reason} at step {p.step}, {best_txt}, {wall:.0f}s | run dir {self.out}")
+        if nonfinite_msg is not None:
+            raise UserError(nonfinite_msg, 1)
+        return EXIT_CODES.get(reason, 1)
+
+    def _write_done(self, reason: str, wall: float, error_text: str | None) -> None:
+        from train.artifacts import write_summary
+
+        p, st = self.progress, self.stepper
+        self.record("done", reason=reason, step=p.step, best_val=p.best_val, best_step=p.best_step, wall_s=wall,
+                    compiles=st.compiles, trace_count=st.trace_count, compile_s=st.compile_s,
+                    lengths=sorted(p.lengths), skipped_nonfinite=p.nonfinite_seen,
+                    step_memory_mb=max(st.memory_bytes.values(), default=0) / 2**20 or None,
+                    **({"error": error_text} if error_text else {}))
+        self.log.close()
+        if self.tb is not None:
+            self.tb.close()
+        if self.plot_stale:  # (the last evaluation usually drew it already)
+            self.redraw_plot()
+        self.ckpts.close()
+        if self.main:
+            write_summary(self.out, created=self.created, command=self.command, env=self.env, cfg=self.cfg,
+                          flags=self.config.to_flags(), policy=self.config.kv,
+                          results={"step": p.step, "best_val": p.best_val, "reason": reason, "wall_s": wall},
+                          context=self.context)
