@@ -16,6 +16,16 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, t
         raise UserError(f"top_p must be in (0, 1], got {top_p}")
 
 
+def generation_cache_len(prompt_len: int, max_new_tokens: int, max_len: int | None) -> int:
+    """The cache capacity of a generation (`max_len`, default prompt + new tokens), after checking
+    that the prompt holds a token and that prompt and new tokens fit."""
+    if prompt_len == 0:
+        raise UserError("the prompt is empty: give at least one token")
+    max_len = prompt_len + max_new_tokens if max_len is None else max_len
+    check_fits(prompt_len + max_new_tokens, max_len)
+    return max_len
+
+
 def check_fits(n_tokens: int, max_len: int) -> None:
     if n_tokens > max_len:
         raise UserError(f"{n_tokens} tokens do not fit a KV cache of max_len={max_len}")

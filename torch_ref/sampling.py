@@ -8,8 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dba.errors import UserError
-from dba.generation import check_fits, check_sampling
+from dba.generation import check_sampling, generation_cache_len
 from dba.kvspec import KVPolicy
 from torch_ref import decode
 from torch_ref import kvcache as kvc
@@ -50,10 +49,7 @@ def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     idx = model.as_tokens(prompt)
     b, t = idx.shape
-    if t == 0:
-        raise UserError("the prompt is empty: give at least one token")
-    max_len = t + max_new_tokens if max_len is None else max_len
-    check_fits(t + max_new_tokens, max_len)
+    max_len = generation_cache_len(t, max_new_tokens, max_len)
     cache = kvc.init_cache(model.cfg, policy or KVPolicy(kind="fp16"), b, max_len, device=idx.device)
     logits, cache = decode.prefill(model, cache, idx, decode_block=decode_block, last_only=True)
     logits = logits[:, -1]
