@@ -466,7 +466,7 @@ class Run:
         c, p, steps = self.config, self.progress, int(self.config.steps.steps)
         if p.step < steps:
             self._compile_longest()
-        self._open_log()
+        self.open_log()
         if p.step >= steps:
             self.display.info(f"the run is already at step {p.step} >= --steps {steps}; nothing to train")
             return "already_complete", None
@@ -571,7 +571,7 @@ class Run:
             time.sleep(0.02)
 
     # ---- start and end ----------------------------------------------------------------------
-    def _open_log(self) -> None:
+    def open_log(self) -> None:
         import jax
 
         from dba.runlog import JsonlLog

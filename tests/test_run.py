@@ -1,0 +1,133 @@
+"""The typed run configuration (train/config.py, train/args.py), the hooks (train/hooks.py) and the
+`Run` (train/run.py), each piece called on its own, in process, on a toy model."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+
+from dba.errors import UserError
+from dba.kvspec import KVPolicy
+from dba.runlog import read_events
+from train.args import FLAGS, run_config
+from train.hooks import Hook, Hooks
+
+TOY = {"d_model": 24, "layers": 1, "n_head": 2, "d_ff": 40, "sem_dim": 8, "geo_dim": 8, "attn_dim": 16,
+       "vocab_size": 97, "batch_size": 2, "train_seq_len": 16, "eval_iters": 1, "log_every": 1, "live": "off",
+       "device": "cpu", "data_format": "npy"}
+
+
+# ---- the typed configuration ------------------------------------------------------------------
+
+def test_every_flag_lands_in_one_typed_field_and_back():
+    c = run_config({"lr": 1e-3, "kv_cache": "q4_0", "kv_qblock_k_geo": 16, "compile": True, "eval_every": 7,
+                    "data": "x.npy", "optimizer": "lion", "mesh": "data=1"})
+    assert (c.optim.lr, c.optim.name, c.eval.every, c.data.path, c.distributed.mesh) == (1e-3, "lion", 7, "x.npy", "data=1")
+    assert c.kv == KVPolicy(kind="q4_0", qblock_k_geo=16) and c.recorded["compile"] is True
+    assert c.optim.betas == (0.9, 0.99)  # Lion's, not AdamW's
+    flags = c.to_flags()
+    assert set(flags) == {f.name for f in FLAGS}
+    again = run_config({}, base=flags)
+    for group in ("run", "data", "model", "steps", "optim", "precision", "eval", "analysis", "ckpt", "distributed",
+                  "display", "kv", "recorded"):
+        assert getattr(again, group) == getattr(c, group), group
+    assert c.noop_flags() == {"compile": True} and again.noop_flags() == {}
+
+
+def test_config_groups_are_frozen():
+    c = run_config({})
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        c.optim.lr = 1.0
+
+
+@pytest.mark.parametrize("flags,needle", [
+    ({"steps": 0}, "--steps"), ({"eval_every": -1}, "--eval-every"), ({"lion_betas": "0.9"}, "--lion-betas"),
+    ({"val_frac": 1.5}, "--val-frac"), ({"analysis_topk": 0}, "--analysis-topk"), ({"log_every": 0}, "--log-every"),
+    ({"kv_qblock": -2}, "-2"), ({"seq_schedule": "8@0,4@0"}, "4@0"), ({"lr_schedule": "cosine", "warmup_steps": 700}, "700"),
+    ({"rope": True, "no_rope": True}, "--no-rope"), ({"mesh": "data=3", "batch_size": 4}, "data=3"),
+])
+def test_bad_values_are_one_line_naming_the_flag(flags, needle):
+    with pytest.raises(UserError) as e:
+        run_config(flags)
+    assert needle in str(e.value) and "\n" not in str(e.value) and e.value.code == 2
+
+
+def test_ckpt_model_clash_names_the_field():
+    from dba.config import ModelConfig
+
+    ckpt = ModelConfig(vocab_size=97, block_size=16, n_layer=1, n_head=2, d_model=24, d_ff=40, embed_dim=24,
+                       attn_mode="decoupled", sem_dim=8, geo_dim=8, attn_dim=16)
+    c = run_config({"d_model": 32})
+    with pytest.raises(UserError, match="d_model=24"):
+        c.resolve_model(97, ckpt)
+    cfg, context = run_config({"block": 8, "train_seq_len": 32}).resolve_model(97, ckpt)
+    assert cfg.d_model == 24 and cfg.block_size == 32 and context["grown"]
+
+
+# ---- hooks ------------------------------------------------------------------------------------
+
+def test_hook_due_steps():
+    calls = []
+    hooks = Hooks()
+    hooks.add(Hook("every3", 3, calls.append))
+    hooks.add(Hook("never_at_end", 3, calls.append, at_end=False))
+    hooks.add(Hook("on_stop", 0, calls.append, at_end=False, on_stop=True))
+    due = {s: [h.name for h in hooks.due(s, 7, stopping=False)] for s in range(1, 8)}
+    assert due == {1: [], 2: [], 3: ["every3", "never_at_end"], 4: [], 5: [], 6: ["every3", "never_at_end"],
+                   7: ["every3"]}
+    assert [h.name for h in hooks.due(4, 7, stopping=True)] == ["on_stop"]
+    with pytest.raises(ValueError):
+        hooks.add(Hook("every3", 1, calls.append))
+
+
+# ---- the Run, piece by piece --------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def started(data, tmp_path_factory):
+    from train.run import Run
+
+    out = tmp_path_factory.mktemp("run") / "toy"
+    config = run_config({**TOY, "data": str(data), "steps": 5, "eval_every": 0, "instrument": "basic",
+                         "analysis_every": 2, "save_every": 2})
+    run = Run(config, out_dir=out, name="toy", argv=["--steps", "5"])
+    run.start()
+    return run
+
+
+def test_run_plans_without_a_device(data, tmp_path):
+    from train.run import Run
+
+    run = Run(run_config({**TOY, "data": str(data), "steps": 3}), out_dir=tmp_path / "r", name="r", argv=[])
+    assert run.cfg.d_model == 24 and run.cfg.block_size == 16 and run.data.vocab_size == 97
+    assert run.analysis_spec is None and not (tmp_path / "r").exists()
+
+
+def test_run_methods_alone(started):
+    run = started
+    run.open_log()
+    rec = run.evaluate(0)
+    assert rec["step"] == 0 and math.isfinite(rec["val_loss"]) and rec["best_val"] is None  # step 0 is no best
+    a = run.analyse(0)
+    assert a["step"] == 0 and 0.0 <= a["attn_topk_mass_mean"] <= 1.0 + 1e-6
+    assert run.check_nonfinite(0) is None
+    run.save("last", 0)
+    assert run.ckpts.latest_step("last") == 0 and (run.out / "last.safetensors").is_file()
+    events = [e["event"] for e in read_events(run.out / "train.jsonl")]
+    assert events == ["meta", "eval", "analysis"]
+
+
+def test_hooks_drive_fit(started):
+    run = started
+    seen = []
+    run.add_hook("probe", 2, seen.append, reads_state=False, syncs=False)
+    assert run.fit() == 0
+    assert seen == [2, 4, 5]
+    ev = read_events(run.out / "train.jsonl")
+    assert [e["step"] for e in ev if e["event"] == "train"] == [1, 2, 3, 4, 5]
+    assert [e["step"] for e in ev if e["event"] == "analysis"] == [0, 0, 2, 4, 5]  # two at 0: the test's own
+    assert [e["step"] for e in ev if e["event"] == "eval"] == [0, 5]  # --eval-every 0: only at the end
+    assert run.progress.saved_last_at == 5 and run.ckpts.root.is_dir()
+    assert np.isfinite(run.progress.best_val) and ev[-1]["event"] == "done" and ev[-1]["reason"] == "complete"
