@@ -1,1 +1,1 @@
-"""JAX training: loop, optimizer chain, schedules, checkpointing, metrics."""
+"""JAX training: the typed run config, the Run and its hooks, the jitted step, Optax, Orbax, sharding, analysis."""
