@@ -97,19 +97,46 @@ def run(args) -> int:
         out_dir, name = config.out_dir(targs.PRESENTATION_FLAGS)
     out = Path(out_dir)
 
-    if config.run.print_config:
-        from train.run import train
+    from dba.run_dir import clear_run, holds_run
+    from train.run import RunPlan, train
 
-        return train(config, out_dir=out, name=name, argv=argv)
+    if config.run.print_config:
+        RunPlan(config).print_config(out)
+        return 0
+    from dba.run_dir import RunDirLock
+    from train.distributed import process_count
+
+    if process_count() == 1:
+        RunDirLock(out).check_free()  # a directory in use: refused before anything is read
+    resume_meta = None
+    if config.ckpt.resume:  # read-only: the run's last checkpoint, if any
+        resume_meta = _resume_meta(out)
+        if resume_meta is None:
+            print(f"dba train: --resume: {out} holds no checkpoint; starting a new run there", flush=True)
+        else:
+            config = targs.run_config(explicit, base=_resumed_flags(explicit, resume_meta),
+                                      implied={"resume": True, "out_dir": str(out)})
+    _check_not_held(out, config)
+    plan = RunPlan(config, resume_meta)  # data, model, analysis: mistakes here write nothing
     # A generated (timestamped) name is never shared: a run started in the same second gets -2.
     generated = not (config.ckpt.out_dir or config.ckpt.run_tag or config.ckpt.resume) and name != "default"
     lock = _lock(out, generated)  # held until the run ends: a second `dba train` here is refused
-    if generated:
-        out, name = lock.dir, lock.dir.name
     try:
-        return _train_in(out, name, argv, explicit, config)
+        out, name = (lock.dir, lock.dir.name) if generated else (out, name)
+        _check_not_held(out, config)  # again, now that no other run can be writing it
+        if holds_run(out) and not config.ckpt.resume:
+            clear_run(out)  # --overwrite
+        return train(plan, out_dir=out, name=name, argv=argv)
     finally:
         lock.release(discard=True)  # a run that wrote nothing leaves no directory behind
+
+
+def _check_not_held(out: Path, config) -> None:
+    from dba.run_dir import holds_run
+
+    if holds_run(out) and not config.ckpt.resume and not config.ckpt.overwrite:
+        raise UserError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
+                        f"or choose another --out-dir/--run-tag", 2)
 
 
 def _lock(out: Path, new_name: bool):
@@ -132,24 +159,3 @@ def _lock(out: Path, new_name: bool):
     if refused is not None:
         raise refused
     return lock
-
-
-def _train_in(out: Path, name: str, argv: list[str], explicit: dict[str, Any], config) -> int:
-    """Resume or start the run in `out` (locked by the caller)."""
-    from dba.run_dir import clear_run, holds_run
-    from train.run import train
-
-    resume_meta = None
-    if config.ckpt.resume:
-        resume_meta = _resume_meta(out)
-        if resume_meta is None:
-            print(f"dba train: --resume: {out} holds no checkpoint; starting a new run there", flush=True)
-        else:
-            base = _resumed_flags(explicit, resume_meta)
-            config = targs.run_config(explicit, base=base, implied={"resume": True, "out_dir": str(out)})
-    if holds_run(out) and not config.ckpt.resume:
-        if not config.ckpt.overwrite:
-            raise UserError(f"{out} already holds a run; pass --resume to continue it, --overwrite to replace it, "
-                            f"or choose another --out-dir/--run-tag", 2)
-        clear_run(out)
-    return train(config, out_dir=out, name=name, argv=argv, resume_meta=resume_meta)

@@ -59,8 +59,6 @@ class RunDirLock:
         return self.dir / LOCK_NAME
 
     def acquire(self) -> "RunDirLock":
-        import fcntl
-
         try:
             self._created = [d for d in self.dir.absolute().parents if not d.exists()]
             if self.new_name:
@@ -73,6 +71,15 @@ class RunDirLock:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as e:
             raise UserError(f"cannot use run directory {str(self.dir)!r}: {os.strerror(e.errno or errno.EIO)}", 1) from None
+        self._flock_or_refuse(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"{os.getpid()}\n".encode())
+        self._fd = fd
+        return self
+
+    def _flock_or_refuse(self, fd: int) -> None:
+        import fcntl
+
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError as e:
@@ -83,10 +90,16 @@ class RunDirLock:
             who = f"pid {holder}" if holder else "another process"
             raise UserError(f"run directory {str(self.dir)!r} is in use by another `dba train` ({who}); wait for it "
                             f"to finish, or choose another --out-dir/--run-tag", 1) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, f"{os.getpid()}\n".encode())
-        self._fd = fd
-        return self
+
+    def check_free(self) -> None:
+        """Refuse (as `acquire` would) when another process holds the lock, creating and writing
+        nothing: lets a trainer stop before it reads or plans anything."""
+        try:
+            fd = os.open(self.path, os.O_RDWR)
+        except OSError:  # no lock file (or no directory): nobody holds it
+            return
+        self._flock_or_refuse(fd)
+        os.close(fd)  # drops the probe's lock again
 
     def release(self, discard: bool = False) -> None:
         if self._fd is None:

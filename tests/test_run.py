@@ -87,22 +87,25 @@ def test_hook_due_steps():
 
 @pytest.fixture(scope="module")
 def started(data, tmp_path_factory):
-    from train.run import Run
+    from train.run import Run, RunPlan
 
     out = tmp_path_factory.mktemp("run") / "toy"
     config = run_config({**TOY, "data": str(data), "steps": 5, "eval_every": 0, "instrument": "basic",
                          "analysis_every": 2, "save_every": 2})
-    run = Run(config, out_dir=out, name="toy", argv=["--steps", "5"])
+    run = Run(RunPlan(config), out_dir=out, name="toy", argv=["--steps", "5"])
     run.start()
     return run
 
 
-def test_run_plans_without_a_device(data, tmp_path):
-    from train.run import Run
+def test_run_plans_without_a_device_or_a_directory(data, tmp_path):
+    from train.run import RunPlan
 
-    run = Run(run_config({**TOY, "data": str(data), "steps": 3}), out_dir=tmp_path / "r", name="r", argv=[])
-    assert run.cfg.d_model == 24 and run.cfg.block_size == 16 and run.data.vocab_size == 97
-    assert run.analysis_spec is None and not (tmp_path / "r").exists()
+    plan = RunPlan(run_config({**TOY, "data": str(data), "steps": 3, "train_seq_len": 24}))
+    assert plan.cfg.d_model == 24 and plan.cfg.block_size == 24 and plan.data.vocab_size == 97
+    assert plan.analysis_spec is None and plan.context["longest_train_len"] == 24
+    assert not any(tmp_path.iterdir())
+    with pytest.raises(UserError, match="n_head=5"):
+        RunPlan(run_config({**TOY, "data": str(data), "n_head": 5}))
 
 
 def test_run_methods_alone(started):

@@ -1,7 +1,8 @@
-"""A `dba train` run: `Run(config, ...)` plans it (data, model config, analysis) without touching
-a device, `start()` builds the JAX side (mesh, model, optimizer, checkpoints, display), and `fit()`
-trains, with the periodic work (train log, analysis, evaluation, checkpoints, display) registered
-as hooks with an interval (train/hooks.py). `train()` does all three.
+"""A `dba train` run: `RunPlan(config)` works out what it trains (data, model config, analysis)
+without touching a device or the run directory; `Run(plan, out_dir=...)`'s `start()` builds the
+JAX side (mesh, model, optimizer, checkpoints, display) and `fit()` trains, with the periodic work
+(train log, analysis, evaluation, checkpoints, display) registered as hooks with an interval
+(train/hooks.py). `train()` does the last two.
 
 The device only syncs at log, eval and save steps; the next batch is sampled on the host while the
 device runs the current step (JAX dispatch is asynchronous).
@@ -74,25 +75,21 @@ class Throughput:
         return max(time.perf_counter() - self.t_mark - self.excluded_s, 1e-9)
 
 
-def train(config: RunConfig, *, out_dir: str | Path, name: str, argv: list[str],
-          resume_meta: dict[str, Any] | None = None) -> int:
-    """Plan, build and train a run; the exit status (0 done, 130/143 interrupted)."""
-    run = Run(config, out_dir=out_dir, name=name, argv=argv, resume_meta=resume_meta)
-    if config.run.print_config:
-        run.print_config()
-        return 0
+def train(plan: "RunPlan", *, out_dir: str | Path, name: str, argv: list[str]) -> int:
+    """Build and train a planned run in `out_dir`; the exit status (0 done, 130/143 interrupted)."""
+    run = Run(plan, out_dir=out_dir, name=name, argv=argv)
     run.start()
     return run.fit()
 
 
-class Run:
-    # ---- plan (no device) ---------------------------------------------------------------
-    def __init__(self, config: RunConfig, *, out_dir: str | Path, name: str, argv: list[str],
-                 resume_meta: dict[str, Any] | None = None):
-        self.config, self.out, self.name, self.argv = config, Path(out_dir), name, list(argv)
-        self.resume_meta = resume_meta
-        self.t_start = time.time()
-        self.created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+class RunPlan:
+    """What a run will train, worked out without touching a device or the run directory: the data,
+    the initial weights (--ckpt) or the resumed run's config, the ModelConfig (its context grown to
+    the longest trained length) and the analysis to run. Every mistake found here is a one-line
+    UserError before anything is written."""
+
+    def __init__(self, config: RunConfig, resume_meta: dict[str, Any] | None = None):
+        self.config, self.resume_meta = config, resume_meta
         self.data = RunData.load(config.data)
         ckpt_cfg, self.init_state, self.init_info = self._initial_weights()
         self.cfg, self.context = config.resolve_model(self.data.vocab_size, ckpt_cfg, check_clash=resume_meta is None)
@@ -107,7 +104,6 @@ class Run:
             except ImportError:
                 raise UserError("--tb needs tensorboardX, which is not installed: pip install 'dba[tb]' "
                                 "(or pip install tensorboardX)", 2) from None
-        self.command = "dba train" + ("" if not self.argv else " " + shlex.join(self.argv))
 
     def _initial_weights(self):
         """(config, state, info) of --ckpt for a new run; the saved config on --resume."""
@@ -121,9 +117,20 @@ class Run:
             return read_weights(self.config.ckpt.ckpt)
         return None, None, None
 
-    def print_config(self) -> None:
+    def print_config(self, out_dir: str | Path) -> None:
+        """--print-config: the resolved model and flags as JSON."""
         print(json.dumps({"model": self.cfg.to_dict(), "args": self.config.to_flags(), "context": self.context,
-                          "run_dir": str(self.out)}, indent=2, sort_keys=True, default=str))
+                          "run_dir": str(out_dir)}, indent=2, sort_keys=True, default=str))
+
+
+class Run:
+    def __init__(self, plan: RunPlan, *, out_dir: str | Path, name: str, argv: list[str]):
+        self.plan, self.config, self.out, self.name, self.argv = plan, plan.config, Path(out_dir), name, list(argv)
+        self.resume_meta, self.data, self.cfg, self.context = plan.resume_meta, plan.data, plan.cfg, plan.context
+        self.init_state, self.init_info, self.analysis_spec = plan.init_state, plan.init_info, plan.analysis_spec
+        self.t_start = time.time()
+        self.created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
+        self.command = "dba train" + ("" if not self.argv else " " + shlex.join(self.argv))
 
     # ---- the JAX side -------------------------------------------------------------------
     def start(self) -> None:
