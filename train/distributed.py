@@ -106,8 +106,18 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return kwargs
 
 
-def process_index() -> int:
+def _joined() -> bool:
+    """This process joined a multi-process JAX program (`initialize`). Asking JAX for the process
+    index otherwise would start a backend, which must not happen before the platform is checked."""
     if "jax" not in sys.modules:
+        return False
+    import jax
+
+    return bool(jax.distributed.is_initialized())
+
+
+def process_index() -> int:
+    if not _joined():
         return 0
     import jax
 
@@ -115,8 +125,8 @@ def process_index() -> int:
 
 
 def process_count() -> int:
-    """The number of processes of the JAX program (1 before JAX is imported: single-process)."""
-    if "jax" not in sys.modules:
+    """The number of processes of the JAX program (1 for a single-process run)."""
+    if not _joined():
         return 1
     import jax
 
