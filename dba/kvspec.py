@@ -37,6 +37,8 @@ QMAX = {"q8_0": 127.0, "q4_0": 7.0, "nf4": 1.0}
 # The largest finite fp16: the cap on a block's scale (fp16 storage), so dequantize stays finite.
 FP16_MAX = 65504.0
 
+# Key streams that may be stored rotated (`+rot`).
+ROTATABLE = ("k", "k_sem", "k_geo")
 # Streams each attention mode caches (names match ModelConfig.kv_streams()).
 _MODE_STREAMS = {"decoupled": ("k_sem", "k_geo", "v")}
 _DEFAULT_STREAMS = ("k", "v")
@@ -105,6 +107,7 @@ class StreamSpec:
     pad_dim: int
     n_blocks: int
     residual: int  # fp16 ring length; 0 for fp16/fp32 (and for residual=0)
+    rotated: bool = False  # keys stored Hadamard-rotated per head (`+rot`); bytes unchanged
 
     @property
     def quantized(self) -> bool:
@@ -126,7 +129,7 @@ class StreamSpec:
 
 
 def stream_spec(name: str, kind: str, dim: int, qblock: int, residual: int,
-                max_len: int | None = None) -> StreamSpec:
+                max_len: int | None = None, rotated: bool = False) -> StreamSpec:
     """The StreamSpec of a stream; the ring is `min(residual, max_len)` for quantized kinds."""
     qb, pad_dim, n_blocks = quant_layout(kind, dim, qblock)
     if not _is_int(residual) or residual < 0:
@@ -134,7 +137,7 @@ def stream_spec(name: str, kind: str, dim: int, qblock: int, residual: int,
     ring = 0
     if kind in QUANT_KINDS:
         ring = residual if max_len is None else min(residual, max_len)
-    return StreamSpec(name, kind, dim, qb, pad_dim, n_blocks, ring)
+    return StreamSpec(name, kind, dim, qb, pad_dim, n_blocks, ring, bool(rotated))
 
 
 def storage_layout(spec: StreamSpec, batch: int, max_len: int) -> dict[str, tuple[tuple[int, ...], str] | None]:
@@ -183,8 +186,15 @@ class KVPolicy:
     qblock_v: int | None = None
     qblock_k_sem: int | None = None
     qblock_k_geo: int | None = None
+    rotate: tuple[str, ...] = ()  # key streams stored Hadamard-rotated per head (`k_sem=q4_0+rot`)
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "rotate", tuple(self.rotate))  # JSON gives a list
+        for s in self.rotate:
+            if s not in ROTATABLE:
+                raise UserError(f"+rot applies to key streams ({', '.join(ROTATABLE)}), not {s!r}")
+        if len(set(self.rotate)) != len(self.rotate):
+            raise UserError(f"a stream is rotated twice: {', '.join(self.rotate)}")
         if self.kind not in KV_KINDS:
             raise UserError(f"unknown KV cache kind {self.kind!r}; choose from {'|'.join(KV_KINDS)}")
         for s in ("k", "v", "k_sem", "k_geo"):
@@ -231,7 +241,20 @@ class KVPolicy:
                     raise UserError(f"attn_mode {mode!r} caches streams {', '.join(streams)}, not {name!r}")
                 dim = streams[name]
         kind, qblock = self.resolve(name, mode)
-        return stream_spec(name, kind, dim, qblock, self.residual, max_len)
+        rotated = name in self.rotate
+        if rotated and kind not in QUANT_KINDS:
+            raise UserError(f"+rot rotates keys before quantizing them; stream {name} is {kind} (use q8_0, q4_0 or nf4)")
+        return stream_spec(name, kind, dim, qblock, self.residual, max_len, rotated)
+
+    def check_for(self, cfg: Any) -> None:
+        """Every stream of `cfg` can be built under this policy, and every rotated stream exists
+        (kinds set for streams the mode does not cache are ignored, as v29 ignores them)."""
+        streams = cfg.kv_streams()
+        for s in self.rotate:
+            if s not in streams:
+                raise UserError(f"a {cfg.attn_mode} model caches {', '.join(streams)}; +rot names {s}")
+        for s in streams:
+            self.stream(s, cfg)
 
     # -- (de)serialisation
     def to_dict(self) -> dict[str, Any]:
@@ -265,6 +288,65 @@ class KVPolicy:
 
 
 FP16 = KVPolicy()
+
+POLICY_SYNTAX = """\
+A cache policy is a comma-separated list. A bare kind (fp32, fp16, q8_0, q4_0, nf4) is the
+default kind, as `--kv-cache KIND` (so a decoupled model's bare q4_0 keeps k_geo at q8_0, v29's
+default); `hetero` is the same as q4_0. Then KEY=VALUE items: kind=, all= (the default kind and
+every stream), k=, v=, k_sem=, k_geo= (one stream's kind; a key stream's kind may end in +rot:
+Hadamard-rotated before quantizing), qblock=, qblock_k=, qblock_v=, qblock_k_sem=, qblock_k_geo=,
+residual=. Example: k_sem=q4_0+rot,k_geo=q8_0,v=q4_0,residual=128,qblock=32."""
+
+
+def parse_policy(text: str) -> KVPolicy:
+    """A KVPolicy from the policy syntax above (POLICY_SYNTAX); a one-line UserError naming the
+    bad item otherwise."""
+    fields: dict[str, Any] = {}
+    rotate: list[str] = []
+    items = [t.strip() for t in str(text).split(",")]
+    if not any(items):
+        raise UserError(f"empty cache policy {text!r}; e.g. q4_0 or k_sem=q4_0,k_geo=q8_0,v=q4_0")
+    for item in items:
+        key, eq, value = item.partition("=")
+        key, value = key.strip(), value.strip()
+        if not eq:  # a bare kind
+            key, value = "kind", ("q4_0" if key == "hetero" else key)
+        if not key or not value:
+            raise UserError(f"cache policy {text!r}: item {item!r} is not KEY=VALUE or a kind")
+        if key in ("kind", "all", "k", "v", "k_sem", "k_geo"):
+            kind, plus, extra = value.partition("+")
+            if kind not in KV_KINDS:
+                raise UserError(f"cache policy {text!r}: unknown kind {kind!r} (choose {'|'.join(KV_KINDS)})")
+            if plus:
+                if extra != "rot" or key not in ROTATABLE:
+                    raise UserError(f"cache policy {text!r}: {item!r}: only key streams ({', '.join(ROTATABLE)}) "
+                                    f"take a +rot suffix")
+                rotate.append(key)
+            if key == "all":  # k_geo is the one stream whose default is not the kind (v29's q4_0)
+                fields.update(kind=kind, k_geo=kind)
+            else:
+                fields[key] = kind
+        elif key in ("qblock", "residual") or key.startswith("qblock_"):
+            try:
+                fields[key] = int(value)
+            except ValueError:
+                raise UserError(f"cache policy {text!r}: {key} must be an integer, got {value!r}") from None
+        else:
+            raise UserError(f"cache policy {text!r}: unknown item {key!r} (see `dba eval --help`)")
+    return KVPolicy.from_dict({**fields, "rotate": tuple(rotate)})
+
+
+def policy_label(policy: KVPolicy, cfg: Any) -> str:
+    """The policy as resolved for `cfg`, in the syntax above: each stream's kind, with its block
+    when quantized, then the window when any stream is quantized (e.g. k_sem=q4_0/32,...)."""
+    parts, quantized = [], False
+    for name in cfg.kv_streams():
+        spec = policy.stream(name, cfg)
+        quantized |= spec.quantized
+        parts.append(f"{name}={spec.kind}{'+rot' if spec.rotated else ''}" + (f"/{spec.qblock_eff}" if spec.quantized else ""))
+    if quantized:
+        parts.append(f"residual={policy.residual}")
+    return ",".join(parts)
 
 
 # ---- accounting --------------------------------------------------------------------------
