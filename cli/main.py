@@ -16,6 +16,7 @@ from dba.errors import UserError
 COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("cli.train", "train a model with JAX (v29 flag names)"),
     "sample": ("cli.sample", "generate text from a checkpoint (torch or JAX backend)"),
+    "eval": ("cli.eval", "what a KV-cache policy costs: ppl, KL, top-1 vs fp32, passkey, extrapolation"),
     "kv-mem": ("cli.kvmem", "KV-cache memory table for a model and cache policy"),
     "convert": ("cli.convert", "convert weights between v29 .pt and safetensors exports"),
     "report": ("cli.report", "compare runs: best loss, KV cache, tokens/s; mean ± std over seeds"),

@@ -90,7 +90,7 @@ def _check_cache_len(args, n_prompt: int) -> None:
                         f"{args.max_new_tokens} needs {need} cache slots")
 
 
-def _torch_device(name: str | None):
+def torch_device(name: str | None):
     import torch
 
     from torch_ref.model import default_device
@@ -123,7 +123,7 @@ def run(args: argparse.Namespace) -> int:
         import torch_ref
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        model = torch_ref.load(args.ckpt, device=_torch_device(args.device), dtype=dtype)
+        model = torch_ref.load(args.ckpt, device=torch_device(args.device), dtype=dtype)
         cfg, meta = model.cfg, model.load_info.get("metadata", {})
         tok = _tokenizer(meta)
         prompt = _prompt_ids(args, tok, cfg.vocab_size)

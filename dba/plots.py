@@ -102,3 +102,27 @@ def plot_convergence(runs: list[tuple[str, list[dict[str, Any]]]], out: str | Pa
     if runs:
         ax.legend(fontsize=8)
     return _save(fig, out)
+
+
+def plot_pareto(records: list[dict[str, Any]], out: str | Path, title: str | None = None) -> Path:
+    """`dba eval --plot`: KV-cache bytes per token against delta_nll, one labelled point per
+    policy (the ppl records of the first context; a line per context when there are several)."""
+    ppl = [r for r in records if r.get("task") == "ppl"] or [r for r in records if r.get("task") == "extrapolate"]
+    if not ppl:
+        raise ValueError("the evaluation has no ppl records to plot")
+    fig = _new_figure(7.0, 4.5)
+    ax = fig.add_subplot(1, 1, 1)
+    for ctx in sorted({r["ctx"] for r in ppl}):
+        rows = sorted((r for r in ppl if r["ctx"] == ctx), key=lambda r: r["kv_bytes"])
+        xs = [r["kv_bytes"] / ctx for r in rows]
+        ys = [r["delta_nll"] for r in rows]
+        ax.plot(xs, ys, marker="o", linestyle=":", label=f"ctx {ctx}")
+        for r, x, y in zip(rows, xs, ys):
+            ax.annotate(r["policy"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    ax.set_xscale("log")
+    ax.axhline(0.0, color="grey", linewidth=0.5)
+    ax.set_xlabel("KV cache bytes per token (all layers, batch 1)")
+    ax.set_ylabel("delta NLL vs fp32 cache (nats)")
+    ax.set_title(title or "cache policies: memory vs quality")
+    ax.legend(fontsize=8)
+    return _save(fig, out)

@@ -145,6 +145,18 @@ CASES = [
      ["d_model", "22", "32"]),
     ("ckpt-other-mode", ["train", "--ckpt", "{model}", "--attn-mode", "standard", "--data", "{tokens_npy}", *TRAIN_RUN], 2,
      ["attn_mode", "decoupled", "standard"]),
+    # dba eval
+    ("eval-bad-policy", ["eval", "--ckpt", "{model}", "--data", "{tokens_npy}", "--policies", "fp16;q3_k"], 2, ["q3_k"]),
+    ("eval-no-data", ["eval", "--ckpt", "{model}"], 2, ["tiny.safetensors", "--data"]),
+    ("eval-empty-data", ["eval", "--ckpt", "{model}", "--data", "{empty_npy}"], 2, ["empty.npy", "empty"]),
+    ("eval-id-past-vocab", ["eval", "--ckpt", "{model}", "--data", "{big_id_npy}", "--split", "all"], 2,
+     ["big_id.npy", "300", "vocab_size 61"]),
+    ("eval-context-too-large", ["eval", "--ckpt", "{model}", "--data", "{tokens_npy}", "--contexts", "900000000"], 1,
+     ["--contexts 900000000", "host"]),
+    ("eval-data-too-short", ["eval", "--ckpt", "{model}", "--data", "{short_npy}", "--split", "all", "--contexts",
+                             "64"], 2, ["40 tokens", "ctx + 1 = 65"]),
+    ("eval-bad-task", ["eval", "--ckpt", "{model}", "--data", "{tokens_npy}", "--tasks", "ppl,needle"], 2, ["needle"]),
+    ("eval-bad-contexts", ["eval", "--ckpt", "{model}", "--data", "{tokens_npy}", "--contexts", "1k,abc"], 2, ["abc"]),
     # other commands
     ("kvmem-bad-ctx", ["kv-mem", "--size", "small", "--ctx", "12q"], 2, ["12q"]),
     ("convert-bad-suffix", ["convert", "{model}", "out.onnx"], 2, ["out.onnx"]),

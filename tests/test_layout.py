@@ -138,6 +138,7 @@ MIRRORED = {
     "layers": ["rope_cos_sin", "apply_rope", "split_heads", "merge_heads", "kv_heads"],
     "decode": ["prefill", "decode_step", "decode_logits"],
     "sampling": ["generate", "filter_logits"],
+    "evaluate": ["score_policy"],
     "kvcache": ["quantize", "dequantize", "StreamCache", "LayerCache", "Cache", "Cache.layer", "Cache.with_layers",
                 "nbytes", "write"],
 }

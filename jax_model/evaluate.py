@@ -1,0 +1,79 @@
+"""What a cache policy costs, measured through the real decode path (SPEC §5): teacher-forced
+scores of a policy's cache against an fp32 cache on the same tokens. Mirrors torch_ref/evaluate.py.
+
+Both caches take the same prompt (fresh attention, v29's order), then the same tokens one at a
+time, exactly as generation feeds them: each token's K/V is appended (quantized, the newest
+`residual` exact) and it attends over what the cache returns. Per scored position the scan keeps
+only a few numbers (NLL under both caches, the KL between their next-token distributions, top-1
+agreement and correctness), so memory does not grow with the vocabulary times the length.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+from typing import TYPE_CHECKING
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from dba.errors import UserError
+from dba.kvspec import KVPolicy
+from jax_model import kvcache as kvc
+
+if TYPE_CHECKING:
+    from jax_model.model import DBAModel
+
+REFERENCE = KVPolicy(kind="fp32")
+SCORES = ("nll", "ref_nll", "kl", "agree", "correct", "ref_correct")
+
+
+def _position_scores(logits_ref_BV: jax.Array, logits_BV: jax.Array, target_B: jax.Array) -> tuple[jax.Array, ...]:
+    lr = jax.nn.log_softmax(logits_ref_BV.astype(jnp.float32), axis=-1)
+    lp = jax.nn.log_softmax(logits_BV.astype(jnp.float32), axis=-1)
+    pick = lambda lx: -jnp.take_along_axis(lx, target_B[:, None], axis=-1)[:, 0]  # noqa: E731
+    kl = jnp.sum(jnp.exp(lr) * (lr - lp), axis=-1)  # KL(fp32 || policy)
+    top_ref, top = jnp.argmax(lr, axis=-1), jnp.argmax(lp, axis=-1)
+    return pick(lp), pick(lr), kl, top == top_ref, top == target_B, top_ref == target_B
+
+
+@partial(nnx.jit, graph=False, static_argnames=("n_prompt", "decode_block"))
+def _scores(model: DBAModel, ref_cache: kvc.Cache, cache: kvc.Cache, tokens_BL: jax.Array, *, n_prompt: int,
+            decode_block: int) -> tuple[jax.Array, ...]:
+    x_BT, y_BT = tokens_BL[:, :-1], tokens_BL[:, 1:]
+    if n_prompt:
+        prompt = x_BT[:, :n_prompt]
+        _, ref_cache = model.forward_cached(prompt, ref_cache, fresh=True, decode_block=decode_block, last_only=True)
+        _, cache = model.forward_cached(prompt, cache, fresh=True, decode_block=decode_block, last_only=True)
+
+    def step(carry, xy):
+        rc, c = carry
+        x_B, y_B = xy
+        logits_ref, rc = model.forward_cached(x_B[:, None], rc, fresh=False, decode_block=decode_block)
+        logits, c = model.forward_cached(x_B[:, None], c, fresh=False, decode_block=decode_block)
+        return (rc, c), _position_scores(logits_ref[:, 0], logits[:, 0], y_B)
+
+    _, outs = jax.lax.scan(step, (ref_cache, cache), (x_BT[:, n_prompt:].T, y_BT[:, n_prompt:].T))
+    return tuple(o.T for o in outs)
+
+
+def score_policy(model: DBAModel, tokens_BL, n_prompt: int, policy: KVPolicy, *,
+                 decode_block: int = 1024) -> dict[str, np.ndarray]:
+    """Scores of `policy`'s cache against an fp32 cache, teacher-forced on tokens (B, L).
+
+    Inputs are tokens[:, :-1] and targets tokens[:, 1:]. The first `n_prompt` inputs go through
+    both caches as one prompt; every later input is decoded one at a time, and its prediction of
+    the next token is scored. Returns numpy (B, L - 1 - n_prompt) arrays: `nll` and `ref_nll`
+    (the target's NLL under the policy's and the fp32 cache), `kl` (KL(fp32 || policy) of the
+    next-token distributions), `agree` (same top-1 as fp32), `correct` / `ref_correct` (top-1
+    equals the target)."""
+    idx = model.as_tokens(tokens_BL)
+    b, length = idx.shape
+    if not 0 <= n_prompt < length - 1:
+        raise UserError(f"the prompt ({n_prompt} tokens) must leave at least one of {length - 1} inputs to score")
+    policy.check_for(model.cfg)
+    ref_cache = kvc.init_cache(model.cfg, REFERENCE, b, length - 1)
+    cache = kvc.init_cache(model.cfg, policy, b, length - 1)
+    outs = _scores(model, ref_cache, cache, idx, n_prompt=int(n_prompt), decode_block=int(decode_block))
+    return dict(zip(SCORES, (np.asarray(o) for o in jax.device_get(outs))))

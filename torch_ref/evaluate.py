@@ -1,0 +1,57 @@
+"""What a cache policy costs, measured through the real decode path (SPEC §5): teacher-forced
+scores of a policy's cache against an fp32 cache on the same tokens. Mirrors jax_model/evaluate.py.
+
+Both caches take the same prompt (fresh attention, v29's order), then the same tokens one at a
+time, exactly as generation feeds them. Per scored position only a few numbers are kept.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import numpy as np
+import torch
+
+from dba.errors import UserError
+from dba.kvspec import KVPolicy
+from torch_ref import kvcache as kvc
+
+if TYPE_CHECKING:
+    from torch_ref.model import DBAModel
+
+REFERENCE = KVPolicy(kind="fp32")
+SCORES = ("nll", "ref_nll", "kl", "agree", "correct", "ref_correct")
+
+
+def _position_scores(logits_ref_BV: torch.Tensor, logits_BV: torch.Tensor, target_B: torch.Tensor):
+    lr = torch.log_softmax(logits_ref_BV.float(), dim=-1)
+    lp = torch.log_softmax(logits_BV.float(), dim=-1)
+    pick = lambda lx: -lx.gather(-1, target_B[:, None])[:, 0]  # noqa: E731
+    kl = torch.sum(lr.exp() * (lr - lp), dim=-1)  # KL(fp32 || policy)
+    top_ref, top = lr.argmax(-1), lp.argmax(-1)
+    return pick(lp), pick(lr), kl, top == top_ref, top == target_B, top_ref == target_B
+
+
+@torch.no_grad()
+def score_policy(model: DBAModel, tokens_BL, n_prompt: int, policy: KVPolicy, *,
+                 decode_block: int = 1024) -> dict[str, np.ndarray]:
+    """Scores of `policy`'s cache against an fp32 cache, teacher-forced on tokens (B, L); the
+    same arrays as jax_model.evaluate.score_policy."""
+    idx = model.as_tokens(tokens_BL)
+    b, length = idx.shape
+    if not 0 <= n_prompt < length - 1:
+        raise UserError(f"the prompt ({n_prompt} tokens) must leave at least one of {length - 1} inputs to score")
+    policy.check_for(model.cfg)
+    ref_cache = kvc.init_cache(model.cfg, REFERENCE, b, length - 1, device=idx.device)
+    cache = kvc.init_cache(model.cfg, policy, b, length - 1, device=idx.device)
+    x_BT, y_BT = idx[:, :-1], idx[:, 1:]
+    if n_prompt:
+        prompt = x_BT[:, :n_prompt]
+        model.forward_cached(prompt, ref_cache, fresh=True, decode_block=decode_block, last_only=True)
+        model.forward_cached(prompt, cache, fresh=True, decode_block=decode_block, last_only=True)
+    rows = []
+    for t in range(n_prompt, length - 1):
+        logits_ref, ref_cache = model.forward_cached(x_BT[:, t:t + 1], ref_cache, fresh=False, decode_block=decode_block)
+        logits, cache = model.forward_cached(x_BT[:, t:t + 1], cache, fresh=False, decode_block=decode_block)
+        rows.append(_position_scores(logits_ref[:, 0], logits[:, 0], y_BT[:, t]))
+    return {name: torch.stack([r[i] for r in rows], dim=1).cpu().numpy() for i, name in enumerate(SCORES)}
