@@ -91,8 +91,9 @@ def bench_jax(cfg: ModelConfig, policy: KVPolicy, ctx: int, args) -> dict:
         return jax.block_until_ready((logits, cache))
 
     def decode(logits, cache):  # consumes the cache (donated): every run refills it
-        out, _ = _token_loop(model, cache, logits[:, -1], jax.random.PRNGKey(0), n_new=new, temperature=0.0,
-                             top_k=None, top_p=None, eos_id=None, decode_block=block)
+        out, _, _, _ = _token_loop(model, cache, logits[:, -1], jax.random.PRNGKey(0), jnp.zeros((1,), bool),
+                                   jnp.int32(0), n_new=new, temperature=0.0, top_k=None, top_p=None, eos_id=None,
+                                   decode_block=block)
         return jax.block_until_ready(out)
 
     t0 = time.perf_counter()

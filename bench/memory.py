@@ -101,11 +101,12 @@ def decode_jax(cfg: ModelConfig, policy: KVPolicy, ctx: int, args) -> dict:
     last = logits[:, -1]
     key = jax.random.PRNGKey(0)
     loop = dict(n_new=new, temperature=0.0, top_k=None, top_p=None, eos_id=None, decode_block=blk)
-    stats = _token_loop.lower(model, cache, last, key, **loop).compile().memory_analysis()
-    _, cache = jax.block_until_ready(_token_loop(model, cache, last, key, **loop))  # compiles
+    state = (jnp.zeros((1,), bool), jnp.int32(0))  # no row done, the first token's key
+    stats = _token_loop.lower(model, cache, last, key, *state, **loop).compile().memory_analysis()
+    _, cache, _, _ = jax.block_until_ready(_token_loop(model, cache, last, key, *state, **loop))  # compiles
     t0 = time.perf_counter()
     with PeakRSS() as m:
-        _, cache = jax.block_until_ready(_token_loop(model, cache, last, key, **loop))
+        _, cache, _, _ = jax.block_until_ready(_token_loop(model, cache, last, key, *state, **loop))
     dt = time.perf_counter() - t0
     temp, alias = int(stats.temp_size_in_bytes), int(stats.alias_size_in_bytes)
     extra_out = int(stats.output_size_in_bytes) - alias

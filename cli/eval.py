@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cli.self_opt_flags import add_self_opt_arguments
 from dba.data import DATA_FORMATS, TOKEN_DTYPES
 from dba.errors import UserError
 from dba.evaluation import TASKS
@@ -51,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--passkey-trials", type=int, default=4, help="passkey sequences per depth (one batch)")
     e.add_argument("--decode-block", type=int, default=1024, help="keys per block when streaming the cache")
     e.add_argument("--seed", type=int, default=0)
+    add_self_opt_arguments(p)
     o = p.add_argument_group("output")
     o.add_argument("--json", default=None, metavar="OUT", help="write one record per (task, policy, ctx[, depth])")
     o.add_argument("--plot", default=None, metavar="OUT.png", help="KV bytes/token vs delta_nll, one point per policy")
@@ -135,15 +137,17 @@ def _check_memory(cfg, policies, plan, batch: int) -> None:
 
 
 def _scorer(args: argparse.Namespace, cfg, state, source: str):
-    """(score function, device text) of the chosen backend."""
+    """(score function, decode-step timer, device text) of the chosen backend."""
     if args.backend == "torch":
         import torch_ref
         from cli.sample import torch_device
-        from torch_ref.evaluate import score_policy
+        from torch_ref.evaluate import decode_step_seconds, score_policy
 
         model = torch_ref.load_canonical(torch_ref.DBAModel(cfg), state, source)
         model = model.to(torch_device(args.device)).eval()
-        return (lambda b, n, p: score_policy(model, b, n, p, decode_block=args.decode_block)), str(model.device)
+        return ((lambda b, n, p: score_policy(model, b, n, p, decode_block=args.decode_block)),
+                (lambda p, ctx, n, blk: decode_step_seconds(model, p, ctx, n, blk, repeats=args.self_opt_iters)),
+                str(model.device))
     import os
 
     if args.device is not None:
@@ -154,10 +158,12 @@ def _scorer(args: argparse.Namespace, cfg, state, source: str):
     import jax
 
     import jax_model
-    from jax_model.evaluate import score_policy
+    from jax_model.evaluate import decode_step_seconds, score_policy
 
     model = jax_model.load_canonical(jax_model.DBAModel(cfg), state, source)
-    return (lambda b, n, p: score_policy(model, b, n, p, decode_block=args.decode_block)), str(jax.devices()[0])
+    return ((lambda b, n, p: score_policy(model, b, n, p, decode_block=args.decode_block)),
+            (lambda p, ctx, n, blk: decode_step_seconds(model, p, ctx, n, blk, repeats=args.self_opt_iters)),
+            str(jax.devices()[0]))
 
 
 def _plan(args: argparse.Namespace, cfg):
@@ -191,7 +197,8 @@ def run(args: argparse.Namespace) -> int:
     tokenizer = _tokenizer(info)
     tokens, source = load_eval_tokens(args, cfg, tokenizer)
     _check_memory(cfg, policies, plan, max(plan.windows, plan.passkey_trials))
-    scorer, device = _scorer(args, cfg, state, info["source"])
+    scorer, timer, device = _scorer(args, cfg, state, info["source"])
+    policies.update(_self_opt_policy(args, cfg, plan, tokens, scorer, timer, info["source"], tokenizer))
     ev = Evaluation(plan, cfg, policies, scorer, args.backend)
     t0 = time.perf_counter()
     _run_with_progress(ev, tokens)
@@ -209,6 +216,28 @@ def run(args: argparse.Namespace) -> int:
     return 0
 
 
+def _self_opt_policy(args, cfg, plan, tokens, scorer, timer, source: str, tokenizer) -> dict[str, Any]:
+    """--self-opt: the policy the search picks for the longest context evaluated (both modes:
+    an evaluation does not grow its cache), added as one more policy, labelled `self-opt`."""
+    import numpy as np
+
+    from cli.self_opt_flags import decider, options
+    from dba.kvspec import KVPolicy
+
+    o = options(args)
+    if o.mode == "none":
+        return {}
+    need = o.calib_prefill + o.calib_decode + 1
+    if len(tokens) < need:
+        raise UserError(f"--self-opt: the evaluation data has {len(tokens)} tokens, fewer than the {need} "
+                        f"calibration tokens (--self-opt-calib-prefill + --self-opt-calib-decode + 1)")
+    calib = np.asarray(tokens[:need], dtype=np.int64)[None]
+    ctx = max(c for _, c, _ in plan.units())
+    d = decider(args, o, cfg, calib, scorer, timer, KVPolicy.from_flags({}), args.decode_block, source)(ctx)
+    print(d.line(), file=sys.stderr)
+    return {f"self-opt: {d.label}": d.policy}
+
+
 def _tokenizer(info: dict[str, Any]):
     raw = (info.get("metadata") or {}).get("tokenizer")
     if not raw:
@@ -223,7 +252,13 @@ def _tokenizer(info: dict[str, Any]):
 
 def _run_with_progress(ev, tokens) -> None:
     from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+    )
 
     console = Console(stderr=True)
     with Progress(TextColumn("[bold]eval"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),

@@ -11,8 +11,10 @@ import argparse
 import json
 import sys
 import time
+from typing import Any
 
 from cli.kv_flags import add_kv_arguments
+from cli.self_opt_flags import add_self_opt_arguments
 from dba.errors import UserError
 
 
@@ -36,6 +38,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--decode-block", type=int, default=1024, help="keys per block when streaming the cache")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="torch weights dtype")
     add_kv_arguments(p)
+    add_self_opt_arguments(p)
 
 
 def parse_token_ids(text: str, vocab_size: int) -> list[int]:
@@ -106,6 +109,64 @@ def torch_device(name: str | None):
     return torch.device(name)
 
 
+def _load(args: argparse.Namespace):
+    """(model, config, tokenizer, backend functions, device text) for --backend; the functions are
+    generate, score_policy and decode_step_seconds of that framework."""
+    if args.backend == "torch":
+        import torch
+
+        import torch_ref
+        from torch_ref.evaluate import decode_step_seconds, score_policy
+
+        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        model = torch_ref.load(args.ckpt, device=torch_device(args.device), dtype=dtype)
+        tok = _tokenizer(model.load_info.get("metadata", {}))
+        return model, model.cfg, tok, (torch_ref.generate, score_policy, decode_step_seconds), str(model.device), \
+            model.load_info["source"]
+    import os
+
+    if args.device is not None:
+        plat = {"cuda": "gpu"}.get(args.device, args.device)
+        if plat not in ("cpu", "gpu", "tpu"):
+            raise UserError(f"--device {args.device!r}: choose cpu, gpu or tpu for the jax backend "
+                            "(mps is served by --backend torch)")
+        os.environ["JAX_PLATFORMS"] = plat
+    import jax
+
+    import jax_model
+    from dba.weight_files import read_weights
+    from jax_model.evaluate import decode_step_seconds, score_policy
+
+    cfg, state, info = read_weights(args.ckpt)
+    model = jax_model.load_canonical(jax_model.DBAModel(cfg), state, info["source"])
+    tok = _tokenizer(info.get("metadata", {}))
+    return model, cfg, tok, (jax_model.generate, score_policy, decode_step_seconds), str(jax.devices()[0]), \
+        info["source"]
+
+
+def _self_opt(args, model, cfg, tok, fns, prompt: list[int], policy, source: str) -> dict[str, Any]:
+    """generate() keyword arguments chosen by --self-opt (policy and decode block, or the online
+    planner)."""
+    from cli.self_opt_flags import calibration_tokens, decider, options
+    from dba.self_opt import OnlinePlanner
+
+    o = options(args)
+    if o.mode == "none":
+        return {"policy": policy, "decode_block": args.decode_block}
+    _, score_policy, step_seconds = fns
+    calib = calibration_tokens(args, o, cfg, prompt, tok)
+    decide = decider(args, o, cfg, calib,
+                     lambda b, n, p: score_policy(model, b, n, p, decode_block=args.decode_block),
+                     lambda p, ctx, n, blk: step_seconds(model, p, ctx, n, blk, repeats=o.iters),
+                     policy, args.decode_block, source, batch=args.num_samples)
+    if o.mode == "online":
+        return {"plan_for": OnlinePlanner(decide, o, cfg, args.num_samples, say=lambda t: print(t, file=sys.stderr)),
+                "interval": o.interval}
+    d = decide(args.cache_len or len(prompt) + args.max_new_tokens)
+    print(d.line(), file=sys.stderr)
+    return {"policy": d.policy, "decode_block": d.decode_block}
+
+
 def run(args: argparse.Namespace) -> int:
     from dba.kvspec import KVPolicy
 
@@ -116,59 +177,31 @@ def run(args: argparse.Namespace) -> int:
         raise UserError(f"--max-new-tokens must be >= 0, got {args.max_new_tokens}")
     if args.cache_len is not None and args.cache_len < 1:
         raise UserError(f"--cache-len must be >= 1, got {args.cache_len}")
+    if args.self_opt == "online" and args.cache_len is not None:
+        raise UserError("--self-opt online grows the cache itself: drop --cache-len")
     t0 = time.perf_counter()
+    model, cfg, tok, fns, device, source = _load(args)
+    prompt = _prompt_ids(args, tok, cfg.vocab_size)
+    _check_cache_len(args, len(prompt))
+    plan = _self_opt(args, model, cfg, tok, fns, prompt, policy, source)
+    batch = [prompt] * args.num_samples
     if args.backend == "torch":
         import torch
 
-        import torch_ref
+        batch = torch.tensor(batch, dtype=torch.long, device=model.device)
+    out = fns[0](model, batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+                 top_p=args.top_p, seed=args.seed, eos_id=args.eos_id, max_len=args.cache_len, **plan)
+    import numpy as np
 
-        dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
-        model = torch_ref.load(args.ckpt, device=torch_device(args.device), dtype=dtype)
-        cfg, meta = model.cfg, model.load_info.get("metadata", {})
-        tok = _tokenizer(meta)
-        prompt = _prompt_ids(args, tok, cfg.vocab_size)
-        _check_cache_len(args, len(prompt))
-        batch = torch.tensor([prompt] * args.num_samples, dtype=torch.long, device=model.device)
-        out = torch_ref.generate(model, batch, max_new_tokens=args.max_new_tokens, policy=policy,
-                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                 seed=args.seed, eos_id=args.eos_id, decode_block=args.decode_block,
-                                 max_len=args.cache_len)
-        rows = out.cpu().tolist()
-        device = str(model.device)
-    else:
-        import os
-
-        if args.device is not None:
-            plat = {"cuda": "gpu"}.get(args.device, args.device)
-            if plat not in ("cpu", "gpu", "tpu"):
-                raise UserError(f"--device {args.device!r}: choose cpu, gpu or tpu for the jax backend "
-                                "(mps is served by --backend torch)")
-            os.environ["JAX_PLATFORMS"] = plat
-        import numpy as np
-
-        import jax_model
-        from dba.weight_files import read_weights
-
-        cfg, state, info = read_weights(args.ckpt)
-        model = jax_model.load_canonical(jax_model.DBAModel(cfg), state, info["source"])
-        tok = _tokenizer(info.get("metadata", {}))
-        prompt = _prompt_ids(args, tok, cfg.vocab_size)
-        _check_cache_len(args, len(prompt))
-        batch = np.asarray([prompt] * args.num_samples, dtype=np.int32)
-        out = jax_model.generate(model, batch, max_new_tokens=args.max_new_tokens, policy=policy,
-                                 temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                 seed=args.seed, eos_id=args.eos_id, decode_block=args.decode_block,
-                                 max_len=args.cache_len)
-        rows = np.asarray(out).tolist()
-        import jax
-
-        device = str(jax.devices()[0])
+    rows = np.asarray(out.cpu() if args.backend == "torch" else out).tolist()
     elapsed = time.perf_counter() - t0
     for i, row in enumerate(rows):
         if args.num_samples > 1:
             print(f"--- sample {i}")
         print(tok.decode(row) if tok is not None else ",".join(map(str, row)))
     new = args.max_new_tokens * args.num_samples
+    used = plan.get("policy") or policy
     print(f"[{args.backend} on {device}: {new} new tokens in {elapsed:.2f}s incl. load; "
-          f"kv cache {policy.kind}]", file=sys.stderr)
+          f"kv cache {used.kind if args.self_opt == 'none' else 'chosen by --self-opt ' + args.self_opt}]",
+          file=sys.stderr)
     return 0

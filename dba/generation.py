@@ -2,7 +2,25 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 from dba.errors import UserError
+
+# The online cache policy during generation: (cache capacity) -> (KVPolicy, decode_block) to use
+# for a cache of that many tokens (dba/self_opt.py's OnlinePlanner).
+PlanFor = Callable[[int], "tuple[Any, int]"]
+
+
+def online_capacities(prompt_len: int, max_new_tokens: int, interval: int) -> list[int]:
+    """The cache capacities an online generation grows through: the first bucket holds the prompt
+    and `interval` new tokens, each next one doubles it, the last is prompt + new tokens."""
+    total = prompt_len + max_new_tokens
+    caps, cap = [], prompt_len + min(interval, max_new_tokens)
+    while True:
+        caps.append(min(cap, total))
+        if cap >= total:
+            return caps
+        cap *= 2
 
 
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:

@@ -77,3 +77,32 @@ def score_policy(model: DBAModel, tokens_BL, n_prompt: int, policy: KVPolicy, *,
     cache = kvc.init_cache(model.cfg, policy, b, length - 1)
     outs = _scores(model, ref_cache, cache, idx, n_prompt=int(n_prompt), decode_block=int(decode_block))
     return dict(zip(SCORES, (np.asarray(o) for o in jax.device_get(outs))))
+
+
+@partial(nnx.jit, graph=False, static_argnames=("decode_block",))
+def _decode_steps(model: DBAModel, cache: kvc.Cache, tokens_BN: jax.Array, *, decode_block: int) -> jax.Array:
+    def step(c, tok_B):
+        logits, c = model.forward_cached(tok_B[:, None], c, fresh=False, decode_block=decode_block)
+        return c, logits[:, 0, 0]
+
+    return jax.lax.scan(step, cache, tokens_BN.T)[1]
+
+
+def decode_step_seconds(model: DBAModel, policy: KVPolicy, ctx: int, n_steps: int, decode_block: int,
+                        repeats: int = 3) -> float:
+    """Seconds per decode step (batch 1) with the cache filled to `ctx - n_steps` tokens, the best
+    of `repeats` timed runs after a compiling one. The cache holds zeros: a step's work does not
+    depend on the values it reads, only on how many there are."""
+    import time
+
+    n = max(1, min(int(n_steps), int(ctx) - 1))
+    tokens = jnp.zeros((1, n), jnp.int32)
+    best = float("inf")
+    for i in range(repeats + 1):
+        cache = kvc.init_cache(model.cfg, policy, 1, int(ctx))
+        cache = cache.replace(pos=jnp.asarray(int(ctx) - n, jnp.int32))
+        t0 = time.perf_counter()
+        jax.block_until_ready(_decode_steps(model, cache, tokens, decode_block=int(decode_block)))
+        if i:
+            best = min(best, (time.perf_counter() - t0) / n)
+    return best

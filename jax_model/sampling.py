@@ -13,10 +13,11 @@ from typing import TYPE_CHECKING
 import jax
 import jax.numpy as jnp
 
-from dba.generation import check_sampling, generation_cache_len
+from dba.generation import PlanFor, check_sampling, generation_cache_len, online_capacities
 from dba.kvspec import KVPolicy
 from jax_model import decode
 from jax_model import kvcache as kvc
+from jax_model.recache import recache
 
 if TYPE_CHECKING:
     from jax_model.model import DBAModel
@@ -47,42 +48,58 @@ def sample_next(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k:
 
 @partial(decode.jit_donating_cache,
          static_argnames=("n_new", "temperature", "top_k", "top_p", "eos_id", "decode_block"))
-def _token_loop(model: DBAModel, cache: kvc.Cache, last_logits_BV: jax.Array, key: jax.Array, *,
-                n_new: int, temperature: float, top_k, top_p, eos_id,
-                decode_block: int) -> tuple[jax.Array, kvc.Cache]:
-    """n_new sampled tokens (B, n_new) and the cache after them; consumes `cache` (donated)."""
-    b = last_logits_BV.shape[0]
+def _token_loop(model: DBAModel, cache: kvc.Cache, last_logits_BV: jax.Array, key: jax.Array, done_B: jax.Array,
+                start: jax.Array, *, n_new: int, temperature: float, top_k, top_p, eos_id,
+                decode_block: int) -> tuple[jax.Array, kvc.Cache, jax.Array, jax.Array]:
+    """n_new sampled tokens (B, n_new), the cache after them, the last logits and which rows are
+    done (emitted eos_id); token i of the loop draws with key fold_in(key, start + i), so a
+    generation cut into segments draws what one loop would. Consumes `cache` (donated)."""
 
     def step(carry, i):
         cache, logits, done = carry
-        tok = sample_next(logits, jax.random.fold_in(key, i), temperature, top_k, top_p)
+        tok = sample_next(logits, jax.random.fold_in(key, start + i), temperature, top_k, top_p)
         if eos_id is not None:
             tok = jnp.where(done, eos_id, tok)
             done = done | (tok == eos_id)
         new_logits, cache = model.forward_cached(tok[:, None], cache, fresh=False, decode_block=decode_block)
         return (cache, new_logits[:, 0], done), tok
 
-    init = (cache, last_logits_BV, jnp.zeros((b,), bool))
-    (cache, _, _), toks_NB = jax.lax.scan(step, init, jnp.arange(n_new))
+    init = (cache, last_logits_BV, done_B)
+    (cache, logits, done), toks_NB = jax.lax.scan(step, init, jnp.arange(n_new))
     # Returning the cache lets XLA alias it to the donated input: the loop then updates the
     # caller's buffers in place instead of a copy (a 32k q4_0 decode needs the cache once, not twice).
-    return toks_NB.T, cache
+    return toks_NB.T, cache, logits, done
 
 
 def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy | None = None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, eos_id: int | None = None, decode_block: int = 1024,
-             max_len: int | None = None) -> jax.Array:
-    """Prompt (B, T) ids -> (B, T + max_new_tokens) ids; rows that emit `eos_id` pad with it."""
+             max_len: int | None = None, plan_for: PlanFor | None = None, interval: int = 256) -> jax.Array:
+    """Prompt (B, T) ids -> (B, T + max_new_tokens) ids; rows that emit `eos_id` pad with it.
+
+    With `plan_for` (the online self-optimizing cache policy) the cache grows through the
+    capacities of `online_capacities`, and at each `plan_for(capacity)` gives the policy and decode
+    block: the tokens cached so far are stored again under it (`recache`), and sampling goes on
+    with the same random stream (`policy` and `max_len` are then unused)."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     idx = model.as_tokens(prompt)
     b, t = idx.shape
-    max_len = generation_cache_len(t, max_new_tokens, max_len)
-    cache = kvc.init_cache(model.cfg, policy or KVPolicy(kind="fp16"), b, max_len)
+    caps = [generation_cache_len(t, max_new_tokens, max_len)]
+    if plan_for is not None:
+        caps = online_capacities(t, max_new_tokens, int(interval))
+        policy, decode_block = plan_for(caps[0])
+    cache = kvc.init_cache(model.cfg, policy or KVPolicy(kind="fp16"), b, caps[0])
     logits, cache = decode.prefill(model, cache, idx, decode_block=decode_block, last_only=True)
-    if max_new_tokens == 0:
-        return idx
-    new, _ = _token_loop(model, cache, logits[:, -1], jax.random.PRNGKey(seed), n_new=max_new_tokens,
-                      temperature=float(temperature), top_k=top_k, top_p=top_p, eos_id=eos_id,
-                      decode_block=decode_block)
-    return jnp.concatenate([idx, new], axis=1)
+    logits, key, done, out, made = logits[:, -1], jax.random.PRNGKey(seed), jnp.zeros((b,), bool), [idx], 0
+    for i, cap in enumerate(caps):
+        if i:
+            policy, decode_block = plan_for(cap)
+            cache = recache(model.cfg, cache, policy, max_len=cap)
+        n = min(cap - t, max_new_tokens) - made
+        if n > 0:
+            new, cache, logits, done = _token_loop(model, cache, logits, key, done, jnp.int32(made), n_new=n,
+                                                   temperature=float(temperature), top_k=top_k, top_p=top_p,
+                                                   eos_id=eos_id, decode_block=decode_block)
+            out.append(new)
+            made += n
+    return jnp.concatenate(out, axis=1)

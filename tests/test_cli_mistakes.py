@@ -157,6 +157,16 @@ CASES = [
                              "64"], 2, ["40 tokens", "ctx + 1 = 65"]),
     ("eval-bad-task", ["eval", "--ckpt", "{model}", "--data", "{tokens_npy}", "--tasks", "ppl,needle"], 2, ["needle"]),
     ("eval-bad-contexts", ["eval", "--ckpt", "{model}", "--data", "{tokens_npy}", "--contexts", "1k,abc"], 2, ["abc"]),
+    # --self-opt
+    ("selfopt-budget-too-small", ["sample", "--ckpt", "{model}", "--prompt-tokens", "1,2", "--self-opt", "startup",
+                                  "--self-opt-mem-budget-mb", "0.000001", "--self-opt-calib-tokens", "{tokens_npy}"], 1,
+     ["no cache policy fits", "smallest candidate"]),
+    ("selfopt-bad-kind", ["sample", "--ckpt", "{model}", "--self-opt", "startup", "--self-opt-v-kinds", "q4_0,q3"], 2,
+     ["q3"]),
+    ("selfopt-no-calibration", ["sample", "--ckpt", "{model}", "--prompt-tokens", "1,2", "--self-opt", "startup"], 2,
+     ["calibration", "--self-opt-calib-tokens"]),
+    ("selfopt-online-cache-len", ["sample", "--ckpt", "{model}", "--self-opt", "online", "--cache-len", "64"], 2,
+     ["--cache-len"]),
     # other commands
     ("kvmem-bad-ctx", ["kv-mem", "--size", "small", "--ctx", "12q"], 2, ["12q"]),
     ("convert-bad-suffix", ["convert", "{model}", "out.onnx"], 2, ["out.onnx"]),

@@ -55,3 +55,27 @@ def score_policy(model: DBAModel, tokens_BL, n_prompt: int, policy: KVPolicy, *,
         logits, cache = model.forward_cached(x_BT[:, t:t + 1], cache, fresh=False, decode_block=decode_block)
         rows.append(_position_scores(logits_ref[:, 0], logits[:, 0], y_BT[:, t]))
     return {name: torch.stack([r[i] for r in rows], dim=1).cpu().numpy() for i, name in enumerate(SCORES)}
+
+
+@torch.no_grad()
+def decode_step_seconds(model: DBAModel, policy: KVPolicy, ctx: int, n_steps: int, decode_block: int,
+                        repeats: int = 3) -> float:
+    """Seconds per decode step (batch 1) with the cache filled to `ctx - n_steps` tokens; the same
+    measurement as jax_model.evaluate.decode_step_seconds."""
+    import time
+
+    n = max(1, min(int(n_steps), int(ctx) - 1))
+    token = torch.zeros((1, 1), dtype=torch.long, device=model.device)
+    best = float("inf")
+    for i in range(repeats + 1):
+        cache = kvc.init_cache(model.cfg, policy, 1, int(ctx), device=model.device)
+        cache.pos = int(ctx) - n
+        if model.device.type == "cuda":
+            torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            logits, cache = model.forward_cached(token, cache, fresh=False, decode_block=decode_block)
+        float(logits[0, 0, 0])  # waits for the device
+        if i:
+            best = min(best, (time.perf_counter() - t0) / n)
+    return best

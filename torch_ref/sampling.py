@@ -8,10 +8,11 @@ from typing import TYPE_CHECKING
 
 import torch
 
-from dba.generation import check_sampling, generation_cache_len
+from dba.generation import PlanFor, check_sampling, generation_cache_len, online_capacities
 from dba.kvspec import KVPolicy
 from torch_ref import decode
 from torch_ref import kvcache as kvc
+from torch_ref.recache import recache
 
 if TYPE_CHECKING:
     from torch_ref.model import DBAModel
@@ -44,24 +45,32 @@ def sample_next(logits_BV: torch.Tensor, generator: torch.Generator, temperature
 def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy | None = None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, eos_id: int | None = None, decode_block: int = 1024,
-             max_len: int | None = None) -> torch.Tensor:
-    """Prompt (B, T) ids -> (B, T + max_new_tokens) ids; rows that emit `eos_id` pad with it."""
+             max_len: int | None = None, plan_for: PlanFor | None = None, interval: int = 256) -> torch.Tensor:
+    """Prompt (B, T) ids -> (B, T + max_new_tokens) ids; rows that emit `eos_id` pad with it.
+    `plan_for` / `interval`: the online cache policy, as in jax_model.sampling.generate."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     idx = model.as_tokens(prompt)
     b, t = idx.shape
-    max_len = generation_cache_len(t, max_new_tokens, max_len)
-    cache = kvc.init_cache(model.cfg, policy or KVPolicy(kind="fp16"), b, max_len, device=idx.device)
+    caps = [generation_cache_len(t, max_new_tokens, max_len)]
+    if plan_for is not None:
+        caps = online_capacities(t, max_new_tokens, int(interval))
+        policy, decode_block = plan_for(caps[0])
+    cache = kvc.init_cache(model.cfg, policy or KVPolicy(kind="fp16"), b, caps[0], device=idx.device)
     logits, cache = decode.prefill(model, cache, idx, decode_block=decode_block, last_only=True)
     logits = logits[:, -1]
     generator = torch.Generator().manual_seed(seed)
     done = torch.zeros(b, dtype=torch.bool, device=idx.device)
     out = [idx]
-    for _ in range(max_new_tokens):
-        tok = sample_next(logits, generator, temperature, top_k, top_p)
-        if eos_id is not None:
-            tok = torch.where(done, torch.full_like(tok, eos_id), tok)
-            done |= tok == eos_id
-        out.append(tok[:, None])
-        logits, cache = model.forward_cached(tok[:, None], cache, fresh=False, decode_block=decode_block)
-        logits = logits[:, 0]
+    for i, cap in enumerate(caps):
+        if i:
+            policy, decode_block = plan_for(cap)
+            cache = recache(model.cfg, cache, policy, max_len=cap)
+        for _ in range(min(cap - t, max_new_tokens) - (len(out) - 1)):
+            tok = sample_next(logits, generator, temperature, top_k, top_p)
+            if eos_id is not None:
+                tok = torch.where(done, torch.full_like(tok, eos_id), tok)
+                done |= tok == eos_id
+            out.append(tok[:, None])
+            logits, cache = model.forward_cached(tok[:, None], cache, fresh=False, decode_block=decode_block)
+            logits = logits[:, 0]
     return torch.cat(out, dim=1)
