@@ -14,6 +14,7 @@ BENCHES = {
     "memory": "peak host memory of training and of decode (vs kv_bytes), JAX and torch",
     "profile": "where the JAX train step's time goes: device time per op from a jax.profiler trace",
     "dashboard": "what the live rich dashboard of `dba train` costs in tokens/s",
+    "cache-quality": "what the cache policies cost in quality: a decoupled and a standard model, trained here",
 }
 
 
@@ -22,12 +23,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     for name, help_ in BENCHES.items():
         sp = sub.add_parser(name, help=help_, description=help_)
         try:
-            importlib.import_module(f"bench.{name}").add_arguments(sp)
+            importlib.import_module(f"bench.{name.replace('-', '_')}").add_arguments(sp)
         except ModuleNotFoundError as e:
-            if e.name not in ("bench", f"bench.{name}"):
+            if e.name not in ("bench", f"bench.{name.replace('-', '_')}"):
                 raise
             sp.description = f"{help_} (not available in this install)"
 
 
 def run(args: argparse.Namespace) -> int:
-    return int(importlib.import_module(f"bench.{args.bench}").run(args) or 0)
+    return int(importlib.import_module(f"bench.{args.bench.replace('-', '_')}").run(args) or 0)
