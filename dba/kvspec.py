@@ -255,6 +255,9 @@ class KVPolicy:
                 raise UserError(f"a {cfg.attn_mode} model caches {', '.join(streams)}; +rot names {s}")
         for s in streams:
             self.stream(s, cfg)
+        from dba.rotation import rotation_dims
+
+        rotation_dims(cfg, self)  # +rot needs power-of-two head dims
 
     # -- (de)serialisation
     def to_dict(self) -> dict[str, Any]:

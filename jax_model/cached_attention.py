@@ -11,13 +11,34 @@ import jax
 import jax.numpy as jnp
 
 from jax_model import kvcache as kvc
-from jax_model.layers import NEG_INF, group_queries, kv_heads, null_scores, scores, split_heads
+from jax_model.layers import NEG_INF, group_queries, hadamard, kv_heads, null_scores, scores, split_heads
 
 # Up to this many queries per row (decode: 1) the cached attention multiplies the blocks in
 # their stored (B, n, width) layout by block-diagonal query matrices: plain 2-D matmuls, no
 # per-block transpose into heads. It spends n_kv_head x the (tiny) FLOPs of a per-head dot, so
 # long prompt chunks keep the per-head path. Decode on config A: 2.2x faster per cache block.
 _NATURAL_MAX_T = 4
+
+
+def rotate_queries(q_BHTD: jax.Array, streams: dict[str, kvc.StreamCache], key_names: tuple[str, ...],
+                   n_kv: int) -> jax.Array:
+    """q_cat with the slice of each rotated key stream (`StreamCache.rot_dim`) replaced by
+    H q / n (n its head dim; 1/n is exact), so it scores against the stored H k exactly as q
+    against k (H^T H = n I). q_cat itself when no stream is rotated: their program is unchanged."""
+    if not any(streams[name].rot_dim for name in key_names):
+        return q_BHTD
+    parts, at = [], 0
+    for name in key_names:
+        s = streams[name]
+        d = s.dim // n_kv
+        x = q_BHTD[..., at:at + d]
+        if s.rot_dim:
+            if s.rot_dim != d:
+                raise ValueError(f"stream {name}: rotated over {s.rot_dim} channels, but its head dim is {d}")
+            x = (hadamard(x.astype(jnp.float32), d) * jnp.float32(1.0 / d)).astype(q_BHTD.dtype)
+        parts.append(x)
+        at += d
+    return jnp.concatenate(parts, axis=-1)
 
 
 def _natural_layout_ops(q: jax.Array, widths: dict[str, int], key_names: tuple[str, ...]):
@@ -62,7 +83,8 @@ def cached_attend(q_BHTD: jax.Array, streams: dict[str, kvc.StreamCache], q_star
     `length` tokens of a layer's cached `streams` (key streams `key_names`, concatenated per head
     in q_cat's order, and "v"), one block of `decode_block` keys at a time (online softmax, fp32
     accumulators); `null_kv` the null key (H, Dqk) and value (H, Dv) per query head, or None.
-    Returns (B, H, T, Dv) in q's dtype.
+    Returns (B, H, T, Dv) in q's dtype. Rotated key streams (`+rot`) are scored with rotated
+    queries (`rotate_queries`); the null key is not rotated and scores against q itself.
 
     The residual window (the newest R tokens, exact fp16) is one more block read straight from
     the ring, and the blocks cover only the older, quantized positions: gathering the ring into
@@ -74,6 +96,8 @@ def cached_attend(q_BHTD: jax.Array, streams: dict[str, kvc.StreamCache], q_star
     max_len = next(iter(streams.values())).max_len
     blk = min(decode_block, max_len)
     q = group_queries(q_BHTD, n_kv)
+    q_rot = rotate_queries(q_BHTD, streams, key_names, n_kv)
+    q_keys = q if q_rot is q_BHTD else group_queries(q_rot, n_kv)  # scores the key streams
     q_pos = q_start + jnp.arange(t)
     dv = streams["v"].dim // n_kv
     rings = {s.residual for s in streams.values() if s.residual > 0}
@@ -84,10 +108,10 @@ def cached_attend(q_BHTD: jax.Array, streams: dict[str, kvc.StreamCache], q_star
 
     natural = t <= _NATURAL_MAX_T
     if natural:
-        score_fn, pv_fn = _natural_layout_ops(q, {name: s.dim for name, s in streams.items()}, key_names)
+        score_fn, pv_fn = _natural_layout_ops(q_keys, {name: s.dim for name, s in streams.items()}, key_names)
     else:
         def score_fn(block):
-            return scores(q, kv_heads(block, key_names, n_kv)[0])
+            return scores(q_keys, kv_heads(block, key_names, n_kv)[0])
 
         def pv_fn(p, v_BNW):
             return jnp.einsum("bkgtl,bkld->bkgtd", p, split_heads(v_BNW, n_kv).astype(jnp.float32))

@@ -23,6 +23,8 @@ from jax import lax
 
 from dba.kvspec import (FOUR_BIT_KINDS, FP16_MAX, NF4_LEVELS, QMAX, KVPolicy, StreamSpec, non_finite_message,
                         quant_layout, require_quant, storage_layout, stream_spec)
+from dba.rotation import rotation_dims
+from jax_model.layers import hadamard
 
 _NF4 = np.asarray(NF4_LEVELS, dtype=np.float32)
 
@@ -148,12 +150,15 @@ class StreamCache:
     """One cached sequence tensor of a layer: the arrays `dba.kvspec.storage_layout` names for its
     `spec` (data, scale or None, ring or None; the ring holds position p in slot p % residual).
 
-    `spec` (kind, width, effective qblock, ring length) is static, the arrays are the leaves."""
+    `spec` (kind, width, effective qblock, ring length) is static, the arrays are the leaves.
+    `rot_dim`: for a rotated key stream (`spec.rotated`), the head dim its Hadamard rotation acts
+    on (`write` stores H k per head, every read returns rotated keys); 0 otherwise."""
 
     data: jax.Array
     scale: jax.Array | None
     ring: jax.Array | None
     spec: StreamSpec = struct.field(pytree_node=False)
+    rot_dim: int = struct.field(pytree_node=False, default=0)
 
     @property
     def kind(self) -> str:
@@ -215,11 +220,19 @@ class Cache:
         return self.replace(layers=tuple(l.streams for l in layers), pos=layers[0].pos)
 
 
-def alloc_stream(spec: StreamSpec, batch: int, max_len: int) -> StreamCache:
-    """Zeroed storage for `spec` (its ring already clipped to max_len)."""
+def _check_rot_dim(spec: StreamSpec, rot_dim: int) -> None:
+    if spec.rotated != (rot_dim > 0) or (rot_dim and (rot_dim & (rot_dim - 1) or spec.dim % rot_dim)):
+        raise ValueError(f"stream {spec.name}: rot_dim={rot_dim} for a {'rotated' if spec.rotated else 'plain'} "
+                         f"stream of width {spec.dim} (a rotated stream needs its power-of-two head dim)")
+
+
+def alloc_stream(spec: StreamSpec, batch: int, max_len: int, rot_dim: int = 0) -> StreamCache:
+    """Zeroed storage for `spec` (its ring already clipped to max_len); `rot_dim` the head dim of a
+    rotated stream (`dba.rotation.rotation_dims`), 0 for the others."""
+    _check_rot_dim(spec, rot_dim)
     arrays = {k: None if a is None else jnp.zeros(a[0], jnp.dtype(a[1]))
               for k, a in storage_layout(spec, batch, max_len).items()}
-    return StreamCache(arrays["data"], arrays["scale"], arrays["ring"], spec)
+    return StreamCache(arrays["data"], arrays["scale"], arrays["ring"], spec, rot_dim)
 
 
 def init_stream(kind: str, dim: int, qblock: int, residual: int, batch: int, max_len: int,
@@ -234,7 +247,8 @@ def init_cache(cfg: Any, policy: KVPolicy | None, batch: int, max_len: int) -> C
     if batch <= 0 or max_len <= 0:
         raise ValueError(f"batch and max_len must be positive, got batch={batch}, max_len={max_len}")
     specs = {name: policy.stream(name, cfg, max_len=max_len) for name in cfg.kv_streams()}
-    layers = tuple({name: alloc_stream(spec, batch, max_len) for name, spec in specs.items()}
+    rot = rotation_dims(cfg, policy)
+    layers = tuple({name: alloc_stream(spec, batch, max_len, rot.get(name, 0)) for name, spec in specs.items()}
                    for _ in range(cfg.n_layer))
     return Cache(layers, jnp.zeros((), jnp.int32))
 
@@ -250,7 +264,11 @@ def write(stream: StreamCache, x_BTD: jax.Array, start: Any) -> StreamCache:
 
     `start` may be traced (T is static). The caller guarantees start + T <= max_len
     (dynamic_update_slice would otherwise clamp the start). Values are not checked for NaN/Inf.
+    A rotated stream stores H x per head (fp32 butterflies, before quantizing and before the
+    fp16 ring), so the quantized store and the window hold the same rotated keys.
     """
+    if stream.rot_dim:
+        x_BTD = hadamard(x_BTD.astype(jnp.float32), stream.rot_dim)
     T = x_BTD.shape[1]
     start = jnp.asarray(start, jnp.int32)
     zero = jnp.zeros((), jnp.int32)

@@ -182,6 +182,23 @@ def apply_rope(x_BHTD: jax.Array, cos: jax.Array, sin: jax.Array) -> jax.Array:
     return out.astype(x_BHTD.dtype)
 
 
+def hadamard(x: jax.Array, n: int) -> jax.Array:
+    """The unnormalised Walsh-Hadamard transform of every n-channel slice of the last dim (n a
+    power of two dividing it): x @ H_n per head, H_n the Sylvester matrix (scipy's `hadamard`).
+
+    Written as log2(n) butterfly stages of exact IEEE adds (a+b, a-b; pairs 1, 2, 4, ... apart),
+    no multiplies and no matmul, so torch_ref.layers.hadamard gives the same bits (a rotated key
+    stream's quantized bytes must match across frameworks)."""
+    lead, w = x.shape[:-1], x.shape[-1]
+    h = 1
+    while h < n:
+        y = x.reshape(*lead, w // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        x = jnp.stack([a + b, a - b], axis=-2).reshape(*lead, w)
+        h *= 2
+    return x
+
+
 def split_heads(x_BTW: jax.Array, n_heads: int) -> jax.Array:
     """(B, T, H*hd) -> (B, H, T, hd): heads are contiguous slices."""
     b, t, w = x_BTW.shape

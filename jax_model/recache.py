@@ -8,6 +8,13 @@ from typing import Any
 from dba.errors import UserError
 from dba.kvspec import KVPolicy
 from jax_model import kvcache as kvc
+from jax_model.layers import hadamard
+
+
+def _plain(stream: kvc.StreamCache, x):
+    """A rotated stream's values as the keys themselves (H H = n I; `write` rotates them again
+    for a rotated stream of the new policy)."""
+    return hadamard(x, stream.rot_dim) / stream.rot_dim if stream.rot_dim else x
 
 
 def recache(cfg: Any, cache: kvc.Cache, policy: KVPolicy, max_len: int | None = None) -> kvc.Cache:
@@ -27,9 +34,6 @@ def recache(cfg: Any, cache: kvc.Cache, policy: KVPolicy, max_len: int | None = 
     for old_layer, new_layer in zip(cache.layers, new.layers):
         streams = {}
         for name, old in old_layer.items():
-            if old.spec.rotated or new_layer[name].spec.rotated:
-                raise UserError("re-storing a cache with +rot key streams is not supported; "
-                                "leave +rot out of the self-opt candidates")
-            streams[name] = kvc.write(new_layer[name], kvc.read(old, 0, length, length), 0)
+            streams[name] = kvc.write(new_layer[name], _plain(old, kvc.read(old, 0, length, length)), 0)
         layers.append(streams)
     return new.replace(layers=tuple(layers), pos=cache.pos)

@@ -163,3 +163,49 @@ def test_eval_adds_the_self_opt_choice(tiny):
     assert r.returncode == 0, r.stderr[-3000:]
     labels = [rec["policy"] for rec in json.loads(out.read_text())["records"]]
     assert labels[0] == "fp16" and labels[1].startswith("self-opt: ")
+
+
+@pytest.mark.parametrize("old,new", [("fp16", "all=q4_0,residual=4"), ("q8_0,residual=4", "all=nf4,residual=2"),
+                                     ("k_sem=q4_0+rot,k_geo=q8_0+rot,residual=4", "fp32"),
+                                     ("fp32", "k_sem=q4_0+rot,k_geo=q4_0+rot,v=q4_0,residual=4"),
+                                     ("all=q4_0,residual=4", "all=q4_0,residual=4")])
+def test_recache_keeps_the_tokens_and_matches_across_frameworks(old, new):
+    """The same cache contents (written from the same numbers in both frameworks), stored again
+    under another policy: identical bytes in JAX and torch; nothing changes where the policy does
+    not; a rotated stream comes back un-rotated."""
+    import jax.numpy as jnp
+    import torch
+
+    from dba.kvspec import parse_policy
+    from jax_model import kvcache as jk
+    from jax_model.recache import recache as jre
+    from torch_ref import kvcache as tk
+    from torch_ref.recache import recache as tre
+
+    cfg = CFG.replace(n_head=2, sem_dim=8, geo_dim=16)
+    rng = np.random.default_rng(7)
+    values = {s: rng.normal(0, 1, (2, 10, w)).astype(np.float32) for s, w in cfg.kv_streams().items()}
+    jc, tc = jk.init_cache(cfg, parse_policy(old), 2, 16), tk.init_cache(cfg, parse_policy(old), 2, 16)
+    jc = jc.replace(layers=tuple({s: jk.write(st, jnp.asarray(values[s]), 0) for s, st in layer.items()}
+                                 for layer in jc.layers), pos=jnp.int32(10))
+    for layer in tc.layers:
+        for s, st in layer.items():
+            tk.write(st, torch.as_tensor(values[s]), 0)
+    tc.pos = 10
+    jn, tn = jre(cfg, jc, parse_policy(new), max_len=24), tre(cfg, tc, parse_policy(new), max_len=24)
+    assert int(jn.pos) == tn.pos == 10 and jn.max_len == tn.max_len == 24
+    for l in range(cfg.n_layer):
+        for s in cfg.kv_streams():
+            a, b = jn.layers[l][s], tn.layers[l][s]
+            for x, y in ((a.data, b.data), (a.scale, b.scale), (a.ring, b.ring)):
+                assert (x is None) == (y is None) and (x is None or np.array_equal(np.asarray(x)[:, :10], y.numpy()[:, :10]))
+            if new == "fp32":  # exact storage: the old cache's values, un-rotated
+                old_vals = np.asarray(jk.read(jc.layers[l][s], 0, 10, 10))
+                n = jc.layers[l][s].rot_dim
+                if n:
+                    from jax_model.layers import hadamard
+
+                    old_vals = np.asarray(hadamard(jnp.asarray(old_vals), n)) / n
+                assert np.abs(np.asarray(jk.read(a, 0, 10, 10)) - old_vals).max() <= 1e-5
+            if old == new:
+                assert np.array_equal(np.asarray(a.data)[:, :10], np.asarray(jc.layers[l][s].data)[:, :10])

@@ -10,7 +10,28 @@ from __future__ import annotations
 import torch
 
 from torch_ref import kvcache as kvc
-from torch_ref.layers import kv_heads
+from torch_ref.layers import hadamard, kv_heads
+
+
+def rotate_queries(q_BHTD: torch.Tensor, streams: dict[str, kvc.StreamCache], key_names: tuple[str, ...],
+                   n_kv: int) -> torch.Tensor:
+    """q_cat with the slice of each rotated key stream (`StreamCache.rot_dim`) replaced by
+    H q / n (n its head dim; 1/n is exact), so it scores against the stored H k exactly as q
+    against k (H^T H = n I). q_cat itself when no stream is rotated."""
+    if not any(streams[name].rot_dim for name in key_names):
+        return q_BHTD
+    parts, at = [], 0
+    for name in key_names:
+        s = streams[name]
+        d = s.dim // n_kv
+        x = q_BHTD[..., at:at + d]
+        if s.rot_dim:
+            if s.rot_dim != d:
+                raise ValueError(f"stream {name}: rotated over {s.rot_dim} channels, but its head dim is {d}")
+            x = (hadamard(x.to(torch.float32), d) * (1.0 / d)).to(q_BHTD.dtype)
+        parts.append(x)
+        at += d
+    return torch.cat(parts, dim=-1)
 
 
 def cached_attend(q_BHTD: torch.Tensor, streams: dict[str, kvc.StreamCache], q_start: int, length: int,
@@ -20,15 +41,17 @@ def cached_attend(q_BHTD: torch.Tensor, streams: dict[str, kvc.StreamCache], q_s
     `length` tokens of a layer's cached `streams` (key streams `key_names`, concatenated per head
     in q_cat's order, and "v"), one block of `decode_block` keys at a time (online softmax, fp32
     accumulators); `null_kv` the null key (H, Dqk) and value (H, Dv) per query head, or None.
-    Returns (B, H, T, Dv) in q's dtype. Query head h uses kv-head h // (H/K): the G = H/K query
-    heads of a kv-head go through one matmul as G*T rows, so K/V are never repeated."""
+    Returns (B, H, T, Dv) in q's dtype. Rotated key streams (`+rot`) are scored with rotated
+    queries (`rotate_queries`); the null key is not rotated and scores against q itself. Query
+    head h uses kv-head h // (H/K): the G = H/K query heads of a kv-head go through one matmul as
+    G*T rows, so K/V are never repeated."""
     b, h, t, _ = q_BHTD.shape
     n_kv = n_kv_head
     dev = q_BHTD.device
     max_len = next(iter(streams.values())).max_len
     blk = min(decode_block, max_len)
     q = q_BHTD.float()
-    q_rows = q.reshape(b, n_kv, (h // n_kv) * t, -1)
+    q_rows = rotate_queries(q, streams, key_names, n_kv).reshape(b, n_kv, (h // n_kv) * t, -1)
     q_pos = q_start + torch.arange(t, device=dev)
     dv = streams["v"].dim // n_kv
 

@@ -16,6 +16,8 @@ import torch.nn.functional as F
 
 from dba.kvspec import (FP16_MAX, NF4_LEVELS, QMAX, KVPolicy, StreamSpec, non_finite_message,
                         quant_layout, require_quant, storage_layout, stream_spec)
+from dba.rotation import rotation_dims
+from torch_ref.layers import hadamard
 
 _NF4 = torch.tensor(NF4_LEVELS, dtype=torch.float32)
 
@@ -91,12 +93,14 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, kind: str, dim: int, qblock
 class StreamCache:
     """One cached sequence tensor of a layer (same layout as jax_model.kvcache.StreamCache): the
     tensors `dba.kvspec.storage_layout` names for its `spec` (data, scale or None, ring or None;
-    the ring holds position p in slot p % residual)."""
+    the ring holds position p in slot p % residual). `rot_dim`: for a rotated key stream
+    (`spec.rotated`), the head dim its Hadamard rotation acts on; 0 otherwise."""
 
     data: torch.Tensor
     scale: torch.Tensor | None
     ring: torch.Tensor | None
     spec: StreamSpec
+    rot_dim: int = 0
 
     @property
     def kind(self) -> str:
@@ -160,11 +164,19 @@ class Cache:
         return self
 
 
-def alloc_stream(spec: StreamSpec, batch: int, max_len: int, device: Any = None) -> StreamCache:
-    """Zeroed storage for `spec` (its ring already clipped to max_len)."""
+def _check_rot_dim(spec: StreamSpec, rot_dim: int) -> None:
+    if spec.rotated != (rot_dim > 0) or (rot_dim and (rot_dim & (rot_dim - 1) or spec.dim % rot_dim)):
+        raise ValueError(f"stream {spec.name}: rot_dim={rot_dim} for a {'rotated' if spec.rotated else 'plain'} "
+                         f"stream of width {spec.dim} (a rotated stream needs its power-of-two head dim)")
+
+
+def alloc_stream(spec: StreamSpec, batch: int, max_len: int, device: Any = None, rot_dim: int = 0) -> StreamCache:
+    """Zeroed storage for `spec` (its ring already clipped to max_len); `rot_dim` the head dim of a
+    rotated stream (`dba.rotation.rotation_dims`), 0 for the others."""
+    _check_rot_dim(spec, rot_dim)
     tensors = {k: None if a is None else torch.zeros(a[0], dtype=getattr(torch, a[1]), device=device)
                for k, a in storage_layout(spec, batch, max_len).items()}
-    return StreamCache(tensors["data"], tensors["scale"], tensors["ring"], spec)
+    return StreamCache(tensors["data"], tensors["scale"], tensors["ring"], spec, rot_dim)
 
 
 def init_stream(kind: str, dim: int, qblock: int, residual: int, batch: int, max_len: int,
@@ -179,7 +191,8 @@ def init_cache(cfg: Any, policy: KVPolicy | None, batch: int, max_len: int, devi
     if batch <= 0 or max_len <= 0:
         raise ValueError(f"batch and max_len must be positive, got batch={batch}, max_len={max_len}")
     specs = {name: policy.stream(name, cfg, max_len=max_len) for name in cfg.kv_streams()}
-    layers = [{name: alloc_stream(spec, batch, max_len, device) for name, spec in specs.items()}
+    rot = rotation_dims(cfg, policy)
+    layers = [{name: alloc_stream(spec, batch, max_len, device, rot.get(name, 0)) for name, spec in specs.items()}
               for _ in range(cfg.n_layer)]
     return Cache(layers, 0)
 
@@ -195,8 +208,11 @@ def write(stream: StreamCache, x_BTD: torch.Tensor, start: int) -> StreamCache:
     """Store T tokens at positions start..start+T-1, in place; returns the stream.
 
     The caller guarantees start + T <= max_len. Values are not checked for NaN/Inf (a check
-    would force a device sync per layer per token).
+    would force a device sync per layer per token). A rotated stream stores H x per head (fp32
+    butterflies, before quantizing and before the fp16 ring), as jax_model.kvcache.write.
     """
+    if stream.rot_dim:
+        x_BTD = hadamard(x_BTD.to(torch.float32), stream.rot_dim)
     start = int(start)
     T = x_BTD.shape[1]
     if start < 0 or start + T > stream.max_len:

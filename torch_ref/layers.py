@@ -27,6 +27,20 @@ def apply_rope(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> to
     return out.to(x_BHTD.dtype)
 
 
+def hadamard(x: torch.Tensor, n: int) -> torch.Tensor:
+    """The unnormalised Walsh-Hadamard transform of every n-channel slice of the last dim (n a
+    power of two dividing it): x @ H_n per head, H_n the Sylvester matrix. The same butterfly
+    stages as jax_model.layers.hadamard (exact a+b, a-b, pairs 1, 2, 4, ... apart): same bits."""
+    lead, w = x.shape[:-1], x.shape[-1]
+    h = 1
+    while h < n:
+        y = x.reshape(*lead, w // (2 * h), 2, h)
+        a, b = y[..., 0, :], y[..., 1, :]
+        x = torch.stack([a + b, a - b], dim=-2).reshape(*lead, w)
+        h *= 2
+    return x
+
+
 def split_heads(x_BTW: torch.Tensor, n_heads: int) -> torch.Tensor:
     """(B, T, H*hd) -> (B, H, T, hd): heads are contiguous slices."""
     b, t, w = x_BTW.shape

@@ -8,6 +8,12 @@ from typing import Any
 from dba.errors import UserError
 from dba.kvspec import KVPolicy
 from torch_ref import kvcache as kvc
+from torch_ref.layers import hadamard
+
+
+def _plain(stream: kvc.StreamCache, x):
+    """A rotated stream's values as the keys themselves (see the JAX mirror)."""
+    return hadamard(x, stream.rot_dim) / stream.rot_dim if stream.rot_dim else x
 
 
 def recache(cfg: Any, cache: kvc.Cache, policy: KVPolicy, max_len: int | None = None) -> kvc.Cache:
@@ -23,9 +29,6 @@ def recache(cfg: Any, cache: kvc.Cache, policy: KVPolicy, max_len: int | None = 
         return new
     for old_layer, new_layer in zip(cache.layers, new.layers):
         for name, old in old_layer.items():
-            if old.spec.rotated or new_layer[name].spec.rotated:
-                raise UserError("re-storing a cache with +rot key streams is not supported; "
-                                "leave +rot out of the self-opt candidates")
-            kvc.write(new_layer[name], kvc.read(old, 0, length, length), 0)
+            kvc.write(new_layer[name], _plain(old, kvc.read(old, 0, length, length)), 0)
     new.pos = length
     return new
