@@ -61,7 +61,7 @@ def rot_config(name: str):
 
 # ---- the transform ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n", [1, 2, 4, 8, 16, 32, 64, 128])
+@pytest.mark.parametrize("n", [1, 2, 8, 128])
 def test_hadamard_matches_the_reference_matrix(n):
     rng = np.random.default_rng(n)
     heads = 3
@@ -105,9 +105,11 @@ def _arrays(stream):
 _jit_write = jax.jit(jkv.write)
 
 
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(kind=st.sampled_from(KINDS), heads=st.integers(1, 4), log_n=st.integers(0, 6),
-       qblock=st.one_of(st.just(0), st.integers(1, 40)), t=st.integers(1, 6), start=st.integers(0, 3),
+# Shapes from small sets: every new shape compiles the write again (eager ops included), and the
+# bytes depend on the values, which vary freely.
+@settings(max_examples=24, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(kind=st.sampled_from(KINDS), heads=st.sampled_from([1, 3]), log_n=st.sampled_from([0, 2, 3, 6]),
+       qblock=st.sampled_from([0, 3, 8, 40]), t=st.sampled_from([1, 5]), start=st.sampled_from([0, 3]),
        residual=st.sampled_from([0, 2, 5]), outliers=st.booleans(), seed=st.integers(0, 2**31 - 1))
 def test_rotated_stream_bytes_match_across_frameworks(kind, heads, log_n, qblock, t, start, residual, outliers, seed):
     n = 2 ** log_n
