@@ -1,5 +1,11 @@
-"""A run's event log, `train.jsonl`: one JSON event per line, flushed per line (framework-free:
-the trainer writes it, `dba report` and the plots read it)."""
+"""A run's event log, `train.jsonl`: one JSON record per line, flushed per line (framework-free:
+the trainer writes it, `dba report` and the plots read it).
+
+The records follow v29's format, so v29's own readers (its analysis plot, the upstream plotting
+scripts) read a dba run: each has a `"type"` (`meta`, `train`, `eval`, `analysis`, `done`, and
+dba's `nonfinite`) and v29's field names (`step`, `loss`, `lr`, `tok_s`; `train_loss`,
+`val_loss`, `best_val`; `config` and `args` in `meta`). dba runs written before this used the
+key `"event"`; `read_events` accepts both."""
 
 from __future__ import annotations
 
@@ -56,18 +62,28 @@ class JsonlLog:
             raise UserError(f"cannot write {self.path}: {os.strerror(e.errno) if e.errno else e}", 1) from None
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
-        rec = {"event": event, "time": round(datetime.datetime.now().timestamp(), 3)}
+        """Append one record; v29's key `"type"` names its kind on disk. The returned dict also
+        carries it as `"event"` (what dba's readers used before), as `read_events` gives it."""
+        rec = {"type": event, "time": round(datetime.datetime.now().timestamp(), 3)}
         rec.update(clean_record(fields))
         self._write(json.dumps(rec, sort_keys=False) + "\n")
-        return rec
+        return {**rec, "event": event}
 
     def close(self) -> None:
         if not self._f.closed:
             self._f.close()
 
 
+def event_kind(rec: dict[str, Any]) -> str | None:
+    """A record's kind: v29's `"type"` (what dba writes now) or `"event"` (dba runs before)."""
+    kind = rec.get("type", rec.get("event"))
+    return kind if isinstance(kind, str) else None
+
+
 def read_events(path: str | Path, event: str | None = None) -> list[dict[str, Any]]:
-    """Events of a train.jsonl (optionally one kind), skipping a torn last line."""
+    """Records of a train.jsonl (optionally one kind), skipping a torn last line and lines that
+    are not records. Old (`"event"`) and new (`"type"`) records both load; each returned record
+    carries its kind under both keys."""
     out = []
     with open(path, encoding="utf-8") as f:
         for line in f:
@@ -75,6 +91,8 @@ def read_events(path: str | Path, event: str | None = None) -> list[dict[str, An
                 rec = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if event is None or rec.get("event") == event:
-                out.append(rec)
+            kind = event_kind(rec) if isinstance(rec, dict) else None
+            if kind is None or (event is not None and kind != event):
+                continue
+            out.append({**rec, "type": kind, "event": kind})
     return out

@@ -381,6 +381,24 @@ def test_train_cli_refuses_oversized_step_before_the_run(monkeypatch, capsys, da
     assert not holds_run(out)
 
 
+def test_event_log_reads_v29_and_old_dba_records(tmp_path):
+    """dba writes v29's "type" key; runs written with the old "event" key still load, and every
+    record read carries its kind under both keys."""
+    from dba.runlog import JsonlLog
+
+    path = tmp_path / "train.jsonl"
+    path.write_text('{"event": "meta", "config": {}}\n{"event": "eval", "step": 0, "val_loss": 5.5}\n[1, 2]\n')
+    log = JsonlLog(path)
+    returned = log.write("eval", step=4, val_loss=4.0)
+    log.close()
+    assert returned["type"] == returned["event"] == "eval"
+    assert json.loads(path.read_text().splitlines()[-1])["type"] == "eval"
+    assert "event" not in json.loads(path.read_text().splitlines()[-1])
+    evals = read_events(path, "eval")
+    assert [(e["step"], e["type"], e["event"]) for e in evals] == [(0, "eval", "eval"), (4, "eval", "eval")]
+    assert [e["type"] for e in read_events(path)] == ["meta", "eval", "eval"]
+
+
 def test_jsonl_log_survives_a_torn_line(tmp_path):
     """A run killed mid-line leaves a torn last line: the next writer ends it first."""
     from dba.runlog import JsonlLog

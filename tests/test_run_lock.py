@@ -66,7 +66,7 @@ def test_second_run_is_refused_and_changes_nothing_while_readers_work(data, tmp_
     finally:
         code, text = first.stop()
     assert code == 143, text
-    metas = [line for line in (out / "train.jsonl").read_text().splitlines() if '"event": "meta"' in line]
+    metas = [line for line in (out / "train.jsonl").read_text().splitlines() if '"type": "meta"' in line]
     assert len(metas) == 1 and '"seed": 7' in metas[0]
 
 

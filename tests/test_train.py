@@ -91,6 +91,16 @@ def test_seed_flags_end_to_end_artifacts(seed_run):
     assert done["compiles"] == 2 and done["trace_count"] == 2 and done["lengths"] == [16, 32]
     assert done["best_val"] == min(e["val_loss"] for e in evals if e["step"] > 0)
 
+    # On disk the records are v29's: a "type" key and v29's field names, for v29's own readers.
+    raw = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    assert all("type" in rec and "event" not in rec for rec in raw)
+    need = {"meta": {"config", "args"}, "train": {"step", "loss", "lr", "tok_s"},
+            "eval": {"step", "train_loss", "val_loss", "best_val"}, "done": {"step", "best_val"}}
+    for kind, fields in need.items():
+        recs = [rec for rec in raw if rec["type"] == kind]
+        assert recs and all(fields <= set(rec) for rec in recs), kind
+    assert raw[0]["args"]["seq_schedule"] == raw[0]["flags"]["seq_schedule"]
+
     summary = (out / "summary.md").read_text()
     for needle in ("# Run Summary", "- Created:", "- Out dir:", "- Device:", "- Command: `dba train", "## Model Config",
                    "## Training Args", "## Results", "- Best val loss:", "## KV Cache Memory (batch=1)",

@@ -587,7 +587,8 @@ class Run:
         c = self.config
         self.log = JsonlLog(self.out / "train.jsonl") if self.main else Silent()
         self.log.write("meta", argv=list(self.argv), command=self.command, run_dir=str(self.out), run_name=self.name,
-                       flags=c.to_flags(), explicit=sorted(c.explicit), config=self.cfg.to_dict(), env=self.env,
+                       flags=c.to_flags(), args=c.to_flags(), explicit=sorted(c.explicit), config=self.cfg.to_dict(),
+                       env=self.env,
                        n_params=self.cfg.num_params(), context=self.context,
                        resumed_from=self.progress.step if self.resume_meta is not None else None,
                        init_from=self.init_info["source"] if self.init_info else None,
