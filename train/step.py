@@ -40,40 +40,18 @@ from dba.resources import host_memory_bytes
 from dba.units import human_bytes
 from jax_model.model import DBAModel
 from train import sharding
+from train.faults import (  # noqa: F401 (re-exported: other modules import them from here)
+    FAULT_ENV,
+    FAULT_RING,
+    NONFINITE_GRAD,
+    NONFINITE_LOSS,
+    fault_points,
+    nonfinite_kind_text,
+)
 from train.grad_norms import group_grad_norms
 from train.optim import _find_hparams
 
 _MALLOC_TUNED: bool | None = None
-
-FAULT_ENV = "DBA_FAULT"
-FAULT_RING = 16  # the device keeps the step and kind of this many latest non-finite steps
-NONFINITE_LOSS, NONFINITE_GRAD = 1, 2  # bits of a non-finite step's kind
-
-
-def fault_points(name: str) -> set[int]:
-    """TEST-ONLY fault injection: the steps given to hook `name` in the DBA_FAULT environment
-    variable, a comma-separated list of `hook:step` (e.g. `nan_loss_at:5,kill_in_save:8`).
-
-    Hooks (read where they act): nan_loss_at / nan_grad_at (here), kill_in_save / enospc_in_save /
-    kill_after_save (train/orbax_checkpoints.py), pause_at_step (train/run.py). Used by
-    tests/test_faults.py to inject crashes, disk-full errors and NaNs at exact points of a real
-    run; never set it for real training.
-    """
-    out: set[int] = set()
-    for item in os.environ.get(FAULT_ENV, "").split(","):
-        hook, _, arg = item.strip().partition(":")
-        if hook == name:
-            try:
-                out.add(int(arg))
-            except ValueError:
-                raise UserError(f"{FAULT_ENV}: bad item {item.strip()!r} (expected {name}:STEP)", 2) from None
-    return out
-
-
-def nonfinite_kind_text(kind: int) -> str:
-    parts = [n for bit, n in ((NONFINITE_LOSS, "loss"), (NONFINITE_GRAD, "grad_norm")) if kind & bit]
-    return " and ".join(parts) or "unknown"
-
 
 def device_memory_limit(device: Any) -> int | None:
     """Bytes the train step may use on `device`: the allocator's `bytes_limit` where the platform
@@ -357,6 +335,12 @@ class Stepper:
 
     def eval_loss(self, x_NBT, y_NBT) -> jax.Array:
         return self._eval(self.params, x_NBT, y_NBT)
+
+    @staticmethod
+    def fetch(metrics: dict[str, Any]) -> dict[str, Any]:
+        """Device metrics (`train_step`'s dict) -> Python floats and ints: the sync point
+        (train/torch_step.py's TorchStepper has the same method)."""
+        return {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}
 
     @property
     def compiles(self) -> int:
