@@ -337,10 +337,11 @@ class Stepper:
         return self._eval(self.params, x_NBT, y_NBT)
 
     @staticmethod
-    def fetch(metrics: dict[str, Any]) -> dict[str, Any]:
-        """Device metrics (`train_step`'s dict) -> Python floats and ints: the sync point
-        (train/torch_step.py's TorchStepper has the same method)."""
-        return {k: np.asarray(v).item() for k, v in jax.device_get(metrics).items()}
+    def fetch(values: Any) -> Any:
+        """Device scalars (`train_step`'s dict, an `eval_loss`, or a tuple/list/dict of them) ->
+        the same structure of Python floats and ints: the sync point (train/torch_step.py's
+        TorchStepper has the same method)."""
+        return jax.tree.map(lambda v: np.asarray(v).item(), jax.device_get(values))
 
     @property
     def compiles(self) -> int:
