@@ -1,0 +1,157 @@
+"""The torch trainer's pieces equal the JAX trainer's, on the same weights and batches:
+
+- `TorchStepper` (train/torch_step.py) vs the JAX `Stepper` (train/step.py): 20 fp32 CPU steps
+  with grad_accum 2 and a warmup + cosine schedule give the same loss, gradient norm (total and
+  per group) and learning rate at every step, for adamw, lion (paper) and lion_v29;
+- a non-finite step (DBA_FAULT nan_grad_at / nan_loss_at) is skipped and recorded the same way;
+- torch_ref/analysis.py's pass equals train/analysis.py's for every attention mode.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import jax_model
+import torch_ref
+from bench.parity_cases import (
+    build_jax,
+    build_torch,
+    make_config,
+    random_state,
+    random_tokens,
+)
+from dba.config import ModelConfig
+from torch_ref.analysis import Analyzer as TorchAnalyzer
+from torch_ref.analysis import analyse as torch_analyse
+from train.analysis import AnalysisSpec
+from train.analysis import analyse as jax_analyse
+from train.analysis_spec import summarise
+from train.batches import train_batch
+from train.optim import build_optimizer
+from train.step import Stepper
+from train.torch_step import TorchStepper
+
+
+@pytest.fixture(autouse=True)
+def _torch_one_thread():
+    """Tiny models: one intra-op thread is much faster than two on a busy 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+CFG = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=3, d_model=48, d_ff=96, embed_dim=48,
+                  attn_mode="decoupled", attn_dim=48, sem_dim=12, geo_dim=24)
+STEPS, ACCUM, BATCH, SEQ = 20, 2, 4, 16
+
+
+def _stream(n=6000, seed=0):
+    """A learnable token stream (a noisy periodic pattern) so the loss really moves."""
+    rng = np.random.default_rng(seed)
+    base = np.arange(n) * 7 % 97
+    return np.where(rng.random(n) < 0.2, rng.integers(0, 97, n), base).astype(np.int32)
+
+
+def _pair(cfg, opt, *, steps=STEPS, accum=ACCUM, **kw):
+    """(JAX Stepper, TorchStepper) from the same weights with the same optimizer knobs."""
+    tm = torch_ref.DBAModel(cfg)
+    torch.manual_seed(0)
+    state = torch_ref.canonical_state(tm)
+    jm = jax_model.load_canonical(jax_model.DBAModel(cfg), state)
+    knobs = {"lr": 3e-3 if opt == "adamw" else 1e-3, "total_steps": steps, "grad_clip": 0.5,
+             "lr_schedule": "cosine", "warmup_steps": 4, "min_lr": 1e-4, "weight_decay": 0.1}
+    knobs.update(kw)
+    js = Stepper(jm, build_optimizer(opt, **knobs), seed=0)
+    ts = TorchStepper(tm, opt, seed=0, **knobs)
+    return js, ts
+
+
+def _run(js, ts, steps=STEPS, accum=ACCUM):
+    tokens = _stream()
+    jm, tmx = [], []
+    for step in range(steps):
+        x, y = train_batch(tokens, batch_size=BATCH, grad_accum=accum, seed=0, seq_len=SEQ, step=step)
+        jm.append(js.fetch(js.train_step(x, y, step)))
+        tmx.append(ts.fetch(ts.train_step(ts.put_batch(x), ts.put_batch(y), step)))
+    return jm, tmx
+
+
+def _col(rows, key):
+    return np.array([r[key] for r in rows], np.float64)
+
+
+@pytest.mark.parametrize("opt", ["adamw", "lion", "lion_v29"])
+def test_torch_stepper_matches_jax_stepper(opt):
+    js, ts = _pair(CFG, opt)
+    jm, tmx = _run(js, ts)
+    assert set(jm[0]) == set(tmx[0])
+    jl, tl = _col(jm, "loss"), _col(tmx, "loss")
+    gap = float(np.max(np.abs(jl - tl)))
+    print(f"\n{opt}: max |loss gap| over {STEPS} steps = {gap:.3g}; "
+          f"max grad_norm rel gap = {np.max(np.abs(_col(jm, 'grad_norm') / _col(tmx, 'grad_norm') - 1)):.3g}")
+    assert jl[-1] < jl[0] - 0.1  # it trains
+    assert gap < 1e-4
+    for key in jm[0]:
+        if key.startswith("grad_norm"):
+            np.testing.assert_allclose(_col(tmx, key), _col(jm, key), rtol=1e-3, err_msg=key)
+    np.testing.assert_allclose(_col(tmx, "lr"), _col(jm, "lr"), rtol=1e-6, atol=1e-12)
+    assert _col(tmx, "lr")[0] == 0.0 and _col(tmx, "lr")[4] == pytest.approx(ts.lr)  # warmup, then the peak
+    assert all(r["nonfinite_count"] == 0 for r in tmx)
+    # the weights agree too, under canonical names
+    jw = jax_model.canonical_state(js.model())
+    for name, w in ts.canonical_state().items():
+        np.testing.assert_allclose(w, jw[name], rtol=0, atol=2e-4, err_msg=name)
+
+
+def test_tie_qk_null_attn_wd_exempt_match():
+    cfg = CFG.replace(tie_qk=True, null_attn=True, embed_dim=36)
+    js, ts = _pair(cfg, "adamw", steps=8, wd_exempt_1d=True)
+    jm, tmx = _run(js, ts, steps=8, accum=1)
+    assert float(np.max(np.abs(_col(jm, "loss") - _col(tmx, "loss")))) < 1e-4
+    for key in ("grad_norm_embed", "grad_norm_attn_sem", "grad_norm_attn_geo", "lr"):
+        np.testing.assert_allclose(_col(tmx, key), _col(jm, key), rtol=1e-3, err_msg=key)
+
+
+@pytest.mark.parametrize("fault", ["nan_grad_at", "nan_loss_at"])
+def test_nonfinite_step_skipped_like_jax(monkeypatch, fault):
+    monkeypatch.setenv("DBA_FAULT", f"{fault}:3")  # the third step (step index 2)
+    js, ts = _pair(CFG, "adamw", steps=6)
+    jm, tmx = _run(js, ts, steps=6)
+    assert js.nonfinite_record() == ts.nonfinite_record() == (1, [(3, 2 if fault == "nan_grad_at" else 1)])
+    assert [r["nonfinite_count"] for r in tmx] == [r["nonfinite_count"] for r in jm] == [0, 0, 1, 1, 1, 1]
+    # the lr logged at the skipped step is the previous one, and the schedule does not advance
+    np.testing.assert_allclose(_col(tmx, "lr"), _col(jm, "lr"), rtol=1e-6)
+    assert tmx[2]["lr"] == tmx[1]["lr"] and tmx[3]["lr"] == pytest.approx(2 * tmx[1]["lr"])
+    good = [i for i in range(6) if i != 2]
+    assert float(np.max(np.abs(_col(jm, "loss")[good] - _col(tmx, "loss")[good]))) < 1e-4
+
+
+# -- analysis -----------------------------------------------------------------------------
+CASES = [("decoupled", ("null",)), ("decoupled", ("tie_qk",)), ("standard", ()), ("bottleneck", ("null",)),
+         ("gqa", ("null",)), ("gqa", ())]
+
+
+@pytest.mark.parametrize("mode,options", CASES, ids=[f"{m}-{'+'.join(o) or 'base'}" for m, o in CASES])
+def test_torch_analysis_matches_jax(mode, options):
+    cfg = make_config(mode, options)
+    state = random_state(cfg, seed=3)
+    jm, tm = build_jax(cfg, state), build_torch(cfg, state)
+    idx = random_tokens(cfg, 2, 31, seed=5)
+    spec = AnalysisSpec(level="full", every=1, max_tokens=31, layers=(0, cfg.n_layer - 1), heads=(0, cfg.n_head - 1),
+                        topk=5, local_window=7, save_scores=True)
+    want = {k: np.asarray(v, np.float64) for k, v in jax_analyse(jm, idx.astype(np.int32), spec).items()}
+    got = {k: v.double().cpu().numpy() for k, v in torch_analyse(tm, torch.as_tensor(idx), spec).items()}
+    assert sorted(got) == sorted(want)
+    for name, ref in want.items():
+        assert got[name].shape == ref.shape, name
+        np.testing.assert_allclose(got[name], ref, rtol=2e-5, atol=2e-6, err_msg=name)
+    # the Analyzer: the same event numbers as the JAX one's
+    metrics, arrays = TorchAnalyzer(spec, cfg)(tm, idx[:1])
+    jmetrics, _ = summarise(jax_analyse(jm, idx[:1].astype(np.int32), spec), spec.level)
+    assert sorted(metrics) == sorted(jmetrics)
+    for k, v in jmetrics.items():
+        np.testing.assert_allclose(metrics[k], v, rtol=2e-5, atol=2e-6, err_msg=k)
+    assert all(a.dtype == np.float32 for a in arrays.values())

@@ -1,0 +1,542 @@
+"""The train and eval steps of `dba train --backend torch`: `TorchStepper`, the host API of
+train/step.py's `Stepper` over a torch_ref `DBAModel`. Never imports JAX.
+
+One optimizer step = A = grad_accum micro-batches (x, y int (A, B, T)), with the JAX step's
+semantics exactly (parity_tests/test_torch_train_parity.py checks them against it):
+
+- gradients: each micro-batch's mean cross-entropy is back-propagated on its own and the step's
+  gradient is the mean of the A micro-batch gradients (summed in fp32, divided by A, as the JAX
+  scan does); the step's loss is the mean of the A losses;
+- `grad_norm` is the global L2 norm of that gradient before clipping, `grad_norm_<group>` the
+  norms of train/grad_norms.py's groups (embed, attn, ffn; attn_sem / attn_geo when decoupled);
+- the update is the optax chain of train/optim.py written out with torch ops: optax's global-norm
+  clip (g untouched when norm < clip, else g / norm * clip), then AdamW (optax.adamw), Lion
+  (optax.lion, the paper's) or lion_v29, v29's decoupled weight decay (lr * (u + wd * p),
+  optionally not on embeddings and 1-D tensors), and the learning rate `schedule(count)` where
+  `count` is the number of updates applied so far (optax.inject_hyperparams' count), computed on
+  the device with optax's float32 formulas (train/optim.make_schedule);
+- a step whose loss or gradient norm is not finite applies nothing: parameters, moments and the
+  update count (hence the schedule) keep their values, selected on the device with torch.where,
+  and the step is recorded in a device-side ring like the JAX `Stepper.faults` (`FAULT_RING`
+  latest (step, kind)). `DBA_FAULT` nan_loss_at / nan_grad_at poison a step's loss / gradients
+  (train/faults.py).
+
+Nothing in `train_step` reads a value back to the host (no `.item()`, no data-dependent Python
+branch), so CUDA and MPS run the steps asynchronously; `fetch` is the sync point.
+
+The optimizer's arithmetic runs in the parameter dtype for fp32 parameters (bit-for-bit the
+order of optax's operations) and in fp32 for lower-precision parameters (bf16 / fp16 params are
+read up, updated in fp32 and stored back; moments are kept in the parameter dtype, as optax
+keeps them). Mixed precision (`amp=True`) runs the forward under `torch.autocast` in bf16 or
+fp16; the logits and the loss stay fp32 (torch_ref's `unembed` returns fp32 logits). fp16 uses a
+dynamic loss scale (2^16 at the start, halved on an overflowing step, doubled after 2000 good
+steps, all on the device): an overflow step is skipped like a non-finite one but is not
+recorded as one while the scale can still go down.
+
+Dropout: before each micro-batch the torch generator is seeded from (seed, step, micro-batch)
+(`torch.manual_seed`), so dropout masks depend on the step only and a resumed run draws the same
+masks as an uninterrupted one (not the JAX masks: bit equality with JAX dropout is not a goal).
+
+`compile=True` wraps the micro-batch loss in `torch.compile` (not on MPS). `compile_for` (and the
+first step of a new batch shape) runs one forward + backward on zeros of that shape so the
+compile happens there and is timed into `compile_s`; if compiling fails the stepper falls back to
+eager mode and says why in `compile_note`. On CUDA the peak allocator memory of a shape's first
+step is kept in `memory_bytes[shape]`, and running out of device memory is a one-line UserError.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from dba.errors import UserError
+from dba.optimizers import DEFAULT_BETAS, check_optimizer
+from dba.units import human_bytes
+from torch_ref.model import DBAModel
+from torch_ref.weights_io import canonical_state
+from train.faults import FAULT_RING, NONFINITE_GRAD, NONFINITE_LOSS, fault_points
+
+_SEM = ("q_sem", "k_sem", "k_sem_null")
+_GEO = ("q_geo", "k_geo", "k_geo_null")
+AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+SCALE_INIT, SCALE_GROWTH_EVERY, SCALE_MAX = 2.0 ** 16, 2000, 2.0 ** 24
+
+
+def param_groups(names: list[str], decoupled: bool) -> list[str]:
+    """The grad-norm groups of one parameter, given its dotted name split on '.'
+    (train/grad_norms.param_groups' rule, here without importing JAX)."""
+    groups = []
+    if names and names[0] in ("tok_emb", "emb_in", "emb_out"):
+        groups.append("embed")
+    if "attn" in names:
+        groups.append("attn")
+        if decoupled:
+            i = names.index("attn") + 1
+            owner = names[i] if i < len(names) else ""
+            if owner in _SEM:
+                groups.append("attn_sem")
+            elif owner in _GEO:
+                groups.append("attn_geo")
+    if "ff" in names:
+        groups.append("ffn")
+    return groups
+
+
+def group_names(decoupled: bool) -> tuple[str, ...]:
+    return ("embed", "attn", "ffn") + (("attn_sem", "attn_geo") if decoupled else ())
+
+
+def _decays(name: str, p: torch.Tensor, wd_exempt_1d: bool) -> bool:
+    """train/optim.decay_mask's rule: all parameters decay unless wd_exempt_1d, which exempts
+    embeddings ("tok_emb" in the name) and tensors with ndim <= 1."""
+    return not (wd_exempt_1d and ("tok_emb" in name or p.ndim <= 1))
+
+
+def _dropout_seed(seed: int, step: int, micro: int) -> int:
+    return int(np.random.SeedSequence([int(seed) & 0xFFFFFFFF, int(step), int(micro), 0xD8A]).generate_state(1, np.uint64)[0]
+               & 0x7FFF_FFFF_FFFF_FFFF)
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
+
+
+class TorchStepper:
+    """Train/eval steps of a torch_ref `DBAModel` (already on its device, in the parameter dtype
+    it trains in) with the optimizer `optimizer` ('adamw' | 'lion' | 'lion_v29') and the knobs of
+    train/optim.build_optimizer.
+
+    `train_step(x_ABT, y_ABT, step)` returns 0-d device tensors {loss, grad_norm, lr,
+    nonfinite_count, grad_norm_<group>...} without syncing; `fetch(metrics)` turns them into
+    Python numbers; `eval_loss(X_NBT, Y_NBT)` is the mean loss over N batches (a 0-d tensor).
+    `model` is the live module the steps update.
+    """
+
+    def __init__(self, model: DBAModel, optimizer: str = "adamw", *, lr: float, total_steps: int, betas=None,
+                 eps: float = 1e-8, weight_decay: float = 0.0, wd_exempt_1d: bool = False, grad_clip: float = 1.0,
+                 lr_schedule: str = "constant", warmup_steps: int = 0, min_lr: float = 0.0, seed: int = 0,
+                 device: str | torch.device | None = None, amp: bool = False, amp_dtype: str = "bf16",
+                 compile: bool = False):
+        check_optimizer(optimizer, lr=float(lr), weight_decay=float(weight_decay), lr_schedule=lr_schedule,
+                        warmup_steps=int(warmup_steps), total_steps=total_steps, min_lr=float(min_lr))
+        if amp_dtype not in AMP_DTYPES:
+            raise UserError(f"amp dtype must be one of {', '.join(AMP_DTYPES)}, got {amp_dtype!r}")
+        self.model = model
+        self.cfg = model.cfg
+        self.device = torch.device(device) if device is not None else model.device
+        if self.device != model.device:
+            raise ValueError(f"the model is on {model.device}, not on {self.device}: move it there first")
+        self.optimizer = optimizer
+        self.b1, self.b2 = (float(b) for b in (DEFAULT_BETAS[optimizer] if betas is None else betas))
+        self.eps, self.wd = float(eps), float(weight_decay)
+        self.grad_clip = float(grad_clip) if grad_clip is not None and float(grad_clip) > 0 else None
+        self.lr, self.total_steps, self.min_lr = float(lr), int(total_steps), float(min_lr)
+        self.lr_schedule, self.warmup_steps = lr_schedule, int(warmup_steps)
+        self.seed = int(seed)
+        self.dropout = self.cfg.dropout > 0
+        self.decoupled = self.cfg.attn_mode == "decoupled"
+        self.amp = bool(amp)
+        self.amp_dtype = AMP_DTYPES[amp_dtype]
+
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+        self.param_names = [n for n, _ in named]
+        self._params = [p for _, p in named]
+        self._decay = [_decays(n, p, wd_exempt_1d) for n, p in named]
+        self._groups = {g: [i for i, n in enumerate(self.param_names) if g in param_groups(n.split("."), self.decoupled)]
+                        for g in group_names(self.decoupled)}
+
+        dev = self.device
+        with torch.no_grad():
+            self._count = torch.zeros((), dtype=torch.int32, device=dev)  # updates applied (optax's count)
+            self._lr_used = self._schedule(self._count)  # inject_hyperparams' learning_rate: schedule(0) at init
+            self.mu = [torch.zeros_like(p) for p in self._params]
+            self.nu = [torch.zeros_like(p) for p in self._params] if optimizer == "adamw" else []
+        self._scaled = self.amp and self.amp_dtype == torch.float16
+        if self._scaled:
+            self._scale = torch.full((), SCALE_INIT, dtype=torch.float32, device=dev)
+            self._good = torch.zeros((), dtype=torch.int32, device=dev)
+        self.set_nonfinite_count(0)
+        # TEST-ONLY hooks (DBA_FAULT): steps (1-based) whose loss / gradients are made NaN.
+        self._nan_loss_at = fault_points("nan_loss_at")
+        self._nan_grad_at = fault_points("nan_grad_at")
+
+        self.trace_count = 0  # new batch shapes seen (one compile each with compile=True)
+        self.compile_s = 0.0
+        self.compile_note: str | None = None
+        self._shapes: set[tuple[int, ...]] = set()
+        self._ran: set[tuple[int, ...]] = set()
+        self.memory_bytes: dict[tuple, int] = {}
+        self.memory_limit: int | None = (int(torch.cuda.get_device_properties(dev).total_memory)
+                                         if dev.type == "cuda" else None)
+        self._loss_fn = self._micro_loss
+        self.compiling = False
+        if compile:
+            if dev.type == "mps":
+                self.compile_note = "torch.compile is not used on mps; training eagerly"
+            else:
+                try:
+                    self._loss_fn = torch.compile(self._micro_loss)
+                    self.compiling = True
+                except Exception as e:  # noqa: BLE001 (any failure -> eager, said once)
+                    self.compile_note = f"torch.compile unavailable ({_first_line(e)}); training eagerly"
+
+    # -- pieces ----------------------------------------------------------------------------
+    def _autocast(self):
+        if not self.amp:
+            return nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+    def _micro_loss(self, x_BT: torch.Tensor, y_BT: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy of one micro-batch, fp32 (the model's logits are fp32)."""
+        with self._autocast():
+            logits = self.model(x_BT)
+        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y_BT.reshape(-1))
+
+    def _schedule(self, count: torch.Tensor) -> torch.Tensor:
+        """lr = schedule(count), fp32 on the device: train/optim.make_schedule's optax
+        schedules (linear warmup from 0, then constant or cosine to min_lr), same formulas."""
+        lr, w, total = self.lr, self.warmup_steps, self.total_steps
+        f32 = torch.float32
+
+        def warmup(k):  # optax.linear_schedule(0, lr, w): (init - end) * frac + end
+            frac = 1 - torch.clamp(k, 0, w).to(f32) / w
+            return (0.0 - lr) * frac + lr
+
+        def cosine(k, decay_steps):  # optax.cosine_decay_schedule(lr, decay_steps, alpha)
+            alpha = 0.0 if lr == 0 else self.min_lr / lr
+            c = torch.clamp(k.to(f32), max=float(decay_steps))
+            cos = 0.5 * (1 + torch.cos(math.pi * c / float(decay_steps)))
+            return lr * ((1 - alpha) * cos + alpha)
+
+        const = torch.full((), lr, dtype=f32, device=count.device)
+        if self.lr_schedule == "constant":
+            return const if w == 0 else torch.where(count < w, warmup(count), const)
+        if w == 0:
+            return cosine(count, total)
+        return torch.where(count < w, warmup(count), cosine(count - w, total - w))
+
+    def _reset_grads(self) -> None:
+        for p in self._params:
+            p.grad = None
+
+    def _shape_key(self, x_ABT) -> tuple[int, ...]:
+        shape = tuple(int(s) for s in (x_ABT if isinstance(x_ABT, (tuple, list)) else x_ABT.shape))
+        if len(shape) != 3:
+            raise ValueError(f"train batches are (A, B, T), got shape {shape}")
+        return shape
+
+    def _oom(self, e: BaseException, key: tuple[int, ...]) -> UserError:
+        a, b, t = key
+        limit = "" if self.memory_limit is None else f" (the device has {human_bytes(self.memory_limit, 'iec')})"
+        return UserError(
+            f"the train step for batch {b} x seq {t} x accum {a} ran out of {self.device.type} memory{limit}: "
+            f"{_first_line(e)}; reduce --batch-size (and raise --grad-accum to keep the global batch), the "
+            f"sequence length or the model", 1)
+
+    # -- host API ------------------------------------------------------------------------
+    def local_rows(self, global_batch: int) -> slice:
+        """Rows of a global (A, B, T) batch this process feeds: all of them (one process)."""
+        return slice(0, int(global_batch))
+
+    def put_batch(self, local_ABT) -> torch.Tensor:
+        """A host batch (numpy ints) -> an int64 tensor on the device (copied from pinned memory
+        without blocking on CUDA)."""
+        if torch.is_tensor(local_ABT):
+            return local_ABT.to(self.device, torch.long)
+        t = torch.from_numpy(np.ascontiguousarray(np.asarray(local_ABT), dtype=np.int64))
+        if self.device.type == "cuda":
+            return t.pin_memory().to(self.device, non_blocking=True)
+        if self.device.type == "cpu":
+            return t
+        return t.to(self.device, non_blocking=True)
+
+    def compile_for(self, x_ABT, y_ABT=None) -> float:
+        """Get the step ready for this batch shape (an (A, B, T) array, tensor, anything with a
+        `.shape`, or the shape itself); returns the compile seconds (0.0 when already seen or not
+        compiling). With torch.compile, one forward + backward on zeros of one micro-batch
+        compiles the graphs here; a failure falls back to eager (`compile_note`)."""
+        del y_ABT
+        key = self._shape_key(x_ABT)
+        if key in self._shapes:
+            return 0.0
+        self._shapes.add(key)
+        self.trace_count += 1
+        if not self.compiling:
+            return 0.0
+        _, b, t = key
+        zeros = torch.zeros((b, t), dtype=torch.long, device=self.device)
+        was_training = self.model.training
+        self.model.train()
+        t0 = time.perf_counter()
+        try:
+            with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+                loss = self._loss_fn(zeros, zeros)
+                loss.backward()
+            if self.device.type == "cuda":
+                torch.cuda.synchronize(self.device)
+        except torch.OutOfMemoryError as e:
+            self._reset_grads()
+            raise self._oom(e, key) from None
+        except Exception as e:  # noqa: BLE001 (any compiler failure: train eagerly)
+            self._loss_fn, self.compiling = self._micro_loss, False
+            self.compile_note = f"torch.compile failed for batch {b} x seq {t} ({_first_line(e)}); training eagerly"
+            return 0.0
+        finally:
+            self._reset_grads()
+            self.model.train(was_training)
+        dt = time.perf_counter() - t0
+        self.compile_s += dt
+        return dt
+
+    def train_step(self, x_ABT, y_ABT, step: int) -> dict[str, torch.Tensor]:
+        """One optimizer step (async: nothing is read back from the device)."""
+        x_ABT, y_ABT = self.put_batch(x_ABT), self.put_batch(y_ABT)
+        key = self._shape_key(x_ABT)
+        self.compile_for(x_ABT, y_ABT)
+        first = key not in self._ran and self.device.type == "cuda"
+        if first:
+            torch.cuda.reset_peak_memory_stats(self.device)
+        try:
+            metrics = self._step(x_ABT, y_ABT, int(step))
+        except torch.OutOfMemoryError as e:
+            self._reset_grads()
+            raise self._oom(e, key) from None
+        if first:
+            self.memory_bytes[key] = int(torch.cuda.max_memory_allocated(self.device))
+        self._ran.add(key)
+        return metrics
+
+    def _step(self, x_ABT: torch.Tensor, y_ABT: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        model, params = self.model, self._params
+        n_micro = int(x_ABT.shape[0])
+        model.train()
+        self._reset_grads()
+        low = [p.dtype != torch.float32 for p in params]
+        acc: list[torch.Tensor | None] | None = None  # fp32 sums for low-precision params (A > 1)
+        loss_sum = None
+        for i in range(n_micro):
+            if self.dropout:
+                torch.manual_seed(_dropout_seed(self.seed, step, i))
+            loss_i = self._loss_fn(x_ABT[i], y_ABT[i])
+            (loss_i * self._scale if self._scaled else loss_i).backward()
+            loss_i = loss_i.detach()
+            loss_sum = loss_i if loss_sum is None else loss_sum + loss_i
+            if n_micro > 1 and any(low):
+                if acc is None:
+                    acc = [None] * len(params)
+                for j, p in enumerate(params):
+                    if low[j] and p.grad is not None:
+                        g = p.grad.float()
+                        acc[j] = g if acc[j] is None else acc[j] + g
+                        p.grad = None
+        with torch.no_grad():
+            grads = []
+            for j, p in enumerate(params):
+                g = acc[j] if acc is not None and low[j] else p.grad
+                if g is None:
+                    g = torch.zeros_like(p, dtype=torch.float32 if (n_micro > 1 and low[j]) else p.dtype)
+                if self._scaled:
+                    g = g.float() / self._scale
+                if n_micro > 1:  # the mean of the micro-batch gradients (fp32 sum / A)
+                    g = (g / n_micro).to(p.dtype)
+                elif self._scaled:
+                    g = g.to(p.dtype)
+                grads.append(g)
+            self._reset_grads()
+            loss = loss_sum / n_micro if n_micro > 1 else loss_sum
+            poison_grad = step + 1 in self._nan_grad_at
+            if step + 1 in self._nan_loss_at:  # test-only (DBA_FAULT): the gradients stay finite
+                loss = loss * float("nan")
+            if poison_grad:  # test-only (DBA_FAULT): the loss stays finite
+                grads = [g * float("nan") for g in grads]
+            return self._apply(grads, loss, step, poison_grad)
+
+    def _apply(self, grads: list[torch.Tensor], loss: torch.Tensor, step: int,
+               poisoned: bool) -> dict[str, torch.Tensor]:
+        """Norms, clip, optimizer update and the non-finite selection, all on the device."""
+        sq = [torch.linalg.vector_norm(g, 2, dtype=torch.float32).square() for g in grads]
+        grad_norm = torch.stack(sq).sum().sqrt()
+        zero = torch.zeros((), dtype=torch.float32, device=self.device)
+        group_norms = {f"grad_norm_{g}": (torch.stack([sq[i] for i in idx]).sum() if idx else zero).sqrt()
+                       for g, idx in self._groups.items()}
+        loss_ok, grad_ok = torch.isfinite(loss), torch.isfinite(grad_norm)
+        ok = loss_ok & grad_ok
+        record = ~ok
+        if self._scaled:  # an fp16 overflow the scale can still back off from: skipped, not recorded
+            overflow = loss_ok & ~grad_ok & (self._scale > 1.0)
+            if poisoned:
+                overflow = torch.zeros_like(overflow)
+            record = record & ~overflow
+
+        if self.grad_clip is not None:  # optax.clip_by_global_norm
+            trigger = grad_norm < self.grad_clip
+            grads = [torch.where(trigger, g, g / grad_norm.to(g.dtype) * self.grad_clip) for g in grads]
+
+        lr = self._schedule(self._count)
+        new_count = self._count + 1
+        neg_lr = -lr
+        b1, b2 = self.b1, self.b2
+        if self.optimizer == "adamw":
+            bc1 = 1 - torch.pow(b1, new_count.to(torch.float32))
+            bc2 = 1 - torch.pow(b2, new_count.to(torch.float32))
+        for j, (p, g) in enumerate(zip(self._params, grads)):
+            full = p.dtype == torch.float32
+            p32, g32, m32 = (p, g, self.mu[j]) if full else (p.float(), g.float(), self.mu[j].float())
+            if self.optimizer == "adamw":  # optax.scale_by_adam
+                v32 = self.nu[j] if full else self.nu[j].float()
+                m_new = (1 - b1) * g32 + b1 * m32
+                v_new = (1 - b2) * (g32 * g32) + b2 * v32
+                u = (m_new / bc1) / (torch.sqrt(v_new / bc2) + self.eps)
+            elif self.optimizer == "lion":  # optax.scale_by_lion
+                u = torch.sign((1 - b1) * g32 + b1 * m32)
+                m_new = (1 - b2) * g32 + b2 * m32
+            else:  # lion_v29 (train/optim.lion_v29)
+                c = b1 * m32 + (1 - b1) * g32
+                u = torch.sign(c)
+                m_new = b2 * c + (1 - b2) * g32
+            if self._decay[j] and self.wd != 0.0:  # optax.add_decayed_weights
+                u = u + self.wd * p32
+            p_new = p32 + u * neg_lr  # scale_by_learning_rate, apply_updates
+            p.copy_(torch.where(ok, p_new.to(p.dtype), p))
+            self.mu[j].copy_(torch.where(ok, m_new.to(p.dtype), self.mu[j]))
+            if self.optimizer == "adamw":
+                self.nu[j].copy_(torch.where(ok, v_new.to(p.dtype), self.nu[j]))
+        self._count = torch.where(ok, new_count, self._count)
+        self._lr_used = torch.where(ok, lr, self._lr_used)
+        if self._scaled:
+            good = torch.where(ok, self._good + 1, torch.zeros_like(self._good))
+            grow = good >= SCALE_GROWTH_EVERY
+            scale = torch.where(grow, torch.clamp(self._scale * 2.0, max=SCALE_MAX), self._scale)
+            self._scale = torch.where(loss_ok & ~grad_ok, torch.clamp(scale * 0.5, min=1.0), scale)
+            self._good = torch.where(grow, torch.zeros_like(good), good)
+
+        kind = (torch.where(loss_ok, 0, NONFINITE_LOSS) + torch.where(grad_ok, 0, NONFINITE_GRAD)).to(torch.int32)
+        f = self.faults
+        at = (self._ring == f["count"] % FAULT_RING) & record
+        self.faults = {"count": f["count"] + record.to(torch.int32),
+                       "steps": torch.where(at, torch.full_like(f["steps"], step + 1), f["steps"]),
+                       "kinds": torch.where(at, kind, f["kinds"])}
+        return {"loss": loss, "grad_norm": grad_norm, "lr": self._lr_used, "nonfinite_count": self.faults["count"],
+                **group_norms}
+
+    @staticmethod
+    def fetch(values: Any) -> Any:
+        """Device scalars (`train_step`'s dict, an `eval_loss`, or a tuple/list/dict of them) ->
+        the same structure of Python floats and ints: the sync point."""
+        if torch.is_tensor(values):
+            return values.item()
+        if isinstance(values, dict):
+            tensors = [v for v in values.values() if torch.is_tensor(v) and v.numel() == 1]
+            if len(tensors) == len(values) and tensors and len({t.device for t in tensors}) == 1:
+                # one transfer for the whole dict; fp32 holds the int counts exactly (< 2^24)
+                flat = torch.stack([t.reshape(()).to(torch.float32) for t in tensors]).tolist()
+                return {k: (int(x) if not (t.dtype.is_floating_point or t.dtype.is_complex) else x)
+                        for (k, t), x in zip(values.items(), flat)}
+            return {k: TorchStepper.fetch(v) for k, v in values.items()}
+        if isinstance(values, (tuple, list)):
+            return type(values)(TorchStepper.fetch(v) for v in values)
+        return values
+
+    def eval_loss(self, x_NBT, y_NBT) -> torch.Tensor:
+        """Mean loss over N batches (eval mode, no dropout, autocast as in training): 0-d fp32."""
+        x_NBT, y_NBT = self.put_batch(x_NBT), self.put_batch(y_NBT)
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            with torch.no_grad():
+                total = torch.zeros((), dtype=torch.float32, device=self.device)
+                for i in range(int(x_NBT.shape[0])):
+                    total = total + self._micro_loss(x_NBT[i], y_NBT[i])
+        finally:
+            self.model.train(was_training)
+        return total / int(x_NBT.shape[0])
+
+    # -- non-finite record ----------------------------------------------------------------
+    def set_nonfinite_count(self, count: int) -> None:
+        """Start the non-finite step count at `count` (a resumed run continues its count)."""
+        dev = self.device
+        self._ring = torch.arange(FAULT_RING, dtype=torch.int32, device=dev)
+        self.faults = {"count": torch.full((), int(count), dtype=torch.int32, device=dev),
+                       "steps": torch.zeros(FAULT_RING, dtype=torch.int32, device=dev),
+                       "kinds": torch.zeros(FAULT_RING, dtype=torch.int32, device=dev)}
+
+    def nonfinite_record(self) -> tuple[int, list[tuple[int, int]]]:
+        """(count, [(step, kind), ...] of the last min(count, FAULT_RING) non-finite steps, oldest
+        first). Reads a few bytes from the device: call it where the loop syncs anyway."""
+        f = {k: v.cpu().tolist() for k, v in self.faults.items()}
+        count = int(f["count"])
+        return count, [(int(f["steps"][i % FAULT_RING]), int(f["kinds"][i % FAULT_RING]))
+                       for i in range(max(0, count - FAULT_RING), count)]
+
+    @property
+    def compiles(self) -> int:
+        """Distinct batch shapes prepared so far (compiled ones with torch.compile)."""
+        return len(self._shapes)
+
+    @property
+    def update_count(self) -> torch.Tensor:
+        """Updates applied so far (skipped non-finite steps excluded): the schedule's step."""
+        return self._count
+
+    # -- state ----------------------------------------------------------------------------
+    def canonical_state(self) -> dict[str, np.ndarray]:
+        """The current weights under canonical (v29) names, numpy (torch_ref.canonical_state)."""
+        return canonical_state(self.model)
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly: model, optimizer (moments, update
+        count = the schedule's position, the last lr), non-finite record, loss scale, RNG states."""
+        opt: dict[str, Any] = {"name": self.optimizer, "count": self._count, "lr": self._lr_used,
+                               "mu": dict(zip(self.param_names, self.mu))}
+        if self.optimizer == "adamw":
+            opt["nu"] = dict(zip(self.param_names, self.nu))
+        rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state(self.device)
+        out = {"model": self.model.state_dict(), "optimizer": opt, "nonfinite": dict(self.faults), "rng": rng}
+        if self._scaled:
+            out["loss_scale"] = {"scale": self._scale, "good_steps": self._good}
+        return out
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore `state_dict()`'s output into this stepper (tensors copied onto its device).
+        A one-line UserError when it does not fit (another model or optimizer)."""
+        opt = state.get("optimizer", {})
+        if opt.get("name") != self.optimizer:
+            raise UserError(f"the checkpoint's optimizer is {opt.get('name')!r}, this run's is {self.optimizer!r}", 1)
+        try:
+            self.model.load_state_dict(state["model"], strict=True)
+        except RuntimeError as e:
+            raise UserError(f"the checkpoint does not fit this model (did the model change?): {_first_line(e)}",
+                            1) from None
+        with torch.no_grad():
+            for key, mine in (("mu", self.mu), ("nu", self.nu)):
+                if key not in opt and not mine:
+                    continue
+                saved = opt[key]
+                if sorted(saved) != sorted(self.param_names):
+                    raise UserError("the checkpoint's optimizer state has other parameters than this model", 1)
+                for name, t in zip(self.param_names, mine):
+                    if tuple(saved[name].shape) != tuple(t.shape):
+                        raise UserError(f"the checkpoint's optimizer state for {name} has shape "
+                                        f"{tuple(saved[name].shape)}, this model's {tuple(t.shape)}", 1)
+                    t.copy_(saved[name])
+            dev = self.device
+            self._count = torch.as_tensor(opt["count"]).to(dev, torch.int32).reshape(())
+            self._lr_used = torch.as_tensor(opt["lr"]).to(dev, torch.float32).reshape(())
+            self.faults = {k: torch.as_tensor(v).to(dev, torch.int32) for k, v in state["nonfinite"].items()}
+            if self._scaled and "loss_scale" in state:
+                self._scale = torch.as_tensor(state["loss_scale"]["scale"]).to(dev, torch.float32).reshape(())
+                self._good = torch.as_tensor(state["loss_scale"]["good_steps"]).to(dev, torch.int32).reshape(())
+        rng = state.get("rng") or {}
+        if "cpu" in rng:
+            torch.set_rng_state(torch.as_tensor(rng["cpu"]).cpu())
+        if "cuda" in rng and self.device.type == "cuda":
+            torch.cuda.set_rng_state(torch.as_tensor(rng["cuda"]).cpu(), self.device)
