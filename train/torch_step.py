@@ -103,6 +103,27 @@ def _dropout_seed(seed: int, step: int, micro: int) -> int:
                & 0x7FFF_FFFF_FFFF_FFFF)
 
 
+def _checkpoint_blocks(model: DBAModel) -> None:
+    """Activation checkpointing (--grad-checkpoint): each block's forward is recomputed in the
+    backward pass instead of keeping its activations (torch.utils.checkpoint, non-reentrant, RNG
+    state preserved so dropout masks repeat). Only the training forward (no cache, grad enabled,
+    train mode) is wrapped; cached and no-grad calls run the block as it is."""
+    from torch.utils.checkpoint import checkpoint
+
+    for block in model.blocks:
+        if getattr(block, "_dba_checkpointed", False):
+            continue
+        plain = block.forward
+
+        def forward(x, positions, cache=None, *, _plain=plain, _block=block, **kw):
+            if cache is None and _block.training and torch.is_grad_enabled():
+                return checkpoint(_plain, x, positions, use_reentrant=False, **kw)
+            return _plain(x, positions, cache, **kw)
+
+        block.forward = forward
+        block._dba_checkpointed = True
+
+
 def _first_line(e: BaseException) -> str:
     text = str(e).strip()
     return f"{type(e).__name__}: {text.splitlines()[0][:200]}" if text else type(e).__name__
@@ -123,7 +144,8 @@ class TorchStepper:
                  eps: float = 1e-8, weight_decay: float = 0.0, wd_exempt_1d: bool = False, grad_clip: float = 1.0,
                  lr_schedule: str = "constant", warmup_steps: int = 0, min_lr: float = 0.0, seed: int = 0,
                  device: str | torch.device | None = None, amp: bool = False, amp_dtype: str = "bf16",
-                 compile: bool = False):
+                 compile: bool = False, compile_mode: str | None = None, grad_checkpoint: bool = False,
+                 loss_scaling: bool | None = None):
         check_optimizer(optimizer, lr=float(lr), weight_decay=float(weight_decay), lr_schedule=lr_schedule,
                         warmup_steps=int(warmup_steps), total_steps=total_steps, min_lr=float(min_lr))
         if amp_dtype not in AMP_DTYPES:
@@ -158,7 +180,7 @@ class TorchStepper:
             self._lr_used = self._schedule(self._count)  # inject_hyperparams' learning_rate: schedule(0) at init
             self.mu = [torch.zeros_like(p) for p in self._params]
             self.nu = [torch.zeros_like(p) for p in self._params] if optimizer == "adamw" else []
-        self._scaled = self.amp and self.amp_dtype == torch.float16
+        self._scaled = (self.amp and self.amp_dtype == torch.float16) if loss_scaling is None else bool(loss_scaling)
         if self._scaled:
             self._scale = torch.full((), SCALE_INIT, dtype=torch.float32, device=dev)
             self._good = torch.zeros((), dtype=torch.int32, device=dev)
@@ -175,6 +197,8 @@ class TorchStepper:
         self.memory_bytes: dict[tuple, int] = {}
         self.memory_limit: int | None = (int(torch.cuda.get_device_properties(dev).total_memory)
                                          if dev.type == "cuda" else None)
+        if grad_checkpoint:
+            _checkpoint_blocks(model)
         self._loss_fn = self._micro_loss
         self.compiling = False
         if compile:
@@ -182,7 +206,8 @@ class TorchStepper:
                 self.compile_note = "torch.compile is not used on mps; training eagerly"
             else:
                 try:
-                    self._loss_fn = torch.compile(self._micro_loss)
+                    mode = None if compile_mode in (None, "", "default") else compile_mode
+                    self._loss_fn = torch.compile(self._micro_loss, mode=mode)
                     self.compiling = True
                 except Exception as e:  # noqa: BLE001 (any failure -> eager, said once)
                     self.compile_note = f"torch.compile unavailable ({_first_line(e)}); training eagerly"
@@ -281,7 +306,7 @@ class TorchStepper:
                 loss.backward()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
-        except torch.OutOfMemoryError as e:
+        except torch.cuda.OutOfMemoryError as e:
             self._reset_grads()
             raise self._oom(e, key) from None
         except Exception as e:  # noqa: BLE001 (any compiler failure: train eagerly)
@@ -305,7 +330,7 @@ class TorchStepper:
             torch.cuda.reset_peak_memory_stats(self.device)
         try:
             metrics = self._step(x_ABT, y_ABT, int(step))
-        except torch.OutOfMemoryError as e:
+        except torch.cuda.OutOfMemoryError as e:
             self._reset_grads()
             raise self._oom(e, key) from None
         if first:
@@ -474,6 +499,29 @@ class TorchStepper:
         count = int(f["count"])
         return count, [(int(f["steps"][i % FAULT_RING]), int(f["kinds"][i % FAULT_RING]))
                        for i in range(max(0, count - FAULT_RING), count)]
+
+    @property
+    def params(self) -> DBAModel:
+        """The trained state, for what the JAX loop passes `Stepper.params` to (the analysis
+        pass): here the live model itself."""
+        return self.model
+
+    def device_memory(self) -> dict[str, Any] | None:
+        """Allocator readings of the device, JAX's `memory_stats()` names (cheap, no sync):
+        bytes_in_use, peak_bytes_in_use, bytes_reserved, bytes_limit on CUDA; bytes_in_use and
+        bytes_reserved on MPS; None on the CPU."""
+        dev = self.device
+        try:
+            if dev.type == "cuda":
+                return {"bytes_in_use": int(torch.cuda.memory_allocated(dev)),
+                        "peak_bytes_in_use": int(torch.cuda.max_memory_allocated(dev)),
+                        "bytes_reserved": int(torch.cuda.memory_reserved(dev)), "bytes_limit": self.memory_limit}
+            if dev.type == "mps":
+                return {"bytes_in_use": int(torch.mps.current_allocated_memory()),
+                        "bytes_reserved": int(torch.mps.driver_allocated_memory())}
+        except Exception:  # noqa: BLE001 (a backend without these readings)
+            return None
+        return None
 
     @property
     def compiles(self) -> int:
