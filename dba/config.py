@@ -212,12 +212,26 @@ _DECOUPLED_DIMS = {  # sem, geo, attn
 }
 _GQA_KV_HEAD = {"tiny": 2, "small": 3, "medium": 4, "large": 4, "1b": 4}
 
+# What v29's --size also set when the flag was not typed: batch, steps, and the training
+# sequence length (the preset's context).
+SIZE_TRAINING: dict[str, dict[str, int]] = {
+    name: {"batch_size": batch, "steps": steps, "train_seq_len": SIZES[name]["block_size"]}
+    for name, batch, steps in (("tiny", 16, 6000), ("small", 8, 10000), ("medium", 4, 15000),
+                               ("large", 2, 20000), ("1b", 1, 20000))
+}
+
 EXPERIMENTS: dict[str, dict[str, Any]] = {
     "paper_baseline": dict(attn_mode="standard"),
     "paper_bottleneck": dict(attn_mode="bottleneck", null_attn=True),
     "paper_decoupled": dict(attn_mode="decoupled", tie_qk=True, null_attn=True, rope=True),
     "paper_gqa": dict(attn_mode="gqa"),
+    # v29's fast decoupled recipe, its model part (some v29 versions also set precision and
+    # optimizer flags; dba leaves those to the flags).
+    "train_decoupled_fast": {"attn_mode": "decoupled", "tie_qk": True, "rope": True, "null_attn": False},
 }
+# v29's --exp paper_all: the four paper presets, trained one after another.
+PAPER_ALL = "paper_all"
+PAPER_EXPERIMENTS = ("paper_baseline", "paper_bottleneck", "paper_decoupled", "paper_gqa")
 
 
 def size_fields(size: str, attn_mode: str) -> dict[str, Any]:
