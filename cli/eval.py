@@ -109,7 +109,7 @@ def load_eval_tokens(args: argparse.Namespace, cfg, tokenizer) -> tuple[Any, str
         path, fmt, dtype = flags.get("data"), flags.get("data_format", "auto"), flags.get("data_dtype", "uint16")
     else:
         raise UserError(f"{args.ckpt!r} is not a run directory with a train.jsonl: give the data with --data")
-    tokens, _, _ = load_tokens(path, data_format=fmt, data_dtype=dtype, tokenizer=tokenizer or "byte",
+    tokens, _, _ = load_tokens(path, data_format=fmt, data_dtype=dtype, tokenizer=tokenizer,
                                vocab_size=cfg.vocab_size)
     source = path or "default corpus (pydoc_data.topics)"
     if args.split == "val":
@@ -245,7 +245,8 @@ def _tokenizer(info: dict[str, Any]):
     from dba.data import tokenizer_from_dict
 
     try:
-        return tokenizer_from_dict(json.loads(raw))
+        # lazy: token-id data needs no tokenizer files; text data loads it (or says why not)
+        return tokenizer_from_dict(json.loads(raw), lazy=True, search=(str(Path(info["source"]).resolve().parent),))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"the checkpoint's tokenizer record is unreadable: {e}", 1) from None
 

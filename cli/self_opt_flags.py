@@ -97,7 +97,7 @@ def calibration_tokens(args: argparse.Namespace, o, cfg, prompt: list[int] | Non
     from dba.data import load_tokens
 
     if args.self_opt_calib_tokens:
-        tokens, _, _ = load_tokens(args.self_opt_calib_tokens, tokenizer=tokenizer or "byte", vocab_size=cfg.vocab_size)
+        tokens, _, _ = load_tokens(args.self_opt_calib_tokens, tokenizer=tokenizer, vocab_size=cfg.vocab_size)
         where = args.self_opt_calib_tokens
     else:
         from cli.eval import _run_record

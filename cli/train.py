@@ -11,11 +11,16 @@ save the last checkpoint and exit 130/143.
 
 from __future__ import annotations
 
+import argparse
+import contextlib
+import io
+import json
 import os
 import sys
 from pathlib import Path
 from typing import Any
 
+from dba.config import PAPER_ALL, PAPER_EXPERIMENTS
 from dba.errors import UserError
 from train import args as targs
 
@@ -71,13 +76,20 @@ def _resumed_flags(explicit: dict[str, Any], meta: dict[str, Any]) -> dict[str, 
                         f"{saved[k]!r}; a resumed run keeps its model, data and optimizer", 2)
     # Per-invocation switches are not inherited: a run started with --overwrite or on another
     # device resumes here as asked now.
+    if "tokenizer" in meta and meta["tokenizer"] is None:
+        # A run that recorded no tokenizer trained on token ids without one (runs before the
+        # flag's default became None saved 'byte' there): keep recording none.
+        saved["tokenizer"] = None
     return {k: v for k, v in saved.items() if k not in targs.NOT_INHERITED}
 
 
 def run(args) -> int:
+    if getattr(args, "exp", None) == PAPER_ALL:
+        return _run_paper_all(args)
     argv = _command_argv()
     explicit = targs.explicit_flags(args)
     config = targs.run_config(explicit)  # every flag checked before anything runs
+    _say_data(config)
     _select_platform(config.run.device)
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     if config.run.device in ("auto", "cpu"):
@@ -91,10 +103,7 @@ def run(args) -> int:
         # Before anything touches a device (reading a checkpoint to --resume included).
         initialize(d.coordinator, d.num_processes, d.process_id)
 
-    if config.ckpt.resume and not config.ckpt.out_dir and not config.ckpt.run_tag:
-        out_dir, name = os.path.join(str(config.ckpt.run_root), "default"), "default"
-    else:
-        out_dir, name = config.out_dir(targs.PRESENTATION_FLAGS)
+    out_dir, name = config.out_dir(targs.PRESENTATION_FLAGS)  # --resume alone: runs/default
     out = Path(out_dir)
 
     from dba.run_dir import clear_run, holds_run
@@ -119,7 +128,7 @@ def run(args) -> int:
     _check_not_held(out, config)
     plan = RunPlan(config, resume_meta)  # data, model, analysis: mistakes here write nothing
     # A generated (timestamped) name is never shared: a run started in the same second gets -2.
-    generated = not (config.ckpt.out_dir or config.ckpt.run_tag or config.ckpt.resume) and name != "default"
+    generated = config.name_is_generated(targs.PRESENTATION_FLAGS)
     lock = _lock(out, generated)  # held until the run ends: a second `dba train` here is refused
     try:
         out, name = (lock.dir, lock.dir.name) if generated else (out, name)
@@ -159,3 +168,51 @@ def _lock(out: Path, new_name: bool):
     if refused is not None:
         raise refused
     return lock
+
+
+def _say_data(config) -> None:
+    """How the data file is read, where the flags do not make it evident (a sniffed .txt, a
+    tokenizer recorded with token ids): the run's first line (stderr under --print-config)."""
+    from dba.data import describe_data
+
+    d = config.data
+    note = describe_data(d.path, d.format, d.tokenizer)
+    if note:
+        print(f"dba train: {note}", file=sys.stderr if config.run.print_config else sys.stdout, flush=True)
+
+
+def _run_paper_all(args) -> int:
+    """v29's `--exp paper_all`: the four paper presets trained one after another, each in its own
+    run directory <run-root>/[<size>_]<exp>[_<run-tag>]; stops at the first that fails. Every
+    run's flags are checked before the first one trains. --print-config prints a JSON list."""
+    explicit = targs.explicit_flags(args)
+    for flag in ("out_dir", "ckpt"):
+        if explicit.get(flag) is not None:
+            raise UserError(f"--exp {PAPER_ALL} trains four models, each in its own run directory "
+                            f"(<run-root>/<size>_<exp>): drop --{flag.replace('_', '-')}", 2)
+    runs = [argparse.Namespace(**dict(vars(args), exp=exp)) for exp in PAPER_EXPERIMENTS]
+    for one in runs:
+        config = targs.run_config(targs.explicit_flags(one))
+        if not config.run.print_config:  # a run directory already taken: refused before any run
+            _check_not_held(Path(config.out_dir(targs.PRESENTATION_FLAGS)[0]), config)
+    if explicit.get("print_config"):
+        configs = []
+        for one in runs:
+            buf = io.StringIO()
+            with contextlib.redirect_stdout(buf):
+                run(one)
+            configs.append(json.loads(buf.getvalue()))
+        print(json.dumps(configs, indent=2, sort_keys=True))
+        return 0
+    for i, one in enumerate(runs):
+        print(f"dba train: --exp {PAPER_ALL}: run {i + 1} of {len(runs)}, --exp {one.exp}", flush=True)
+        not_run = ", ".join(r.exp for r in runs[i + 1:]) or "none"
+        try:
+            code = run(one)
+        except UserError as e:
+            raise UserError(f"--exp {PAPER_ALL}: {one.exp}: {e} (not run: {not_run})", e.code) from None
+        if code:
+            print(f"dba train: --exp {PAPER_ALL} stopped: {one.exp} exited with {code} (not run: {not_run})",
+                  file=sys.stderr, flush=True)
+            return code
+    return 0

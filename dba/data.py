@@ -1,15 +1,33 @@
-"""Token data: tokenizers, token files (.npy / raw .bin / text), train/val split, batch sampling.
+"""Token data: tokenizers, token files, train/val split, batch sampling.
 
 numpy only (no jax, no torch): both the JAX trainer and the PyTorch reference read data here.
 Binary token files are memory-mapped so a 100M-token corpus costs no RAM until sampled.
+
+Data formats (`--data-format`, v29's meanings where v29 had the name):
+
+- `npy`: a numpy array of integer ids (memory-mapped); `bin`: raw ids of `--data-dtype`;
+- `pt`: a `torch.save`d integer tensor (read without torch, dba/torchfile.py);
+- `text`: v29's text format, whitespace-separated integer token ids;
+- `utf8`: text to tokenize (`--tokenizer`: byte by default, tiktoken:gpt2, a tokenizer.json);
+- `auto`: by extension (.npy, .bin, .pt/.pth); a .txt/.text file is sniffed: only digits and
+  whitespace -> `text` (ids), anything else -> `utf8` (`describe_data` says which was read).
+
+Tokenizers (`--tokenizer`): `byte`, `tiktoken:gpt2` (aliases `tiktoken`, `gpt2`), a path to a
+Hugging Face `tokenizer.json`, or `word` (v29's default value: accepted with token-id data, where
+it has no effect; dba has no word tokenizer for text). With token-id data a named tokenizer is
+not needed to train: only its record is kept (`tokenizer_record`), so a run on GPT-2 ids trained
+offline still records tiktoken:gpt2 and `dba sample --prompt` can use it where its files exist.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import re
 import socket
 import tempfile
+import warnings
 
 import numpy as np
 
@@ -17,8 +35,11 @@ from dba.errors import UserError
 
 # Token dtypes we accept on disk. Unsigned 16-bit is v29's format (GPT-2 ids fit in it).
 TOKEN_DTYPES = ("uint16", "uint32", "int32", "int64")
-DATA_FORMATS = ("auto", "npy", "bin", "text")
-TOKENIZERS = ("byte", "tiktoken", "gpt2")
+DATA_FORMATS = ("auto", "npy", "bin", "pt", "text", "utf8")
+ID_FORMATS = ("npy", "bin", "pt", "text")  # files of token ids (no tokenizer needed to read them)
+# Tokenizer names; a path to a Hugging Face tokenizer.json is accepted too.
+TOKENIZERS = ("byte", "tiktoken:gpt2", "tiktoken", "gpt2", "word")
+GPT2_VOCAB = 50257
 
 _NPY_MAGIC = b"\x93NUMPY"
 
@@ -117,23 +138,200 @@ class TiktokenTokenizer:
         return {"name": self.name, "encoding": self.encoding, "vocab_size": self.vocab_size}
 
 
+WORD_REFUSED = ("--tokenizer word: dba has no word tokenizer for text; tokenize it with byte, tiktoken:gpt2 or a "
+                 "tokenizer.json (word, v29's default, is accepted only with token-id data, where it has no effect)")
+
+
+def parse_tokenizer(spec) -> tuple[str, str | None]:
+    """A `--tokenizer` value -> (kind, argument): ("byte", None), ("tiktoken", "gpt2"),
+    ("word", None) or ("hf", path of a tokenizer.json; a directory holding one is accepted)."""
+    text = str(spec).strip()
+    key = text.lower()
+    if key in ("byte", "word"):
+        return key, None
+    if key in ("tiktoken", "gpt2", "tiktoken:gpt2"):
+        return "tiktoken", "gpt2"
+    if key.startswith("tiktoken:"):
+        raise UserError(f"--tokenizer {text!r}: only tiktoken's gpt2 encoding is supported (tiktoken:gpt2)")
+    if key.endswith(".json") or "/" in text or os.sep in text or os.path.exists(text):
+        if os.path.isdir(text) and os.path.isfile(os.path.join(text, "tokenizer.json")):
+            text = os.path.join(text, "tokenizer.json")
+        if not os.path.isfile(text):
+            raise UserError(f"--tokenizer {text!r}: no such tokenizer.json file")
+        return "hf", text
+    raise UserError(f"unknown tokenizer {text!r}; choose byte, tiktoken:gpt2 (alias gpt2, tiktoken), the path of a "
+                    f"Hugging Face tokenizer.json, or word (token-id data only)")
+
+
+def _sha256(path: str) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hf_vocab_size(path: str) -> int:
+    """max id + 1 over a tokenizer.json's model vocabulary and added tokens (read as JSON, so a
+    run on token ids can record the tokenizer without the tokenizers package)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            d = json.load(f)
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"tokenizer {path}: not a readable tokenizer.json ({_one_line(e)})", 1) from None
+    vocab = (d.get("model") or {}).get("vocab") if isinstance(d, dict) else None
+    ids: list[int] = []
+    if isinstance(vocab, dict):  # BPE, WordPiece, WordLevel: {piece: id}
+        ids = [v for v in vocab.values() if isinstance(v, int)]
+    elif isinstance(vocab, list) and vocab:  # Unigram: [[piece, score], ...], the id is the index
+        ids = [len(vocab) - 1]
+    if isinstance(d, dict):
+        ids += [t["id"] for t in d.get("added_tokens") or [] if isinstance(t, dict) and isinstance(t.get("id"), int)]
+    if not ids:
+        raise UserError(f"tokenizer {path}: not a Hugging Face tokenizer.json (it has no model vocabulary)")
+    return max(ids) + 1
+
+
+class HFTokenizer:
+    """A Hugging Face `tokenizer.json` through the `tokenizers` package (optional dependency)."""
+
+    name = "hf"
+
+    def __init__(self, path: str):
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise UserError(f"tokenizer {path}: reading a tokenizer.json needs the tokenizers package: "
+                            f"pip install tokenizers", 1) from None
+        self.vocab_size = _hf_vocab_size(path)
+        try:
+            self._tok = Tokenizer.from_file(str(path))
+        except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception
+            raise UserError(f"tokenizer {path}: not a readable tokenizer.json ({_one_line(e)})", 1) from None
+        self.path, self.sha256 = os.path.abspath(path), _sha256(path)
+
+    def encode(self, text: str) -> list[int]:
+        return list(self._tok.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=False)
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "path": self.path, "sha256": self.sha256, "vocab_size": self.vocab_size}
+
+
+def tokenizer_label(record: dict | None) -> str:
+    """How a tokenizer record is written on the command line: byte, tiktoken:gpt2, a path."""
+    if not record:
+        return "none"
+    if record.get("name") == "tiktoken":
+        return f"tiktoken:{record.get('encoding', 'gpt2')}"
+    if record.get("name") == "hf":
+        return str(record.get("path"))
+    return str(record.get("name"))
+
+
+def tokenizer_record(spec) -> dict | None:
+    """The record (`to_dict()`) of the tokenizer a `--tokenizer` value names, without loading it:
+    no tiktoken files or tokenizers package are needed. None for `word` (no tokenizer)."""
+    kind, arg = parse_tokenizer(spec)
+    if kind == "word":
+        return None
+    if kind == "byte":
+        return ByteTokenizer().to_dict()
+    if kind == "tiktoken":
+        return {"name": "tiktoken", "encoding": arg, "vocab_size": GPT2_VOCAB}
+    return {"name": "hf", "path": os.path.abspath(arg), "sha256": _sha256(arg), "vocab_size": _hf_vocab_size(arg)}
+
+
+class RecordedTokenizer:
+    """A tokenizer known by its record: name and vocabulary size without its files (what a run on
+    token ids keeps); loaded on the first encode/decode, or by `load()`, which raises a one-line
+    UserError where its files cannot be had (offline tiktoken, no tokenizers package, ...)."""
+
+    def __init__(self, record: dict, search: tuple = ()):
+        self.record, self.search, self._tok = dict(record), tuple(search), None
+        self.name, self.vocab_size = str(record["name"]), int(record["vocab_size"])
+
+    def load(self):
+        if self._tok is None:
+            self._tok = _load_record(self.record, self.search)
+        return self._tok
+
+    def encode(self, text: str) -> list[int]:
+        return self.load().encode(text)
+
+    def decode(self, ids) -> str:
+        return self.load().decode(ids)
+
+    def to_dict(self) -> dict:
+        return dict(self.record)
+
+
 def get_tokenizer(name: str):
-    """"byte" | "tiktoken" | "gpt2" (alias of tiktoken's gpt2 encoding)."""
-    key = str(name).lower()
-    if key == "byte":
+    """The tokenizer a `--tokenizer` value names, loaded: byte, tiktoken:gpt2 (gpt2, tiktoken) or a
+    tokenizer.json path. `word` is refused: dba has no word tokenizer for text."""
+    kind, arg = parse_tokenizer(name)
+    if kind == "byte":
         return ByteTokenizer()
-    if key in ("tiktoken", "gpt2"):
-        return TiktokenTokenizer("gpt2")
-    raise UserError(f"unknown tokenizer {name!r}; choose one of: {', '.join(TOKENIZERS)}")
+    if kind == "tiktoken":
+        return TiktokenTokenizer(arg)
+    if kind == "hf":
+        return HFTokenizer(arg)
+    raise UserError(WORD_REFUSED)
 
 
-def tokenizer_from_dict(d: dict):
-    """Inverse of `to_dict()` (what run directories and checkpoints record)."""
-    if not isinstance(d, dict) or "name" not in d:
-        raise UserError(f"bad tokenizer record {d!r}: expected a dict with a 'name'")
+def _load_record(d: dict, search: tuple) -> object:
+    if d["name"] == "byte":
+        return ByteTokenizer()
     if d["name"] == "tiktoken":
         return TiktokenTokenizer(d.get("encoding", "gpt2"))
-    return get_tokenizer(d["name"])
+    # hf: the recorded path, else a tokenizer.json (or the recorded file name) in a `search` dir
+    path = str(d.get("path") or "tokenizer.json")
+    candidates = [path] + [os.path.join(str(s), n) for s in search
+                           for n in dict.fromkeys(("tokenizer.json", os.path.basename(path)))]
+    wrong = None
+    for c in candidates:
+        if os.path.isfile(c):
+            if d.get("sha256") and _sha256(c) != d["sha256"]:
+                wrong = wrong or c
+                continue
+            return HFTokenizer(c)
+    if wrong:
+        raise UserError(f"tokenizer.json {wrong} differs from the one the run recorded (sha256 "
+                        f"{str(d['sha256'])[:12]}...)", 1)
+    raise UserError(f"the recorded tokenizer {path} is not on this machine (nor a tokenizer.json next to the "
+                    f"checkpoint)", 1)
+
+
+def tokenizer_from_dict(d: dict, *, lazy: bool = False, search: tuple = ()):
+    """Inverse of `to_dict()` (what run directories and checkpoints record). `lazy`: a
+    RecordedTokenizer that loads on first use (byte is always loaded: it needs nothing).
+    `search`: directories where a recorded tokenizer.json may also be found (the checkpoint's)."""
+    if not isinstance(d, dict) or "name" not in d:
+        raise UserError(f"bad tokenizer record {d!r}: expected a dict with a 'name'")
+    if d["name"] not in ("byte", "tiktoken", "hf"):
+        raise UserError(f"unknown tokenizer {d['name']!r} in the record {d!r}")
+    if lazy and d["name"] != "byte" and isinstance(d.get("vocab_size"), int):
+        return RecordedTokenizer(d, search)
+    return _load_record(d, search)
+
+
+def decode_ids(tok, ids) -> str:
+    """`tok.decode(ids)`, with ids outside the tokenizer's vocabulary (a padded model vocabulary
+    can sample them) shown as `<|id|>` instead of failing."""
+    out, run = [], []
+    for i in map(int, ids):
+        if 0 <= i < tok.vocab_size:
+            run.append(i)
+            continue
+        if run:
+            out.append(tok.decode(run))
+            run = []
+        out.append(f"<|{i}|>")
+    if run:
+        out.append(tok.decode(run))
+    return "".join(out)
 
 
 # --------------------------------------------------------------------------------------------
@@ -175,24 +373,71 @@ def _check_ids(tokens: np.ndarray, vocab_size: int | None, where: str) -> int:
     return int(vocab_size)
 
 
-def _resolve_format(path: str, data_format: str) -> str:
+_SNIFF_BYTES = 1 << 16
+_IDS_TEXT = re.compile(rb"[\s\d]*\d[\s\d]*")
+
+
+def _text_holds_ids(path: str) -> bool:
+    """A text file whose first 64 KiB are only ASCII digits and whitespace holds token ids."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(_SNIFF_BYTES)
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})", code=1) from None
+    return _IDS_TEXT.fullmatch(head) is not None
+
+
+def resolve_format(path: str, data_format: str) -> str:
+    """The format a token file is read in: `data_format`, or for `auto` the one its name (and,
+    for a .txt/.text file, its content) says."""
     if data_format not in DATA_FORMATS:
         raise UserError(f"unknown data format {data_format!r}; choose one of: {', '.join(DATA_FORMATS)}")
     if data_format != "auto":
         return data_format
     ext = os.path.splitext(path)[1].lower()
-    if ext == ".npy":
-        return "npy"
-    if ext == ".bin":
-        return "bin"
+    if ext in (".npy", ".bin"):
+        return ext[1:]
+    if ext in (".pt", ".pth"):
+        return "pt"
     if ext in (".txt", ".text"):
-        return "text"
+        return "text" if _text_holds_ids(path) else "utf8"
     with open(path, "rb") as f:
         if f.read(len(_NPY_MAGIC)) == _NPY_MAGIC:
             return "npy"
     raise UserError(
-        f"{path}: cannot tell the data format from the name; pass data format npy, bin or text"
+        f"{path}: cannot tell the data format from the name; pass --data-format npy, bin, pt, text (integer ids) "
+        f"or utf8 (text to tokenize)"
     )
+
+
+def describe_data(path: str | None, data_format: str, tokenizer) -> str | None:
+    """One line on how a token file is read, where it is not evident from the flags: a .txt
+    whose format `auto` sniffed, and token ids whose named tokenizer is only recorded. None
+    otherwise, and when the file cannot be read (load_tokens says why)."""
+    if path is None or not os.path.isfile(path):
+        return None
+    if isinstance(tokenizer, str) and tokenizer.strip().lower() == "word":
+        tokenizer = "word"
+    try:
+        fmt = resolve_format(os.fspath(path), data_format)
+    except (UserError, OSError):
+        return None
+    notes = []
+    if fmt == "utf8" and tokenizer == "word":
+        return None  # refused when the file is read
+    if data_format == "auto" and os.path.splitext(path)[1].lower() in (".txt", ".text"):
+        notes.append("holds whitespace-separated integer token ids: read as ids (--data-format text)" if fmt == "text"
+                     else f"holds text: tokenized with {tokenizer or 'byte'} (--data-format utf8)")
+    elif fmt in ID_FORMATS and tokenizer not in (None, "word"):
+        notes.append("holds token ids")
+    if fmt in ID_FORMATS and isinstance(tokenizer, str) and tokenizer != "word":
+        try:
+            label = tokenizer_label(tokenizer_record(tokenizer))
+        except UserError:
+            label = None
+        if label:
+            notes.append(f"tokenizer {label} recorded for `dba sample --prompt` (not needed to train on ids)")
+    return f"{path} " + "; ".join(notes) if notes else None
 
 
 def _one_line(e: BaseException) -> str:
@@ -232,26 +477,84 @@ def _load_bin(path: str, data_dtype: str) -> np.ndarray:
         raise UserError(f"{path}: cannot memory-map ({_one_line(e)})", code=1) from None
 
 
+_INT_ID = re.compile(r"[+-]?\d+")
+
+
+def _load_text_ids(path: str) -> np.ndarray:
+    """v29's `--data-format text`: whitespace-separated integer token ids."""
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", DeprecationWarning)  # numpy < 2 warns where 2.x raises
+            ids = np.fromfile(path, dtype=np.int64, sep=" ")
+    except (ValueError, DeprecationWarning):
+        raise UserError(_bad_id_text(path)) from None
+    except OSError as e:
+        raise UserError(f"{path}: cannot read ({e.strerror})", code=1) from None
+    if ids.size == 0:
+        raise UserError(f"{path}: no token ids (--data-format text is whitespace-separated integer ids)")
+    largest = int(ids.max())
+    if largest > np.iinfo(np.int32).max:
+        raise UserError(f"{path}: token id {largest} at index {int(np.argmax(ids))} is too large "
+                        f"(largest usable id {np.iinfo(np.int32).max})")
+    if int(ids.min()) >= 0:
+        ids = ids.astype(np.uint16 if largest < 1 << 16 else np.int32)
+    return ids
+
+
+def _bad_id_text(path: str) -> str:
+    """The one-line error for a `--data-format text` file that is not all integers: where."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as f:
+            for n, line in enumerate(f, 1):
+                bad = next((w for w in line.split() if not _INT_ID.fullmatch(w)), None)
+                if bad is not None:
+                    word = bad if len(bad) <= 20 else bad[:20] + "..."
+                    return (f"{path}: line {n}: {word!r} is not an integer token id; --data-format text is v29's "
+                            f"whitespace-separated ids (text to tokenize: --data-format utf8)")
+    except OSError as e:
+        return f"{path}: cannot read ({e.strerror})"
+    return f"{path}: not whitespace-separated integer token ids"
+
+
+def _load_pt(path: str) -> np.ndarray:
+    """v29's `--data-format pt`: a `torch.save`d integer tensor (read without torch)."""
+    from dba.torchfile import read_pt
+
+    obj = read_pt(path)
+    if not isinstance(obj, np.ndarray):
+        raise UserError(f"{path}: holds a {type(obj).__name__}, not a tensor; --data-format pt is a torch.save'd "
+                        f"1-D integer tensor of token ids")
+    if obj.dtype.kind not in "iu" or obj.dtype == np.bool_:
+        raise UserError(f"{path}: the tensor is {obj.dtype.name}, not integer token ids")
+    tokens = obj.reshape(-1)
+    if tokens.dtype.name not in TOKEN_DTYPES:  # int8/int16/uint8: widen to one we sample from
+        tokens = tokens.astype(np.int32 if tokens.dtype.kind == "i" else np.uint16)
+    return tokens
+
+
 def load_tokens(
     path: str | None,
     *,
     data_format: str = "auto",
     data_dtype: str = "uint16",
-    tokenizer="byte",
+    tokenizer=None,
     vocab_size: int | None = None,
 ):
     """Load a token stream. Returns (tokens 1-D ndarray, vocab_size, tokenizer or None).
 
     path None: the default corpus (`default_corpus_text()`) through `tokenizer` (byte by default).
-    .npy: memory-mapped, dtype from the header. .bin: raw memmap of `data_dtype`. Text
-    (.txt or data_format="text"): tokenized with `tokenizer`. Binary files carry no tokenizer,
-    so None is returned for them. vocab_size: as given, else the tokenizer's, else max id + 1.
+    Token-id files (npy: memory-mapped, dtype from the header; bin: raw memmap of `data_dtype`;
+    pt: a torch.save'd tensor; text: whitespace-separated ids): with a tokenizer named
+    (`--tokenizer`, not `word`) its record is returned (a RecordedTokenizer, not loaded) so the
+    run can record it, and every id must be in its vocabulary; else None. utf8 text: tokenized
+    with `tokenizer` (byte by default). vocab_size: as given, else the tokenizer's, else max id + 1.
+    `tokenizer` is a `--tokenizer` value, None, or a tokenizer object (used as is).
     """
     if vocab_size is not None and int(vocab_size) <= 0:
         raise UserError(f"vocab_size must be positive, got {vocab_size}")
     if path is None:
-        tok = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
-        return _tokenize(default_corpus_text(), tok, vocab_size, "default corpus (pydoc_data.topics)")
+        return _tokenize(default_corpus_text(), _text_tokenizer(tokenizer), vocab_size,
+                         "default corpus (pydoc_data.topics)")
 
     path = os.fspath(path)
     if not os.path.exists(path):
@@ -263,9 +566,9 @@ def load_tokens(
     if os.path.getsize(path) == 0:
         raise UserError(f"data file is empty: {path}")
 
-    fmt = _resolve_format(path, data_format)
-    if fmt == "text":
-        tok = get_tokenizer(tokenizer) if isinstance(tokenizer, str) else tokenizer
+    fmt = resolve_format(path, data_format)
+    if fmt == "utf8":
+        tok = _text_tokenizer(tokenizer)
         if tok.name == "byte":
             # Bytes on disk are the byte tokenizer's ids; reading them raw also accepts non-UTF-8.
             try:
@@ -283,11 +586,41 @@ def load_tokens(
             raise UserError(f"{path}: cannot read ({e.strerror})", code=1) from None
         return _tokenize(text, tok, vocab_size, path)
 
-    tokens = _load_npy(path) if fmt == "npy" else _load_bin(path, data_dtype)
+    if fmt == "text":
+        tokens = _load_text_ids(path)
+    elif fmt == "pt":
+        tokens = _load_pt(path)
+    else:
+        tokens = _load_npy(path) if fmt == "npy" else _load_bin(path, data_dtype)
     if tokens.size == 0:
         raise UserError(f"data file holds no tokens: {path}")
-    vs = _check_ids(tokens, vocab_size, path)
-    return tokens, vs, None
+    tok = _id_tokenizer(tokenizer)
+    if tok is None or not isinstance(tokenizer, str):  # none, or a caller's object (a checkpoint's)
+        return tokens, _check_ids(tokens, vocab_size, path), tok
+    top = _check_ids(tokens, None, path) - 1
+    if top >= tok.vocab_size:
+        raise UserError(f"{path}: token id {top} at index {int(np.argmax(tokens))} is outside the vocabulary of "
+                        f"tokenizer {tokenizer_label(tok.to_dict())} ({tok.vocab_size} ids): these ids were not "
+                        f"made by it")
+    return tokens, _check_ids(tokens, tok.vocab_size if vocab_size is None else vocab_size, path), tok
+
+
+def _text_tokenizer(tokenizer):
+    """The tokenizer text is read with: a `--tokenizer` value (None = byte) loaded, or an object."""
+    if tokenizer is None or isinstance(tokenizer, str):
+        return get_tokenizer(tokenizer or "byte")
+    return tokenizer
+
+
+def _id_tokenizer(tokenizer):
+    """The tokenizer kept with token-id data: None for none/word, a record for a name (not loaded:
+    training on ids needs no tokenizer files), an object as is."""
+    if tokenizer is None or not isinstance(tokenizer, str):
+        return tokenizer
+    record = tokenizer_record(tokenizer)
+    if record is None:
+        return None
+    return ByteTokenizer() if record["name"] == "byte" else RecordedTokenizer(record)
 
 
 def _tokenize(text: str, tok, vocab_size, where: str):

@@ -35,7 +35,9 @@ def test_byte_tokenizer_utf8_round_trip():
 
 
 def test_unknown_tokenizer():
-    with pytest.raises(UserError, match="unknown tokenizer 'word'"):
+    with pytest.raises(UserError, match="unknown tokenizer 'wordpiece'"):
+        get_tokenizer("wordpiece")
+    with pytest.raises(UserError, match="no word tokenizer"):  # v29's default name: ids only
         get_tokenizer("word")
     with pytest.raises(UserError):
         tokenizer_from_dict({"vocab_size": 3})
@@ -147,10 +149,10 @@ def test_text_file_byte_tokenizer(tmp_path):
     tokens, vocab, tok = load_tokens(str(p))
     assert tokens.tolist() == list(text.encode("utf-8"))
     assert vocab == 256 and tok.name == "byte"
-    # any extension is text when asked for
+    # any extension is text to tokenize when asked for (utf8; v29's `text` is integer ids)
     q = tmp_path / "corpus.md"
     q.write_text(text, encoding="utf-8")
-    assert load_tokens(str(q), data_format="text")[0].tolist() == tokens.tolist()
+    assert load_tokens(str(q), data_format="utf8")[0].tolist() == tokens.tolist()
     with pytest.raises(UserError, match="index"):  # ids up to 0xC3 don't fit vocab 128
         load_tokens(str(p), vocab_size=128)
 
@@ -243,3 +245,162 @@ def test_sample_batch_bounds_are_inclusive():
     assert (x == np.arange(T)).all() and (y == np.arange(1, T + 1)).all()
     with pytest.raises(UserError):
         sample_batch(np.arange(T), 1, T, seed=0, step=0)
+
+
+# ---------------------------------------------------------------- v29's formats and tokenizer names
+
+
+@settings(max_examples=40, deadline=None)
+@given(values=st.lists(st.integers(0, 70_000), min_size=1, max_size=60),
+       seps=st.lists(st.sampled_from([" ", "\n", "\t", "  ", " \n ", "\r\n"]), min_size=1, max_size=5),
+       data=st.data())
+def test_text_format_is_v29_integer_ids(values, seps, data):
+    """v29's --data-format text: whitespace-separated ids, read back exactly; auto on a .txt of
+    ids sniffs the same; the dtype fits the ids."""
+    text = "".join(f"{v}{data.draw(st.sampled_from(seps))}" for v in values)
+    with tempfile.TemporaryDirectory() as d:
+        p = os.path.join(d, "ids.txt")
+        with open(p, "w") as f:
+            f.write(text)
+        for fmt in ("text", "auto"):
+            tokens, vocab, tok = load_tokens(p, data_format=fmt)
+            assert tokens.tolist() == values and vocab == max(values) + 1 and tok is None
+            assert tokens.dtype == (np.uint16 if max(values) < 1 << 16 else np.int32)
+
+
+@pytest.mark.parametrize("content, needles", [
+    ("10,42,7\n", ["line 1", "'10,42,7'", "utf8"]),
+    ("1 2\n3 4.5\n", ["line 2", "'4.5'"]),
+    ("1 2 hello\n", ["'hello'", "not an integer token id"]),
+    ("5 -3 2\n", ["negative token id -3", "index 1"]),
+    ("1 99999999999 2", ["99999999999", "too large"]),
+    ("  \n\t ", ["no token ids"]),
+])
+def test_text_format_mistakes_are_one_line(tmp_path, content, needles):
+    p = tmp_path / "ids.dat"
+    p.write_text(content)
+    with pytest.raises(UserError) as e:
+        load_tokens(str(p), data_format="text")
+    msg = str(e.value)
+    assert "\n" not in msg and str(p) in msg and all(n in msg for n in needles), msg
+
+
+def test_auto_txt_sniffs_ids_or_prose_and_says_which(tmp_path):
+    from dba.data import describe_data
+
+    ids, prose = tmp_path / "ids.txt", tmp_path / "prose.txt"
+    ids.write_text("10 42 7\n3\n")
+    prose.write_text("chapter 10: 42 ways\n")
+    assert load_tokens(str(ids))[0].tolist() == [10, 42, 7, 3]
+    assert load_tokens(str(prose))[0].tolist() == list(b"chapter 10: 42 ways\n")
+    assert "integer token ids" in describe_data(str(ids), "auto", None)
+    assert "tokenized with byte" in describe_data(str(prose), "auto", None)
+    assert describe_data(str(ids), "text", None) is None  # typed: nothing to explain
+    assert describe_data(str(tmp_path / "missing.txt"), "auto", None) is None  # load_tokens says why
+    # explicit utf8 reads the ids file as text
+    assert load_tokens(str(ids), data_format="utf8")[0].tolist() == list(b"10 42 7\n3\n")
+
+
+def test_pt_format_reads_a_saved_tensor(tmp_path):
+    torch = pytest.importorskip("torch")
+    p = tmp_path / "tokens.pt"
+    torch.save(torch.tensor([5, 0, 7, 300], dtype=torch.int64), p)
+    for fmt in ("pt", "auto"):
+        tokens, vocab, tok = load_tokens(str(p), data_format=fmt)
+        assert tokens.tolist() == [5, 0, 7, 300] and vocab == 301 and tok is None
+    torch.save(torch.arange(6, dtype=torch.int16).reshape(2, 3), p)  # widened, flattened
+    tokens = load_tokens(str(p), data_format="pt")[0]
+    assert tokens.tolist() == list(range(6)) and tokens.dtype == np.int32
+    torch.save({"tokens": torch.tensor([1, 2])}, p)
+    with pytest.raises(UserError, match="holds a dict, not a tensor"):
+        load_tokens(str(p), data_format="pt")
+    torch.save(torch.tensor([0.5, 1.0]), p)
+    with pytest.raises(UserError, match="float32, not integer"):
+        load_tokens(str(p), data_format="pt")
+    torch.save(torch.tensor([3, -1]), p)
+    with pytest.raises(UserError, match="negative token id -1"):
+        load_tokens(str(p), data_format="pt")
+
+
+def test_tokenizer_names_and_records(tmp_path):
+    from dba.data import parse_tokenizer, tokenizer_label, tokenizer_record
+
+    for spec in ("gpt2", "tiktoken", "tiktoken:gpt2", "GPT2"):
+        assert parse_tokenizer(spec) == ("tiktoken", "gpt2")
+        # recorded without tiktoken or its files
+        assert tokenizer_record(spec) == {"name": "tiktoken", "encoding": "gpt2", "vocab_size": 50257}
+    assert parse_tokenizer("byte") == ("byte", None) and tokenizer_record("word") is None
+    assert tokenizer_label(tokenizer_record("gpt2")) == "tiktoken:gpt2"
+    with pytest.raises(UserError, match="only tiktoken's gpt2"):
+        parse_tokenizer("tiktoken:cl100k_base")
+    with pytest.raises(UserError, match="no such tokenizer.json"):
+        parse_tokenizer(str(tmp_path / "nope" / "tokenizer.json"))
+
+
+def _write_hf_tokenizer(path):
+    """A minimal Hugging Face tokenizer.json: a word-level model over 5 words plus one added token."""
+    import json
+
+    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "the": 3, "cat": 4}
+    path.write_text(json.dumps({
+        "version": "1.0", "truncation": None, "padding": None,
+        "added_tokens": [{"id": 5, "content": "<eos>", "single_word": False, "lstrip": False, "rstrip": False,
+                          "normalized": False, "special": True}],
+        "normalizer": None, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None,
+        "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}}))
+    return path
+
+
+def test_hf_tokenizer_json(tmp_path):
+    from dba.data import RecordedTokenizer, tokenizer_from_dict, tokenizer_record
+
+    path = _write_hf_tokenizer(tmp_path / "tokenizer.json")
+    rec = tokenizer_record(str(tmp_path))  # a directory holding tokenizer.json names it
+    assert rec["name"] == "hf" and rec["vocab_size"] == 6 and rec["path"] == str(path) and len(rec["sha256"]) == 64
+    np.save(tmp_path / "ids.npy", np.array([1, 2, 3, 4, 5, 1], dtype=np.uint16))
+    _, vocab, tok = load_tokens(str(tmp_path / "ids.npy"), tokenizer=str(path))
+    assert vocab == 6 and isinstance(tok, RecordedTokenizer) and tok.to_dict() == rec  # recorded, not loaded
+    try:
+        import tokenizers  # noqa: F401
+    except ImportError:
+        with pytest.raises(UserError, match="pip install tokenizers") as e:
+            get_tokenizer(str(path))
+        assert "\n" not in str(e.value)
+        with pytest.raises(UserError, match="pip install tokenizers"):
+            tok.load()
+        return
+    hf = get_tokenizer(str(path))
+    assert hf.encode("hello the cat") == [1, 3, 4] and hf.vocab_size == 6
+    assert "hello" in tokenizer_from_dict(rec).decode([1, 2])
+    # the recorded file moved: found next to the checkpoint (search), refused when it differs
+    moved = tmp_path / "run"
+    moved.mkdir()
+    path.rename(moved / "tokenizer.json")
+    assert tokenizer_from_dict(rec, search=(str(moved),)).encode("cat") == [4]
+    (moved / "tokenizer.json").write_text((moved / "tokenizer.json").read_text().replace('"cat"', '"dog"'))
+    with pytest.raises(UserError, match="differs from the one the run recorded"):
+        tokenizer_from_dict(rec, search=(str(moved),))
+
+
+def test_token_ids_with_a_tokenizer(tmp_path):
+    from dba.data import RecordedTokenizer
+
+    p = tmp_path / "ids.npy"
+    np.save(p, np.array([10, 300, 50256], dtype=np.uint16))
+    _, vocab, tok = load_tokens(str(p), tokenizer="gpt2")  # GPT-2 ids: no tiktoken needed to train
+    assert vocab == 50257 and isinstance(tok, RecordedTokenizer) and tok.name == "tiktoken"
+    assert load_tokens(str(p), tokenizer="gpt2", vocab_size=50304)[1] == 50304
+    assert load_tokens(str(p), tokenizer="word")[2] is None  # v29's default: no effect on ids
+    assert load_tokens(str(p))[2] is None and load_tokens(str(p))[1] == 50257
+    with pytest.raises(UserError, match="id 50256 at index 2 is outside the vocabulary of tokenizer byte"):
+        load_tokens(str(p), tokenizer="byte")
+    q = tmp_path / "prose.txt"
+    q.write_text("some text")
+    with pytest.raises(UserError, match="no word tokenizer for text"):
+        load_tokens(str(q), tokenizer="word")
+
+
+def test_decode_ids_marks_ids_outside_the_tokenizer():
+    from dba.data import decode_ids
+
+    assert decode_ids(get_tokenizer("byte"), [104, 105, 300, 33]) == "hi<|300|>!"

@@ -18,8 +18,16 @@ import argparse
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from dba.config import ATTN_MODES, DECOUPLED_SCALES, EXPERIMENTS, MLP_KINDS, SIZES
-from dba.data import DATA_FORMATS, TOKEN_DTYPES, TOKENIZERS
+from dba.config import (
+    ATTN_MODES,
+    DECOUPLED_SCALES,
+    EXPERIMENTS,
+    MLP_KINDS,
+    PAPER_ALL,
+    SIZE_TRAINING,
+    SIZES,
+)
+from dba.data import DATA_FORMATS, TOKEN_DTYPES
 from dba.kvspec import KV_KINDS, KVPolicy
 from dba.optimizers import OPTIMIZERS, SCHEDULES
 from train.config import GROUP_TYPES, AnalysisConfig, RunConfig
@@ -52,15 +60,28 @@ FLAGS: list[Flag] = [
     _f("print_config", "bool", False, "print the resolved model config and args as JSON and exit"),
     _f("seed", "int", 1337, "seed for init, batches and dropout"),
     # -- data
-    _f("data", "str", None, "token file (.npy / .bin / text); default: the built-in corpus", group="data", field="path"),
-    _f("data_format", "str", "auto", "token file format", DATA_FORMATS, group="data", field="format"),
+    _f("data", "str", None, "token file (.npy / .bin / .pt / .txt); default: the built-in corpus", group="data",
+       field="path"),
+    _f("data_format", "str", "auto", "npy, bin (raw --data-dtype ids), pt (a torch.save'd integer tensor), text "
+       "(v29: whitespace-separated integer ids), utf8 (text to tokenize with --tokenizer); auto: by extension, a "
+       ".txt holding only digits and whitespace is ids (text), any other .txt is utf8", DATA_FORMATS, group="data",
+       field="format"),
     _f("data_dtype", "str", "uint16", "dtype of a raw .bin token file", TOKEN_DTYPES, group="data", field="dtype"),
-    _f("tokenizer", "str", "byte", "tokenizer for text data", TOKENIZERS, group="data"),
+    _f("tokenizer", "str", None, "byte, tiktoken:gpt2 (alias gpt2, tiktoken), or the path of a Hugging Face "
+       "tokenizer.json (needs the tokenizers package to encode text). Text data is tokenized with it (default "
+       "byte); with token-id data it is only recorded, so `dba sample --prompt TEXT` prints text. word (v29's "
+       "default): accepted with token-id data, where it has no effect; refused for text", group="data"),
     _f("vocab_size", "int", None, "vocabulary size (default: the tokenizer's, else max id + 1)", group="data"),
     _f("val_frac", "float", 0.1, "fraction of the tokens held out (the tail) for validation", group="data"),
     # -- model
-    _f("size", "str", None, "v29 size preset", tuple(SIZES), group="model"),
-    _f("exp", "str", None, "v29 experiment preset", tuple(EXPERIMENTS), group="model"),
+    _f("size", "str", None, "v29 size preset: the model dims and, unless typed, --steps, --batch-size and "
+       "--train-seq-len (tiny 6000/16/1024, small 10000/8/1024, medium 15000/4/2048, large 20000/2/2048, "
+       "1b 20000/1/2048)", tuple(SIZES), group="model"),
+    _f("exp", "str", None, "v29 experiment preset: paper_baseline, paper_bottleneck, paper_decoupled, paper_gqa; "
+       f"{PAPER_ALL} trains those four one after another (one run directory each); train_decoupled_fast = "
+       "decoupled + tie_qk + rope, no null attention (the model part only: unlike some v29 versions it sets no "
+       "precision, optimizer or schedule flags). Without --out-dir the run is named (as in v29) "
+       "<run-root>/[<size>_]<exp without 'paper_'>[_<run-tag>]", (*EXPERIMENTS, PAPER_ALL), group="model"),
     _f("d_model", "int", None, "model width (default 128; d_ff/embed_dim follow unless given)", group="model"),
     _f("layers", "int", None, "number of blocks (default 4)", group="model"),
     _f("n_head", "int", None, "attention heads (default 4)", group="model"),
@@ -84,10 +105,11 @@ FLAGS: list[Flag] = [
     _f("dropout", "float", None, "dropout rate", group="model"),
     _f("decoupled_scale", "str", None, "decoupled score scaling (SPEC §3)", DECOUPLED_SCALES, group="model"),
     # -- steps and batches
-    _f("steps", "int", 600, "optimizer steps", group="steps"),
-    _f("batch_size", "int", 16, "micro-batch size (sequences)", group="steps"),
+    _f("steps", "int", 600, "optimizer steps (--size sets its own)", group="steps"),
+    _f("batch_size", "int", 16, "micro-batch size (sequences; --size sets its own)", group="steps"),
     _f("grad_accum", "int", 1, "micro-batches per optimizer step", group="steps"),
-    _f("train_seq_len", "int", 128, "training sequence length (without --seq-schedule)", group="steps"),
+    _f("train_seq_len", "int", 128, "training sequence length (without --seq-schedule; --size: its context)",
+       group="steps"),
     _f("seq_schedule", "str", None, "sequence curriculum 'LEN@STEP,...', e.g. '256@0,512@500'", group="steps"),
     # -- optimisation
     _f("optimizer", "str", "adamw", "optimizer", OPTIMIZERS, group="optim", field="name"),
@@ -105,7 +127,8 @@ FLAGS: list[Flag] = [
        "not applied; each is logged) and stop at the next; 0 = stop at the first, keeping the last good checkpoint",
        group="optim"),
     # -- precision
-    _f("param_dtype", "str", "fp32", "parameter dtype", ("fp32", "bf16"), group="precision"),
+    _f("param_dtype", "str", "fp32", "parameter dtype (fp16 is refused: use bf16, or --amp --amp-dtype fp16)",
+       ("fp32", "bf16", "fp16"), group="precision"),
     _f("amp", "bool", False, "mixed precision: matmuls in --amp-dtype (softmax/logits/loss stay fp32)", group="precision"),
     _f("amp_dtype", "str", "bf16", "compute dtype under --amp", ("bf16", "fp16"), group="precision"),
     _f("grad_checkpoint", "bool", False, "rematerialise each block in the backward pass", group="precision"),
@@ -123,8 +146,10 @@ FLAGS: list[Flag] = [
     _f("ckpt", "str", None, "initialise weights from a v29 .pt, an export or a run dir", group="ckpt"),
     _f("out_dir", "str", None, "run directory (default <run-root>/<name>)", group="ckpt"),
     _f("run_root", "str", "runs", "parent of default run directories", group="ckpt"),
-    _f("run_tag", "str", None, "run name (default: 'default' for the plain recipe, else dba-<attn_mode>-<time>)",
-       group="ckpt"),
+    _f("run_tag", "str", None, "with --exp (v29): appended to the name [<size>_]<exp>_<tag>; otherwise the run "
+       "name (default: 'default' for the plain recipe, else dba-<attn_mode>-<time>)", group="ckpt"),
+    _f("save_optim", "bool", False, "v29 saved the optimizer state only with this flag; dba always saves it "
+       "(every checkpoint can be resumed)", group="recorded"),
     # -- devices and hosts (train/sharding.py, train/distributed.py); not inherited by --resume
     _f("mesh", "str", None, "device mesh 'data=N,fsdp=M' over all devices: the batch is split over both axes, "
        "parameters and optimizer state over fsdp; one size may be -1 (the rest). Default: one device",
@@ -141,8 +166,8 @@ FLAGS: list[Flag] = [
     # -- instrumentation (train/analysis.py)
     _f("instrument", "str", "off", "attention analysis: basic = routing means; medium = + ranks and matrices "
        "in analysis.h5; full = + singular values and per-layer values", AnalysisConfig.LEVELS, group="analysis"),
-    _f("analysis_every", "int", 0, "run the analysis every N steps (0 = at every eval)", group="analysis",
-       field="every"),
+    _f("analysis_every", "int", None, "run the analysis every N steps; 0 = no analysis (as in v29); default: at "
+       "every eval", group="analysis", field="every_given"),
     _f("analysis_heads", "str", "0", "heads to analyse: '0,3', negative from the end, or 'all'", group="analysis",
        field="heads"),
     _f("analysis_layers", "str", "0,-1", "layers to analyse: '0,-1', negative from the end, or 'all'",
@@ -256,10 +281,14 @@ def explicit_flags(args: argparse.Namespace) -> dict[str, Any]:
 
 def run_config(explicit: Mapping[str, Any], base: Mapping[str, Any] | None = None,
                implied: Mapping[str, Any] | None = None) -> RunConfig:
-    """The typed configuration: defaults, then `base` (a resumed run's saved flags), then values
-    `implied` by the invocation (not typed), then what was typed. Every value is checked here
+    """The typed configuration: defaults, then the steps, batch and sequence length of a --size
+    preset, then `base` (a resumed run's saved flags), then values `implied` by the invocation
+    (not typed), then what was typed. Every value is checked here
     (one-line UserErrors naming the flag)."""
     flags = dict(DEFAULTS)
+    size = explicit.get("size") or (base or {}).get("size")
+    if size in SIZE_TRAINING:  # v29: a size preset also sets steps, batch and sequence length
+        flags.update(SIZE_TRAINING[size])
     for layer in (base, implied):
         flags.update({k: v for k, v in (layer or {}).items() if k in FLAG_BY_NAME})
     flags.update({k: v for k, v in explicit.items() if k in FLAG_BY_NAME})

@@ -15,7 +15,14 @@ import os
 from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
-from dba.config import EXPERIMENTS, SIZES, ConfigError, ModelConfig, size_fields
+from dba.config import (
+    EXPERIMENTS,
+    PAPER_ALL,
+    SIZES,
+    ConfigError,
+    ModelConfig,
+    size_fields,
+)
 from dba.errors import UserError
 from dba.kvspec import KVPolicy
 from dba.optimizers import check_optimizer, parse_betas
@@ -63,13 +70,18 @@ class DataConfig:
     path: str | None = None
     format: str = "auto"
     dtype: str = "uint16"
-    tokenizer: str = "byte"
+    tokenizer: str | None = None  # None: byte for text, nothing recorded for token ids
     vocab_size: int | None = None
     val_frac: float = 0.1
 
     def __post_init__(self) -> None:
         if not 0.0 < float(self.val_frac) < 1.0:
             raise UserError(f"--val-frac must be in (0, 1), got {self.val_frac}")
+        if self.tokenizer is not None:
+            from dba.data import WORD_REFUSED, parse_tokenizer
+
+            if parse_tokenizer(self.tokenizer)[0] == "word" and self.path is None:
+                raise UserError(f"{WORD_REFUSED}; the built-in corpus is text")
 
 
 @dataclass(frozen=True)
@@ -114,6 +126,8 @@ class ModelFlags:
         for on, off, _ in self.SWITCHES:
             if getattr(self, on) and getattr(self, off):
                 raise UserError(f"{flag_text(on)} and {flag_text(off)} contradict each other")
+        if self.exp == PAPER_ALL:  # cli/train.py expands it into the four runs before this
+            raise UserError(f"--exp {PAPER_ALL} is four runs, not one model: run it with `dba train`")
 
     @property
     def mode(self) -> str:
@@ -214,6 +228,12 @@ class PrecisionConfig:
     grad_checkpoint: bool = False
     matmul_precision: str = "high"  # v29's torch knob; maps onto jax_default_matmul_precision
 
+    def __post_init__(self) -> None:
+        if self.param_dtype == "fp16":
+            raise UserError("--param-dtype fp16 is not supported: fp16 weights without fp32 master copies round "
+                            "small updates away and fp16 gradients underflow without loss scaling; use "
+                            "--param-dtype bf16, or fp32 weights with --amp --amp-dtype fp16")
+
     @property
     def compute_dtype(self) -> str:
         """The matmul dtype name: --amp-dtype under --amp, else the parameter dtype."""
@@ -239,7 +259,7 @@ class AnalysisConfig:
     LEVELS: ClassVar[tuple[str, ...]] = ("off", "basic", "medium", "full")
 
     instrument: str = "off"
-    every: int = 0  # 0 = at every evaluation
+    every_given: int | None = None  # --analysis-every as given: None = at every evaluation, 0 = no analysis (v29)
     heads: str = "0"
     layers: str = "0,-1"
     local_window: int = 32
@@ -256,12 +276,18 @@ class AnalysisConfig:
                             ("local_window", "analysis_local_window")):
             if int(getattr(self, field)) < 1:
                 raise UserError(f"{flag_text(flag)} {getattr(self, field)}: must be >= 1")
-        if int(self.every) < 0:
-            raise UserError(f"--analysis-every {self.every}: must be >= 0")
+        if self.every_given is not None and int(self.every_given) < 0:
+            raise UserError(f"--analysis-every {self.every_given}: must be >= 0")
+
+    @property
+    def every(self) -> int:
+        """Steps between analyses; 0 = at every evaluation (when `enabled`)."""
+        return int(self.every_given or 0)
 
     @property
     def enabled(self) -> bool:
-        return self.instrument != "off"
+        """An analysis level is asked for and `--analysis-every 0` (v29: off) was not given."""
+        return self.instrument != "off" and self.every_given != 0
 
 
 @dataclass(frozen=True)
@@ -419,13 +445,31 @@ class RunConfig:
                             f"{given[k]!r}; drop the model flags to train the checkpoint's model")
 
     # ---- where the run goes -------------------------------------------------------------
+    def preset_name(self) -> str | None:
+        """v29's run name with --exp: '[<size>_]<exp without paper_>[_<run-tag>]' (v29 named
+        runs so with --size and --exp; without --size the name starts at the experiment)."""
+        m = self.model
+        if not m.exp:
+            return None
+        parts = [m.size, m.exp.removeprefix("paper_"), self.ckpt.run_tag]
+        return "_".join(str(p) for p in parts if p)
+
     def run_name(self, presentation: frozenset[str]) -> str:
-        """--run-tag; 'default' when only flags in `presentation` were typed; else a timestamped name."""
+        """v29's preset name (--exp, --size); --run-tag; 'default' when only flags in
+        `presentation` were typed (or --resume without a name); else a timestamped name."""
+        preset = self.preset_name()
+        if preset:
+            return preset
         if self.ckpt.run_tag:
             return str(self.ckpt.run_tag)
-        if not (self.explicit - presentation):
+        if self.ckpt.resume or not (self.explicit - presentation):
             return "default"
         return f"dba-{self.model.mode}-{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}"
+
+    def name_is_generated(self, presentation: frozenset[str]) -> bool:
+        """The run name is a timestamp (never shared: a second run that second gets '-2')."""
+        fixed = self.ckpt.out_dir or self.ckpt.run_tag or self.ckpt.resume or self.preset_name()
+        return not fixed and bool(self.explicit - presentation)
 
     def out_dir(self, presentation: frozenset[str]) -> tuple[str, str]:
         """(run directory, run name)."""
