@@ -1,14 +1,19 @@
 """`dba sample`: generate from a checkpoint with the torch reference (default) or JAX.
 
 The torch backend never imports JAX, so a laptop with only torch can sample from weights
-trained in the cloud. Text in and out when the checkpoint carries a tokenizer (our run
-directories and exports do), token ids otherwise (v29 checkpoints).
+trained in the cloud. Text in and out when the checkpoint carries a tokenizer (runs on text,
+and runs on token ids trained with `--tokenizer`, record one), token ids otherwise (v29
+checkpoints). A recorded tokenizer whose files cannot be had here (tiktoken offline, no
+`tokenizers` package, a tokenizer.json not on this machine) is said in one line on stderr and
+the output falls back to ids.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 import time
 from typing import Any
@@ -25,7 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="torch: cuda|mps|cpu (default: cuda, then mps, then cpu); jax: cpu|gpu|tpu")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--prompt", default=None, help="prompt text (needs a checkpoint with a tokenizer)")
-    g.add_argument("--prompt-tokens", default=None, help="prompt as comma-separated token ids, e.g. 10,42,7")
+    g.add_argument("--prompt-tokens", default=None,
+                   help="prompt as token ids separated by commas and/or spaces, e.g. 10,42,7 or '10 42 7'")
     p.add_argument("--max-new-tokens", type=int, default=200)
     p.add_argument("--cache-len", type=int, default=None,
                    help="KV cache capacity in tokens, allocated up front (default: prompt + --max-new-tokens)")
@@ -35,15 +41,20 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--eos-id", type=int, default=None, help="stop a row once it emits this id")
     p.add_argument("--num-samples", type=int, default=1, help="independent samples (one batch)")
-    p.add_argument("--decode-block", type=int, default=1024, help="keys per block when streaming the cache")
+    p.add_argument("--decode-block", "--kv-decode-block", dest="decode_block", type=int, default=1024,
+                   help="keys per block when streaming the cache (--kv-decode-block: v29's name)")
+    p.add_argument("--kv-fused", default="auto",
+                   help="v29 flag, no effect: v29's fused Triton decode kernel choice; the cached decode here is "
+                        "the framework's own")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="torch weights dtype")
     add_kv_arguments(p)
     add_self_opt_arguments(p)
 
 
 def parse_token_ids(text: str, vocab_size: int) -> list[int]:
+    """'10,42,7', '10 42 7' or '10, 42 7' -> [10, 42, 7] (each id in the vocabulary)."""
     ids = []
-    for part in text.replace(" ", "").split(","):
+    for part in re.split(r"[\s,]+", text.strip()):
         if part == "":
             continue
         try:
@@ -58,27 +69,64 @@ def parse_token_ids(text: str, vocab_size: int) -> list[int]:
     return ids
 
 
-def _tokenizer(meta: dict):
+class Unavailable:
+    """A tokenizer the checkpoint records but this machine cannot load: why (one line)."""
+
+    def __init__(self, label: str, why: str):
+        self.label, self.why = label, why
+
+
+def _tokenizer(meta: dict, ckpt: str | None = None):
+    """The checkpoint's tokenizer, None when it records none, or `Unavailable` (said on stderr:
+    the output falls back to token ids) when its files cannot be had here. A recorded
+    tokenizer.json is also looked for next to the checkpoint."""
     raw = (meta or {}).get("tokenizer")
     if not raw:
         return None
-    from dba.data import tokenizer_from_dict
+    from dba.data import tokenizer_from_dict, tokenizer_label
 
     try:
-        return tokenizer_from_dict(json.loads(raw))
+        record = json.loads(raw)
+        tok = tokenizer_from_dict(record, lazy=True, search=_beside(ckpt))
     except (ValueError, KeyError, TypeError) as e:
         raise UserError(f"the checkpoint's tokenizer record is unreadable: {e}", 1) from None
+    if hasattr(tok, "load"):
+        try:
+            tok.load()
+        except UserError as e:
+            label = tokenizer_label(record)
+            print(f"dba sample: the run's tokenizer {label} is not available here ({e}); token ids in and out",
+                  file=sys.stderr, flush=True)
+            return Unavailable(label, str(e))
+    return tok
+
+
+def _beside(ckpt: str | None) -> tuple[str, ...]:
+    """Where a checkpoint's tokenizer.json may also be: the run directory, or the export's."""
+    if not ckpt:
+        return ()
+    p = os.path.abspath(ckpt)
+    return (p if os.path.isdir(p) else os.path.dirname(p),)
 
 
 def _prompt_ids(args, tok, vocab_size: int) -> list[int]:
     if args.prompt_tokens is not None:
         return parse_token_ids(args.prompt_tokens, vocab_size)
+    if isinstance(tok, Unavailable):
+        if args.prompt is not None:
+            raise UserError(f"--prompt needs the run's tokenizer {tok.label}, which is not available here "
+                            f"({tok.why}); give the prompt with --prompt-tokens")
+        return [0]
     if args.prompt is not None:
         if tok is None:
             raise UserError("this checkpoint carries no tokenizer: give the prompt with --prompt-tokens")
         ids = tok.encode(args.prompt)
         if not ids:
             raise UserError("--prompt is empty")
+        bad = [i for i in ids if not 0 <= i < vocab_size]
+        if bad:
+            raise UserError(f"--prompt: the tokenizer gives id {bad[0]}, outside the model's vocabulary "
+                            f"[0, {vocab_size})")
         return ids
     return tok.encode("\n") if tok is not None else [0]
 
@@ -120,7 +168,7 @@ def _load(args: argparse.Namespace):
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
         model = torch_ref.load(args.ckpt, device=torch_device(args.device), dtype=dtype)
-        tok = _tokenizer(model.load_info.get("metadata", {}))
+        tok = _tokenizer(model.load_info.get("metadata", {}), args.ckpt)
         return model, model.cfg, tok, (torch_ref.generate, score_policy, decode_step_seconds), str(model.device), \
             model.load_info["source"]
     import os
@@ -139,7 +187,7 @@ def _load(args: argparse.Namespace):
 
     cfg, state, info = read_weights(args.ckpt)
     model = jax_model.load_canonical(jax_model.DBAModel(cfg), state, info["source"])
-    tok = _tokenizer(info.get("metadata", {}))
+    tok = _tokenizer(info.get("metadata", {}), args.ckpt)
     return model, cfg, tok, (jax_model.generate, score_policy, decode_step_seconds), str(jax.devices()[0]), \
         info["source"]
 
@@ -168,6 +216,7 @@ def _self_opt(args, model, cfg, tok, fns, prompt: list[int], policy, source: str
 
 
 def run(args: argparse.Namespace) -> int:
+    from dba.data import decode_ids
     from dba.kvspec import KVPolicy
 
     policy = KVPolicy.from_flags(vars(args))
@@ -182,6 +231,8 @@ def run(args: argparse.Namespace) -> int:
     t0 = time.perf_counter()
     model, cfg, tok, fns, device, source = _load(args)
     prompt = _prompt_ids(args, tok, cfg.vocab_size)
+    if isinstance(tok, Unavailable):
+        tok = None  # said on stderr: token ids in and out
     _check_cache_len(args, len(prompt))
     plan = _self_opt(args, model, cfg, tok, fns, prompt, policy, source)
     batch = [prompt] * args.num_samples
@@ -198,7 +249,7 @@ def run(args: argparse.Namespace) -> int:
     for i, row in enumerate(rows):
         if args.num_samples > 1:
             print(f"--- sample {i}")
-        print(tok.decode(row) if tok is not None else ",".join(map(str, row)))
+        print(decode_ids(tok, row) if tok is not None else ",".join(map(str, row)))
     new = args.max_new_tokens * args.num_samples
     used = plan.get("policy") or policy
     print(f"[{args.backend} on {device}: {new} new tokens in {elapsed:.2f}s incl. load; "
