@@ -30,18 +30,25 @@ read up, updated in fp32 and stored back; moments are kept in the parameter dtyp
 keeps them). Mixed precision (`amp=True`) runs the forward under `torch.autocast` in bf16 or
 fp16; the logits and the loss stay fp32 (torch_ref's `unembed` returns fp32 logits). fp16 uses a
 dynamic loss scale (2^16 at the start, halved on an overflowing step, doubled after 2000 good
-steps, all on the device): an overflow step is skipped like a non-finite one but is not
-recorded as one while the scale can still go down.
+steps, all on the device; `loss_scaling=False` turns it off, as the JAX step has none): an
+overflow step is skipped like a non-finite one but is not recorded as one while the scale can
+still go down. `grad_checkpoint=True` recomputes each block in the backward pass
+(torch.utils.checkpoint around the blocks' training forward).
 
 Dropout: before each micro-batch the torch generator is seeded from (seed, step, micro-batch)
 (`torch.manual_seed`), so dropout masks depend on the step only and a resumed run draws the same
 masks as an uninterrupted one (not the JAX masks: bit equality with JAX dropout is not a goal).
 
-`compile=True` wraps the micro-batch loss in `torch.compile` (not on MPS). `compile_for` (and the
+`compile=True` wraps the micro-batch loss in `torch.compile` (mode `compile_mode`; not on MPS). `compile_for` (and the
 first step of a new batch shape) runs one forward + backward on zeros of that shape so the
 compile happens there and is timed into `compile_s`; if compiling fails the stepper falls back to
 eager mode and says why in `compile_note`. On CUDA the peak allocator memory of a shape's first
 step is kept in `memory_bytes[shape]`, and running out of device memory is a one-line UserError.
+
+Differences from the JAX `Stepper`'s attributes: `model` is the live torch module (the JAX
+`model()` is a method returning a copy), `params` is that module too (what the loop hands to the
+analysis pass), there is no `graphdef`/`rest`/`opt_state`/`set_state` (checkpoints go through
+`state_dict`/`load_state_dict`, see train/torch_checkpoints.py), one process and one device.
 """
 
 from __future__ import annotations
@@ -152,9 +159,10 @@ class TorchStepper:
             raise UserError(f"amp dtype must be one of {', '.join(AMP_DTYPES)}, got {amp_dtype!r}")
         self.model = model
         self.cfg = model.cfg
-        self.device = torch.device(device) if device is not None else model.device
-        if self.device != model.device:
-            raise ValueError(f"the model is on {model.device}, not on {self.device}: move it there first")
+        self.device = model.device  # concrete (cuda:0, not cuda)
+        want = torch.device(device) if device is not None else self.device
+        if want.type != self.device.type or want.index not in (None, self.device.index):
+            raise ValueError(f"the model is on {self.device}, not on {want}: move it there first")
         self.optimizer = optimizer
         self.b1, self.b2 = (float(b) for b in (DEFAULT_BETAS[optimizer] if betas is None else betas))
         self.eps, self.wd = float(eps), float(weight_decay)
@@ -295,15 +303,16 @@ class TorchStepper:
         self.trace_count += 1
         if not self.compiling:
             return 0.0
-        _, b, t = key
-        zeros = torch.zeros((b, t), dtype=torch.long, device=self.device)
+        a, b, t = key
+        # the micro-batches as the step takes them: views into one (A, B, T) tensor
+        zeros = torch.zeros((min(a, 2), b, t), dtype=torch.long, device=self.device)
         was_training = self.model.training
         self.model.train()
         t0 = time.perf_counter()
         try:
             with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
-                loss = self._loss_fn(zeros, zeros)
-                loss.backward()
+                for i in range(zeros.shape[0]):
+                    self._loss_fn(zeros[i], zeros[i]).backward()
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
         except torch.cuda.OutOfMemoryError as e:
