@@ -152,8 +152,7 @@ def test_nonfinite_steps_skipped_like_jax(monkeypatch):
 
 
 # -- analysis -----------------------------------------------------------------------------
-CASES = [("decoupled", ("null",)), ("decoupled", ("tie_qk",)), ("standard", ()), ("bottleneck", ("null",)),
-         ("gqa", ("null",)), ("gqa", ())]
+CASES = [("decoupled", ("null",)), ("standard", ()), ("bottleneck", ("tie_qk",)), ("gqa", ("null",))]
 
 
 @pytest.mark.parametrize("mode,options", CASES, ids=[f"{m}-{'+'.join(o) or 'base'}" for m, o in CASES])
