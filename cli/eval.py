@@ -100,9 +100,10 @@ def load_eval_tokens(args: argparse.Namespace, cfg, tokenizer) -> tuple[Any, str
     """(tokens to evaluate on, where they came from): --data, else the run's own data; the
     held-out tail with --split val."""
     from dba.data import load_tokens, split_train_val
+    from train.args import saved_flags
 
     meta = _run_record(args.ckpt)
-    flags = (meta or {}).get("flags") or {}
+    flags = saved_flags((meta or {}).get("flags") or {})
     if args.data is not None:
         path, fmt, dtype = args.data, args.data_format, args.data_dtype
     elif meta is not None:

@@ -68,18 +68,18 @@ def _resume_meta(out: Path) -> dict[str, Any] | None:
 def _resumed_flags(explicit: dict[str, Any], meta: dict[str, Any]) -> dict[str, Any]:
     """The saved run's flags that this invocation inherits; a typed flag that would change the
     model, the data or the optimizer state is a usage error."""
-    saved = dict(meta.get("flags") or {})
+    saved = targs.saved_flags(meta.get("flags") or {})
     changed = [k for k in explicit if k in targs.FIXED_ON_RESUME and k in saved and explicit[k] != saved[k]]
     if changed:
         k = changed[0]
         raise UserError(f"--resume: --{k.replace('_', '-')} {explicit[k]!r} differs from the run's "
                         f"{saved[k]!r}; a resumed run keeps its model, data and optimizer", 2)
-    # Per-invocation switches are not inherited: a run started with --overwrite or on another
-    # device resumes here as asked now.
     if "tokenizer" in meta and meta["tokenizer"] is None:
         # A run that recorded no tokenizer trained on token ids without one (runs before the
         # flag's default became None saved 'byte' there): keep recording none.
         saved["tokenizer"] = None
+    # Per-invocation switches are not inherited: a run started with --overwrite or on another
+    # device resumes here as asked now.
     return {k: v for k, v in saved.items() if k not in targs.NOT_INHERITED}
 
 

@@ -521,3 +521,15 @@ def test_sample_finds_a_recorded_tokenizer_json_next_to_the_checkpoint(tmp_path,
     code, out, err = _sample(["--ckpt", str(export), "--prompt", "hello cat"], capsys)
     assert code == 0, err
     assert out.startswith("hello cat"), out
+
+
+def test_runs_recorded_before_keep_their_meaning():
+    """Flags saved before v29's meanings were restored (no save_optim): 'text' was text to
+    tokenize and analysis_every 0 meant every evaluation; today's records are read as written."""
+    from train.args import run_config, saved_flags
+
+    old = {"data_format": "text", "analysis_every": 0, "instrument": "full", "lr": 1e-3}
+    assert saved_flags(old) == {"data_format": "utf8", "analysis_every": None, "instrument": "full", "lr": 1e-3}
+    assert run_config({}, base=saved_flags(old)).analysis.enabled
+    new = run_config({"instrument": "full", "analysis_every": 0, "data_format": "text"}).to_flags()
+    assert saved_flags(new) == new and not run_config({}, base=saved_flags(new)).analysis.enabled

@@ -300,3 +300,16 @@ def run_config(explicit: Mapping[str, Any], base: Mapping[str, Any] | None = Non
     kv = KVPolicy.from_dict({k: v for k, v in by_group["kv"].items() if v is not None})
     return RunConfig(**groups, kv=kv, recorded=by_group["recorded"], explicit=frozenset(explicit),
                      flag_fields=FLAG_FIELDS)
+
+
+def saved_flags(flags: Mapping[str, Any]) -> dict[str, Any]:
+    """A run's recorded flags in today's meanings. Runs recorded before v29's meanings were
+    restored (their flags lack `save_optim`) read `--data-format text` as text to tokenize (now
+    `utf8`) and `--analysis-every 0` as "at every evaluation" (now: not given; 0 is off)."""
+    out = dict(flags)
+    if out and "save_optim" not in out:
+        if out.get("data_format") == "text":
+            out["data_format"] = "utf8"
+        if out.get("analysis_every") == 0:
+            out["analysis_every"] = None
+    return out
