@@ -1,6 +1,7 @@
-"""`dba train`: train a model with JAX, v29's flag names (see train/args.py for every flag).
+"""`dba train`: train a model with JAX or PyTorch, v29's flag names (see train/args.py for every flag).
 
     dba train                                   # the default recipe -> runs/default
+    dba train --device mps                      # PyTorch on a Mac (also --backend torch: cpu, cuda, cuda:N)
     dba train --data tokens.npy --vocab-size 50257 --attn-mode decoupled --sem-dim 48 ...
     dba train --resume                          # continue runs/default from its last checkpoint
     dba train --out-dir runs/x --resume --steps 5000
@@ -23,6 +24,7 @@ from typing import Any
 from dba.config import PAPER_ALL, PAPER_EXPERIMENTS
 from dba.errors import UserError
 from train import args as targs
+from train.config import JAX_DEVICES
 
 _PLATFORM = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "tpu": "tpu"}
 
@@ -54,8 +56,16 @@ def _command_argv() -> list[str]:
     return argv[argv.index("train") + 1:] if "train" in argv else argv
 
 
-def _resume_meta(out: Path) -> dict[str, Any] | None:
-    """The meta of the run's last checkpoint, or None when there is none."""
+def _resume_meta(out: Path, backend: str) -> dict[str, Any] | None:
+    """The meta of the run's last checkpoint (written by `backend`), or None when there is none."""
+    if backend == "torch":
+        from train.torch_checkpoints import TorchCheckpoints
+
+        ck = TorchCheckpoints(out)
+        try:
+            return ck.read_meta("last") if ck.latest_step("last") is not None else None
+        finally:
+            ck.close()
     from train.orbax_checkpoints import RunCheckpoints
 
     ck = RunCheckpoints(out)
@@ -83,6 +93,15 @@ def _resumed_flags(explicit: dict[str, Any], meta: dict[str, Any]) -> dict[str, 
     return {k: v for k, v in saved.items() if k not in targs.NOT_INHERITED}
 
 
+def _check_torch_flags(config) -> None:
+    """Flags the PyTorch trainer cannot honour: a one-line error instead of a silent difference."""
+    d = config.distributed
+    for flag, value in (("mesh", d.mesh), ("coordinator", d.coordinator), ("num_processes", d.num_processes)):
+        if value is not None:
+            raise UserError(f"--{flag.replace('_', '-')} is for the JAX trainer (device meshes, several hosts); "
+                            f"the PyTorch trainer runs on one device: drop it or use --backend jax", 2)
+
+
 def run(args) -> int:
     if getattr(args, "exp", None) == PAPER_ALL:
         return _run_paper_all(args)
@@ -90,27 +109,54 @@ def run(args) -> int:
     explicit = targs.explicit_flags(args)
     config = targs.run_config(explicit)  # every flag checked before anything runs
     _say_data(config)
-    _select_platform(config.run.device)
-    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    if config.run.device in ("auto", "cpu"):
-        from train.step import tune_host_malloc
+    from train.backends import choose_backend
 
-        tune_host_malloc()  # before XLA:CPU starts its threads (see its docstring)
+    backend, note = choose_backend(config.run)
+    out, name = _out_dir(config)
+    if config.ckpt.resume and not config.run.print_config:
+        from train.torch_checkpoints import checkpoint_backend
+
+        written_by = checkpoint_backend(out)  # read without starting either framework
+        if written_by is not None and written_by != backend:
+            if "backend" in explicit:
+                raise UserError(f"--resume: {out} was trained with {written_by}; its training state resumes "
+                                f"with --backend {written_by} (its weights load in either framework)", 2)
+            if written_by == "jax" and config.run.device not in JAX_DEVICES:
+                raise UserError(f"--resume: {out} was trained with JAX, which cannot use --device "
+                                f"{config.run.device}", 2)
+            backend, note = written_by, f"resuming a run trained with {written_by}"
+    if backend == "torch":
+        _check_torch_flags(config)
+    return _run(config, explicit, argv, backend, note, out, name)
+
+
+def _out_dir(config) -> tuple[Path, str]:
+    """(run directory, run name)."""
+    out_dir, name = config.out_dir(targs.PRESENTATION_FLAGS)
+    return Path(out_dir), name
+
+
+def _run(config, explicit: dict[str, Any], argv: list[str], backend: str, note: str | None, out: Path,
+         name: str) -> int:
+    if backend == "jax":
+        _select_platform(config.run.device)
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        if config.run.device in ("auto", "cpu"):
+            from train.step import tune_host_malloc
+
+            tune_host_malloc()  # before XLA:CPU starts its threads (see its docstring)
     d = config.distributed
-    if not config.run.print_config:
+    if not config.run.print_config and backend == "jax":
         from train.distributed import initialize
 
         # Before anything touches a device (reading a checkpoint to --resume included).
         initialize(d.coordinator, d.num_processes, d.process_id)
 
-    out_dir, name = config.out_dir(targs.PRESENTATION_FLAGS)  # --resume alone: runs/default
-    out = Path(out_dir)
-
     from dba.run_dir import clear_run, holds_run
     from train.run import RunPlan, train
 
     if config.run.print_config:
-        RunPlan(config).print_config(out)
+        RunPlan(config, backend=backend, backend_note=note, device=config.run.device).print_config(out)
         return 0
     from dba.run_dir import RunDirLock
     from train.distributed import process_count
@@ -119,14 +165,20 @@ def run(args) -> int:
         RunDirLock(out).check_free()  # a directory in use: refused before anything is read
     resume_meta = None
     if config.ckpt.resume:  # read-only: the run's last checkpoint, if any
-        resume_meta = _resume_meta(out)
+        resume_meta = _resume_meta(out, backend)
         if resume_meta is None:
             print(f"dba train: --resume: {out} holds no checkpoint; starting a new run there", flush=True)
         else:
             config = targs.run_config(explicit, base=_resumed_flags(explicit, resume_meta),
                                       implied={"resume": True, "out_dir": str(out)})
+    device = None
+    if backend == "torch":
+        from train.backends import torch_device
+
+        device = torch_device(config.run.device)  # a device this machine lacks: one line, nothing written
     _check_not_held(out, config)
-    plan = RunPlan(config, resume_meta)  # data, model, analysis: mistakes here write nothing
+    # data, model, analysis: mistakes here write nothing
+    plan = RunPlan(config, resume_meta, backend=backend, backend_note=note, device=device)
     # A generated (timestamped) name is never shared: a run started in the same second gets -2.
     generated = config.name_is_generated(targs.PRESENTATION_FLAGS)
     lock = _lock(out, generated)  # held until the run ends: a second `dba train` here is refused

@@ -123,7 +123,7 @@ CASES = [
     ("prompt-longer-than-cache-jax", ["sample", "--backend", "jax", "--ckpt", "{model}", "--prompt-tokens",
                                       ",".join(["1"] * 30), "--cache-len", "16"], 2, ["--cache-len 16", "30 tokens"]),
     ("mps-sample", ["sample", "--ckpt", "{model}", "--device", "mps"], 1, ["mps"]),
-    ("mps-train", ["train", "--device", "mps"], 2, ["mps"]),
+    ("mps-train", ["train", "--device", "mps"], 1, ["--device mps", "no MPS device"]),
     ("out-dir-holds-run", ["train", "--out-dir", "{held_run}", *TRAIN_TINY], 2, ["held_run", "--resume"]),
     ("resume-and-overwrite", ["train", "--resume", "--overwrite"], 2, ["contradict"]),
     # checkpoints

@@ -98,7 +98,7 @@ def legs(out):
     """train.jsonl split at its `meta` events: one list of events per invocation. Every line must
     parse: the log is flushed per event, so even a SIGKILLed run leaves whole lines."""
     lines = (Path(out) / "train.jsonl").read_text().splitlines()
-    events = [json.loads(line) for line in lines]
+    events = [{**rec, "event": rec["type"]} for rec in map(json.loads, lines)]
     out_legs: list[list[dict]] = []
     for e in events:
         if e["event"] == "meta":

@@ -254,7 +254,7 @@ def one_line_error(r, code):
     (["--no-such-flag"], 2, "unrecognized arguments"),
     (["--optimizer", "sgd"], 2, "invalid choice"),
     (["--seq-schedule", "16@0,8@x"], 2, "16@0,8@x"),
-    (["--device", "mps"], 2, "torch"),
+    (["--device", "mps"], 1, "no MPS device"),  # PyTorch would train; this machine has none
     (["--data", "/nonexistent/tokens.npy"], 2, "data file not found"),
     (["--lion-betas", "0.9"], 2, "--lion-betas"),
     (["--steps", "0"], 2, "--steps"),
@@ -325,6 +325,9 @@ def test_unavailable_device_one_line(tmp_path):
 
     if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")):
         pytest.skip("this machine may really have the accelerator")
-    r = dba_train("--device", "gpu", "--steps", 1, "--out-dir", tmp_path / "x")
+    r = dba_train("--backend", "jax", "--device", "gpu", "--steps", 1, "--out-dir", tmp_path / "x")
     assert "JAX cannot use this platform" in one_line_error(r, 1)
+    # without --backend, a GPU JAX cannot serve goes to PyTorch, which has none here either
+    r = dba_train("--device", "gpu", "--steps", 1, "--out-dir", tmp_path / "x")
+    assert "PyTorch sees no CUDA device" in one_line_error(r, 1)
     assert not (tmp_path / "x").exists()

@@ -106,6 +106,12 @@ def _paper_all(out, _config):
     assert all(o["args"]["steps"] == 6000 and o["args"]["batch_size"] == 16 for o in out)
 
 
+def _trains_with(backend: str, device: str) -> Callable:
+    def check(out, _config):
+        assert (out["backend"], out["device"]) == (backend, device), (out["backend"], out["device"])
+    return check
+
+
 def _run_dir(expected: str) -> Callable:
     def check(out, _config):
         assert out["run_dir"] == expected, out["run_dir"]
@@ -197,10 +203,17 @@ def table(files: dict[str, Path]) -> dict[str, list[Case]]:
             Case(["--data", f.get("pt", ""), "--data-format", "pt"], model_is(vocab_size=400), files=["pt"]),
             Case(["--data", f["base"], "--data-format", "npy"], model_is(vocab_size=256)),
         ],
-        # `--device mps` and `--mode`'s interplay with the trainers: covered with the PyTorch
-        # trainer's --backend rows, not here.
-        "device": [],
-        "mode": [],
+        # the framework follows the device (train/backends.py): mps and cuda:N train with PyTorch
+        "device": [
+            Case(["--device", "mps"], _trains_with("torch", "mps")),
+            Case(["--device", "cuda:1"], _trains_with("torch", "cuda:1")),
+            Case(["--device", "cpu"], _trains_with("jax", "cpu")),
+            Case(["--backend", "torch", "--device", "cpu"], _trains_with("torch", "cpu")),
+            Case(["--backend", "jax", "--device", "mps"], refused="JAX has no mps backend"),
+            Case(["--device", "npu"], refused="--device 'npu'"),
+        ],
+        "mode": [Case(["--mode", "train"], args_are(mode="train")),
+                 Case(["--mode", "sample"], refused="use `dba sample`")],
         "dropout": [Case(["--dropout", "0.1"], model_is(dropout=0.1))],
         "embed_dim": [Case(["--embed-dim", "64"], model_is(embed_dim=64))],
         "eval_every": [Case(["--eval-every", "50"], args_are(eval_every=50))],
@@ -364,8 +377,7 @@ def test_table_covers_every_seed_flag(files):
     from train.args import FLAG_BY_NAME
 
     assert set(SEED_ARGS) <= set(FLAG_BY_NAME)  # `dba train` accepts every one
-    empty = {k for k, cases in t.items() if not cases}
-    assert empty == {"device", "mode"}  # the PyTorch trainer's rows
+    assert all(t.values()), [k for k, cases in t.items() if not cases]
 
 
 @pytest.mark.parametrize("key", sorted(SEED_ARGS))
@@ -375,8 +387,6 @@ def test_v29_flag(key, files, capsys, monkeypatch):
     from train import args as targs
 
     cases = table(files)[key]
-    if not cases:
-        pytest.skip(f"--{key.replace('_', '-')}: covered by the PyTorch trainer's --backend/--device rows")
     monkeypatch.chdir(files["base"].parent)
     for case in cases:
         if any(n not in files and importlib.util.find_spec(n) is None for n in case.files):

@@ -30,7 +30,7 @@ from dba.config import (
 from dba.data import DATA_FORMATS, TOKEN_DTYPES
 from dba.kvspec import KV_KINDS, KVPolicy
 from dba.optimizers import OPTIMIZERS, SCHEDULES
-from train.config import GROUP_TYPES, AnalysisConfig, RunConfig
+from train.config import BACKENDS, GROUP_TYPES, AnalysisConfig, RunConfig
 
 
 @dataclass(frozen=True)
@@ -55,8 +55,10 @@ def _f(name, kind, default=None, help="", choices=None, group="run", field=None)
 FLAGS: list[Flag] = [
     # -- run
     _f("mode", "str", "train", "v29's mode flag; only 'train' is valid for `dba train`", ("train", "sample")),
-    _f("device", "str", "auto", "JAX platform (mps: use the torch reference instead)",
-       ("auto", "cpu", "gpu", "cuda", "tpu", "mps")),
+    _f("backend", "str", "auto", "framework that trains: jax (Flax NNX, Optax, Orbax; cpu/gpu/tpu, meshes) or torch "
+       "(torch_ref; cpu, cuda, mps). auto: jax, or torch when --device is mps, cuda:N, or cuda/gpu without a JAX "
+       "GPU backend", BACKENDS),
+    _f("device", "str", "auto", "where to train: auto, cpu, gpu, cuda, cuda:N (torch), tpu (jax), mps (torch)"),
     _f("print_config", "bool", False, "print the resolved model config and args as JSON and exit"),
     _f("seed", "int", 1337, "seed for init, batches and dropout"),
     # -- data
@@ -236,7 +238,7 @@ FLAG_FIELDS = {f.name: (f.group, f.attr) for f in FLAGS}
 MODEL_FLAGS = tuple(f.name for f in FLAGS if f.group == "model")
 # Flags that change nothing about what is trained: with only these, the run is "the default".
 PRESENTATION_FLAGS = frozenset({
-    "live", "live_update_every", "log_every", "device", "overwrite", "resume", "run_root", "print_config",
+    "live", "live_update_every", "log_every", "device", "backend", "overwrite", "resume", "run_root", "print_config",
     "mode", "compile", "matmul_precision",
     # the analysis and the mesh and hosts change how a run is observed or computed, not what it trains
     *(f.name for f in FLAGS if f.group in ("analysis", "distributed"))})
@@ -245,7 +247,7 @@ FIXED_ON_RESUME = frozenset(MODEL_FLAGS) | {"data", "data_format", "data_dtype",
                                             "val_frac", "seed", "optimizer", "param_dtype", "batch_size",
                                             "grad_accum", "ckpt"}
 # This invocation's switches and hardware: never taken from the run being resumed.
-NOT_INHERITED = frozenset({"resume", "overwrite", "print_config", "device", "live", "mode",
+NOT_INHERITED = frozenset({"resume", "overwrite", "print_config", "device", "backend", "live", "mode",
                            "mesh", "coordinator", "num_processes", "process_id"})
 
 _GROUP_TITLES = {

@@ -47,11 +47,21 @@ def _at_least(value: Any, minimum: int, flag: str) -> None:
         raise UserError(f"{flag_text(flag)} must be {'> 0' if minimum == 1 else '>= 0'}, got {value}")
 
 
+BACKENDS = ("auto", "jax", "torch")
+JAX_DEVICES = ("auto", "cpu", "gpu", "cuda", "tpu")
+TORCH_DEVICES = ("auto", "cpu", "cuda", "gpu", "mps")  # and cuda:N
+
+
+def _is_cuda_n(device: str) -> bool:
+    return device.startswith("cuda:") and device[5:].isdigit()
+
+
 @dataclass(frozen=True)
 class RunSettings:
-    """What this invocation is: v29's mode flag, the JAX platform, the seed."""
+    """What this invocation is: v29's mode flag, the framework and device, the seed."""
 
     mode: str = "train"
+    backend: str = "auto"
     device: str = "auto"
     print_config: bool = False
     seed: int = 1337
@@ -59,10 +69,30 @@ class RunSettings:
     def __post_init__(self) -> None:
         if self.mode != "train":
             raise UserError("--mode sample is not part of `dba train`; use `dba sample`")
-        if self.device == "mps":
-            raise UserError("JAX has no mps backend; on a Mac train elsewhere and run the weights with the "
-                            "PyTorch reference (torch_ref.load(run_dir), `dba sample --backend torch`)")
+        if self.backend not in BACKENDS:
+            raise UserError(f"--backend {self.backend!r}: expected one of {', '.join(BACKENDS)}")
+        d = self.device
+        if d not in set(JAX_DEVICES) | set(TORCH_DEVICES) and not _is_cuda_n(d):
+            raise UserError(f"--device {d!r}: expected auto, cpu, gpu, cuda, cuda:N, tpu or mps")
+        if self.backend == "jax" and d not in JAX_DEVICES:
+            why = ("JAX has no mps backend" if d == "mps" else
+                   "JAX takes every visible GPU; pick one with CUDA_VISIBLE_DEVICES=N and --device cuda")
+            raise UserError(f"--backend jax --device {d}: {why}; or train with --backend torch")
+        if self.backend == "torch" and d == "tpu":
+            raise UserError("--backend torch --device tpu: the torch trainer runs on cpu, cuda and mps; "
+                            "train on TPUs with --backend jax")
         _at_least(self.seed, 0, "seed")
+
+    def wants_torch(self) -> bool | None:
+        """True/False when the flags alone decide the framework; None when it depends on whether
+        JAX can serve the GPU (auto backend, --device cuda/gpu)."""
+        if self.backend != "auto":
+            return self.backend == "torch"
+        if self.device == "mps" or _is_cuda_n(self.device):
+            return True
+        if self.device in ("cuda", "gpu"):
+            return None
+        return False
 
 
 @dataclass(frozen=True)

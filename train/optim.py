@@ -108,7 +108,9 @@ def build_optimizer(
             )
         return optax.adamw(learning_rate, b1=b1, b2=b2, eps=float(eps), weight_decay=wd, mask=mask)
 
-    opt = optax.inject_hyperparams(factory)(learning_rate=schedule)
+    # The learning rate stays fp32 with bf16 parameters (optax would store it in the parameter
+    # dtype: 3e-4 -> 2.995e-4); the update is formed in fp32 and rounded once, as torch does.
+    opt = optax.inject_hyperparams(factory, hyperparam_dtype=jnp.float32)(learning_rate=schedule)
     if grad_clip is not None and float(grad_clip) > 0:
         return optax.chain(optax.clip_by_global_norm(float(grad_clip)), opt)
     return opt

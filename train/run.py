@@ -76,8 +76,14 @@ class Throughput:
 
 
 def train(plan: "RunPlan", *, out_dir: str | Path, name: str, argv: list[str]) -> int:
-    """Build and train a planned run in `out_dir`; the exit status (0 done, 130/143 interrupted)."""
-    run = Run(plan, out_dir=out_dir, name=name, argv=argv)
+    """Build and train a planned run in `out_dir` with the plan's framework; the exit status
+    (0 done, 130/143 interrupted)."""
+    if plan.backend == "torch":
+        from train.torch_run import TorchRun
+
+        run: Run = TorchRun(plan, out_dir=out_dir, name=name, argv=argv)
+    else:
+        run = Run(plan, out_dir=out_dir, name=name, argv=argv)
     run.start()
     return run.fit()
 
@@ -88,14 +94,18 @@ class RunPlan:
     the longest trained length) and the analysis to run. Every mistake found here is a one-line
     UserError before anything is written."""
 
-    def __init__(self, config: RunConfig, resume_meta: dict[str, Any] | None = None):
+    def __init__(self, config: RunConfig, resume_meta: dict[str, Any] | None = None, backend: str = "jax",
+                 backend_note: str | None = None, device: str | None = None):
         self.config, self.resume_meta = config, resume_meta
+        # the framework that trains ("jax" | "torch"), why when the flags did not say, and the
+        # torch device ("cpu", "cuda:0", "mps"; None for JAX, whose platform is set process-wide)
+        self.backend, self.backend_note, self.device = backend, backend_note, device
         self.data = RunData.load(config.data)
         ckpt_cfg, self.init_state, self.init_info = self._initial_weights()
         self.cfg, self.context = config.resolve_model(self.data.vocab_size, ckpt_cfg, check_clash=resume_meta is None)
         longest_train = config.steps.schedule.max_length(config.steps.steps)
         self.data.check_lengths(longest_train, int(config.eval.seq_len) or longest_train)
-        from train.analysis import spec_for
+        from train.analysis_spec import spec_for
 
         self.analysis_spec = spec_for(config.analysis, config.eval.every, self.cfg)
         if config.analysis.tb:
@@ -120,7 +130,8 @@ class RunPlan:
     def print_config(self, out_dir: str | Path) -> None:
         """--print-config: the resolved model and flags as JSON."""
         print(json.dumps({"model": self.cfg.to_dict(), "args": self.config.to_flags(), "context": self.context,
-                          "run_dir": str(out_dir)}, indent=2, sort_keys=True, default=str))
+                          "run_dir": str(out_dir), "backend": self.backend, "device": self.device},
+                         indent=2, sort_keys=True, default=str))
 
 
 class Run:
@@ -131,6 +142,9 @@ class Run:
         self.t_start = time.time()
         self.created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         self.command = "dba train" + ("" if not self.argv else " " + shlex.join(self.argv))
+        self.backend_note = plan.backend_note  # why this framework trains, when the flags did not say
+
+    backend_name = "jax"
 
     # ---- the JAX side -------------------------------------------------------------------
     def start(self) -> None:
@@ -166,7 +180,8 @@ class Run:
         # device fails before the run directory holds a run, so the corrected command runs as is.
         self.log: Any = Silent()
         self._start_display_and_analysis()
-        self.stop = StopSignal(shared=jax.process_count() > 1)
+        self.process_count = jax.process_count()
+        self.stop = StopSignal(shared=self.process_count > 1)
         self.hooks = self._default_hooks()
         self._eval_cache: dict[int, tuple] = {}
         self.window = Throughput()
@@ -272,18 +287,21 @@ class Run:
             self.tb.event(rec)
         return rec
 
-    def log_train(self, step: int) -> dict[str, Any] | None:
-        """The `train` event of the newest step: loss, lr, throughput, gradient norms, memory."""
-        import jax
-
-        from dba.resources import host_rss_bytes
+    def device_memory(self) -> dict[str, Any] | None:
+        """The device allocator's stats (`bytes_in_use`, ...), or None where there are none."""
         from train.resources import device_memory
 
+        return device_memory()
+
+    def log_train(self, step: int) -> dict[str, Any] | None:
+        """The `train` event of the newest step: loss, lr, throughput, gradient norms, memory."""
+        from dba.resources import host_rss_bytes
+
         metrics, length = self.latest
-        m, w = jax.device_get(metrics), self.window
+        m, w = self.stepper.fetch(metrics), self.window
         elapsed, loss = w.elapsed(), float(m["loss"])
         rss, rss_peak = host_rss_bytes()
-        dev_mem = device_memory()
+        dev_mem = self.device_memory()
         s = self.config.steps
         fields = dict(step=step, loss=loss, ppl=math.exp(min(loss, 700.0)), lr=float(m["lr"]),
                       tok_s=w.tokens / elapsed, seq_len=int(length), grad_accum=int(s.grad_accum),
@@ -306,14 +324,12 @@ class Run:
     def evaluate(self, step: int) -> dict[str, Any] | None:
         """Validation and train loss on the fixed eval batches at the current training length
         (or --eval-seq-len); a new best saves the `best` checkpoint."""
-        import jax
-
         c, p = self.config, self.progress
         length = int(c.eval.seq_len) or c.steps.schedule.length_at(max(step - 1, 0))
         xv, yv, xt, yt = self._eval_batches(length)
         t0 = time.perf_counter()
-        val_loss, train_loss = (float(v) for v in jax.device_get((self.stepper.eval_loss(xv, yv),
-                                                                  self.stepper.eval_loss(xt, yt))))
+        val_loss, train_loss = (float(v) for v in self.stepper.fetch((self.stepper.eval_loss(xv, yv),
+                                                                      self.stepper.eval_loss(xt, yt))))
         new_best = step > 0 and math.isfinite(val_loss) and (p.best_val is None or val_loss < p.best_val)
         if new_best:
             p.best_val, p.best_step = val_loss, step
@@ -542,7 +558,7 @@ class Run:
         self.latest = (self.stepper.train_step(x, y, p.step), length)
         p.step += 1
         w.steps += 1
-        w.tokens += x.size
+        w.tokens += math.prod(x.shape)  # (a jax.Array's size is an int; a torch.Tensor's a method)
         if p.step % self.config.display.log_every == 0:
             self.stop.sync()  # multi-process: every process sees a signal at the same step
         if p.step >= steps:
@@ -579,8 +595,6 @@ class Run:
 
     # ---- start and end ----------------------------------------------------------------------
     def open_log(self) -> None:
-        import jax
-
         from dba.runlog import JsonlLog
         from train.distributed import Silent
 
@@ -595,19 +609,16 @@ class Run:
                        data=self.data.record(c.data.path),
                        dtypes={"param": c.precision.param_dtype, "compute": _NUMPY_NAMES[c.precision.compute_dtype],
                                "grad_checkpoint": bool(c.precision.grad_checkpoint)},
-                       noop_flags=c.noop_flags(), mesh=self.mesh_shape, process_count=jax.process_count())
+                       noop_flags=c.noop_flags(), mesh=self.mesh_shape, process_count=self.process_count,
+                       backend=self.backend_name)
 
     def _announce(self) -> None:
-        import jax
-
-        from train import sharding
-        from train.artifacts import device_line
-        from train.step import FAULT_ENV
+        from train.faults import FAULT_ENV
 
         c, cfg, d, ctx = self.config, self.cfg, self.display, self.context
         grow_txt = (f" (grown from {ctx['requested_block_size']} to cover the longest trained length)"
                     if ctx["grown"] else "")
-        d.line(f"dba train: run dir {self.out}")
+        d.line(f"dba train: run dir {self.out}" + (f" | {self.backend_note}" if self.backend_note else ""))
         if os.environ.get(FAULT_ENV):
             d.line(f"  {FAULT_ENV}={os.environ[FAULT_ENV]}: test-only fault injection is active")
         d.line(f"  model {cfg.attn_mode} d_model {cfg.d_model} layers {cfg.n_layer} heads {cfg.n_head} "
@@ -615,11 +626,21 @@ class Run:
         d.line(f"  data {len(self.data.train):,} train / {len(self.data.val):,} val tokens | "
                f"{c.optim.name} lr {c.optim.lr:g} ({c.optim.lr_schedule}) | batch {c.steps.batch_size} x "
                f"accum {c.steps.grad_accum} | seq {', '.join(f'{L}@{s}' for s, L in ctx['boundaries'])} | "
-               f"steps {self.progress.step}->{c.steps.steps} | {device_line(self.env)}")
-        ms = self.mesh_shape
-        if self.mesh.size > 1 or jax.process_count() > 1:
+               f"steps {self.progress.step}->{c.steps.steps} | {self.device_text()}")
+        self._announce_mesh()
+
+    def device_text(self) -> str:
+        from train.artifacts import device_line
+
+        return device_line(self.env)
+
+    def _announce_mesh(self) -> None:
+        from train import sharding
+
+        d, ms = self.display, self.mesh_shape
+        if self.mesh.size > 1 or self.process_count > 1:
             d.line(f"  mesh {sharding.mesh_text(ms)} over {self.mesh.size} devices"
-                   + (f" on {jax.process_count()} processes" if jax.process_count() > 1 else "")
+                   + (f" on {self.process_count} processes" if self.process_count > 1 else "")
                    + f": batch rows split {sharding.batch_ways(ms)} ways, parameters and optimizer "
                      f"state {ms['fsdp']} ways")
         if self.resharded:
