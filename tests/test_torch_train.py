@@ -1,0 +1,133 @@
+"""`dba train --backend torch` end to end (train/torch_run.py): the seed's flags on a toy train the
+same model as the JAX trainer (same seed, same batches: losses within 1e-4), write the same run
+directory (v29 records, summary, analysis, exports, a resumable torch state), resume exactly,
+save on SIGTERM, and the result samples with either framework. The step itself is compared with
+the JAX step in parity_tests/test_torch_train_parity.py.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from tests.test_train import ENV, REPO, SEED_FLAGS, dba_train, losses, ok
+from tests.test_train import one_line_error as _one_line_error
+
+pytest.importorskip("torch")
+
+STEPS = 8
+
+
+@pytest.fixture(scope="module")
+def both_runs(data, tmp_path_factory):
+    root = tmp_path_factory.mktemp("torch_runs")
+    runs = {}
+    for backend in ("torch", "jax"):
+        out = root / backend
+        r = ok(dba_train("--data", data, "--steps", STEPS, *SEED_FLAGS, "--backend", backend, "--live", "basic",
+                         "--out-dir", out))
+        runs[backend] = (out, r)
+    return runs
+
+
+def test_torch_and_jax_train_the_same_model(both_runs):
+    """Same seed and data: the torch run starts from the JAX trainer's weights and draws the same
+    batches, so every step's loss and every evaluation agree within 1e-4 (fp32, CPU)."""
+    (t_out, _), (j_out, _) = both_runs["torch"], both_runs["jax"]
+    t, j = losses(t_out), losses(j_out)
+    assert sorted(t) == sorted(j) == list(range(1, STEPS + 1))
+    gap = max(abs(t[s] - j[s]) for s in t)
+    assert gap < 1e-4, gap
+    te, je = losses(t_out, "eval", "val_loss"), losses(j_out, "eval", "val_loss")
+    assert sorted(te) == sorted(je) == [0, 4, 8] and max(abs(te[s] - je[s]) for s in te) < 1e-4
+    tn, jn = losses(t_out, "train", "grad_norm_total"), losses(j_out, "train", "grad_norm_total")
+    assert max(abs(tn[s] - jn[s]) / jn[s] for s in tn) < 1e-3
+    ta, ja = (losses(o, "analysis", "attn_entropy_mean") for o in (t_out, j_out))
+    assert sorted(ta) == sorted(ja) and max(abs(ta[s] - ja[s]) for s in ta) < 1e-3
+
+
+def test_torch_run_directory(both_runs):
+    out, r = both_runs["torch"]
+    lines = r.stdout.splitlines()
+    assert lines[0] == f"dba train: run dir {out}" and "torch" in lines[2] and "on cpu" in lines[2]
+    raw = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()]
+    kinds = [rec["type"] for rec in raw]
+    assert kinds[0] == "meta" and kinds[-1] == "done" and {"train", "eval", "analysis"} <= set(kinds)
+    meta, done = raw[0], raw[-1]
+    assert meta["backend"] == "torch" and meta["env"]["torch"] and meta["args"]["optimizer"] == "lion"
+    assert meta["config"]["block_size"] == 32 and meta["context"]["grown"]  # the curriculum grew the context
+    assert done["reason"] == "complete" and done["step"] == STEPS and done["lengths"] == [16, 32]
+    for name in ("summary.md", "analysis.png", "analysis.h5", "best.safetensors", "last.safetensors",
+                 "checkpoints/last/torch_state.pt", "checkpoints/best/torch_state.pt"):
+        assert (out / name).is_file(), name
+    summary = (out / "summary.md").read_text()
+    assert "- Device: `torch" in summary and "## KV Cache Memory (batch=1)" in summary
+
+
+def test_trained_with_torch_samples_with_jax_and_torch(both_runs):
+    out, _ = both_runs["torch"]
+    texts = []
+    for backend in ("jax", "torch"):
+        r = subprocess.run([sys.executable, "-m", "cli", "sample", "--ckpt", str(out), "--backend", backend,
+                            "--prompt-tokens", "1,2,3", "--max-new-tokens", "6", "--temperature", "0"],
+                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        texts.append(r.stdout.strip())
+    assert texts[0] == texts[1] and len(texts[0].split(",")) == 9  # greedy: the same ids either way
+
+
+def test_torch_resume_equals_a_straight_run(both_runs, data, tmp_path):
+    straight, _ = both_runs["torch"]
+    out = tmp_path / "legs"
+    common = ["--data", data, *SEED_FLAGS, "--backend", "torch", "--live", "off", "--out-dir", out]
+    ok(dba_train(*common, "--steps", 3))
+    r = ok(dba_train(*common, "--steps", STEPS, "--resume"))
+    assert "steps 3->8" in r.stdout
+    assert losses(out) == losses(straight)  # bit for bit on the CPU: same state, same batches
+
+
+def test_resume_without_backend_follows_the_checkpoint(both_runs, data, tmp_path):
+    """A torch run resumed without --backend stays torch (said in the first line); asking for the
+    other framework's state is one line."""
+    out = tmp_path / "follow"
+    common = ["--data", data, *SEED_FLAGS, "--eval-every", 0, "--live", "off", "--out-dir", out]
+    ok(dba_train(*common, "--backend", "torch", "--steps", 2))
+    r = dba_train(*common, "--backend", "jax", "--steps", 3, "--resume")
+    assert "trained with torch" in _one_line_error(r, 2)
+    r = ok(dba_train(*common, "--steps", 3, "--resume"))  # SEED_FLAGS' --device cpu alone would pick JAX
+    assert "resuming a run trained with torch" in r.stdout.splitlines()[0]
+
+
+def test_sigterm_saves_the_torch_state(data, tmp_path):
+    out = tmp_path / "stopped"
+    p = subprocess.Popen([sys.executable, "-m", "cli", "train", "--data", str(data), *map(str, SEED_FLAGS),
+                          "--backend", "torch", "--steps", "50", "--live", "basic", "--out-dir", str(out)],
+                         cwd=REPO, env=dict(ENV, DBA_FAULT="pause_at_step:3"), stdout=subprocess.PIPE,
+                         stderr=subprocess.STDOUT, text=True, bufsize=1)
+    for line in p.stdout:
+        if line.startswith("DBA_FAULT: paused at step"):
+            break
+    p.send_signal(signal.SIGTERM)
+    p.communicate(timeout=300)
+    assert p.returncode == 143
+    meta = json.loads((out / "checkpoints" / "last" / "meta.json").read_text())
+    assert meta["step"] == 3
+    done = [json.loads(line) for line in (out / "train.jsonl").read_text().splitlines()][-1]
+    assert done["type"] == "done" and done["reason"] == "sigterm" and done["step"] == 3
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["--backend", "torch", "--mesh", "data=2"], "--mesh is for the JAX trainer"),
+    (["--backend", "torch", "--device", "tpu"], "train on TPUs with --backend jax"),
+    (["--backend", "jax", "--device", "cuda:1"], "CUDA_VISIBLE_DEVICES"),
+    (["--device", "cuda:0"], "PyTorch sees no CUDA device"),
+])
+def test_torch_flag_mistakes_are_one_line(args, needle, data, tmp_path):
+    r = dba_train("--data", data, *args, "--steps", 1, "--out-dir", tmp_path / "x")
+    code = 1 if "no CUDA device" in needle else 2
+    assert needle in _one_line_error(r, code)
+    assert not (tmp_path / "x").exists()
