@@ -200,8 +200,10 @@ FLAGS: list[Flag] = [
     _f("kv_decode_block", "int", 1024, "", group="recorded"),
     _f("kv_fused", "str", "auto", "", group="recorded"),
     # -- accepted for v29 command lines, recorded in meta, not acted on here
-    _f("compile", "bool", False, "JAX always compiles the step", group="recorded"),
-    _f("compile_mode", "str", "default", "", group="recorded"),
+    _f("compile", "bool", False, "PyTorch trainer: torch.compile the step (not on mps; falls back to eager, saying "
+       "why). JAX always compiles the step", group="recorded"),
+    _f("compile_mode", "str", "default", "torch.compile mode for --compile (default, reduce-overhead, "
+       "max-autotune)", group="recorded"),
     _f("sync_timing", "bool", False, "", group="recorded"),
     _f("opt_foreach", "bool", False, "", group="recorded"),
     _f("opt_fused", "bool", False, "", group="recorded"),
@@ -255,7 +257,7 @@ _GROUP_TITLES = {
     "optim": "optimisation", "precision": "precision", "eval": "evaluation", "ckpt": "checkpoints and run directory",
     "distributed": "devices and hosts (mesh, multi-host)", "display": "display",
     "analysis": "instrumentation and reports", "kv": "KV-cache policy (for the summary's memory section)",
-    "recorded": "accepted v29 flags (recorded, no effect here)",
+    "recorded": "accepted v29 flags (recorded; --compile and --compile-mode act in the PyTorch trainer)",
 }
 
 
