@@ -59,7 +59,7 @@ def _command_argv() -> list[str]:
 def _resume_meta(out: Path, backend: str) -> dict[str, Any] | None:
     """The meta of the run's last checkpoint (written by `backend`), or None when there is none."""
     if backend == "torch":
-        from train.torch_checkpoints import TorchCheckpoints
+        from torch_train.checkpoints import TorchCheckpoints
 
         ck = TorchCheckpoints(out)
         try:
@@ -114,7 +114,7 @@ def run(args) -> int:
     backend, note = choose_backend(config.run)
     out, name = _out_dir(config)
     if config.ckpt.resume and not config.run.print_config:
-        from train.torch_checkpoints import checkpoint_backend
+        from dba.run_dir import checkpoint_backend
 
         written_by = checkpoint_backend(out)  # read without starting either framework
         if written_by is not None and written_by != backend:
@@ -173,7 +173,7 @@ def _run(config, explicit: dict[str, Any], argv: list[str], backend: str, note: 
                                       implied={"resume": True, "out_dir": str(out)})
     device = None
     if backend == "torch":
-        from train.backends import torch_device
+        from torch_train.devices import torch_device
 
         device = torch_device(config.run.device)  # a device this machine lacks: one line, nothing written
     _check_not_held(out, config)
@@ -187,6 +187,10 @@ def _run(config, explicit: dict[str, Any], argv: list[str], backend: str, note: 
         _check_not_held(out, config)  # again, now that no other run can be writing it
         if holds_run(out) and not config.ckpt.resume:
             clear_run(out)  # --overwrite
+        if backend == "torch":
+            from torch_train.run import TorchRun
+
+            return train(plan, out_dir=out, name=name, argv=argv, run_class=TorchRun)
         return train(plan, out_dir=out, name=name, argv=argv)
     finally:
         lock.release(discard=True)  # a run that wrote nothing leaves no directory behind

@@ -146,3 +146,20 @@ def _read_pid(fd: int) -> int | None:
     except OSError:
         return None
     return int(text) if text.isdigit() else None
+
+
+def checkpoint_backend(out_dir: str | Path) -> str | None:
+    """'torch' when the run directory's checkpoints hold a `torch_state.pt`, 'jax' when they
+    hold an Orbax step directory (`checkpoints/<kind>/<step>/`), None when there is neither.
+    Looks at `last` first, then `best`. Imports neither framework."""
+    root = Path(out_dir) / "checkpoints"
+    for kind in ("last", "best"):
+        d = root / kind
+        if (d / "torch_state.pt").is_file():
+            return "torch"
+        try:
+            if any(p.is_dir() and p.name.isdigit() for p in d.iterdir()):
+                return "jax"
+        except (FileNotFoundError, NotADirectoryError):
+            continue
+    return None

@@ -1,6 +1,6 @@
 """The torch trainer's pieces equal the JAX trainer's, on the same weights and batches:
 
-- `TorchStepper` (train/torch_step.py) vs the JAX `Stepper` (train/step.py): 20 fp32 CPU steps
+- `TorchStepper` (torch_train/step.py) vs the JAX `Stepper` (train/step.py): 20 fp32 CPU steps
   with grad_accum 2 and a warmup + cosine schedule give the same loss, gradient norm (total and
   per group) and learning rate at every step, for adamw, lion (paper) and lion_v29;
 - a non-finite step (DBA_FAULT nan_grad_at / nan_loss_at) is skipped and recorded the same way;
@@ -32,7 +32,7 @@ from train.analysis import Analyzer as JaxAnalyzer
 from train.batches import train_batch
 from train.optim import build_optimizer
 from train.step import Stepper
-from train.torch_step import TorchStepper
+from torch_train.step import TorchStepper
 
 
 @pytest.fixture(autouse=True)
@@ -118,11 +118,11 @@ def test_torch_stepper_matches_jax_stepper(opt):
 
 @pytest.mark.parametrize("mode,options", [("decoupled", ("tie_qk", "null", "embed")), ("gqa", ("null",))])
 def test_grad_norm_groups_name_the_same_parameters(mode, options):
-    """train/torch_step.param_groups on torch names == train/grad_norms.param_groups on the
+    """torch_train/step.param_groups on torch names == train/grad_norms.param_groups on the
     JAX model's paths, parameter for parameter (canonical names link the two)."""
     from train.grad_norms import param_groups as jax_groups
     from train.sharding import path_names
-    from train.torch_step import param_groups as torch_groups
+    from torch_train.step import param_groups as torch_groups
 
     cfg = make_config(mode, options)
     decoupled = mode == "decoupled"

@@ -172,7 +172,9 @@ FORBIDDEN = {
     "dba": ("jax", "jaxlib", "flax", "optax", "orbax", "torch", "jax_model", "torch_ref", "train", "cli", "bench"),
     "torch_ref": ("jax", "jaxlib", "flax", "optax", "orbax", "jax_model", "train", "cli"),
     "jax_model": ("torch", "torch_ref", "train", "cli"),
-    "train": ("torch", "torch_ref", "cli"),
+    "train": ("torch", "torch_ref", "torch_train", "cli"),
+    # the PyTorch trainer: train/'s framework-free loop and torch_ref, never JAX itself
+    "torch_train": ("jax", "jaxlib", "flax", "optax", "orbax", "jax_model", "cli"),
     "bench": ("tests", "parity_tests", "cli"),
 }
 

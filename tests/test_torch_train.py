@@ -1,4 +1,4 @@
-"""`dba train --backend torch` end to end (train/torch_run.py): the seed's flags on a toy train the
+"""`dba train --backend torch` end to end (torch_train/run.py): the seed's flags on a toy train the
 same model as the JAX trainer (same seed, same batches: losses within 1e-4), write the same run
 directory (v29 records, summary, analysis, exports, a resumable torch state), resume exactly,
 save on SIGTERM, and the result samples with either framework. The step itself is compared with

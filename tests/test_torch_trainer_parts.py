@@ -1,5 +1,5 @@
-"""The torch trainer's pieces on their own (no JAX): TorchStepper (train/torch_step.py) and
-TorchCheckpoints (train/torch_checkpoints.py).
+"""The torch trainer's pieces on their own (no JAX): TorchStepper (torch_train/step.py) and
+TorchCheckpoints (torch_train/checkpoints.py).
 
 - a checkpoint round trip continues exactly (bitwise on the CPU, dropout included);
 - a kill mid-save and a full disk keep the previous checkpoint; a stale meta.json is noticed;
@@ -25,9 +25,9 @@ import torch
 import torch_ref
 from dba.config import ModelConfig
 from dba.errors import UserError
-from train import torch_checkpoints
-from train.torch_checkpoints import TorchCheckpoints, checkpoint_backend
-from train.torch_step import TorchStepper
+from torch_train import checkpoints as torch_checkpoints
+from torch_train.checkpoints import TorchCheckpoints, checkpoint_backend
+from torch_train.step import TorchStepper
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = ModelConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, d_model=16, d_ff=32, embed_dim=16,
@@ -144,8 +144,8 @@ def test_kill_in_save_real_sigkill(tmp_path):
     script = f"""
 import sys, torch, torch_ref
 from dba.config import ModelConfig
-from train.torch_step import TorchStepper
-from train.torch_checkpoints import TorchCheckpoints
+from torch_train.step import TorchStepper
+from torch_train.checkpoints import TorchCheckpoints
 import torch_ref.analysis
 assert not any(m.split('.')[0] in ('jax', 'flax', 'optax', 'orbax') for m in sys.modules), 'JAX imported'
 m = torch_ref.DBAModel(ModelConfig(vocab_size=61, block_size=16, n_layer=1, n_head=2, d_model=16, d_ff=32,

@@ -1,7 +1,7 @@
 """The attention analysis pass of train/analysis.py, in torch on a torch_ref `DBAModel`, for
 `dba train --backend torch`. Never imports JAX.
 
-Same selection (`AnalysisSpec` of train/analysis_spec.py: layers, heads, top-k, local window,
+Same selection (`AnalysisSpec` of dba/analysis_spec.py: layers, heads, top-k, local window,
 level), same keys and the same definitions, per selected (layer, head), averaged over queries:
 
 - `attn_entropy`: entropy (nats) of each query's distribution, the null key included;
@@ -28,7 +28,7 @@ import numpy as np
 import torch
 
 from torch_ref.layers import causal_mask
-from train.analysis_spec import AnalysisSpec, summarise
+from dba.analysis_spec import AnalysisSpec, summarise
 
 __all__ = ["Analyzer", "analyse", "effective_rank", "local_mass", "row_entropy", "stable_rank", "topk_mass"]
 

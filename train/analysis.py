@@ -20,7 +20,7 @@ Row metrics are averaged over queries, then over the selected (layer, head) pair
 (`Attention.queries_and_kv`, `kv_heads`, `null_kv` and `layers.scores`), so a decoupled model is
 analysed with the per-path scaling and learned temperature it trains with. The whole pass is one
 jitted function per (sequence length, selection). The framework-free half (the selection, the
-sequence, the reduction to the event's numbers) is train/analysis_spec.py, shared with the torch
+sequence, the reduction to the event's numbers) is dba/analysis_spec.py, shared with the torch
 pass (torch_ref/analysis.py).
 """
 
@@ -32,7 +32,7 @@ import numpy as np
 from flax import nnx
 
 from jax_model.layers import causal_mask, group_queries, null_scores, scores
-from train.analysis_spec import (  # noqa: F401 (re-exported: the framework-free half lives there)
+from dba.analysis_spec import (  # noqa: F401 (re-exported: the framework-free half lives there)
     ANALYSIS_STREAM,
     PATH_METRICS,
     RANK_METRICS,

@@ -1,7 +1,7 @@
 """Test-only fault injection (`DBA_FAULT`) and the non-finite step kinds, framework-free.
 
 Shared by both trainers: the JAX step (train/step.py) and checkpoints (train/orbax_checkpoints.py),
-the torch step (train/torch_step.py) and checkpoints (train/torch_checkpoints.py), and the loop
+the torch step (torch_train/step.py) and checkpoints (torch_train/checkpoints.py), and the loop
 (train/run.py). Imports neither JAX nor torch.
 """
 
@@ -20,9 +20,9 @@ def fault_points(name: str) -> set[int]:
     """TEST-ONLY fault injection: the steps given to hook `name` in the DBA_FAULT environment
     variable, a comma-separated list of `hook:step` (e.g. `nan_loss_at:5,kill_in_save:8`).
 
-    Hooks (read where they act): nan_loss_at / nan_grad_at (train/step.py, train/torch_step.py),
+    Hooks (read where they act): nan_loss_at / nan_grad_at (train/step.py, torch_train/step.py),
     kill_in_save / enospc_in_save / kill_after_save (train/orbax_checkpoints.py,
-    train/torch_checkpoints.py), pause_at_step (train/run.py). Used by tests/test_faults.py to
+    torch_train/checkpoints.py), pause_at_step (train/run.py). Used by tests/test_faults.py to
     inject crashes, disk-full errors and NaNs at exact points of a real run; never set it for
     real training.
     """

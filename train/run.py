@@ -75,15 +75,10 @@ class Throughput:
         return max(time.perf_counter() - self.t_mark - self.excluded_s, 1e-9)
 
 
-def train(plan: "RunPlan", *, out_dir: str | Path, name: str, argv: list[str]) -> int:
-    """Build and train a planned run in `out_dir` with the plan's framework; the exit status
-    (0 done, 130/143 interrupted)."""
-    if plan.backend == "torch":
-        from train.torch_run import TorchRun
-
-        run: Run = TorchRun(plan, out_dir=out_dir, name=name, argv=argv)
-    else:
-        run = Run(plan, out_dir=out_dir, name=name, argv=argv)
+def train(plan: "RunPlan", *, out_dir: str | Path, name: str, argv: list[str], run_class: type | None = None) -> int:
+    """Build and train a planned run in `out_dir`; the exit status (0 done, 130/143
+    interrupted). `run_class`: `Run` (JAX) or a subclass such as torch_train.run.TorchRun."""
+    run = (run_class or Run)(plan, out_dir=out_dir, name=name, argv=argv)
     run.start()
     return run.fit()
 
@@ -105,7 +100,7 @@ class RunPlan:
         self.cfg, self.context = config.resolve_model(self.data.vocab_size, ckpt_cfg, check_clash=resume_meta is None)
         longest_train = config.steps.schedule.max_length(config.steps.steps)
         self.data.check_lengths(longest_train, int(config.eval.seq_len) or longest_train)
-        from train.analysis_spec import spec_for
+        from dba.analysis_spec import spec_for
 
         self.analysis_spec = spec_for(config.analysis, config.eval.every, self.cfg)
         if config.analysis.tb:

@@ -339,7 +339,7 @@ class Stepper:
     @staticmethod
     def fetch(values: Any) -> Any:
         """Device scalars (`train_step`'s dict, an `eval_loss`, or a tuple/list/dict of them) ->
-        the same structure of Python floats and ints: the sync point (train/torch_step.py's
+        the same structure of Python floats and ints: the sync point (torch_train/step.py's
         TorchStepper has the same method)."""
         return jax.tree.map(lambda v: np.asarray(v).item(), jax.device_get(values))
 

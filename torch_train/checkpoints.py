@@ -24,8 +24,8 @@ file of the save is written under its temporary name and before the renames that
 `kill_in_save:K` (SIGKILL), `enospc_in_save:K` (fail with ENOSPC); `kill_after_save:K` SIGKILLs
 right after the save of step K is committed. Each fires at the first save at step K, whichever kind.
 
-`checkpoint_backend(out_dir)` says which trainer wrote a run directory's training checkpoint
-(torch or JAX/Orbax) without importing either framework.
+`dba.run_dir.checkpoint_backend(out_dir)` says which trainer wrote a run directory's training
+checkpoint (torch or JAX/Orbax) without importing either framework.
 """
 
 from __future__ import annotations
@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 from dba.errors import UserError
+from dba.run_dir import checkpoint_backend
 from train.faults import fault_points
 
 KINDS = ("last", "best")
@@ -45,23 +46,6 @@ STATE_FILE = "torch_state.pt"
 META_FILE = "meta.json"
 FORMAT = 1
 _TMP = ".tmp-"
-
-
-def checkpoint_backend(out_dir: str | Path) -> str | None:
-    """'torch' when the run directory's checkpoints hold a `torch_state.pt`, 'jax' when they
-    hold an Orbax step directory (`checkpoints/<kind>/<step>/`), None when there is neither.
-    Looks at `last` first, then `best`. Imports neither framework."""
-    root = Path(out_dir) / "checkpoints"
-    for kind in KINDS:
-        d = root / kind
-        if (d / STATE_FILE).is_file():
-            return "torch"
-        try:
-            if any(p.is_dir() and p.name.isdigit() for p in d.iterdir()):
-                return "jax"
-        except (FileNotFoundError, NotADirectoryError):
-            continue
-    return None
 
 
 def write_failure(e: BaseException) -> str | None:
@@ -142,7 +126,7 @@ class TorchCheckpoints:
             payload = torch.load(str(path), map_location=device, weights_only=True, mmap=mmap)
         except FileNotFoundError:
             raise UserError(f"no {kind!r} checkpoint under {self.root}", 1) from None
-        except Exception as e:  # noqa: BLE001 (a damaged or foreign file: one line)
+        except Exception as e:
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot read the {kind!r} checkpoint {path}: {first}", 1) from None
         if not isinstance(payload, dict) or not {"step", "seed", "meta", "state"} <= set(payload):

@@ -4,8 +4,8 @@
 Everything that is not the framework is `Run`'s: the data and batches (train/batches.py, the same
 rows for the same seed), the curriculum, evaluation, hooks, the display, `train.jsonl`,
 `analysis.png`, `summary.md`, `.safetensors` exports, the stop signals and the non-finite
-handling. What differs is here: the step (train/torch_step.py), the resumable training state
-(train/torch_checkpoints.py, one `torch_state.pt` per kind, written atomically), the attention
+handling. What differs is here: the step (torch_train/step.py), the resumable training state
+(torch_train/checkpoints.py, one `torch_state.pt` per kind, written atomically), the attention
 analysis (torch_ref/analysis.py) and the environment record.
 
 Initial weights: with the same `--seed` a torch run starts from the weights the JAX trainer would
@@ -29,28 +29,14 @@ from train.signals import StopSignal
 _TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
 
 
-def initial_state(cfg, seed: int) -> tuple[dict[str, Any] | None, str]:
-    """(canonical numpy weights the JAX trainer draws for `seed`, or None without JAX; a note)."""
-    if "jax" not in sys.modules:
-        os.environ.setdefault("JAX_PLATFORMS", "cpu")  # this process trains with torch: keep JAX off the GPU
-    try:
-        from flax import nnx
-
-        from jax_model import DBAModel
-        from jax_model.weights_io import canonical_state
-    except ImportError:
-        return None, "JAX is not installed: torch's initialisers drew the weights (same distributions)"
-    return canonical_state(DBAModel(cfg, rngs=nnx.Rngs(seed))), "weights drawn as the JAX trainer draws them"
-
-
 class TorchRun(Run):
     backend_name = "torch"
 
     def start(self) -> None:
         import torch
 
+        from torch_train.checkpoints import TorchCheckpoints
         from train.distributed import Silent
-        from train.torch_checkpoints import TorchCheckpoints
 
         c = self.config
         self.device = self.plan.device or "cpu"
@@ -94,7 +80,7 @@ class TorchRun(Run):
 
         from torch_ref.model import DBAModel
         from torch_ref.weights_io import load_canonical
-        from train.torch_step import TorchStepper
+        from torch_train.step import TorchStepper
 
         c, o = self.config, self.config.optim
         torch.manual_seed(int(c.run.seed))
@@ -103,6 +89,8 @@ class TorchRun(Run):
             load_canonical(model, self.init_state, self.init_info["source"])
             self.init_note = None
         elif self.resume_meta is None:
+            from train.init_weights import initial_state
+
             state, self.init_note = initial_state(self.cfg, int(c.run.seed))
             if state is not None:
                 load_canonical(model, state, "initial weights")
@@ -139,8 +127,8 @@ class TorchRun(Run):
         spec = self.analysis_spec
         if spec is None:
             return
+        from dba.analysis_spec import analysis_tokens
         from torch_ref.analysis import Analyzer
-        from train.analysis_spec import analysis_tokens
         from train.analysis_store import AnalysisStore
 
         self.analyzer = Analyzer(spec, self.stepper.model)

@@ -48,7 +48,7 @@ step is kept in `memory_bytes[shape]`, and running out of device memory is a one
 Differences from the JAX `Stepper`'s attributes: `model` is the live torch module (the JAX
 `model()` is a method returning a copy), `params` is that module too (what the loop hands to the
 analysis pass), there is no `graphdef`/`rest`/`opt_state`/`set_state` (checkpoints go through
-`state_dict`/`load_state_dict`, see train/torch_checkpoints.py), one process and one device.
+`state_dict`/`load_state_dict`, see torch_train/checkpoints.py), one process and one device.
 """
 
 from __future__ import annotations
@@ -64,39 +64,14 @@ import torch.nn.functional as F
 
 from dba.errors import UserError
 from dba.optimizers import DEFAULT_BETAS, check_optimizer
+from dba.param_groups import group_names, param_groups
 from dba.units import human_bytes
 from torch_ref.model import DBAModel
 from torch_ref.weights_io import canonical_state
 from train.faults import FAULT_RING, NONFINITE_GRAD, NONFINITE_LOSS, fault_points
 
-_SEM = ("q_sem", "k_sem", "k_sem_null")
-_GEO = ("q_geo", "k_geo", "k_geo_null")
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SCALE_INIT, SCALE_GROWTH_EVERY, SCALE_MAX = 2.0 ** 16, 2000, 2.0 ** 24
-
-
-def param_groups(names: list[str], decoupled: bool) -> list[str]:
-    """The grad-norm groups of one parameter, given its dotted name split on '.'
-    (train/grad_norms.param_groups' rule, here without importing JAX)."""
-    groups = []
-    if names and names[0] in ("tok_emb", "emb_in", "emb_out"):
-        groups.append("embed")
-    if "attn" in names:
-        groups.append("attn")
-        if decoupled:
-            i = names.index("attn") + 1
-            owner = names[i] if i < len(names) else ""
-            if owner in _SEM:
-                groups.append("attn_sem")
-            elif owner in _GEO:
-                groups.append("attn_geo")
-    if "ff" in names:
-        groups.append("ffn")
-    return groups
-
-
-def group_names(decoupled: bool) -> tuple[str, ...]:
-    return ("embed", "attn", "ffn") + (("attn_sem", "attn_geo") if decoupled else ())
 
 
 def _decays(name: str, p: torch.Tensor, wd_exempt_1d: bool) -> bool:
@@ -217,7 +192,7 @@ class TorchStepper:
                     mode = None if compile_mode in (None, "", "default") else compile_mode
                     self._loss_fn = torch.compile(self._micro_loss, mode=mode)
                     self.compiling = True
-                except Exception as e:  # noqa: BLE001 (any failure -> eager, said once)
+                except Exception as e:
                     self.compile_note = f"torch.compile unavailable ({_first_line(e)}); training eagerly"
 
     # -- pieces ----------------------------------------------------------------------------
@@ -318,7 +293,7 @@ class TorchStepper:
         except torch.cuda.OutOfMemoryError as e:
             self._reset_grads()
             raise self._oom(e, key) from None
-        except Exception as e:  # noqa: BLE001 (any compiler failure: train eagerly)
+        except Exception as e:
             self._loss_fn, self.compiling = self._micro_loss, False
             self.compile_note = f"torch.compile failed for batch {b} x seq {t} ({_first_line(e)}); training eagerly"
             return 0.0
@@ -528,7 +503,7 @@ class TorchStepper:
             if dev.type == "mps":
                 return {"bytes_in_use": int(torch.mps.current_allocated_memory()),
                         "bytes_reserved": int(torch.mps.driver_allocated_memory())}
-        except Exception:  # noqa: BLE001 (a backend without these readings)
+        except Exception:
             return None
         return None
 
