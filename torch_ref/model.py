@@ -31,6 +31,10 @@ def default_device() -> torch.device:
 
 
 class Attention(nn.Module):
+    # Decode attention over a cache: 'none' (`cached_attend`) or the fused Triton kernel
+    # 'triton' | 'triton1pass' | 'triton2pass' (opt-in; see `DBAModel.set_kv_fused`).
+    kv_fused: str = "none"
+
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -129,7 +133,7 @@ class Attention(nn.Module):
                 y = attend(q, k.to(q.dtype), v, self.null_kv())
             else:
                 y = cached_attend(q, cache.streams, cache.pos, end, self.null_kv(), n_kv_head=self.cfg.n_kv_head,
-                                  key_names=self.key_names, decode_block=decode_block)
+                                  key_names=self.key_names, decode_block=decode_block, kernel=self.kv_fused)
             cache = kvc.LayerCache(cache.streams, end)
         y = self.out_proj(merge_heads(y))
         return (F.dropout(y, p=p) if p > 0.0 else y), cache
@@ -197,6 +201,16 @@ class DBAModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.tok_emb.weight.device
+
+    def set_kv_fused(self, kernel: str) -> DBAModel:
+        """Every layer's attention over a cache runs `kernel`: 'none' (`cached_attend`, the
+        default) or the fused Triton kernel 'triton' | 'triton1pass' | 'triton2pass' (falls back
+        to `cached_attend` with a warning where unsupported). Returns the model."""
+        if kernel not in ("none", "triton", "triton1pass", "triton2pass"):
+            raise ValueError(f"kv_fused {kernel!r}: expected none, triton, triton1pass or triton2pass")
+        for block in self.blocks:
+            block.attn.kv_fused = kernel
+        return self
 
     def as_tokens(self, tokens) -> torch.Tensor:
         """Token ids as an int64 (B, T) tensor on the model's device; 1-D ids become one row. A

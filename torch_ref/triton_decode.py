@@ -232,7 +232,7 @@ def _decode_kernel(q, qn, knull, vnull, out, m_out, l_out, acc_out, nf4,
         part = pid.to(tl.int64) * n_split + sp
         tl.store(m_out + part * BLOCK_R + r, m)
         tl.store(l_out + part * BLOCK_R + r, l_i)
-        tl.store(acc_out + (part * BLOCK_R + r[:, None]) * DV + cv[None, :], acc, mask=omask)
+        tl.store(acc_out + (part * BLOCK_R + r[:, None]) * DV + cv[None, :], acc, mask=cv_ok[None, :])
     else:
         tl.store(out + (pid.to(tl.int64) * RQ + r[:, None]) * DV + cv[None, :], acc / l_i[:, None], mask=omask)
 
