@@ -127,7 +127,7 @@ def test_modes_and_dispatch_agree():
     ref = cached_attend(q, streams, q_start, length, null_kv, decode_block=32, **kw)
     a = triton_decode.fused_attend(q, streams, q_start, length, null_kv, mode="one_pass", block_n=8, **kw)
     b = triton_decode.fused_attend(q, streams, q_start, length, null_kv, mode="two_pass", block_n=8, chunk=24, **kw)
-    c = cached_attend(q, streams, q_start, length, null_kv, decode_block=32, kernel="triton", **kw)
+    c = triton_decode.decode_attend("triton", q, streams, q_start, length, null_kv, decode_block=32, **kw)
     for out in (a, b, c):
         assert (out - ref).abs().max() <= 1e-5
     h = triton_decode.fused_attend(q.half(), streams, q_start, length, null_kv, mode="two_pass", **kw)
@@ -145,11 +145,11 @@ def test_unsupported_falls_back_with_a_warning():
     with pytest.raises(ValueError, match="65 query rows"):
         triton_decode.fused_attend(many, streams, 0, length, None, **kw)
     with pytest.warns(UserWarning, match="kv-fused triton1pass: 65 query rows"):
-        y = cached_attend(many, streams, 0, length, None, decode_block=16, kernel="triton1pass", **kw)
+        y = triton_decode.decode_attend("triton1pass", many, streams, 0, length, None, decode_block=16, **kw)
     assert torch.equal(y, cached_attend(many, streams, 0, length, None, decode_block=16, **kw))
     assert "key streams" in triton_decode.unsupported_reason(q, streams, n_kv_head=n_kv, key_names=("k", "k", "k"))
-    with pytest.raises(ValueError, match="kernel 'cuda'"):
-        cached_attend(q, streams, q_start, length, None, decode_block=16, kernel="cuda", **kw)
+    with pytest.raises(ValueError, match="kv_fused 'cuda'"):
+        triton_decode.decode_attend("cuda", q, streams, q_start, length, None, decode_block=16, **kw)
     assert triton_decode.triton_available()
 
 
@@ -171,7 +171,9 @@ def test_decode_logits_with_the_kernel(monkeypatch, mode, options, policy, kerne
     monkeypatch.setattr(triton_decode, "fused_attend", lambda *a, **k: calls.append(1) or real(*a, **k))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no silent fallback
-        out = model.set_kv_fused(kernel).decode_logits(tokens, prefill=prefill, policy=policy, decode_block=4)
+        triton_decode.set_kv_fused(model, kernel)
+        out = model.decode_logits(tokens, prefill=prefill, policy=policy, decode_block=4)
     assert len(calls) == 10 - prefill
     assert (out - ref).abs().max() <= 1e-5
-    assert model.set_kv_fused("none").blocks[0].attn.kv_fused == "none"
+    triton_decode.set_kv_fused(model, None)
+    assert model.blocks[0].attn.kv_fused == "none"

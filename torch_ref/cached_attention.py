@@ -7,8 +7,6 @@ streams. Mirrors jax_model/cached_attention.py.
 
 from __future__ import annotations
 
-import warnings
-
 import torch
 
 from torch_ref import kvcache as kvc
@@ -38,7 +36,7 @@ def rotate_queries(q_BHTD: torch.Tensor, streams: dict[str, kvc.StreamCache], ke
 
 def cached_attend(q_BHTD: torch.Tensor, streams: dict[str, kvc.StreamCache], q_start: int, length: int,
                   null_kv: tuple[torch.Tensor, torch.Tensor] | None, *, n_kv_head: int,
-                  key_names: tuple[str, ...], decode_block: int, kernel: str = "none") -> torch.Tensor:
+                  key_names: tuple[str, ...], decode_block: int) -> torch.Tensor:
     """Attention of T queries q_cat (B, H, T, Dqk) at absolute positions q_start.. over the first
     `length` tokens of a layer's cached `streams` (key streams `key_names`, concatenated per head
     in q_cat's order, and "v"), one block of `decode_block` keys at a time (online softmax, fp32
@@ -46,15 +44,7 @@ def cached_attend(q_BHTD: torch.Tensor, streams: dict[str, kvc.StreamCache], q_s
     Returns (B, H, T, Dv) in q's dtype. Rotated key streams (`+rot`) are scored with rotated
     queries (`rotate_queries`); the null key is not rotated and scores against q itself. Query
     head h uses kv-head h // (H/K): the G = H/K query heads of a kv-head go through one matmul as
-    G*T rows, so K/V are never repeated.
-
-    `kernel` (opt-in, default 'none'): 'triton' / 'triton1pass' / 'triton2pass' run the fused
-    Triton kernel (torch_ref/triton_decode.py: auto / one_pass / two_pass) instead, same result;
-    arguments it does not support (or no triton) fall back to this path with a warning."""
-    if kernel != "none":
-        y = _fused(q_BHTD, streams, q_start, length, null_kv, n_kv_head, key_names, kernel)
-        if y is not None:
-            return y
+    G*T rows, so K/V are never repeated."""
     b, h, t, _ = q_BHTD.shape
     n_kv = n_kv_head
     dev = q_BHTD.device
@@ -92,20 +82,3 @@ def cached_attend(q_BHTD: torch.Tensor, streams: dict[str, kvc.StreamCache], q_s
         acc = acc * corr[..., None] + pv
         m = m_new
     return (acc / l[..., None]).to(q_BHTD.dtype)
-
-
-_FUSED_MODES = {"triton": "auto", "triton1pass": "one_pass", "triton2pass": "two_pass"}
-
-
-def _fused(q_BHTD, streams, q_start, length, null_kv, n_kv_head, key_names, kernel) -> torch.Tensor | None:
-    """The fused kernel's result, or None (with a warning naming the reason) when it cannot run."""
-    if kernel not in _FUSED_MODES:
-        raise ValueError(f"kernel {kernel!r}: expected none or one of {', '.join(_FUSED_MODES)}")
-    from torch_ref import triton_decode  # lazy: triton is optional
-
-    why = triton_decode.unsupported_reason(q_BHTD, streams, n_kv_head=n_kv_head, key_names=key_names)
-    if why is not None:
-        warnings.warn(f"--kv-fused {kernel}: {why}; using cached_attend", stacklevel=3)
-        return None
-    return triton_decode.fused_attend(q_BHTD, streams, q_start, length, null_kv, n_kv_head=n_kv_head,
-                                      key_names=key_names, mode=_FUSED_MODES[kernel])

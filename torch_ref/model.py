@@ -16,9 +16,9 @@ from dba.errors import UserError
 from dba.kvspec import check_room
 from torch_ref import decode
 from torch_ref import kvcache as kvc
-from torch_ref.cached_attention import cached_attend
 from torch_ref.layers import apply_rope, attend, merge_heads, rope_cos_sin, split_heads
 from torch_ref.layers import kv_heads as _kv_heads
+from torch_ref.triton_decode import decode_attend
 
 
 def default_device() -> torch.device:
@@ -31,10 +31,6 @@ def default_device() -> torch.device:
 
 
 class Attention(nn.Module):
-    # Decode attention over a cache: 'none' (`cached_attend`) or the fused Triton kernel
-    # 'triton' | 'triton1pass' | 'triton2pass' (opt-in; see `DBAModel.set_kv_fused`).
-    kv_fused: str = "none"
-
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
@@ -63,6 +59,7 @@ class Attention(nn.Module):
                 self.v_null = nn.Parameter(torch.zeros(1, 1, widths["v"]))
         self.scales = path_scales(cfg)
         self.key_names = key_streams(cfg)
+        self.kv_fused = "none"  # decode attention: "none" | "triton" | "triton1pass" | "triton2pass" (set_kv_fused)
 
     # -- the pieces every path (full forward, prefill, decode) shares ----------------------
     def _rope(self, x_BHTD: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -132,8 +129,8 @@ class Attention(nn.Module):
                 k, v = self.kv_heads(kv)
                 y = attend(q, k.to(q.dtype), v, self.null_kv())
             else:
-                y = cached_attend(q, cache.streams, cache.pos, end, self.null_kv(), n_kv_head=self.cfg.n_kv_head,
-                                  key_names=self.key_names, decode_block=decode_block, kernel=self.kv_fused)
+                y = decode_attend(self.kv_fused, q, cache.streams, cache.pos, end, self.null_kv(),
+                                  n_kv_head=self.cfg.n_kv_head, key_names=self.key_names, decode_block=decode_block)
             cache = kvc.LayerCache(cache.streams, end)
         y = self.out_proj(merge_heads(y))
         return (F.dropout(y, p=p) if p > 0.0 else y), cache
@@ -201,16 +198,6 @@ class DBAModel(nn.Module):
     @property
     def device(self) -> torch.device:
         return self.tok_emb.weight.device
-
-    def set_kv_fused(self, kernel: str) -> DBAModel:
-        """Every layer's attention over a cache runs `kernel`: 'none' (`cached_attend`, the
-        default) or the fused Triton kernel 'triton' | 'triton1pass' | 'triton2pass' (falls back
-        to `cached_attend` with a warning where unsupported). Returns the model."""
-        if kernel not in ("none", "triton", "triton1pass", "triton2pass"):
-            raise ValueError(f"kv_fused {kernel!r}: expected none, triton, triton1pass or triton2pass")
-        for block in self.blocks:
-            block.attn.kv_fused = kernel
-        return self
 
     def as_tokens(self, tokens) -> torch.Tensor:
         """Token ids as an int64 (B, T) tensor on the model's device; 1-D ids become one row. A

@@ -26,14 +26,17 @@ from __future__ import annotations
 
 import functools
 import os
+import warnings
 
 import torch
 
 from dba.kvspec import NF4_LEVELS
 from torch_ref import kvcache as kvc
-from torch_ref.cached_attention import rotate_queries
+from torch_ref.cached_attention import cached_attend, rotate_queries
 
 MODES = ("auto", "one_pass", "two_pass")
+# `Attention.kv_fused` -> the kernel's mode (v29's --kv-fused names); "none" is `cached_attend`.
+KV_FUSED_MODES = {"none": None, "triton": "auto", "triton1pass": "one_pass", "triton2pass": "two_pass"}
 _KIND_CODE = {"fp32": 0, "fp16": 1, "q8_0": 2, "q4_0": 3, "nf4": 4}
 _MAX_ROWS = 64  # G*T query rows per program (decode: G, or a few queries per row)
 _MAX_HEAD_DIM = 256
@@ -375,3 +378,32 @@ def fused_attend(q_BHTD: torch.Tensor, streams: dict[str, kvc.StreamCache], q_st
     if split:
         merge_kernel[(b * n_kv,)](m_part, l_part, acc_part, out, n_split, rq, DV=dv, BDV=_pow2(dv), BLOCK_R=block_r)
     return out.reshape(b, h, t, dv).to(q_BHTD.dtype)
+
+
+def set_kv_fused(model: torch.nn.Module, mode: str | None) -> None:
+    """Select the decode attention of every `Attention` layer of `model`: None / "none":
+    `cached_attend` (the default); "triton" / "triton1pass" / "triton2pass": this kernel, auto /
+    one_pass / two_pass (on a CUDA device, or on CPU tensors with TRITON_INTERPRET=1)."""
+    mode = "none" if mode is None else mode
+    if mode not in KV_FUSED_MODES:
+        raise ValueError(f"kv_fused {mode!r}: expected one of {', '.join(KV_FUSED_MODES)}")
+    for m in model.modules():
+        if hasattr(m, "kv_fused"):
+            m.kv_fused = mode
+
+
+def decode_attend(kv_fused: str, q_BHTD: torch.Tensor, streams: dict[str, kvc.StreamCache], q_start: int,
+                  length: int, null_kv: tuple[torch.Tensor, torch.Tensor] | None, *, n_kv_head: int,
+                  key_names: tuple[str, ...], decode_block: int) -> torch.Tensor:
+    """`cached_attend`, or this kernel when `kv_fused` names it and it supports the layer (else a
+    warning naming the reason, once per reason, and `cached_attend`)."""
+    if kv_fused not in KV_FUSED_MODES:
+        raise ValueError(f"kv_fused {kv_fused!r}: expected one of {', '.join(KV_FUSED_MODES)}")
+    if kv_fused != "none":
+        why = unsupported_reason(q_BHTD, streams, n_kv_head=n_kv_head, key_names=key_names)
+        if why is None:
+            return fused_attend(q_BHTD, streams, q_start, length, null_kv, n_kv_head=n_kv_head, key_names=key_names,
+                                mode=KV_FUSED_MODES[kv_fused])
+        warnings.warn(f"--kv-fused {kv_fused}: {why}; using cached_attend", stacklevel=2)
+    return cached_attend(q_BHTD, streams, q_start, length, null_kv, n_kv_head=n_kv_head, key_names=key_names,
+                         decode_block=decode_block)
