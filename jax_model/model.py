@@ -24,10 +24,10 @@ from dba.errors import UserError
 from dba.kvspec import check_room
 from jax_model import decode
 from jax_model import kvcache as kvc
-from jax_model.cached_attention import cached_attend
 from jax_model.layers import (INFERENCE_CHUNKS, apply_rope, attend, dense, dense_t, dot_rows, env_int, merge_heads,
                               pad_vocab, padded_logits, rope_cos_sin, split_heads, tn_matmul)
 from jax_model.layers import kv_heads as _kv_heads
+from jax_model.pallas_decode import decode_attend
 
 _init = nnx.initializers.normal(stddev=0.02)
 _FEW_ROWS = 16  # up to this many tokens the attention projections run as separate matmuls
@@ -73,6 +73,7 @@ class Attention(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
         self.scales = path_scales(cfg)
         self.key_names = key_streams(cfg)
+        self.kv_fused = "none"  # decode attention: "none" | "pallas" | "pallas-interpret" (pallas_decode.set_kv_fused)
 
     # tie_qk: the K projection *is* the Q projection (one weight, gradients summed).
     def _k(self, name: str) -> nnx.Linear:
@@ -185,8 +186,8 @@ class Attention(nnx.Module):
                 k, v = self.kv_heads(kv)
                 y = attend(q, k, v, self.null_kv(), n_chunks=INFERENCE_CHUNKS)
             else:
-                y = cached_attend(q, streams, cache.pos, end, self.null_kv(), n_kv_head=self.cfg.n_kv_head,
-                                  key_names=self.key_names, decode_block=decode_block)
+                y = decode_attend(self.kv_fused, q, streams, cache.pos, end, self.null_kv(),
+                                  n_kv_head=self.cfg.n_kv_head, key_names=self.key_names, decode_block=decode_block)
             cache = cache.replace(streams=streams, pos=end)
         y = self.out_proj(merge_heads(y))
         return (drop(y) if drop is not None else y), cache

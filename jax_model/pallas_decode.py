@@ -29,6 +29,7 @@ Mosaic GPU is opt-in and wants `plgpu.kernel`); Triton needs power-of-two tile s
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 
 import jax
@@ -39,12 +40,15 @@ from jax.experimental import pallas as pl
 
 from dba.kvspec import FOUR_BIT_KINDS, NF4_LEVELS
 from jax_model import kvcache as kvc
-from jax_model.cached_attention import rotate_queries
+from jax_model.cached_attention import cached_attend, rotate_queries
 from jax_model.layers import NEG_INF, group_queries, null_scores
 
 FUSED_KINDS = frozenset({"fp32", "fp16", "q8_0", "q4_0", "nf4"})
 DEFAULT_BLOCK = 256  # keys per inner step (128-512 suits an H100)
 DEFAULT_SPLITS = 16  # target number of key splits over max_len (flash-decoding parallelism)
+MAX_QUERIES = 16  # queries per row the kernel takes (decode: 1); longer prompt chunks use cached_attend
+DOT_MIN_ROWS = 16  # fewer query rows per kv head (G*T) than this: broadcast-multiply-sum, not a dot
+KV_FUSED_MODES = ("none", "pallas", "pallas-interpret")  # `Attention.kv_fused` (`set_kv_fused`)
 
 _NF4 = [np.float32(v) for v in NF4_LEVELS]
 
@@ -84,6 +88,8 @@ def unsupported_reason(streams: dict[str, kvc.StreamCache], key_names: tuple[str
     """None when `fused_cached_attend` runs this layer, else a one-line reason (the caller then
     uses `cached_attend`). `n_queries`: T per row; `n_head`: query heads (for the GPU tile check);
     `interpret=False` adds the compiled (Triton) constraints: power-of-two tiles."""
+    if n_queries > MAX_QUERIES:
+        return f"{n_queries} queries per row (the kernel takes up to {MAX_QUERIES}: decode)"
     if "v" not in streams or any(k not in streams for k in key_names):
         return f"streams {sorted(streams)} lack one of {key_names + ('v',)}"
     rings = {s.residual for s in streams.values() if s.residual > 0}
@@ -152,10 +158,11 @@ def _dequant(kind: str, codes: jax.Array, scale: jax.Array | None, nbh: int, qbh
 
 # ---- the kernel -----------------------------------------------------------------------------
 
-def _kernel(*refs, layout, v_layout, n_store, split_size, blk, max_len, r, t, gt, q_dtype):
+def _kernel(*refs, layout, v_layout, n_store, split_size, blk, max_len, r, t, gt, q_dtype, small):
     """One (batch, kv-head, split) program. `layout`: per key stream (kind, nbh, qbh, quantized);
     refs: pos, per key stream [q natural, (q even, q odd if 4-bit)], per stream of keys + v:
-    [data, (scale)], then [window tile] per stream when r, then outputs m, l, acc."""
+    [data, (scale)], then [window tile] per stream when r, then outputs m, l, acc. `small`: G*T
+    below DOT_MIN_ROWS (Triton's dot wants >= 16 rows), so products are multiplied and reduced."""
     it = iter(refs)
     pos_ref = next(it)
     q_refs = []
@@ -174,8 +181,17 @@ def _kernel(*refs, layout, v_layout, n_store, split_size, blk, max_len, r, t, gt
     dv_parts = 2 if v_layout[0] in FOUR_BIT_KINDS else 1
     dv = acc_ref.shape[-1]
 
-    def dot_qk(q, k):  # (GT, w) x (n, w) -> (GT, n) fp32
-        return lax.dot_general(q, k.astype(q_dtype), (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+    def dot_qk(q, k):  # (GT, w) x (n, w) -> (GT, n) fp32; k rounded to q's dtype as cached_attend does
+        k = k.astype(q_dtype)
+        if small:
+            return jnp.sum(q.astype(jnp.float32)[:, None, :] * k.astype(jnp.float32)[None, :, :], axis=-1)
+        return lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32)
+
+    def dot_pv(p, v):  # (GT, n) x (n, w) -> (GT, w) fp32
+        if small:
+            return jnp.sum(p[:, :, None] * v[None, :, :], axis=1)
+        return jnp.dot(p, v, preferred_element_type=jnp.float32)
 
     def update(carry, k_parts, q_parts, v_parts, k_pos, valid):
         m, l, accs = carry
@@ -188,8 +204,7 @@ def _kernel(*refs, layout, v_layout, n_store, split_size, blk, max_len, r, t, gt
         corr = jnp.exp(m - m_new)
         p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
         l = l * corr + p.sum(-1, keepdims=True)
-        accs = [a * corr + jnp.dot(p, jnp.where(valid[:, None], v, 0.0), preferred_element_type=jnp.float32)
-                for a, v in zip(accs, v_parts)]
+        accs = [a * corr + dot_pv(p, jnp.where(valid[:, None], v, 0.0)) for a, v in zip(accs, v_parts)]
         return m_new, l, accs
 
     def init(n_parts):
@@ -298,7 +313,7 @@ def fused_cached_attend(q_BHTD: jax.Array, streams: dict[str, kvc.StreamCache], 
         args.append(s.data)
         specs.append(pl.BlockSpec((pl.squeezed, max_len, width), lambda bi, ki, si: (bi, 0, ki)))
         if s.quantized:
-            per = max(1, qbh // d)  # heads sharing one scale column
+            per = max(1, s.qblock // d)  # heads sharing one scale column
             args.append(s.scale)
             specs.append(pl.BlockSpec((pl.squeezed, max_len, nbh),
                                       lambda bi, ki, si, per=per: (bi, 0, ki // per)))
@@ -320,7 +335,8 @@ def fused_cached_attend(q_BHTD: jax.Array, streams: dict[str, kvc.StreamCache], 
                  pl.BlockSpec((pl.squeezed, pl.squeezed, pl.squeezed, gt, 1), lambda bi, ki, si: (bi, ki, si, 0, 0)),
                  pl.BlockSpec((pl.squeezed, pl.squeezed, pl.squeezed, gt, dv), lambda bi, ki, si: (bi, ki, si, 0, 0)))
     kernel = partial(_kernel, layout=tuple(layout), v_layout=v_layout, n_store=n_store, split_size=split_size,
-                     blk=blk, max_len=max_len, r=r, t=t, gt=gt, q_dtype=q_keys.dtype)
+                     blk=blk, max_len=max_len, r=r, t=t, gt=gt, q_dtype=q_keys.dtype,
+                     small=gt < DOT_MIN_ROWS)
     extra = {}
     if not interpret:
         from jax.experimental.pallas import triton as plt
@@ -355,3 +371,43 @@ def _merge(m, l, acc, q, null_kv, shape, dtype):
         out = out + w0[..., None] * vn.reshape(n_kv, gt, dv)[None]
     return (out / den[..., None]).reshape(shape).astype(dtype)
 
+
+
+# ---- the model's opt-in switch ----------------------------------------------------------------
+
+_warned: set[str] = set()
+
+
+def set_kv_fused(model, mode: str | None) -> None:
+    """Select the decode attention of every `Attention` layer of `model` (an nnx module):
+    None / "none": `cached_attend` (the default); "pallas": this kernel compiled (a GPU);
+    "pallas-interpret": this kernel in the Pallas interpreter (any backend; slow, for checks).
+    The mode is a static attribute, so jitted decode functions retrace when it changes."""
+    mode = "none" if mode is None else mode
+    if mode not in KV_FUSED_MODES:
+        raise ValueError(f"kv_fused {mode!r}: expected one of {', '.join(KV_FUSED_MODES)}")
+    for _, m in model.iter_modules():
+        if hasattr(m, "kv_fused"):
+            m.kv_fused = mode
+
+
+def decode_attend(kv_fused: str, q_BHTD: jax.Array, streams: dict[str, kvc.StreamCache], q_start: jax.Array,
+                  length: jax.Array, null_kv: tuple[jax.Array, jax.Array] | None, *, n_kv_head: int,
+                  key_names: tuple[str, ...], decode_block: int) -> jax.Array:
+    """`cached_attend`, or this kernel when `kv_fused` names it and it supports the layer (else a
+    one-time warning naming the reason, and `cached_attend`)."""
+    if kv_fused in ("pallas", "pallas-interpret"):
+        interpret = kv_fused == "pallas-interpret"
+        _, h, t, _ = q_BHTD.shape
+        reason = unsupported_reason(streams, key_names, n_kv_head, t, h, interpret=interpret)
+        if reason is None and not pallas_available(interpret):
+            reason = "Pallas cannot compile here (no GPU): use pallas-interpret"
+        if reason is None:
+            return fused_cached_attend(q_BHTD, streams, q_start, length, null_kv, n_kv_head=n_kv_head,
+                                       key_names=key_names, decode_block=min(decode_block, DEFAULT_BLOCK),
+                                       interpret=interpret)
+        if reason not in _warned:
+            _warned.add(reason)
+            warnings.warn(f"--kv-fused {kv_fused}: falling back to cached attention: {reason}", stacklevel=2)
+    return cached_attend(q_BHTD, streams, q_start, length, null_kv, n_kv_head=n_kv_head, key_names=key_names,
+                         decode_block=decode_block)
