@@ -19,3 +19,55 @@ def add_kv_arguments(p: argparse.ArgumentParser) -> None:
     for s in ("k", "v", "k_sem", "k_geo"):
         k.add_argument(f"--kv-qblock-{s.replace('_', '-')}", type=int, default=None,
                        help=f"quantization block for the {s} stream (default: --kv-qblock)")
+
+
+def add_kv_fused_argument(p: argparse.ArgumentParser) -> None:
+    from dba.fused import FUSED_CHOICES
+
+    p.add_argument("--kv-fused", choices=FUSED_CHOICES, default="auto",
+                   help="decode kernel over the quantized cache: pallas (jax) / triton, triton1pass, triton2pass "
+                        "(torch) read the stored blocks in one fused kernel; none = the framework's cached "
+                        "attention; auto = the kernel on a GPU, else none. An explicit kernel on a CPU runs in "
+                        "its interpreter (slow; for checking)")
+
+
+def apply_kv_fused(choice: str, model, backend: str) -> str:
+    """Switch `model`'s decode attention to the kernel `--kv-fused choice` names; returns what
+    runs ('none', 'pallas', 'pallas (interpreted)', 'triton2pass', ...) for the run's info line. An
+    explicit kernel that cannot run here is a one-line error; `auto` then means none."""
+    import os
+
+    from dba.errors import UserError
+    from dba.fused import resolve_fused
+
+    if backend == "torch":
+        on_gpu = str(model.device).startswith("cuda")
+    else:
+        import jax
+
+        on_gpu = jax.default_backend() == "gpu"
+    kernel, interpret = resolve_fused(choice, backend, on_gpu)
+    if kernel == "none":
+        return "none"
+    if backend == "jax":
+        from jax_model.pallas_decode import pallas_available, set_kv_fused
+
+        if not pallas_available(interpret):
+            if choice == "auto":
+                return "none"
+            raise UserError(f"--kv-fused {choice}: Pallas cannot compile its GPU kernel here", 1)
+        set_kv_fused(model, "pallas-interpret" if interpret else "pallas")
+        return "pallas (interpreted)" if interpret else "pallas"
+    if interpret:
+        # read by triton when it is first imported (the kernels are built lazily, after this)
+        if "triton" in __import__("sys").modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UserError(f"--kv-fused {choice} on a CPU needs TRITON_INTERPRET=1 set before triton is imported", 1)
+        os.environ["TRITON_INTERPRET"] = "1"
+    from torch_ref.triton_decode import set_kv_fused, triton_available
+
+    if not triton_available():
+        if choice == "auto":
+            return "none"
+        raise UserError(f"--kv-fused {choice}: triton is not installed (pip install triton; Linux)", 1)
+    set_kv_fused(model, kernel)
+    return kernel + (" (interpreted)" if interpret else "")

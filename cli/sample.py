@@ -18,7 +18,7 @@ import sys
 import time
 from typing import Any
 
-from cli.kv_flags import add_kv_arguments
+from cli.kv_flags import add_kv_arguments, add_kv_fused_argument, apply_kv_fused
 from cli.self_opt_flags import add_self_opt_arguments
 from dba.errors import UserError
 
@@ -43,9 +43,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num-samples", type=int, default=1, help="independent samples (one batch)")
     p.add_argument("--decode-block", "--kv-decode-block", dest="decode_block", type=int, default=1024,
                    help="keys per block when streaming the cache (--kv-decode-block: v29's name)")
-    p.add_argument("--kv-fused", default="auto",
-                   help="v29 flag, no effect: v29's fused Triton decode kernel choice; the cached decode here is "
-                        "the framework's own")
+    add_kv_fused_argument(p)
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32", help="torch weights dtype")
     add_kv_arguments(p)
     add_self_opt_arguments(p)
@@ -230,6 +228,7 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--self-opt online grows the cache itself: drop --cache-len")
     t0 = time.perf_counter()
     model, cfg, tok, fns, device, source = _load(args)
+    fused = apply_kv_fused(args.kv_fused, model, args.backend)
     prompt = _prompt_ids(args, tok, cfg.vocab_size)
     if isinstance(tok, Unavailable):
         tok = None  # said on stderr: token ids in and out
@@ -253,6 +252,7 @@ def run(args: argparse.Namespace) -> int:
     new = args.max_new_tokens * args.num_samples
     used = plan.get("policy") or policy
     print(f"[{args.backend} on {device}: {new} new tokens in {elapsed:.2f}s incl. load; "
-          f"kv cache {used.kind if args.self_opt == 'none' else 'chosen by --self-opt ' + args.self_opt}]",
+          f"kv cache {used.kind if args.self_opt == 'none' else 'chosen by --self-opt ' + args.self_opt}; "
+          f"decode kernel {fused}]",
           file=sys.stderr)
     return 0
