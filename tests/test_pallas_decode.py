@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import warnings
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -18,6 +19,11 @@ from jax_model import pallas_decode as pd
 from jax_model.cached_attention import cached_attend
 
 pytestmark = pytest.mark.kernels
+
+# Jitted: one compile each instead of op-by-op dispatch (3-4x faster in the interpreter).
+_STATIC = ("n_kv_head", "key_names", "decode_block")
+reference = jax.jit(cached_attend, static_argnames=_STATIC)
+fused = jax.jit(pd.fused_cached_attend, static_argnames=(*_STATIC, "interpret", "split_size"))
 
 QUANT = ("q8_0", "q4_0", "nf4")
 
@@ -61,9 +67,9 @@ def run_both(mode, kinds, *, residual, batch, length, max_len, t=1, null=True, b
                    jnp.asarray(rng.standard_normal((h, dv)), jnp.float32))
     q_start, end = jnp.int32(length - t), jnp.int32(length)
     kw = {"n_kv_head": n_kv, "key_names": key_names, "decode_block": block}
-    ref = cached_attend(q, streams, q_start, end, null_kv, **kw)
+    ref = reference(q, streams, q_start, end, null_kv, **kw)
     assert pd.supports(streams, key_names, n_kv, t, h)
-    out = pd.fused_cached_attend(q, streams, q_start, end, null_kv, interpret=True, split_size=split, **kw)
+    out = fused(q, streams, q_start, end, null_kv, interpret=True, split_size=split, **kw)
     assert out.shape == ref.shape == (batch, h, t, dv)
     return np.asarray(out), np.asarray(ref)
 
