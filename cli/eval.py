@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cli.kv_flags import add_kv_fused_argument, apply_kv_fused
 from cli.self_opt_flags import add_self_opt_arguments
 from dba.data import DATA_FORMATS, TOKEN_DTYPES
 from dba.errors import UserError
@@ -51,6 +52,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--passkey-len", type=int, default=8, help="tokens in the passkey span")
     e.add_argument("--passkey-trials", type=int, default=4, help="passkey sequences per depth (one batch)")
     e.add_argument("--decode-block", type=int, default=1024, help="keys per block when streaming the cache")
+    add_kv_fused_argument(e)
     e.add_argument("--seed", type=int, default=0)
     add_self_opt_arguments(p)
     o = p.add_argument_group("output")
@@ -146,9 +148,10 @@ def _scorer(args: argparse.Namespace, cfg, state, source: str):
 
         model = torch_ref.load_canonical(torch_ref.DBAModel(cfg), state, source)
         model = model.to(torch_device(args.device)).eval()
+        fused = apply_kv_fused(args.kv_fused, model, "torch")
         return ((lambda b, n, p: score_policy(model, b, n, p, decode_block=args.decode_block)),
                 (lambda p, ctx, n, blk: decode_step_seconds(model, p, ctx, n, blk, repeats=args.self_opt_iters)),
-                str(model.device))
+                f"{model.device}, decode kernel {fused}")
     import os
 
     if args.device is not None:
@@ -162,9 +165,10 @@ def _scorer(args: argparse.Namespace, cfg, state, source: str):
     from jax_model.evaluate import decode_step_seconds, score_policy
 
     model = jax_model.load_canonical(jax_model.DBAModel(cfg), state, source)
+    fused = apply_kv_fused(args.kv_fused, model, "jax")
     return ((lambda b, n, p: score_policy(model, b, n, p, decode_block=args.decode_block)),
             (lambda p, ctx, n, blk: decode_step_seconds(model, p, ctx, n, blk, repeats=args.self_opt_iters)),
-            str(jax.devices()[0]))
+            f"{jax.devices()[0]}, decode kernel {fused}")
 
 
 def _plan(args: argparse.Namespace, cfg):
