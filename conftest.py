@@ -12,6 +12,11 @@ unless XLA_FLAGS already names it). XLA's own HLO passes (fusion, simplification
 floating-point semantics are the same (no fast-math either way); only the machine code is less
 tuned. The toy programs here spend far longer compiling than running: this cuts the parity
 modules' time by about a third.
+
+And it runs Triton in its CPU interpreter (`TRITON_INTERPRET=1`, unless set): triton reads the
+variable once, when it is first imported, and the fused-kernel tests
+(tests/test_triton_decode.py) check the kernels on CPU tensors whichever module imports triton
+first.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import tempfile
 
 
 def pytest_configure(config):
+    os.environ.setdefault("TRITON_INTERPRET", "1")
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_backend_optimization_level" not in flags:
         os.environ["XLA_FLAGS"] = f"{flags} --xla_backend_optimization_level=0".strip()

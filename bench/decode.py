@@ -17,6 +17,11 @@ compete); JAX with the host malloc tuning `dba train` applies (`--malloc-tuning`
     python -m bench.decode --quick           # 1k and 8k, q4_0 and fp16, one repeat
     dba bench decode --contexts 2048 --kinds q4_0,fp16 --new-tokens 64   # the v29 comparison
     dba bench decode --contexts 128000 --kinds q4_0 --backends jax       # when memory allows
+    dba bench decode --kv-fused none,pallas,triton1pass,triton2pass       # the fused kernels (GPU)
+
+`--kv-fused` lists decode kernels (dba/fused.py) to time beside each other; a kernel runs only on
+its own backend (pallas: jax; triton*: torch). On a CPU an explicit kernel runs interpreted,
+which checks it end to end but says nothing about its speed.
 """
 
 from __future__ import annotations
@@ -66,10 +71,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="which backends run with train.step.tune_host_malloc")
     p.add_argument("--dtype", choices=("fp32", "bf16"), default="fp32", help="weights and activations")
     p.add_argument("--device", choices=DEVICES, default="auto", help=DEVICE_HELP)
+    p.add_argument("--kv-fused", default="none",
+                   help="decode kernels to time, comma separated: none, auto, pallas (jax), triton, triton1pass, "
+                        "triton2pass (torch); each runs on its own backend")
     p.add_argument("--json", default=None, help="also write the results here")
 
 
-def bench_jax(cfg: ModelConfig, policy: KVPolicy, ctx: int, args) -> dict:
+def bench_jax(cfg: ModelConfig, policy: KVPolicy, ctx: int, args, fused: str = "none") -> dict:
     import jax
     import jax.numpy as jnp
 
@@ -81,6 +89,9 @@ def bench_jax(cfg: ModelConfig, policy: KVPolicy, ctx: int, args) -> dict:
     new, chunk, block = args.new_tokens, args.prefill_chunk, args.decode_block
     dt = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     model = jax_model.DBAModel(cfg, dtype=dt, param_dtype=dt)
+    from jax_model.pallas_decode import use_kv_fused
+
+    kernel = use_kv_fused(model, fused)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, ctx)), jnp.int32)
 
     def fill():
@@ -109,10 +120,11 @@ def bench_jax(cfg: ModelConfig, policy: KVPolicy, ctx: int, args) -> dict:
         decode(logits, cache)
         t_prefill.append(t1 - t0)
         t_decode.append(time.perf_counter() - t1)
-    return {"prefill_s": t_prefill, "decode_s": t_decode, "warmup_s": warm, "cache_bytes": cache_bytes}
+    return {"prefill_s": t_prefill, "decode_s": t_decode, "warmup_s": warm, "cache_bytes": cache_bytes,
+            "kernel": kernel}
 
 
-def bench_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, args) -> dict:
+def bench_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, args, fused: str = "none") -> dict:
     import torch
 
     import torch_ref
@@ -123,6 +135,9 @@ def bench_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, args) -> dict:
     new, chunk, block = args.new_tokens, args.prefill_chunk, args.decode_block
     device = torch_device(args.device)
     model = torch_ref.DBAModel(cfg).eval().to(device=device, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
+    from torch_ref.triton_decode import use_kv_fused
+
+    kernel = use_kv_fused(model, fused)
     tokens = torch.as_tensor(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, ctx))).to(device)
 
     def run() -> tuple[float, float, int]:
@@ -148,7 +163,7 @@ def bench_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, args) -> dict:
         warm = time.perf_counter() - t0
         times = [run()[:2] for _ in range(args.repeats)]
     return {"prefill_s": [t[0] for t in times], "decode_s": [t[1] for t in times], "warmup_s": warm,
-            "cache_bytes": cache_bytes, "device": device}
+            "cache_bytes": cache_bytes, "device": device, "kernel": kernel}
 
 
 def copy_bandwidth(backend: str, args) -> float:
@@ -175,18 +190,18 @@ def copy_bandwidth(backend: str, args) -> float:
 
 
 def _child(backend: str, cfg: ModelConfig, cases: list, args) -> dict:
-    """Every (ctx, kind) case of one backend, in a fresh process, and its memory bandwidth."""
+    """Every (ctx, kind, kernel) case of one backend, in a fresh process, and its memory bandwidth."""
     if args.malloc_tuning in ("all", backend):
         from train.step import tune_host_malloc
 
         tune_host_malloc()  # before JAX/torch start their thread pools
     runner = bench_jax if backend == "jax" else bench_torch
     out = []
-    for ctx, kind in cases:
-        r = runner(cfg, KVPolicy(kind=kind, residual=args.residual), ctx, args)
-        out.append({"ctx": ctx, "kind": kind, **r})
-        print(f"  {backend} ctx={ctx} kind={kind}: decode {args.new_tokens / statistics.median(r['decode_s']):,.1f} "
-              f"tok/s", flush=True)
+    for ctx, kind, fused in cases:
+        r = runner(cfg, KVPolicy(kind=kind, residual=args.residual), ctx, args, fused)
+        out.append({"ctx": ctx, "kind": kind, "fused": fused, **r})
+        print(f"  {backend} ctx={ctx} kind={kind} kernel={r['kernel']}: decode "
+              f"{args.new_tokens / statistics.median(r['decode_s']):,.1f} tok/s", flush=True)
     bw = copy_bandwidth(backend, args)
     print(f"  {backend} memory bandwidth (read + write): {bw:,.1f} GB/s", flush=True)
     return {"cases": out, "bandwidth_GB_s": bw}
@@ -202,46 +217,76 @@ def run(args: argparse.Namespace) -> int:
     backends = [b for b in args.backends.split(",") if b]
     if sorted(set(backends) - {"jax", "torch"}):
         raise SystemExit(f"unknown backend(s) in {args.backends!r} (choose from jax, torch)")
-    cases = [(ctx, kind) for ctx in contexts for kind in kinds]
+    fused = _kernels(args.kv_fused, backends)
+    cases = {b: [(ctx, kind, f) for ctx in contexts for kind in kinds for f in fused[b]] for b in backends}
     by_backend = {}
     for backend in backends:
-        by_backend[backend] = in_fresh_process(_child, backend, cfg, cases, args)
+        by_backend[backend] = in_fresh_process(_child, backend, cfg, cases[backend], args)
     new = args.new_tokens
     rows, results = [], []
-    for i, (ctx, kind) in enumerate(cases):
-        read = kv_bytes(cfg, ctx, 1, KVPolicy(kind=kind, residual=args.residual))["total_bytes"]
-        for backend in backends:
-            r = by_backend[backend]["cases"][i]
-            bw = by_backend[backend]["bandwidth_GB_s"]
-            pre, dec = statistics.median(r["prefill_s"]), statistics.median(r["decode_s"])
-            one_read_s = read / (bw * 1e9)
-            res = {"backend": backend, **r, "prefill_s_median": pre, "decode_s_median": dec,
-                   "prefill_tok_s": ctx / pre, "decode_tok_s": new / dec, "tok_s_incl_prefill": new / (pre + dec),
-                   "bytes_read_per_token": read, "effective_GB_s": read * new / dec / 1e9,
-                   "bandwidth_GB_s": bw, "one_cache_read_s": one_read_s,
-                   "decode_step_over_one_read": dec / new / one_read_s}
-            results.append(res)
-            rows.append([ctx, kind, backend, f"{res['prefill_tok_s']:,.0f}", f"{res['decode_tok_s']:,.1f}",
-                         f"{res['tok_s_incl_prefill']:,.1f}", human_bytes(read), f"{res['effective_GB_s']:.2f}",
-                         f"{1e3 * dec / new:.3f}", f"{1e3 * one_read_s:.3f}",
-                         f"{res['decode_step_over_one_read']:.1f}", human_bytes(r["cache_bytes"]),
-                         f"{r['warmup_s']:.1f}"])
+    for ctx in contexts:
+        for kind in kinds:
+            read = kv_bytes(cfg, ctx, 1, KVPolicy(kind=kind, residual=args.residual))["total_bytes"]
+            for backend in backends:
+                for r in by_backend[backend]["cases"]:
+                    if (r["ctx"], r["kind"]) == (ctx, kind):
+                        _row(rows, results, ctx, kind, backend, r, read, by_backend[backend]["bandwidth_GB_s"], new)
     title = (f"Decode, config {args.config} ({'no ' if args.no_null_attn else ''}null attn), batch 1, "
              f"{new} new tokens, prefill chunk {args.prefill_chunk}, decode block {args.decode_block}"
              + (f", prefill block {args.prefill_block}" if args.prefill_block else "") + ", "
              f"median of {args.repeats}")
-    print_table(title, ["ctx", "kind", "backend", "prefill tok/s", "decode tok/s", "tok/s incl. prefill",
+    print_table(title, ["ctx", "kind", "backend", "kernel", "prefill tok/s", "decode tok/s", "tok/s incl. prefill",
                         "cache read/token", "eff. GB/s", "ms/token", "1 read ms", "x 1 read", "cache size",
                         "warm-up s"], rows)
     print("1 read ms: the cache's bytes over the measured memory bandwidth ("
           + ", ".join(f"{b} {by_backend[b]['bandwidth_GB_s']:,.0f} GB/s" for b in backends)
-          + "); x 1 read: decode ms/token over that")
+          + "); x 1 read: decode ms/token over that; kernel: --kv-fused's choice (interpreted = on a CPU, "
+            "a correctness run, not a timing)")
     write_json(args.json, {"bench": "decode", "config": cfg.to_dict(), "machine": machine(),
                            "new_tokens": new, "prefill_chunk": args.prefill_chunk,
                            "decode_block": args.decode_block, "malloc_tuning": args.malloc_tuning,
                            "dtype": args.dtype,
                            "results": results})
     return 0
+
+
+def _kernels(text: str, backends: list[str]) -> dict[str, list[str]]:
+    """The --kv-fused choices each backend runs (a kernel only on its own backend)."""
+    from dba.errors import UserError
+    from dba.fused import resolve_fused
+
+    choices = [c for c in text.split(",") if c]
+    out: dict[str, list[str]] = {b: [] for b in backends}
+    for c in choices:
+        for b in backends:
+            try:
+                resolve_fused(c, b, False)
+            except UserError as e:
+                if "backend's kernel" not in str(e):
+                    raise
+                continue
+            out[b].append(c)
+    if not any(out.values()):
+        raise UserError(f"--kv-fused {text!r}: no kernel for --backends {','.join(backends)}")
+    return out
+
+
+def _row(rows: list, results: list, ctx: int, kind: str, backend: str, r: dict, read: int, bw: float,
+         new: int) -> None:
+    """One (context, kind, backend, kernel) result: its record and its table row."""
+    pre, dec = statistics.median(r["prefill_s"]), statistics.median(r["decode_s"])
+    one_read_s = read / (bw * 1e9)
+    res = {"backend": backend, **r, "prefill_s_median": pre, "decode_s_median": dec,
+           "prefill_tok_s": ctx / pre, "decode_tok_s": new / dec, "tok_s_incl_prefill": new / (pre + dec),
+           "bytes_read_per_token": read, "effective_GB_s": read * new / dec / 1e9,
+           "bandwidth_GB_s": bw, "one_cache_read_s": one_read_s,
+           "decode_step_over_one_read": dec / new / one_read_s}
+    results.append(res)
+    rows.append([ctx, kind, backend, r["kernel"], f"{res['prefill_tok_s']:,.0f}", f"{res['decode_tok_s']:,.1f}",
+                 f"{res['tok_s_incl_prefill']:,.1f}", human_bytes(read), f"{res['effective_GB_s']:.2f}",
+                 f"{1e3 * dec / new:.3f}", f"{1e3 * one_read_s:.3f}",
+                 f"{res['decode_step_over_one_read']:.1f}", human_bytes(r["cache_bytes"]),
+                 f"{r['warmup_s']:.1f}"])
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -32,42 +32,10 @@ def add_kv_fused_argument(p: argparse.ArgumentParser) -> None:
 
 
 def apply_kv_fused(choice: str, model, backend: str) -> str:
-    """Switch `model`'s decode attention to the kernel `--kv-fused choice` names; returns what
-    runs ('none', 'pallas', 'pallas (interpreted)', 'triton2pass', ...) for the run's info line. An
-    explicit kernel that cannot run here is a one-line error; `auto` then means none."""
-    import os
-
-    from dba.errors import UserError
-    from dba.fused import resolve_fused
-
+    """Switch `model`'s decode attention to the kernel `--kv-fused choice` names (each framework's
+    `use_kv_fused`); returns what runs, for the info line."""
     if backend == "torch":
-        on_gpu = str(model.device).startswith("cuda")
+        from torch_ref.triton_decode import use_kv_fused
     else:
-        import jax
-
-        on_gpu = jax.default_backend() == "gpu"
-    kernel, interpret = resolve_fused(choice, backend, on_gpu)
-    if kernel == "none":
-        return "none"
-    if backend == "jax":
-        from jax_model.pallas_decode import pallas_available, set_kv_fused
-
-        if not pallas_available(interpret):
-            if choice == "auto":
-                return "none"
-            raise UserError(f"--kv-fused {choice}: Pallas cannot compile its GPU kernel here", 1)
-        set_kv_fused(model, "pallas-interpret" if interpret else "pallas")
-        return "pallas (interpreted)" if interpret else "pallas"
-    if interpret:
-        # read by triton when it is first imported (the kernels are built lazily, after this)
-        if "triton" in __import__("sys").modules and os.environ.get("TRITON_INTERPRET") != "1":
-            raise UserError(f"--kv-fused {choice} on a CPU needs TRITON_INTERPRET=1 set before triton is imported", 1)
-        os.environ["TRITON_INTERPRET"] = "1"
-    from torch_ref.triton_decode import set_kv_fused, triton_available
-
-    if not triton_available():
-        if choice == "auto":
-            return "none"
-        raise UserError(f"--kv-fused {choice}: triton is not installed (pip install triton; Linux)", 1)
-    set_kv_fused(model, kernel)
-    return kernel + (" (interpreted)" if interpret else "")
+        from jax_model.pallas_decode import use_kv_fused
+    return use_kv_fused(model, choice)

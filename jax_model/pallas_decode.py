@@ -411,3 +411,24 @@ def decode_attend(kv_fused: str, q_BHTD: jax.Array, streams: dict[str, kvc.Strea
             warnings.warn(f"--kv-fused {kv_fused}: falling back to cached attention: {reason}", stacklevel=2)
     return cached_attend(q_BHTD, streams, q_start, length, null_kv, n_kv_head=n_kv_head, key_names=key_names,
                          decode_block=decode_block)
+
+
+def use_kv_fused(model, choice: str) -> str:
+    """`--kv-fused choice` (dba/fused.py) on `model`: the Pallas kernel when it names it (compiled on
+    a GPU, interpreted when asked for on a CPU), else the cached attention. Returns what runs
+    ('none', 'pallas', 'pallas (interpreted)'). An explicit kernel that cannot run here is a
+    one-line UserError; `auto` then means none."""
+    from dba.errors import UserError
+    from dba.fused import resolve_fused
+
+    kernel, interpret = resolve_fused(choice, "jax", jax.default_backend() == "gpu")
+    if kernel == "none":
+        set_kv_fused(model, "none")
+        return "none"
+    if not pallas_available(interpret):
+        if choice == "auto":
+            set_kv_fused(model, "none")
+            return "none"
+        raise UserError(f"--kv-fused {choice}: Pallas cannot compile its GPU kernel here", 1)
+    set_kv_fused(model, "pallas-interpret" if interpret else "pallas")
+    return "pallas (interpreted)" if interpret else "pallas"

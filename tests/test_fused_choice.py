@@ -30,3 +30,38 @@ def test_resolve(choice, backend, on_gpu, want):
 def test_mistakes(choice, backend, needle):
     with pytest.raises(UserError, match=needle):
         resolve_fused(choice, backend, True)
+
+
+@pytest.mark.kernels
+@pytest.mark.parametrize("backend,kernel", [("torch", "triton2pass"), ("jax", "pallas")])
+def test_sample_with_the_kernel_gives_the_same_tokens(backend, kernel, tmp_path):
+    """`dba sample --kv-fused KERNEL` (interpreted on this CPU) decodes greedily through a q4_0 cache
+    to the same ids as the framework's cached attention, and says which kernel ran."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    torch = pytest.importorskip("torch")
+    if backend == "torch":
+        pytest.importorskip("triton")
+    from dba.config import ModelConfig
+    from torch_ref import DBAModel, save_export
+
+    torch.manual_seed(0)
+    cfg = ModelConfig(vocab_size=61, block_size=64, d_model=48, n_layer=2, n_head=3, d_ff=96, embed_dim=48,
+                      attn_mode="decoupled", sem_dim=12, geo_dim=24, attn_dim=48, null_attn=True)
+    ckpt = save_export(tmp_path / "m.safetensors", DBAModel(cfg))
+    repo = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    out = {}
+    for choice in ("none", kernel):
+        r = subprocess.run([sys.executable, "-m", "cli", "sample", "--ckpt", str(ckpt), "--backend", backend,
+                            "--prompt-tokens", "3 1 4 1 5 9 2 6", "--max-new-tokens", "12", "--temperature", "0",
+                            "--kv-cache", "q4_0", "--kv-qblock", "4", "--kv-residual", "4", "--kv-fused", choice],
+                           cwd=repo, env=env, capture_output=True, text=True, timeout=300)
+        assert r.returncode == 0, r.stderr
+        assert f"decode kernel {choice if choice == 'none' else kernel + ' (interpreted)'}" in r.stderr, r.stderr
+        assert "falling back" not in r.stderr and "using cached_attend" not in r.stderr, r.stderr
+        out[choice] = r.stdout.strip()
+    assert out["none"] == out[kernel] and len(out["none"].split(",")) == 20

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import warnings
 
 import torch
@@ -407,3 +408,32 @@ def decode_attend(kv_fused: str, q_BHTD: torch.Tensor, streams: dict[str, kvc.St
         warnings.warn(f"--kv-fused {kv_fused}: {why}; using cached_attend", stacklevel=2)
     return cached_attend(q_BHTD, streams, q_start, length, null_kv, n_kv_head=n_kv_head, key_names=key_names,
                          decode_block=decode_block)
+
+
+def use_kv_fused(model: torch.nn.Module, choice: str) -> str:
+    """`--kv-fused choice` (dba/fused.py) on `model`: the Triton kernel when it names it (compiled
+    on CUDA; interpreted, with TRITON_INTERPRET=1, when asked for on a CPU), else the cached
+    attention. Returns what runs ('none', 'triton2pass', 'triton (interpreted)', ...). An explicit
+    kernel that cannot run here is a one-line UserError; `auto` then means none."""
+    from dba.errors import UserError
+    from dba.fused import resolve_fused
+
+    kernel, interpret = resolve_fused(choice, "torch", model_device(model).type == "cuda")
+    if kernel == "none":
+        set_kv_fused(model, "none")
+        return "none"
+    if interpret:
+        if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
+            raise UserError(f"--kv-fused {choice} on a CPU needs TRITON_INTERPRET=1 set before triton is imported", 1)
+        os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported (after this)
+    if not triton_available():
+        if choice == "auto":
+            set_kv_fused(model, "none")
+            return "none"
+        raise UserError(f"--kv-fused {choice}: triton is not installed (pip install triton; Linux)", 1)
+    set_kv_fused(model, kernel)
+    return kernel + (" (interpreted)" if interpret else "")
+
+
+def model_device(model: torch.nn.Module) -> torch.device:
+    return next(model.parameters()).device
