@@ -81,25 +81,19 @@ def test_trained_with_torch_samples_with_jax_and_torch(both_runs):
 
 
 def test_torch_resume_equals_a_straight_run(both_runs, data, tmp_path):
+    """Resumed without --backend (SEED_FLAGS' --device cpu alone would pick JAX), a torch run stays
+    torch, says so in its first line, and ends bit for bit where a straight run does; asking for
+    the other framework's training state is one line."""
     straight, _ = both_runs["torch"]
     out = tmp_path / "legs"
-    common = ["--data", data, *SEED_FLAGS, "--backend", "torch", "--live", "off", "--out-dir", out]
-    ok(dba_train(*common, "--steps", 3))
-    r = ok(dba_train(*common, "--steps", STEPS, "--resume"))
-    assert "steps 3->8" in r.stdout
-    assert losses(out) == losses(straight)  # bit for bit on the CPU: same state, same batches
-
-
-def test_resume_without_backend_follows_the_checkpoint(both_runs, data, tmp_path):
-    """A torch run resumed without --backend stays torch (said in the first line); asking for the
-    other framework's state is one line."""
-    out = tmp_path / "follow"
-    common = ["--data", data, *SEED_FLAGS, "--eval-every", 0, "--live", "off", "--out-dir", out]
-    ok(dba_train(*common, "--backend", "torch", "--steps", 2))
-    r = dba_train(*common, "--backend", "jax", "--steps", 3, "--resume")
+    common = ["--data", data, *SEED_FLAGS, "--live", "off", "--out-dir", out]
+    ok(dba_train(*common, "--backend", "torch", "--steps", 3))
+    r = dba_train(*common, "--backend", "jax", "--steps", STEPS, "--resume")
     assert "trained with torch" in _one_line_error(r, 2)
-    r = ok(dba_train(*common, "--steps", 3, "--resume"))  # SEED_FLAGS' --device cpu alone would pick JAX
-    assert "resuming a run trained with torch" in r.stdout.splitlines()[0]
+    r = ok(dba_train(*common, "--steps", STEPS, "--resume"))
+    first = r.stdout.splitlines()
+    assert "resuming a run trained with torch" in first[0] and "steps 3->8" in r.stdout
+    assert losses(out) == losses(straight)  # bit for bit on the CPU: same state, same batches
 
 
 def test_sigterm_saves_the_torch_state(data, tmp_path):
