@@ -33,40 +33,19 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
 from dba.errors import UserError
-from dba.run_dir import checkpoint_backend
-from train.faults import fault_points
+from dba.run_dir import checkpoint_backend  # noqa: F401 (re-exported: its home is dba/run_dir.py)
+from train.faults import fault_kill as _fault_kill
+from train.faults import fault_points, write_failure
 
 KINDS = ("last", "best")
 STATE_FILE = "torch_state.pt"
 META_FILE = "meta.json"
 FORMAT = 1
 _TMP = ".tmp-"
-
-
-def write_failure(e: BaseException) -> str | None:
-    """A short reason when `e` is a failure to write files (an OSError such as ENOSPC, EDQUOT,
-    EACCES, EROFS, or torch.save's writer failing), else None."""
-    full = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
-    if isinstance(e, OSError):
-        why = os.strerror(e.errno) if e.errno else (str(e) or type(e).__name__)
-    else:
-        text = str(e)
-        why = next((t for t in (*full, os.strerror(errno.EROFS), os.strerror(errno.EACCES)) if t in text), None)
-        if why is None and isinstance(e, RuntimeError) and ("inline_container" in text or "file write" in text):
-            why = f"the write failed ({text.strip().splitlines()[0][:160]})"
-    if why in full:
-        return f"the disk is full ({why})"
-    return why
-
-
-def _fault_kill(where: str) -> None:
-    print(f"DBA_FAULT: SIGKILL {where}", flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 def _fsync_dir(d: Path) -> None:

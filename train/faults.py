@@ -7,7 +7,9 @@ the torch step (torch_train/step.py) and checkpoints (torch_train/checkpoints.py
 
 from __future__ import annotations
 
+import errno
 import os
+import signal
 
 from dba.errors import UserError
 
@@ -40,3 +42,25 @@ def fault_points(name: str) -> set[int]:
 def nonfinite_kind_text(kind: int) -> str:
     parts = [n for bit, n in ((NONFINITE_LOSS, "loss"), (NONFINITE_GRAD, "grad_norm")) if kind & bit]
     return " and ".join(parts) or "unknown"
+
+
+def write_failure(e: BaseException) -> str | None:
+    """A short reason when `e` is a failure to write files (an OSError such as ENOSPC, EDQUOT,
+    EACCES, EROFS; an error from Orbax/TensorStore or torch.save's writer whose text carries one),
+    else None: what both trainers' checkpoint writers turn into a one-line UserError."""
+    full = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+    if isinstance(e, OSError):
+        why = os.strerror(e.errno) if e.errno else (str(e) or type(e).__name__)
+    else:
+        text = str(e)
+        why = next((t for t in (*full, os.strerror(errno.EROFS), os.strerror(errno.EACCES)) if t in text), None)
+        if why is None and isinstance(e, RuntimeError) and ("inline_container" in text or "file write" in text):
+            why = f"the write failed ({text.strip().splitlines()[0][:160]})"
+    if why in full:
+        return f"the disk is full ({why})"
+    return why
+
+
+def fault_kill(where: str) -> None:
+    print(f"DBA_FAULT: SIGKILL {where}", flush=True)
+    os.kill(os.getpid(), signal.SIGKILL)

@@ -38,14 +38,14 @@ import errno
 import json
 import logging
 import os
-import signal
 from pathlib import Path
 from typing import Any
 
 import jax
 
 from dba.errors import UserError
-from train.step import fault_points
+from train.faults import fault_kill as _fault_kill
+from train.faults import fault_points, write_failure
 
 KINDS = ("last", "best")
 
@@ -146,24 +146,6 @@ class RunCheckpoints:
                 await_cleanup()
             m.close()
         self._mngr.clear()
-
-
-def write_failure(e: BaseException) -> str | None:
-    """A short reason when `e` is a failure to write files (an OSError such as ENOSPC, EDQUOT,
-    EACCES, EROFS, or an error from Orbax/TensorStore whose text carries one), else None."""
-    full = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
-    if isinstance(e, OSError):
-        why = os.strerror(e.errno) if e.errno else (str(e) or type(e).__name__)
-    else:  # TensorStore reports an OS error inside its own exception text
-        why = next((t for t in (*full, os.strerror(errno.EROFS), os.strerror(errno.EACCES)) if t in str(e)), None)
-    if why in full:
-        return f"the disk is full ({why})"
-    return why
-
-
-def _fault_kill(where: str) -> None:
-    print(f"DBA_FAULT: SIGKILL {where}", flush=True)
-    os.kill(os.getpid(), signal.SIGKILL)
 
 
 @contextlib.contextmanager
