@@ -33,7 +33,9 @@ def test_mistakes(choice, backend, needle):
 
 
 @pytest.mark.kernels
-@pytest.mark.parametrize("backend,kernel", [("torch", "triton2pass"), ("jax", "pallas")])
+# jax + pallas through `dba sample` is the same switch as this; tests/test_pallas_decode.py runs
+# decode_logits with the Pallas kernel switched in (kept out of here for the suite's time)
+@pytest.mark.parametrize("backend,kernel", [("torch", "triton2pass")])
 def test_sample_with_the_kernel_gives_the_same_tokens(backend, kernel, tmp_path):
     """`dba sample --kv-fused KERNEL` (interpreted on this CPU) decodes greedily through a q4_0 cache
     to the same ids as the framework's cached attention, and says which kernel ran."""
@@ -65,3 +67,20 @@ def test_sample_with_the_kernel_gives_the_same_tokens(backend, kernel, tmp_path)
         assert "falling back" not in r.stderr and "using cached_attend" not in r.stderr, r.stderr
         out[choice] = r.stdout.strip()
     assert out["none"] == out[kernel] and len(out["none"].split(",")) == 20
+
+
+def test_jax_switch_follows_the_choice():
+    """jax_model's `use_kv_fused` (what `dba sample/eval --kv-fused` call) on a CPU: an explicit
+    pallas runs interpreted on every layer, auto means the cached attention, triton is refused."""
+    from dba.config import ModelConfig
+    from jax_model import DBAModel
+    from jax_model.pallas_decode import use_kv_fused
+
+    cfg = ModelConfig(vocab_size=31, block_size=16, d_model=24, n_layer=2, n_head=3, d_ff=48, embed_dim=24,
+                      attn_mode="decoupled", sem_dim=6, geo_dim=12, attn_dim=24)
+    model = DBAModel(cfg)
+    layers = lambda: [m.kv_fused for _, m in model.iter_modules() if hasattr(m, "kv_fused")]  # noqa: E731
+    assert use_kv_fused(model, "pallas") == "pallas (interpreted)" and layers() == ["pallas-interpret"] * 2
+    assert use_kv_fused(model, "auto") == "none" and layers() == ["none"] * 2
+    with pytest.raises(UserError, match="torch backend's kernel"):
+        use_kv_fused(model, "triton")
