@@ -25,6 +25,8 @@ import os
 import shutil
 import tempfile
 
+import pytest
+
 
 def pytest_configure(config):
     os.environ.setdefault("TRITON_INTERPRET", "1")
@@ -46,3 +48,15 @@ def pytest_unconfigure(config):
     cache = getattr(config, "_dba_jax_cache", None)
     if cache:
         shutil.rmtree(cache, ignore_errors=True)
+
+
+@pytest.fixture
+def torch_one_thread():
+    """Tiny torch models: one intra-op thread is several times faster than two on a busy 2-core
+    machine (use with `pytestmark = pytest.mark.usefixtures("torch_one_thread")`)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

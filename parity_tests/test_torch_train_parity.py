@@ -35,13 +35,7 @@ from train.step import Stepper
 from torch_train.step import TorchStepper
 
 
-@pytest.fixture(autouse=True)
-def _torch_one_thread():
-    """Tiny models: one intra-op thread is much faster than two on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 CFG = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=3, d_model=48, d_ff=96, embed_dim=48,

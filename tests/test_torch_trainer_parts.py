@@ -36,12 +36,7 @@ KNOBS = {"lr": 3e-3, "total_steps": 12, "lr_schedule": "cosine", "warmup_steps":
          "weight_decay": 0.1, "grad_clip": 0.5}
 
 
-@pytest.fixture(autouse=True)
-def _torch_one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
 def _stepper(cfg=CFG, opt="adamw", seed=0, dtype=torch.float32, init_seed=0, **kw):
