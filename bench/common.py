@@ -156,3 +156,11 @@ def torch_sync(device: str) -> None:
         torch.cuda.synchronize()
     elif device == "mps":
         torch.mps.synchronize()
+
+
+def bench_optim(args):
+    """The optimizer group every training benchmark steps with, in both frameworks: --optimizer
+    at lr 3e-4, weight decay 0.1, clip 1.0, a constant schedule."""
+    from train.config import OptimConfig
+
+    return OptimConfig(name=args.optimizer, lr=3e-4, weight_decay=0.1, grad_clip=1.0)

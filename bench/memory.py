@@ -30,8 +30,8 @@ import time
 
 import numpy as np
 
-from bench.common import (CONFIGS, bench_main, in_fresh_process, machine, named_config, nonneg_int, positive_int,
-                          print_table, write_json)
+from bench.common import (CONFIGS, bench_main, bench_optim, in_fresh_process, machine, named_config, nonneg_int,
+                          positive_int, print_table, write_json)
 from dba.config import ModelConfig
 from dba.kvspec import KVPolicy, kv_bytes
 from dba.optimizers import OPTIMIZERS
@@ -167,8 +167,7 @@ def train_jax(cfg: ModelConfig, args) -> dict:
     from train.step import Stepper
 
     base = rss()
-    stepper = Stepper(DBAModel(cfg), build_optimizer(args.optimizer, lr=3e-4, total_steps=10_000,
-                                                     weight_decay=0.1, grad_clip=1.0))
+    stepper = Stepper(DBAModel(cfg), build_optimizer(bench_optim(args), 10_000))
     nbytes = lambda tree: int(sum(a.nbytes for a in jax.tree.leaves(tree)))  # noqa: E731
     batches = [(jax.device_put(x), jax.device_put(y)) for x, y in _batches(cfg, args)]
     stats = stepper.compiled(*batches[0]).memory_analysis()
@@ -186,20 +185,20 @@ def train_torch(cfg: ModelConfig, args) -> dict:
     import torch
 
     import torch_ref
-    from torch_ref.train_step import TorchTrainer
+    from torch_train.step import TorchStepper
+    from train.config import PrecisionConfig
 
     base = rss()
     torch.manual_seed(0)
-    trainer = TorchTrainer(torch_ref.DBAModel(cfg), args.optimizer, lr=3e-4, total_steps=10_000,
-                           weight_decay=0.1, grad_clip=1.0)
-    batches = [(torch.as_tensor(x), torch.as_tensor(y)) for x, y in _batches(cfg, args)]
-    trainer.step(*batches[0])
+    stepper = TorchStepper(torch_ref.DBAModel(cfg), bench_optim(args), PrecisionConfig(), total_steps=10_000)
+    batches = [(stepper.put_batch(x), stepper.put_batch(y)) for x, y in _batches(cfg, args)]
+    stepper.fetch(stepper.train_step(*batches[0], 0))
     after_first = rss()
     with PeakRSS() as m:
         for i in range(args.steps):
-            trainer.step(*batches[(i + 1) % 2])
-    params = sum(p.numel() * p.element_size() for p in trainer.model.parameters())
-    opt = sum(t.numel() * t.element_size() for st in trainer.optimizer.state.values() for t in st.values()
+            stepper.fetch(stepper.train_step(*batches[(i + 1) % 2], i + 1))
+    params = sum(p.numel() * p.element_size() for p in stepper.model.parameters())
+    opt = sum(t.numel() * t.element_size() for st in stepper.opt.state.values() for t in st.values()
               if torch.is_tensor(t))
     return {"params_bytes": int(params), "opt_state_bytes": int(opt), "xla_temp_bytes": None,
             "rss_base": base, "rss_after_first_step": after_first, "rss_peak": m.peak, "rss_growth": m.growth}

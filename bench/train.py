@@ -2,7 +2,8 @@
 
 JAX: `train.step.Stepper` with the optax chain from `train.optim.build_optimizer`, exactly what
 `dba train` builds (donated state, one jitted step, grad clip, injected lr). Torch:
-`torch_ref.train_step.TorchTrainer` on the same config, optimizer and batches. Compile/warm-up
+`torch_train.step.TorchStepper`, the step `dba train --backend torch` runs, on the same config,
+optimizer and batches. Compile/warm-up
 time is reported separately and excluded from throughput. Each backend runs in its own fresh
 process (XLA's and torch's thread pools would otherwise compete), the JAX one with the host
 malloc tuning `dba train` applies (`train.step.tune_host_malloc`; `--malloc-tuning`).
@@ -47,7 +48,7 @@ from functools import partial
 
 import numpy as np
 
-from bench.common import (CONFIGS, DEVICE_HELP, DEVICES, bench_main, best_per_call, in_fresh_process, machine,
+from bench.common import (CONFIGS, DEVICE_HELP, DEVICES, bench_main, bench_optim, best_per_call, in_fresh_process, machine,
                           named_config, nonneg_int, positive_int, print_table, torch_device, torch_sync, write_json)
 from dba.config import ModelConfig
 from dba.optimizers import OPTIMIZERS
@@ -173,8 +174,7 @@ def _jax_stepper(cfg: ModelConfig, args: argparse.Namespace, mesh=None):
 
     param = jnp.bfloat16 if args.param_dtype == "bf16" else jnp.float32
     model = DBAModel(cfg, rngs=nnx.Rngs(args.seed), dtype=jnp.bfloat16 if args.amp else param, param_dtype=param)
-    tx = build_optimizer(args.optimizer, lr=3e-4, total_steps=10_000, weight_decay=0.1, grad_clip=1.0)
-    return Stepper(model, tx, seed=args.seed, mesh=mesh)
+    return Stepper(model, build_optimizer(bench_optim(args), 10_000), seed=args.seed, mesh=mesh)
 
 
 def _time_stepper(stepper, xs: list, ys: list, args: argparse.Namespace):
@@ -211,28 +211,26 @@ def bench_jax(cfg: ModelConfig, args: argparse.Namespace, batches) -> dict:
 
 
 def bench_torch(cfg: ModelConfig, args: argparse.Namespace, batches) -> dict:
-    import contextlib
-
     import torch
 
     import torch_ref
-    from torch_ref.train_step import TorchTrainer
+    from torch_train.step import TorchStepper
+    from train.config import PrecisionConfig
 
     device = torch_device(args.device)
     torch.manual_seed(args.seed)
     model = torch_ref.DBAModel(cfg).to(device)
     if args.param_dtype == "bf16":
         model = model.to(torch.bfloat16)
-    trainer = TorchTrainer(model, args.optimizer, lr=3e-4, total_steps=10_000, weight_decay=0.1, grad_clip=1.0)
-    xs = [torch.as_tensor(x).to(device) for x, _ in batches]
-    ys = [torch.as_tensor(y).to(device) for _, y in batches]
-    amp = (lambda: torch.autocast(device, dtype=torch.bfloat16)) if args.amp else contextlib.nullcontext
+    stepper = TorchStepper(model, bench_optim(args), PrecisionConfig(amp=bool(args.amp), amp_dtype="bf16"),
+                           total_steps=10_000, seed=args.seed)
+    xs = [stepper.put_batch(x) for x, _ in batches]
+    ys = [stepper.put_batch(y) for _, y in batches]
     i = [0]
 
     def step():
         k = i[0] % len(xs)
-        with amp():
-            m = trainer.step(xs[k], ys[k])  # returns python floats: synchronous
+        m = stepper.fetch(stepper.train_step(xs[k], ys[k], i[0]))  # fetch: synchronous
         i[0] += 1
         return m
 

@@ -1,8 +1,9 @@
 """The torch trainer's pieces equal the JAX trainer's, on the same weights and batches:
 
-- `TorchStepper` (torch_train/step.py) vs the JAX `Stepper` (train/step.py): 20 fp32 CPU steps
-  with grad_accum 2 and a warmup + cosine schedule give the same loss, gradient norm (total and
-  per group) and learning rate at every step, for adamw, lion (paper) and lion_v29;
+- `TorchStepper` (torch_train/step.py, the step `dba train --backend torch` runs) vs the JAX
+  `Stepper` (train/step.py): 20 fp32 CPU steps with grad_accum 2 (and 1) and a warmup + cosine
+  schedule give the same loss, gradient norm (total and per group) and learning rate at every
+  step, for adamw, lion (paper) and lion_v29;
 - a non-finite step (DBA_FAULT nan_grad_at / nan_loss_at) is skipped and recorded the same way;
 - torch_ref/analysis.py's pass equals train/analysis.py's for every attention mode.
 """
@@ -30,6 +31,7 @@ from torch_ref.analysis import analyse as torch_analyse
 from train.analysis import AnalysisSpec
 from train.analysis import Analyzer as JaxAnalyzer
 from train.batches import train_batch
+from train.config import OptimConfig, PrecisionConfig
 from train.optim import build_optimizer
 from train.step import Stepper
 from torch_train.step import TorchStepper
@@ -50,17 +52,16 @@ def _stream(n=6000, seed=0):
     return np.where(rng.random(n) < 0.2, rng.integers(0, 97, n), base).astype(np.int32)
 
 
-def _pair(cfg, opt, *, steps=STEPS, accum=ACCUM, **kw):
-    """(JAX Stepper, TorchStepper) from the same weights with the same optimizer knobs."""
-    tm = torch_ref.DBAModel(cfg)
+def _pair(cfg, opt, *, steps=STEPS, **kw):
+    """(JAX Stepper, TorchStepper) from the same weights with the same optimizer group."""
     torch.manual_seed(0)
+    tm = torch_ref.DBAModel(cfg)
     state = torch_ref.canonical_state(tm)
     jm = jax_model.load_canonical(jax_model.DBAModel(cfg), state)
-    knobs = {"lr": 3e-3 if opt == "adamw" else 1e-3, "total_steps": steps, "grad_clip": 0.5,
-             "lr_schedule": "cosine", "warmup_steps": 4, "min_lr": 1e-4, "weight_decay": 0.1}
-    knobs.update(kw)
-    js = Stepper(jm, build_optimizer(opt, **knobs), seed=0)
-    ts = TorchStepper(tm, opt, seed=0, **knobs)
+    o = OptimConfig(**{"name": opt, "lr": 3e-3 if opt == "adamw" else 1e-3, "grad_clip": 0.5, "lr_schedule": "cosine",
+                       "warmup_steps": 4, "min_lr": 1e-4, "weight_decay": 0.1, **kw})
+    js = Stepper(jm, build_optimizer(o, steps), seed=0)
+    ts = TorchStepper(tm, o, PrecisionConfig(), total_steps=steps, seed=0)
     return js, ts
 
 
@@ -80,15 +81,18 @@ def _col(rows, key):
 
 # lion_v29 runs on a tied-Q/K model with null attention, a lexical bottleneck and no weight decay
 # on embeddings and 1-D tensors
-VARIANTS = {"adamw": (CFG, {}), "lion": (CFG, {}),
-            "lion_v29": (CFG.replace(tie_qk=True, null_attn=True, embed_dim=36), {"wd_exempt_1d": True})}
+# adamw again without accumulation, on the tied/null/bottleneck model with the 1-D exemption
+VARIANTS = {"adamw": (CFG, {}, ACCUM), "lion": (CFG, {}, ACCUM),
+            "lion_v29": (CFG.replace(tie_qk=True, null_attn=True, embed_dim=36), {"wd_exempt_1d": True}, ACCUM),
+            "adamw-accum1": (CFG.replace(tie_qk=True, null_attn=True, embed_dim=36), {"wd_exempt_1d": True}, 1)}
 
 
-@pytest.mark.parametrize("opt", list(VARIANTS))
-def test_torch_stepper_matches_jax_stepper(opt):
-    cfg, extra = VARIANTS[opt]
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_torch_stepper_matches_jax_stepper(variant):
+    cfg, extra, accum = VARIANTS[variant]
+    opt = variant.split("-")[0]
     js, ts = _pair(cfg, opt, **extra)
-    jm, tmx = _run(js, ts)
+    jm, tmx = _run(js, ts, accum=accum)
     assert set(jm[0]) == set(tmx[0])
     jl, tl = _col(jm, "loss"), _col(tmx, "loss")
     gap = float(np.max(np.abs(jl - tl)))

@@ -21,6 +21,7 @@ from dba.config import ModelConfig
 from dba.errors import UserError
 from train import sharding
 from train.orbax_checkpoints import RunCheckpoints
+from train.config import OptimConfig
 from train.optim import build_optimizer
 from train.step import Stepper
 
@@ -47,7 +48,7 @@ def batches():
 
 def make(mesh_text: str) -> Stepper:
     model = jax_model.DBAModel(CFG, rngs=nnx.Rngs(0))
-    tx = build_optimizer("adamw", lr=3e-3, total_steps=STEPS, weight_decay=0.1)
+    tx = build_optimizer(OptimConfig(lr=3e-3, weight_decay=0.1), STEPS)
     return Stepper(model, tx, seed=0, mesh=sharding.make_mesh(sharding.parse_mesh(mesh_text)))
 
 

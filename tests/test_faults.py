@@ -327,13 +327,14 @@ def _stepper():
 
     import jax_model
     from dba.config import ModelConfig
+    from train.config import OptimConfig
     from train.optim import build_optimizer
     from train.step import Stepper
 
     cfg = ModelConfig(vocab_size=97, block_size=16, n_layer=1, n_head=2, d_model=32, d_ff=64, embed_dim=32,
                       attn_mode="decoupled", attn_dim=32, sem_dim=8, geo_dim=16)
     return Stepper(jax_model.DBAModel(cfg, rngs=nnx.Rngs(0)),
-                   build_optimizer("adamw", lr=1e-2, total_steps=10, weight_decay=0.1), seed=0)
+                   build_optimizer(OptimConfig(lr=1e-2, weight_decay=0.1), 10), seed=0)
 
 
 # ---- resource limits -------------------------------------------------------------------

@@ -28,21 +28,24 @@ from dba.errors import UserError
 from torch_train import checkpoints as torch_checkpoints
 from torch_train.checkpoints import TorchCheckpoints, checkpoint_backend
 from torch_train.step import TorchStepper
+from train.config import OptimConfig, PrecisionConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CFG = ModelConfig(vocab_size=61, block_size=16, n_layer=2, n_head=2, d_model=16, d_ff=32, embed_dim=16,
                   attn_mode="decoupled", attn_dim=16, sem_dim=4, geo_dim=8, null_attn=True)
-KNOBS = {"lr": 3e-3, "total_steps": 12, "lr_schedule": "cosine", "warmup_steps": 2, "min_lr": 1e-4,
-         "weight_decay": 0.1, "grad_clip": 0.5}
+OPTIM = {"lr": 3e-3, "lr_schedule": "cosine", "warmup_steps": 2, "min_lr": 1e-4, "weight_decay": 0.1,
+         "grad_clip": 0.5}
+TOTAL_STEPS = 12
 
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
 
-def _stepper(cfg=CFG, opt="adamw", seed=0, dtype=torch.float32, init_seed=0, **kw):
+def _stepper(cfg=CFG, opt="adamw", seed=0, dtype=torch.float32, init_seed=0, compile=False, **precision):
     torch.manual_seed(init_seed)
     model = torch_ref.DBAModel(cfg).to(dtype=dtype)
-    return TorchStepper(model, opt, seed=seed, **{**KNOBS, **kw})
+    return TorchStepper(model, OptimConfig(name=opt, **OPTIM), PrecisionConfig(**precision), total_steps=TOTAL_STEPS,
+                        seed=seed, compile=compile)
 
 
 def _batch(step, accum=2, b=3, t=12):
@@ -141,11 +144,12 @@ import sys, torch, torch_ref
 from dba.config import ModelConfig
 from torch_train.step import TorchStepper
 from torch_train.checkpoints import TorchCheckpoints
+from train.config import OptimConfig, PrecisionConfig
 import torch_ref.analysis
 assert not any(m.split('.')[0] in ('jax', 'flax', 'optax', 'orbax') for m in sys.modules), 'JAX imported'
 m = torch_ref.DBAModel(ModelConfig(vocab_size=61, block_size=16, n_layer=1, n_head=2, d_model=16, d_ff=32,
                                    embed_dim=16, attn_mode="decoupled", attn_dim=16, sem_dim=4, geo_dim=8))
-st = TorchStepper(m, "adamw", lr=1e-3, total_steps=10)
+st = TorchStepper(m, OptimConfig(lr=1e-3), PrecisionConfig(), total_steps=10)
 ck = TorchCheckpoints({str(tmp_path)!r})
 ck.save("last", 1, st, 0, {{}})
 print("saved 1", flush=True)
@@ -198,13 +202,13 @@ def test_nonfinite_step_applies_no_update(monkeypatch, fault, kind):
     st = _stepper()
     _train(st, range(2))
     before = {k: v.clone() for k, v in st.state_dict()["optimizer"].items() if torch.is_tensor(v)}
-    moments = [m.clone() for m in st.mu + st.nu]
+    moments = [t.clone() for p in st.opt.state for t in st.opt.state[p].values()]  # moments and update counts
     weights = _weights(st)
     m = st.fetch(st.train_step(*_batch(2), 2))
     assert m["nonfinite_count"] == 1 and m["lr"] == pytest.approx(st.fetch(before["lr"]))
     assert (np.isnan(m["grad_norm"]) if fault == "nan_grad_at" else np.isnan(m["loss"]))
     assert all(np.array_equal(v, _weights(st)[k]) for k, v in weights.items())
-    assert all(torch.equal(a, b) for a, b in zip(moments, st.mu + st.nu))
+    assert all(torch.equal(a, b) for a, b in zip(moments, [t for p in st.opt.state for t in st.opt.state[p].values()]))
     assert st.fetch(st.update_count) == 2
     assert st.nonfinite_record() == (1, [(3, kind)])
     after = st.fetch(st.train_step(*_batch(3), 3))
@@ -264,7 +268,7 @@ def test_bf16_params_with_autocast_and_fp16_loss_scaling():
     st = _stepper(dtype=torch.bfloat16, amp=True, amp_dtype="bf16")
     losses = _train(st, range(4))
     assert all(np.isfinite(losses)) and st.model.tok_emb.weight.dtype == torch.bfloat16
-    assert all(m.dtype == torch.bfloat16 for m in st.mu + st.nu)
+    assert all(m.dtype == torch.bfloat16 for p in st.opt.state for m in st.opt.moments(p).values())
     assert np.isfinite(st.fetch(st.eval_loss(*_batch(9))))
     fp16 = _stepper(amp=True, amp_dtype="fp16")
     losses = _train(fp16, range(4))

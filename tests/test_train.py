@@ -183,13 +183,14 @@ def _stepper(remat=False, cfg_over=None, **kw):
 
     import jax_model
     from dba.config import ModelConfig
+    from train.config import OptimConfig
     from train.optim import build_optimizer
     from train.step import Stepper
 
     cfg = ModelConfig(vocab_size=97, block_size=32, n_layer=2, n_head=3, d_model=48, d_ff=96, embed_dim=48,
                       attn_mode="decoupled", attn_dim=48, sem_dim=12, geo_dim=24, **(cfg_over or {}))
     model = jax_model.DBAModel(cfg, rngs=nnx.Rngs(0), remat=remat, **kw)
-    return Stepper(model, build_optimizer("adamw", lr=3e-3, total_steps=10, weight_decay=0.1), seed=0)
+    return Stepper(model, build_optimizer(OptimConfig(lr=3e-3, weight_decay=0.1), 10), seed=0)
 
 
 def _xy(a, b, t=16, seed=0):

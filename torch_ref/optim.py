@@ -1,157 +1,168 @@
-"""Optimizers for the PyTorch reference, mirroring train/optim.py step for step.
+"""The torch optimizers: Lion (the paper's, or v29's variant) and AdamW, doing optax's arithmetic
+in optax's order, so one gradient sequence gives the same parameters here and in the JAX chain
+(train/optim.py; parity_tests/test_optim_parity.py). torch_train/'s trainer steps with these.
 
-Lion (paper or v29 variant), AdamW, the same lr schedules (as LambdaLR) and the same global-norm
-clip, so one gradient sequence gives the same parameters in both frameworks (parity_tests).
-Weight decay everywhere is v29's: decoupled, p *= 1 - lr*wd, before the update.
+Per parameter p with gradient g, first moment m (and second moment v for AdamW), at learning
+rate lr and decay wd (0 where dba.optimizers.decays says no):
+
+    lion      u = sign(b1*m + (1-b1)*g);   m = b2*m + (1-b2)*g
+    lion v29  c = b1*m + (1-b1)*g; u = sign(c);   m = b2*c + (1-b2)*g      (SPEC §7)
+    adamw     m = b1*m + (1-b1)*g; v = b2*v + (1-b2)*g^2; u = (m/bc1) / (sqrt(v/bc2) + eps)
+    then      p = p + (u + wd*p) * (-lr)                       (decoupled decay on the old p)
+
+Differences from `torch.optim`, each because the trainer needs it:
+- `group["lr"]` may be a 0-d tensor on the device (the trainer's schedule, evaluated there), so
+  a step never reads a value back to the host;
+- `step(apply=ok)` with a bool 0-d tensor applies the update only where `ok` is true (parameters,
+  moments and the update count stay as they were otherwise), selected on the device: a step with a
+  non-finite loss or gradient is skipped without a sync;
+- bf16/fp16 parameters are updated in fp32 (read up, updated, rounded once) and their moments
+  are kept in the parameter dtype, as optax keeps them;
+- the state exists from construction (optax's `init`), so a checkpoint taken before the first
+  step has moments to save.
+
+`clip_by_global_norm` is optax's global-norm clip (unchanged below the limit, else scaled to it;
+no epsilon, unlike torch's clip_grad_norm_).
 """
 
 from __future__ import annotations
 
-import math
-
 import torch
 
-from dba.optimizers import DEFAULT_BETAS, check_optimizer, check_schedule
+DEFAULT_EPS = 1e-8
 
 
-class Lion(torch.optim.Optimizer):
-    """Lion (Chen et al. 2023). Per step, for each parameter p with gradient g and momentum m:
+class _OptaxOrder(torch.optim.Optimizer):
+    """Shared step: per-parameter moments, an update count, the masked in-place write."""
 
-        p *= 1 - lr*wd;  c = b1*m + (1-b1)*g;  p -= lr*sign(c)
-        paper: m = b2*m + (1-b2)*g        v29: m = b2*c + (1-b2)*g
+    moment_names: tuple[str, ...] = ("exp_avg",)
 
-    v29 updated its buffer in place (m became c before the second EMA); `variant="v29"`
-    reproduces that so seed runs can be continued bit-for-bit in spirit (SPEC §7).
-    """
+    def __init__(self, params, defaults: dict):
+        super().__init__(params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state[p]
+                state["step"] = torch.zeros((), dtype=torch.int32, device=p.device)
+                for name in self.moment_names:
+                    state[name] = torch.zeros_like(p, memory_format=torch.preserve_format)
 
-    def __init__(self, params, lr: float = 1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0,
-                 variant: str = "paper"):
-        if lr < 0:
-            raise ValueError(f"invalid learning rate {lr}")
-        if not all(0.0 <= b < 1.0 for b in betas):
-            raise ValueError(f"invalid betas {betas}")
-        if variant not in ("paper", "v29"):
-            raise ValueError(f"Lion variant must be 'paper' or 'v29', got {variant!r}")
-        super().__init__(params, dict(lr=lr, betas=tuple(betas), weight_decay=weight_decay, variant=variant))
+    def _direction(self, group: dict, state: dict, g32: torch.Tensor,
+                   count: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """(u, {moment name: new value}) in fp32."""
+        raise NotImplementedError
 
     @torch.no_grad()
-    def step(self, closure=None):
+    def step(self, closure=None, *, apply: torch.Tensor | None = None):
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
         for group in self.param_groups:
-            lr, wd, (b1, b2) = group["lr"], group["weight_decay"], group["betas"]
+            lr, wd = group["lr"], group["weight_decay"]
+            neg_lr = -lr
             for p in group["params"]:
                 if p.grad is None:
                     continue
-                g = p.grad
                 state = self.state[p]
-                if not state:
-                    state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                m = state["exp_avg"]
-                if wd != 0:
-                    p.mul_(1.0 - lr * wd)
-                c = m.mul(b1).add_(g, alpha=1.0 - b1)
-                p.add_(torch.sign(c), alpha=-lr)  # sign(0) = 0, as in v29 and optax
-                if group["variant"] == "paper":
-                    m.mul_(b2).add_(g, alpha=1.0 - b2)
-                else:
-                    m.copy_(c.mul_(b2).add_(g, alpha=1.0 - b2))
+                full = p.dtype == torch.float32
+                p32 = p if full else p.float()
+                g32 = p.grad if full else p.grad.float()
+                count = state["step"] + 1
+                u, moments = self._direction(group, state, g32, count)
+                if wd != 0.0:  # optax.add_decayed_weights
+                    u = u + wd * p32
+                p_new = p32 + u * neg_lr  # scale_by_learning_rate, apply_updates
+                if apply is None:
+                    p.copy_(p_new)
+                    for name, value in moments.items():
+                        state[name].copy_(value)
+                    state["step"] = count
+                    continue
+                p.copy_(torch.where(apply, p_new.to(p.dtype), p))
+                for name, value in moments.items():
+                    state[name].copy_(torch.where(apply, value.to(p.dtype), state[name]))
+                state["step"] = torch.where(apply, count, state["step"])
         return loss
 
-
-def schedule_value(step: int, lr: float, *, total_steps: int, lr_schedule: str = "constant",
-                   warmup_steps: int = 0, min_lr: float = 0.0) -> float:
-    """The same numbers as train.optim.make_schedule (optax): linear warmup from 0 (step 0 gets 0),
-    then constant, or cosine from lr down to min_lr at total_steps, held after."""
-    lr, w, T = float(lr), int(warmup_steps), int(total_steps)
-    check_schedule(lr, lr_schedule=lr_schedule, warmup_steps=w, total_steps=T, min_lr=float(min_lr))
-    if step < w:
-        return lr * step / w
-    if lr_schedule == "constant":
-        return lr
-    alpha = 0.0 if lr == 0 else float(min_lr) / lr
-    t = min(step - w, T - w)
-    cos = 0.5 * (1.0 + math.cos(math.pi * t / (T - w)))
-    return lr * ((1.0 - alpha) * cos + alpha)
+    def moments(self, p: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The moment buffers of parameter `p` (for checkpoints)."""
+        return {name: self.state[p][name] for name in self.moment_names}
 
 
-def _is_exempt(name: str, p: torch.Tensor) -> bool:
-    # Same rule as train.optim.decay_mask: embeddings and ndim <= 1 tensors get no decay.
-    return "tok_emb" in name or p.ndim <= 1
+class Lion(_OptaxOrder):
+    """Lion (Chen et al. 2023), optax.lion's arithmetic; `variant="v29"` is v29's in-place
+    momentum (m = b2*c + (1-b2)*g), SPEC §7. sign(0) = 0, as in v29 and optax."""
+
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay: float = 0.0, variant: str = "paper"):
+        if not isinstance(lr, torch.Tensor) and lr < 0:
+            raise ValueError(f"invalid learning rate {lr}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid betas {betas}")
+        if variant not in ("paper", "v29"):
+            raise ValueError(f"Lion variant must be 'paper' or 'v29', got {variant!r}")
+        super().__init__(params, dict(lr=lr, betas=tuple(float(b) for b in betas), weight_decay=float(weight_decay),
+                                      variant=variant))
+
+    def _direction(self, group, state, g32, count):
+        b1, b2 = group["betas"]
+        m = state["exp_avg"]
+        m32 = m if m.dtype == torch.float32 else m.float()
+        if group["variant"] == "paper":  # optax.scale_by_lion
+            return torch.sign((1 - b1) * g32 + b1 * m32), {"exp_avg": (1 - b2) * g32 + b2 * m32}
+        c = b1 * m32 + (1 - b1) * g32
+        return torch.sign(c), {"exp_avg": b2 * c + (1 - b2) * g32}
 
 
-def build_optimizer(name: str, params=None, *, lr: float, total_steps: int, betas=None, eps: float = 1e-8,
-                    weight_decay: float = 0.0, wd_exempt_1d: bool = False, grad_clip: float = 1.0,
-                    lr_schedule: str = "constant", warmup_steps: int = 0, min_lr: float = 0.0,
-                    named_params=None):
-    """(optimizer, scheduler) matching train.optim.build_optimizer.
+class AdamW(_OptaxOrder):
+    """AdamW with optax.adamw's arithmetic (bias corrections from the update count, eps outside
+    the square root) and decoupled decay scaled by the learning rate."""
 
-    Pass `params` (tensors) or `named_params` (e.g. model.named_parameters()); the names are
-    needed for wd_exempt_1d (embeddings are recognised by "tok_emb" in the name). Clipping is not
-    part of a torch optimizer: call `clip_and_step(optimizer, params, grad_clip, scheduler)`.
-    Call scheduler.step() after each optimizer step (clip_and_step does): step k uses schedule(k).
-    """
-    lr, weight_decay = float(lr), float(weight_decay)
-    check_optimizer(name, lr=lr, weight_decay=weight_decay, lr_schedule=lr_schedule, warmup_steps=int(warmup_steps),
-                    total_steps=total_steps, min_lr=float(min_lr))
-    del grad_clip  # applied by clip_and_step; accepted so both builders take the same arguments
-    b1, b2 = (float(b) for b in (DEFAULT_BETAS[name] if betas is None else betas))
+    moment_names = ("exp_avg", "exp_avg_sq")
 
-    if named_params is not None:
-        named = list(named_params)
-    elif params is not None:
-        named = [(f"param{i}", p) for i, p in enumerate(params)]
-        if wd_exempt_1d:
-            raise ValueError("wd_exempt_1d needs named_params to recognise embeddings by name")
-    else:
-        raise ValueError("pass params or named_params")
-    named = [(n, p) for n, p in named if p.requires_grad]
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps: float = DEFAULT_EPS, weight_decay: float = 0.0):
+        if not isinstance(lr, torch.Tensor) and lr < 0:
+            raise ValueError(f"invalid learning rate {lr}")
+        if not all(0.0 <= b < 1.0 for b in betas):
+            raise ValueError(f"invalid betas {betas}")
+        super().__init__(params, dict(lr=lr, betas=tuple(float(b) for b in betas), eps=float(eps),
+                                      weight_decay=float(weight_decay)))
 
-    if wd_exempt_1d:
-        decay = [p for n, p in named if not _is_exempt(n, p)]
-        no_decay = [p for n, p in named if _is_exempt(n, p)]
-        groups = [g for g in ({"params": decay, "weight_decay": weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}) if g["params"]]
-    else:  # v29: every parameter decays
-        groups = [{"params": [p for _, p in named], "weight_decay": weight_decay}]
+    def _direction(self, group, state, g32, count):
+        b1, b2 = group["betas"]
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        m32 = m if m.dtype == torch.float32 else m.float()
+        v32 = v if v.dtype == torch.float32 else v.float()
+        c = count.to(torch.float32)
+        bc1, bc2 = 1 - torch.pow(b1, c), 1 - torch.pow(b2, c)
+        m_new = (1 - b1) * g32 + b1 * m32
+        v_new = (1 - b2) * (g32 * g32) + b2 * v32
+        return (m_new / bc1) / (torch.sqrt(v_new / bc2) + group["eps"]), {"exp_avg": m_new, "exp_avg_sq": v_new}
 
+
+def make(name: str, groups, *, lr, betas, eps: float = DEFAULT_EPS) -> _OptaxOrder:
+    """The optimizer `name` ('lion' | 'lion_v29' | 'adamw', dba.optimizers.OPTIMIZERS) over
+    parameter `groups` (each with its own "weight_decay")."""
     if name == "adamw":
-        opt = torch.optim.AdamW(groups, lr=lr, betas=(b1, b2), eps=float(eps), weight_decay=weight_decay)
-    else:
-        opt = Lion(groups, lr=lr, betas=(b1, b2), weight_decay=weight_decay,
-                   variant="paper" if name == "lion" else "v29")
-
-    def factor(step):
-        return 0.0 if lr == 0 else schedule_value(step, lr, total_steps=total_steps, lr_schedule=lr_schedule,
-                                                  warmup_steps=warmup_steps, min_lr=min_lr) / lr
-
-    return opt, torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return AdamW(groups, lr=lr, betas=betas, eps=eps)
+    if name in ("lion", "lion_v29"):
+        return Lion(groups, lr=lr, betas=betas, variant="paper" if name == "lion" else "v29")
+    raise ValueError(f"unknown optimizer {name!r}")
 
 
 @torch.no_grad()
-def clip_grads(params, grad_clip: float) -> float:
-    """Scale gradients so their global L2 norm is at most grad_clip; return the norm before.
-
-    Same rule as optax.clip_by_global_norm: untouched when norm < clip, else g * clip / norm.
-    (torch's clip_grad_norm_ adds 1e-6 to the norm, a tiny mismatch we avoid.)
-    """
-    grads = [p.grad for p in params if p.grad is not None]
-    if not grads:
-        return 0.0
-    norm = torch.nn.utils.get_total_norm(grads, norm_type=2.0)
-    if grad_clip is not None and grad_clip > 0 and not bool(norm < grad_clip):
-        for g in grads:
-            g.div_(norm).mul_(grad_clip)
-    return float(norm)
+def clip_by_global_norm(grads: list[torch.Tensor], max_norm: float | None,
+                        norm: torch.Tensor) -> list[torch.Tensor]:
+    """optax.clip_by_global_norm: the gradients untouched where `norm` < max_norm, else scaled by
+    max_norm / norm (selected on the device; `norm` is the global L2 norm of `grads`, which the
+    caller has computed anyway). None or 0 turns clipping off."""
+    if max_norm is None or max_norm <= 0:
+        return list(grads)
+    trigger = norm < max_norm
+    return [torch.where(trigger, g, g / norm.to(g.dtype) * max_norm) for g in grads]
 
 
-def clip_and_step(optimizer, params, grad_clip: float, scheduler=None) -> float:
-    """Clip (if grad_clip > 0), step the optimizer, then the scheduler. Returns the pre-clip norm."""
-    params = list(params)
-    norm = clip_grads(params, grad_clip)
-    optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
-    return norm
+@torch.no_grad()
+def global_norm(grads: list[torch.Tensor]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    """(the global L2 norm of `grads` in fp32, each tensor's squared norm)."""
+    sq = [torch.linalg.vector_norm(g, 2, dtype=torch.float32).square() for g in grads]
+    return torch.stack(sq).sum().sqrt(), sq

@@ -82,7 +82,7 @@ class TorchRun(Run):
         from torch_ref.weights_io import load_canonical
         from torch_train.step import TorchStepper
 
-        c, o = self.config, self.config.optim
+        c = self.config
         torch.manual_seed(int(c.run.seed))
         model = DBAModel(self.cfg)
         if self.init_state is not None:  # --ckpt
@@ -98,13 +98,9 @@ class TorchRun(Run):
             self.init_note = None
         dtype = getattr(torch, _TORCH_DTYPES[c.precision.param_dtype])
         model = model.to(device=self.device, dtype=dtype)
-        return TorchStepper(model, o.name, lr=o.lr, total_steps=int(c.steps.steps), betas=o.betas, eps=o.adam_eps,
-                            weight_decay=o.weight_decay, wd_exempt_1d=o.wd_exempt_1d, grad_clip=o.grad_clip,
-                            lr_schedule=o.lr_schedule, warmup_steps=o.warmup_steps, min_lr=o.min_lr,
-                            seed=int(c.run.seed), device=self.device, amp=bool(c.precision.amp),
-                            amp_dtype=c.precision.amp_dtype, compile=bool(c.recorded.get("compile")),
-                            compile_mode=c.recorded.get("compile_mode"),
-                            grad_checkpoint=bool(c.precision.grad_checkpoint))
+        return TorchStepper(model, c.optim, c.precision, total_steps=int(c.steps.steps), seed=int(c.run.seed),
+                            device=self.device, compile=bool(c.recorded.get("compile")),
+                            compile_mode=c.recorded.get("compile_mode"))
 
     def _restore(self) -> None:
         step, meta = self.ckpts.restore("last", self.stepper)

@@ -9,12 +9,11 @@ semantics exactly (parity_tests/test_torch_train_parity.py checks them against i
   scan does); the step's loss is the mean of the A losses;
 - `grad_norm` is the global L2 norm of that gradient before clipping, `grad_norm_<group>` the
   norms of train/grad_norms.py's groups (embed, attn, ffn; attn_sem / attn_geo when decoupled);
-- the update is the optax chain of train/optim.py written out with torch ops: optax's global-norm
-  clip (g untouched when norm < clip, else g / norm * clip), then AdamW (optax.adamw), Lion
-  (optax.lion, the paper's) or lion_v29, v29's decoupled weight decay (lr * (u + wd * p),
-  optionally not on embeddings and 1-D tensors), and the learning rate `schedule(count)` where
-  `count` is the number of updates applied so far (optax.inject_hyperparams' count), computed on
-  the device with optax's float32 formulas (train/optim.make_schedule);
+- the update: optax's global-norm clip (`torch_ref.optim.clip_by_global_norm`), then
+  torch_ref/optim.py's AdamW / Lion (paper) / Lion (v29), which do the JAX chain's arithmetic in
+  its order, with v29's decoupled weight decay where `dba.optimizers.decays` says so, at the
+  learning rate `LRSchedule.at(count)` (dba/optimizers.py, the formula the optax chain evaluates)
+  where `count` is the number of updates applied so far, computed on the device in fp32;
 - a step whose loss or gradient norm is not finite applies nothing: parameters, moments and the
   update count (hence the schedule) keep their values, selected on the device with torch.where,
   and the step is recorded in a device-side ring like the JAX `Stepper.faults` (`FAULT_RING`
@@ -24,10 +23,8 @@ semantics exactly (parity_tests/test_torch_train_parity.py checks them against i
 Nothing in `train_step` reads a value back to the host (no `.item()`, no data-dependent Python
 branch), so CUDA and MPS run the steps asynchronously; `fetch` is the sync point.
 
-The optimizer's arithmetic runs in the parameter dtype for fp32 parameters (bit-for-bit the
-order of optax's operations) and in fp32 for lower-precision parameters (bf16 / fp16 params are
-read up, updated in fp32 and stored back; moments are kept in the parameter dtype, as optax
-keeps them). Mixed precision (`amp=True`) runs the forward under `torch.autocast` in bf16 or
+The optimizer's arithmetic runs in fp32 (lower-precision parameters are read up, updated and
+stored back; moments are kept in the parameter dtype, as optax keeps them). Mixed precision (`amp=True`) runs the forward under `torch.autocast` in bf16 or
 fp16; the logits and the loss stay fp32 (torch_ref's `unembed` returns fp32 logits). fp16 uses a
 dynamic loss scale (2^16 at the start, halved on an overflowing step, doubled after 2000 good
 steps, all on the device; `loss_scaling=False` turns it off, as the JAX step has none): an
@@ -63,21 +60,27 @@ import torch
 import torch.nn.functional as F
 
 from dba.errors import UserError
-from dba.optimizers import DEFAULT_BETAS, check_optimizer
+from dba.optimizers import decays
 from dba.param_groups import group_names, param_groups
 from dba.units import human_bytes
+from torch_ref import optim as topt
 from torch_ref.model import DBAModel
 from torch_ref.weights_io import canonical_state
+from train.config import OptimConfig, PrecisionConfig
 from train.faults import FAULT_RING, NONFINITE_GRAD, NONFINITE_LOSS, fault_points
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 SCALE_INIT, SCALE_GROWTH_EVERY, SCALE_MAX = 2.0 ** 16, 2000, 2.0 ** 24
 
 
-def _decays(name: str, p: torch.Tensor, wd_exempt_1d: bool) -> bool:
-    """train/optim.decay_mask's rule: all parameters decay unless wd_exempt_1d, which exempts
-    embeddings ("tok_emb" in the name) and tensors with ndim <= 1."""
-    return not (wd_exempt_1d and ("tok_emb" in name or p.ndim <= 1))
+def make_optimizer(named: list[tuple[str, torch.nn.Parameter]], o: OptimConfig, lr) -> topt.Lion | topt.AdamW:
+    """torch_ref's optimizer for the --optimizer group `o`: one parameter group that decays and
+    one that does not (dba.optimizers.decays), at the learning rate `lr` (a device tensor the
+    step sets from the schedule)."""
+    wd = float(o.weight_decay)
+    groups = [{"params": [p for n, p in named if decays(n, p.ndim, o.wd_exempt_1d) == d],
+               "weight_decay": wd if d else 0.0} for d in (True, False)]
+    return topt.make(o.name, [g for g in groups if g["params"]], lr=lr, betas=o.betas, eps=float(o.adam_eps))
 
 
 def _dropout_seed(seed: int, step: int, micro: int) -> int:
@@ -113,8 +116,8 @@ def _first_line(e: BaseException) -> str:
 
 class TorchStepper:
     """Train/eval steps of a torch_ref `DBAModel` (already on its device, in the parameter dtype
-    it trains in) with the optimizer `optimizer` ('adamw' | 'lion' | 'lion_v29') and the knobs of
-    train/optim.build_optimizer.
+    it trains in) with the --optimizer group `optim` and the --amp/--grad-checkpoint group
+    `precision` (train/config.py), over a run of `total_steps`.
 
     `train_step(x_ABT, y_ABT, step)` returns 0-d device tensors {loss, grad_norm, lr,
     nonfinite_count, grad_norm_<group>...} without syncing; `fetch(metrics)` turns them into
@@ -122,47 +125,37 @@ class TorchStepper:
     `model` is the live module the steps update.
     """
 
-    def __init__(self, model: DBAModel, optimizer: str = "adamw", *, lr: float, total_steps: int, betas=None,
-                 eps: float = 1e-8, weight_decay: float = 0.0, wd_exempt_1d: bool = False, grad_clip: float = 1.0,
-                 lr_schedule: str = "constant", warmup_steps: int = 0, min_lr: float = 0.0, seed: int = 0,
-                 device: str | torch.device | None = None, amp: bool = False, amp_dtype: str = "bf16",
-                 compile: bool = False, compile_mode: str | None = None, grad_checkpoint: bool = False,
-                 loss_scaling: bool | None = None):
-        check_optimizer(optimizer, lr=float(lr), weight_decay=float(weight_decay), lr_schedule=lr_schedule,
-                        warmup_steps=int(warmup_steps), total_steps=total_steps, min_lr=float(min_lr))
-        if amp_dtype not in AMP_DTYPES:
-            raise UserError(f"amp dtype must be one of {', '.join(AMP_DTYPES)}, got {amp_dtype!r}")
+    def __init__(self, model: DBAModel, optim: OptimConfig, precision: PrecisionConfig, *, total_steps: int,
+                 seed: int = 0, device: str | torch.device | None = None, compile: bool = False,
+                 compile_mode: str | None = None, loss_scaling: bool | None = None):
         self.model = model
         self.cfg = model.cfg
         self.device = model.device  # concrete (cuda:0, not cuda)
         want = torch.device(device) if device is not None else self.device
         if want.type != self.device.type or want.index not in (None, self.device.index):
             raise ValueError(f"the model is on {self.device}, not on {want}: move it there first")
-        self.optimizer = optimizer
-        self.b1, self.b2 = (float(b) for b in (DEFAULT_BETAS[optimizer] if betas is None else betas))
-        self.eps, self.wd = float(eps), float(weight_decay)
-        self.grad_clip = float(grad_clip) if grad_clip is not None and float(grad_clip) > 0 else None
-        self.lr, self.total_steps, self.min_lr = float(lr), int(total_steps), float(min_lr)
-        self.lr_schedule, self.warmup_steps = lr_schedule, int(warmup_steps)
+        self.optim, self.precision = optim, precision
+        self.optimizer = optim.name
+        self.schedule = optim.schedule(int(total_steps))  # checks the schedule against the run length
+        self.lr = float(optim.lr)
+        self.grad_clip = float(optim.grad_clip) if float(optim.grad_clip) > 0 else None
         self.seed = int(seed)
         self.dropout = self.cfg.dropout > 0
         self.decoupled = self.cfg.attn_mode == "decoupled"
-        self.amp = bool(amp)
-        self.amp_dtype = AMP_DTYPES[amp_dtype]
+        self.amp = bool(precision.amp)
+        self.amp_dtype = AMP_DTYPES[precision.amp_dtype]
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         self.param_names = [n for n, _ in named]
         self._params = [p for _, p in named]
-        self._decay = [_decays(n, p, wd_exempt_1d) for n, p in named]
         self._groups = {g: [i for i, n in enumerate(self.param_names) if g in param_groups(n.split("."), self.decoupled)]
                         for g in group_names(self.decoupled)}
 
         dev = self.device
         with torch.no_grad():
             self._count = torch.zeros((), dtype=torch.int32, device=dev)  # updates applied (optax's count)
-            self._lr_used = self._schedule(self._count)  # inject_hyperparams' learning_rate: schedule(0) at init
-            self.mu = [torch.zeros_like(p) for p in self._params]
-            self.nu = [torch.zeros_like(p) for p in self._params] if optimizer == "adamw" else []
+            self._lr_used = self._lr_at(self._count)  # inject_hyperparams' learning_rate: schedule(0) at init
+        self.opt = make_optimizer(named, optim, self._lr_used)
         self._scaled = (self.amp and self.amp_dtype == torch.float16) if loss_scaling is None else bool(loss_scaling)
         if self._scaled:
             self._scale = torch.full((), SCALE_INIT, dtype=torch.float32, device=dev)
@@ -180,7 +173,7 @@ class TorchStepper:
         self.memory_bytes: dict[tuple, int] = {}
         self.memory_limit: int | None = (int(torch.cuda.get_device_properties(dev).total_memory)
                                          if dev.type == "cuda" else None)
-        if grad_checkpoint:
+        if precision.grad_checkpoint:
             _checkpoint_blocks(model)
         self._loss_fn = self._micro_loss
         self.compiling = False
@@ -207,28 +200,10 @@ class TorchStepper:
             logits = self.model(x_BT)
         return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y_BT.reshape(-1))
 
-    def _schedule(self, count: torch.Tensor) -> torch.Tensor:
-        """lr = schedule(count), fp32 on the device: train/optim.make_schedule's optax
-        schedules (linear warmup from 0, then constant or cosine to min_lr), same formulas."""
-        lr, w, total = self.lr, self.warmup_steps, self.total_steps
-        f32 = torch.float32
-
-        def warmup(k):  # optax.linear_schedule(0, lr, w): (init - end) * frac + end
-            frac = 1 - torch.clamp(k, 0, w).to(f32) / w
-            return (0.0 - lr) * frac + lr
-
-        def cosine(k, decay_steps):  # optax.cosine_decay_schedule(lr, decay_steps, alpha)
-            alpha = 0.0 if lr == 0 else self.min_lr / lr
-            c = torch.clamp(k.to(f32), max=float(decay_steps))
-            cos = 0.5 * (1 + torch.cos(math.pi * c / float(decay_steps)))
-            return lr * ((1 - alpha) * cos + alpha)
-
-        const = torch.full((), lr, dtype=f32, device=count.device)
-        if self.lr_schedule == "constant":
-            return const if w == 0 else torch.where(count < w, warmup(count), const)
-        if w == 0:
-            return cosine(count, total)
-        return torch.where(count < w, warmup(count), cosine(count - w, total - w))
+    def _lr_at(self, count: torch.Tensor) -> torch.Tensor:
+        """lr = schedule(count) in fp32 on the device (dba.optimizers.LRSchedule, the formula the
+        optax chain evaluates too)."""
+        return self.schedule.at(count.to(torch.float32), torch).to(torch.float32)
 
     def _reset_grads(self) -> None:
         for p in self._params:
@@ -370,8 +345,7 @@ class TorchStepper:
     def _apply(self, grads: list[torch.Tensor], loss: torch.Tensor, step: int,
                poisoned: bool) -> dict[str, torch.Tensor]:
         """Norms, clip, optimizer update and the non-finite selection, all on the device."""
-        sq = [torch.linalg.vector_norm(g, 2, dtype=torch.float32).square() for g in grads]
-        grad_norm = torch.stack(sq).sum().sqrt()
+        grad_norm, sq = topt.global_norm(grads)
         zero = torch.zeros((), dtype=torch.float32, device=self.device)
         group_norms = {f"grad_norm_{g}": (torch.stack([sq[i] for i in idx]).sum() if idx else zero).sqrt()
                        for g, idx in self._groups.items()}
@@ -384,40 +358,14 @@ class TorchStepper:
                 overflow = torch.zeros_like(overflow)
             record = record & ~overflow
 
-        if self.grad_clip is not None:  # optax.clip_by_global_norm
-            trigger = grad_norm < self.grad_clip
-            grads = [torch.where(trigger, g, g / grad_norm.to(g.dtype) * self.grad_clip) for g in grads]
-
-        lr = self._schedule(self._count)
-        new_count = self._count + 1
-        neg_lr = -lr
-        b1, b2 = self.b1, self.b2
-        if self.optimizer == "adamw":
-            bc1 = 1 - torch.pow(b1, new_count.to(torch.float32))
-            bc2 = 1 - torch.pow(b2, new_count.to(torch.float32))
-        for j, (p, g) in enumerate(zip(self._params, grads)):
-            full = p.dtype == torch.float32
-            p32, g32, m32 = (p, g, self.mu[j]) if full else (p.float(), g.float(), self.mu[j].float())
-            if self.optimizer == "adamw":  # optax.scale_by_adam
-                v32 = self.nu[j] if full else self.nu[j].float()
-                m_new = (1 - b1) * g32 + b1 * m32
-                v_new = (1 - b2) * (g32 * g32) + b2 * v32
-                u = (m_new / bc1) / (torch.sqrt(v_new / bc2) + self.eps)
-            elif self.optimizer == "lion":  # optax.scale_by_lion
-                u = torch.sign((1 - b1) * g32 + b1 * m32)
-                m_new = (1 - b2) * g32 + b2 * m32
-            else:  # lion_v29 (train/optim.lion_v29)
-                c = b1 * m32 + (1 - b1) * g32
-                u = torch.sign(c)
-                m_new = b2 * c + (1 - b2) * g32
-            if self._decay[j] and self.wd != 0.0:  # optax.add_decayed_weights
-                u = u + self.wd * p32
-            p_new = p32 + u * neg_lr  # scale_by_learning_rate, apply_updates
-            p.copy_(torch.where(ok, p_new.to(p.dtype), p))
-            self.mu[j].copy_(torch.where(ok, m_new.to(p.dtype), self.mu[j]))
-            if self.optimizer == "adamw":
-                self.nu[j].copy_(torch.where(ok, v_new.to(p.dtype), self.nu[j]))
-        self._count = torch.where(ok, new_count, self._count)
+        lr = self._lr_at(self._count)
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        for p, g in zip(self._params, topt.clip_by_global_norm(grads, self.grad_clip, grad_norm)):
+            p.grad = g
+        self.opt.step(apply=ok)
+        self._reset_grads()
+        self._count = torch.where(ok, self._count + 1, self._count)
         self._lr_used = torch.where(ok, lr, self._lr_used)
         if self._scaled:
             good = torch.where(ok, self._good + 1, torch.zeros_like(self._good))
@@ -526,9 +474,9 @@ class TorchStepper:
         """Everything a resumed run needs to continue exactly: model, optimizer (moments, update
         count = the schedule's position, the last lr), non-finite record, loss scale, RNG states."""
         opt: dict[str, Any] = {"name": self.optimizer, "count": self._count, "lr": self._lr_used,
-                               "mu": dict(zip(self.param_names, self.mu))}
+                               "mu": {n: self.opt.moments(p)["exp_avg"] for n, p in zip(self.param_names, self._params)}}
         if self.optimizer == "adamw":
-            opt["nu"] = dict(zip(self.param_names, self.nu))
+            opt["nu"] = {n: self.opt.moments(p)["exp_avg_sq"] for n, p in zip(self.param_names, self._params)}
         rng: dict[str, Any] = {"cpu": torch.get_rng_state()}
         if self.device.type == "cuda":
             rng["cuda"] = torch.cuda.get_rng_state(self.device)
@@ -549,9 +497,11 @@ class TorchStepper:
             raise UserError(f"the checkpoint does not fit this model (did the model change?): {_first_line(e)}",
                             1) from None
         with torch.no_grad():
-            for key, mine in (("mu", self.mu), ("nu", self.nu)):
-                if key not in opt and not mine:
-                    continue
+            names = (("mu", "exp_avg"), ("nu", "exp_avg_sq")) if self.optimizer == "adamw" else (("mu", "exp_avg"),)
+            for key, buffer in names:
+                mine = [self.opt.moments(p)[buffer] for p in self._params]
+                if key not in opt:
+                    raise UserError(f"the checkpoint's {self.optimizer} state has no {key!r} moments", 1)
                 saved = opt[key]
                 if sorted(saved) != sorted(self.param_names):
                     raise UserError("the checkpoint's optimizer state has other parameters than this model", 1)
@@ -562,6 +512,8 @@ class TorchStepper:
                     t.copy_(saved[name])
             dev = self.device
             self._count = torch.as_tensor(opt["count"]).to(dev, torch.int32).reshape(())
+            for p in self._params:  # the optimizer's own update count (AdamW's bias corrections)
+                self.opt.state[p]["step"] = self._count.clone()
             self._lr_used = torch.as_tensor(opt["lr"]).to(dev, torch.float32).reshape(())
             self.faults = {k: torch.as_tensor(v).to(dev, torch.int32) for k, v in state["nonfinite"].items()}
             if self._scaled and "loss_scale" in state:

@@ -25,7 +25,7 @@ from dba.config import (
 )
 from dba.errors import UserError
 from dba.kvspec import KVPolicy
-from dba.optimizers import check_optimizer, parse_betas
+from dba.optimizers import LRSchedule, check_optimizer, parse_betas
 from train.curriculum import SeqSchedule, parse_schedule
 
 # The no-argument recipe's model (a v29 flag that is not given leaves these untouched).
@@ -248,6 +248,11 @@ class OptimConfig:
         if self.name == "adamw":
             return parse_betas(self.adam_betas, "adam_betas")
         return parse_betas(self.lion_betas, "lion_betas")
+
+    def schedule(self, total_steps: int) -> LRSchedule:
+        """The learning rate over a run of `total_steps` (dba/optimizers.py's formula)."""
+        return LRSchedule(float(self.lr), int(total_steps), self.lr_schedule, int(self.warmup_steps),
+                          float(self.min_lr))
 
 
 @dataclass(frozen=True)

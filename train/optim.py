@@ -1,4 +1,6 @@
-"""Optimizer chain for JAX training, built from optax pieces.
+"""Optimizer chain for JAX training, built from optax pieces and the framework-free definition
+in dba/optimizers.py (the schedule formula and the weight-decay rule, shared with the torch
+optimizers of torch_ref/optim.py).
 
 clip_by_global_norm -> inject_hyperparams(optimizer)(learning_rate=schedule), so the learning
 rate actually used is readable from the state (`current_lr`) for logging.
@@ -15,7 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from dba.optimizers import DEFAULT_BETAS, check_optimizer, check_schedule
+from dba.optimizers import decays
+from train.config import OptimConfig
 
 
 def lion_v29(b1: float = 0.9, b2: float = 0.99) -> optax.GradientTransformation:
@@ -41,78 +44,39 @@ def lion_v29(b1: float = 0.9, b2: float = 0.99) -> optax.GradientTransformation:
     return optax.GradientTransformation(init_fn, update_fn)
 
 
-def _is_exempt(path_str: str, ndim: int) -> bool:
-    return "tok_emb" in path_str or ndim <= 1
-
-
-def decay_mask(params):
-    """True where weight decay applies: everything but embeddings (path contains "tok_emb") and
-    parameters with ndim <= 1 (norm scales, biases). Works on any pytree, nnx.State included."""
+def decay_mask(params, exempt_1d: bool = True):
+    """True where weight decay applies (dba.optimizers.decays on each leaf's path and ndim). Works
+    on any pytree, nnx.State included."""
     return jax.tree_util.tree_map_with_path(
-        lambda path, x: not _is_exempt(jax.tree_util.keystr(path), jnp.ndim(x)), params
-    )
+        lambda path, x: decays(jax.tree_util.keystr(path), jnp.ndim(x), exempt_1d), params)
 
 
-def make_schedule(lr: float, *, total_steps: int, lr_schedule: str = "constant", warmup_steps: int = 0,
-                  min_lr: float = 0.0):
-    """lr as a function of the step count before the update (step 0 is the first update).
-
-    Warmup is linear from 0 to lr over `warmup_steps` (optax's convention: step 0 gets 0), then
-    constant, or cosine from lr to min_lr reached at `total_steps` and held after.
-    """
-    lr, warmup_steps, min_lr = float(lr), int(warmup_steps), float(min_lr)
-    check_schedule(lr, lr_schedule=lr_schedule, warmup_steps=warmup_steps, total_steps=total_steps, min_lr=min_lr)
-    if lr_schedule == "constant":
-        if warmup_steps == 0:
-            return optax.constant_schedule(lr)
-        return optax.join_schedules(
-            [optax.linear_schedule(0.0, lr, warmup_steps), optax.constant_schedule(lr)], [warmup_steps]
-        )
-    if warmup_steps == 0:
-        alpha = 0.0 if lr == 0 else min_lr / lr
-        return optax.cosine_decay_schedule(lr, int(total_steps), alpha=alpha)
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warmup_steps, int(total_steps), end_value=min_lr)
-
-
-def build_optimizer(
-    name: str,
-    *,
-    lr: float,
-    total_steps: int,
-    betas=None,
-    eps: float = 1e-8,
-    weight_decay: float = 0.0,
-    wd_exempt_1d: bool = False,
-    grad_clip: float = 1.0,
-    lr_schedule: str = "constant",
-    warmup_steps: int = 0,
-    min_lr: float = 0.0,
-) -> optax.GradientTransformation:
-    """The training chain. `lion` is the paper's update (optax.lion), `lion_v29` the seed run's."""
-    check_optimizer(name, lr=float(lr), weight_decay=float(weight_decay), lr_schedule=lr_schedule,
-                    warmup_steps=int(warmup_steps), total_steps=total_steps, min_lr=float(min_lr))
-    b1, b2 = (float(b) for b in (DEFAULT_BETAS[name] if betas is None else betas))
-    wd = float(weight_decay)
-    mask = decay_mask if wd_exempt_1d else None  # v29 decays every parameter
-    schedule = make_schedule(lr, total_steps=total_steps, lr_schedule=lr_schedule,
-                             warmup_steps=warmup_steps, min_lr=min_lr)
+def build_optimizer(o: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """The training chain for the --optimizer group `o` over a run of `total_steps`:
+    clip_by_global_norm -> inject_hyperparams(lion | lion_v29 | adamw)(learning_rate=the run's
+    LRSchedule). `lion` is the paper's update (optax.lion), `lion_v29` the seed run's."""
+    schedule = o.schedule(int(total_steps))
+    b1, b2 = o.betas
+    wd = float(o.weight_decay)
+    mask = (lambda params: decay_mask(params, True)) if o.wd_exempt_1d else None  # v29 decays every parameter
 
     def factory(learning_rate):
-        if name == "lion":
+        if o.name == "lion":
             return optax.lion(learning_rate, b1=b1, b2=b2, weight_decay=wd, mask=mask)
-        if name == "lion_v29":
+        if o.name == "lion_v29":
             return optax.chain(
                 lion_v29(b1, b2),
                 optax.add_decayed_weights(wd, mask),
                 optax.scale_by_learning_rate(learning_rate),
             )
-        return optax.adamw(learning_rate, b1=b1, b2=b2, eps=float(eps), weight_decay=wd, mask=mask)
+        return optax.adamw(learning_rate, b1=b1, b2=b2, eps=float(o.adam_eps), weight_decay=wd, mask=mask)
 
     # The learning rate stays fp32 with bf16 parameters (optax would store it in the parameter
     # dtype: 3e-4 -> 2.995e-4); the update is formed in fp32 and rounded once, as torch does.
-    opt = optax.inject_hyperparams(factory, hyperparam_dtype=jnp.float32)(learning_rate=schedule)
-    if grad_clip is not None and float(grad_clip) > 0:
-        return optax.chain(optax.clip_by_global_norm(float(grad_clip)), opt)
+    opt = optax.inject_hyperparams(factory, hyperparam_dtype=jnp.float32)(
+        learning_rate=lambda count: schedule.at(jnp.asarray(count, jnp.float32), jnp))
+    if float(o.grad_clip) > 0:
+        return optax.chain(optax.clip_by_global_norm(float(o.grad_clip)), opt)
     return opt
 
 

@@ -206,11 +206,7 @@ class Run:
                          param_dtype=dtypes[c.precision.param_dtype], remat=bool(c.precision.grad_checkpoint))
         if self.init_state is not None:
             load_canonical(model, self.init_state, self.init_info["source"])
-        o = c.optim
-        tx = build_optimizer(o.name, lr=o.lr, total_steps=int(c.steps.steps), betas=o.betas, eps=o.adam_eps,
-                             weight_decay=o.weight_decay, wd_exempt_1d=o.wd_exempt_1d, grad_clip=o.grad_clip,
-                             lr_schedule=o.lr_schedule, warmup_steps=o.warmup_steps, min_lr=o.min_lr)
-        return Stepper(model, tx, seed=c.run.seed, mesh=self.mesh)
+        return Stepper(model, build_optimizer(c.optim, int(c.steps.steps)), seed=c.run.seed, mesh=self.mesh)
 
     def _restore(self) -> None:
         """--resume: the last checkpoint, restored straight onto this run's shardings, whatever
