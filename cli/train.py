@@ -156,7 +156,7 @@ def _run(config, explicit: dict[str, Any], argv: list[str], backend: str, note: 
     from train.run import RunPlan, train
 
     if config.run.print_config:
-        RunPlan(config, backend=backend, backend_note=note, device=config.run.device).print_config(out)
+        RunPlan(config, framework=backend, framework_note=note, device=config.run.device).print_config(out)
         return 0
     from dba.run_dir import RunDirLock
     from train.distributed import process_count
@@ -178,7 +178,7 @@ def _run(config, explicit: dict[str, Any], argv: list[str], backend: str, note: 
         device = torch_device(config.run.device)  # a device this machine lacks: one line, nothing written
     _check_not_held(out, config)
     # data, model, analysis: mistakes here write nothing
-    plan = RunPlan(config, resume_meta, backend=backend, backend_note=note, device=device)
+    plan = RunPlan(config, resume_meta, framework=backend, framework_note=note, device=device)
     # A generated (timestamped) name is never shared: a run started in the same second gets -2.
     generated = config.name_is_generated(targs.PRESENTATION_FLAGS)
     lock = _lock(out, generated)  # held until the run ends: a second `dba train` here is refused
@@ -188,10 +188,12 @@ def _run(config, explicit: dict[str, Any], argv: list[str], backend: str, note: 
         if holds_run(out) and not config.ckpt.resume:
             clear_run(out)  # --overwrite
         if backend == "torch":
-            from torch_train.run import TorchRun
+            from torch_train.backend import TorchBackend
 
-            return train(plan, out_dir=out, name=name, argv=argv, run_class=TorchRun)
-        return train(plan, out_dir=out, name=name, argv=argv)
+            return train(plan, TorchBackend(config, device), out_dir=out, name=name, argv=argv)
+        from train.jax_backend import JaxBackend
+
+        return train(plan, JaxBackend(config), out_dir=out, name=name, argv=argv)
     finally:
         lock.release(discard=True)  # a run that wrote nothing leaves no directory behind
 

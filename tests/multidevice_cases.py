@@ -76,7 +76,7 @@ def runs(tmp_path_factory):
         l0, n0 = train(st, 0, 5)
         if m == "data=4,fsdp=2":
             ckpts = RunCheckpoints(tmp_path_factory.mktemp("run"))
-            ckpts.save("last", 5, st.params, st.opt_state, 0, {"note": "x"})
+            ckpts.save("last", 5, st, 0, {"note": "x"})
             out["ckpt"] = (ckpts, jax.device_get(st.params))
         l1, n1 = train(st, 5, STEPS)
         out[m] = {"stepper": st, "loss": l0 + l1, "grad_norm": n0 + n1, "eval": eval_loss(st)}
@@ -137,7 +137,7 @@ def test_checkpoint_from_data4_fsdp2_resumes_elsewhere(runs, target):
     stepper of another mesh, continues exactly like the single-device run."""
     ckpts, saved = runs["ckpt"]
     dst = runs[target]["stepper"]
-    params, opt_state, step, meta = ckpts.restore("last", dst.params, dst.opt_state)
+    params, opt_state, step, meta = ckpts.restore_state("last", dst.params, dst.opt_state)
     assert step == 5 and meta["note"] == "x"
     assert meta["devices"] == {"mesh": {"data": 4, "fsdp": 2}, "device_count": 8, "platform": "cpu",
                                "process_count": 1}

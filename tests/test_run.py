@@ -87,12 +87,13 @@ def test_hook_due_steps():
 
 @pytest.fixture(scope="module")
 def started(data, tmp_path_factory):
+    from train.jax_backend import JaxBackend
     from train.run import Run, RunPlan
 
     out = tmp_path_factory.mktemp("run") / "toy"
     config = run_config({**TOY, "data": str(data), "steps": 5, "eval_every": 0, "instrument": "basic",
                          "analysis_every": 2, "save_every": 2})
-    run = Run(RunPlan(config), out_dir=out, name="toy", argv=["--steps", "5"])
+    run = Run(RunPlan(config), JaxBackend(config), out_dir=out, name="toy", argv=["--steps", "5"])
     run.start()
     return run
 

@@ -1,4 +1,4 @@
-"""`dba train --backend torch` end to end (torch_train/run.py): the seed's flags on a toy train the
+"""`dba train --backend torch` end to end (torch_train/backend.py with train/run.py): the seed's flags on a toy train the
 same model as the JAX trainer (same seed, same batches: losses within 1e-4), write the same run
 directory (v29 records, summary, analysis, exports, a resumable torch state), resume exactly,
 save on SIGTERM, and the result samples with either framework. The step itself is compared with
@@ -82,17 +82,22 @@ def test_trained_with_torch_samples_with_jax_and_torch(both_runs):
 
 def test_torch_resume_equals_a_straight_run(both_runs, data, tmp_path):
     """Resumed without --backend (SEED_FLAGS' --device cpu alone would pick JAX), a torch run stays
-    torch, says so in its first line, and ends bit for bit where a straight run does; asking for
-    the other framework's training state is one line."""
+    torch, says so in its first line, and ends bit for bit where a straight run does, its 'best'
+    checkpoint unreadable (a warning; a new best at the next eval); asking for the other
+    framework's training state is one line."""
     straight, _ = both_runs["torch"]
     out = tmp_path / "legs"
     common = ["--data", data, *SEED_FLAGS, "--live", "off", "--out-dir", out]
     ok(dba_train(*common, "--backend", "torch", "--steps", 3))
     r = dba_train(*common, "--backend", "jax", "--steps", STEPS, "--resume")
     assert "trained with torch" in _one_line_error(r, 2)
+    best = out / "checkpoints" / "best" / "torch_state.pt"
+    best.write_bytes(best.read_bytes()[:100])  # an unreadable 'best': resuming needs only 'last'
     r = ok(dba_train(*common, "--steps", STEPS, "--resume"))
     first = r.stdout.splitlines()
     assert "resuming a run trained with torch" in first[0] and "steps 3->8" in r.stdout
+    assert "warning: the 'best' checkpoint cannot be read" in r.stdout
+    assert json.loads((best.parent / "meta.json").read_text())["step"] == STEPS  # the next eval wrote a new one
     assert losses(out) == losses(straight)  # bit for bit on the CPU: same state, same batches
 
 

@@ -165,8 +165,16 @@ def test_resume_by_steps_and_signals_equals_straight(seed_run, data, tmp_path):
         assert last <= done["step"] <= last + 1
         last = done["step"]
         assert (out / "last.safetensors").is_file()
+    for f in (out / "checkpoints" / "best").rglob("*"):  # an unreadable 'best': resuming needs only 'last'
+        if f.is_file():
+            f.write_bytes(b"{x")
     r = ok(dba_train("--out-dir", out, "--resume", "--steps", 8, "--live", "off"))
-    assert len(r.stdout.strip().splitlines()) == 4  # --live off: the start lines and the end line only
+    # --live off: the start lines, the warning and the end line only
+    assert len(r.stdout.strip().splitlines()) == 5, r.stdout
+    assert "warning: the 'best' checkpoint cannot be read" in r.stdout
+    from dba.weight_files import read_weights
+
+    assert read_weights(out / "best.safetensors")[2]["metadata"]["step"] == "8"  # the next eval wrote a new best
     assert losses(out) == losses(straight)
     split_evals, straight_evals = losses(out, "eval", "val_loss"), losses(straight, "eval", "val_loss")
     # the first leg also evaluated at its end (3); a signalled leg skips its eval to stop fast

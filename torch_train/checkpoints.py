@@ -106,7 +106,7 @@ class TorchCheckpoints:
         except FileNotFoundError:
             raise UserError(f"no {kind!r} checkpoint under {self.root}", 1) from None
         except Exception as e:
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = str(e).strip().splitlines()[0].split(". ")[0] if str(e).strip() else type(e).__name__
             raise UserError(f"cannot read the {kind!r} checkpoint {path}: {first}", 1) from None
         if not isinstance(payload, dict) or not {"step", "seed", "meta", "state"} <= set(payload):
             raise UserError(f"{path} is not a torch training checkpoint of this project", 1)
@@ -119,6 +119,14 @@ class TorchCheckpoints:
     def read_meta(self, kind: str = "last") -> dict[str, Any] | None:
         head = self._header(kind)
         return None if head is None else dict(head["meta"])
+
+    def unreadable(self, kind: str) -> str | None:
+        """Why the kind's checkpoint cannot be read (its state file does not load), or None."""
+        try:
+            self._load(kind, "cpu", mmap=True)
+        except UserError as e:
+            return str(e)
+        return None
 
     def restore(self, kind: str, stepper: Any) -> tuple[int, dict[str, Any]]:
         """Load the kind's checkpoint into `stepper` (a TorchStepper: model, optimizer, records,
@@ -135,7 +143,10 @@ class TorchCheckpoints:
 
         step = int(step)
         d = self._dir(kind)
-        previous = self.latest_step(kind)
+        try:
+            previous = self.latest_step(kind)
+        except UserError:  # an unreadable old checkpoint of this kind: the new one replaces it
+            previous = None
         dev = getattr(stepper, "device", None)
         meta = {**meta, "devices": {"mesh": None, "device_count": 1, "process_count": 1, "backend": "torch",
                                     "platform": getattr(dev, "type", str(dev))}}

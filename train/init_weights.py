@@ -1,5 +1,5 @@
 """The initial weights the JAX trainer draws for a seed, as canonical numpy arrays: what a
-PyTorch run (torch_train/run.py) starts from, so the two frameworks train the same model from the
+PyTorch run (torch_train/backend.py) starts from, so the two frameworks train the same model from the
 same `--seed`. JAX runs on the CPU here, leaving the GPU to torch."""
 
 from __future__ import annotations

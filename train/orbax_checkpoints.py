@@ -84,10 +84,12 @@ class RunCheckpoints:
             return None
         return self._manager(kind).latest_step()
 
-    def save(self, kind: str, step: int, params: Any, opt_state: Any, seed: int, meta: dict[str, Any]) -> None:
+    def save(self, kind: str, step: int, stepper: Any, seed: int, meta: dict[str, Any]) -> None:
+        """The kind's checkpoint of `stepper` (train/step.py's Stepper: its params and optimizer
+        state) at `step`."""
         ocp = self.ocp
-        state = {"params": params, "opt_state": opt_state, "step": int(step), "seed": int(seed)}
-        meta = {**meta, "devices": device_info(params)}
+        state = {"params": stepper.params, "opt_state": stepper.opt_state, "step": int(step), "seed": int(seed)}
+        meta = {**meta, "devices": device_info(stepper.params)}
         mngr = self._manager(kind)
         previous = mngr.latest_step()
         try:
@@ -118,7 +120,22 @@ class RunCheckpoints:
         out = self._manager(kind).restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))
         return dict(out["meta"])
 
-    def restore(self, kind: str, params_like: Any, opt_state_like: Any) -> tuple[Any, Any, int, dict[str, Any]]:
+    def unreadable(self, kind: str) -> str | None:
+        """Why the kind's checkpoint cannot be read (its meta does not restore), or None."""
+        try:
+            self.read_meta(kind)
+        except Exception as e:  # noqa: BLE001 (any failure to read is the answer)
+            return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
+        return None
+
+    def restore(self, kind: str, stepper: Any) -> tuple[int, dict[str, Any]]:
+        """Load the kind's checkpoint into `stepper` (params and optimizer state, read straight onto
+        the stepper's shardings, whatever mesh wrote them); returns (step, meta)."""
+        params, opt_state, step, meta = self.restore_state(kind, stepper.params, stepper.opt_state)
+        stepper.set_state(params, opt_state)
+        return step, meta
+
+    def restore_state(self, kind: str, params_like: Any, opt_state_like: Any) -> tuple[Any, Any, int, dict[str, Any]]:
         """(params, opt_state, step, meta) restored into the structure, dtypes and shardings of
         the given templates (arrays, or jax.ShapeDtypeStruct with a sharding)."""
         ocp = self.ocp

@@ -1,13 +1,29 @@
-"""A `dba train` run: `RunPlan(config)` works out what it trains (data, model config, analysis)
-without touching a device or the run directory; `Run(plan, out_dir=...)`'s `start()` builds the
-JAX side (mesh, model, optimizer, checkpoints, display) and `fit()` trains, with the periodic work
-(train log, analysis, evaluation, checkpoints, display) registered as hooks with an interval
-(train/hooks.py). `train()` does the last two.
+"""A `dba train` run: one framework-free loop composed with a small backend per framework.
+
+`RunPlan(config)` works out what the run trains (data, model config, initial weights, analysis)
+without touching a device or the run directory. `Run(plan, backend, out_dir=...)` is the loop:
+`start()` asks the backend for the step and the checkpoints and sets up the display, analysis and
+hooks; `fit()` trains, with the periodic work (train log, analysis, evaluation, checkpoints,
+display) registered as hooks with an interval (train/hooks.py). `train()` does the last two.
+
+The backend (train/jax_backend.py `JaxBackend`, torch_train/backend.py `TorchBackend`) is what
+differs between the frameworks, and nothing else:
+    name, main, process_count, notes       who writes the run directory; lines for the header
+    environment(), device_text(env)        the software/device record (meta, summary.md)
+    checkpoints(out)                       resumable state: save(kind, step, stepper, seed, meta),
+                                           restore(kind, stepper) -> (step, meta), latest_step,
+                                           read_meta, unreadable(kind), close
+    build(plan)                            the stepper: model (initial weights), optimizer, step
+    restored(meta)                         after a resume (e.g. a checkpoint from another mesh)
+    analysis(spec, stepper, tokens)        () -> (metrics, arrays) of the attention analysis pass
+The steppers (train/step.py `Stepper`, torch_train/step.py `TorchStepper`) share one host API:
+train_step, eval_loss, fetch, compile_for(shape), put_batch, local_rows, nonfinite_record,
+set_nonfinite_count, canonical_state, device_memory and their compile/memory counters.
 
 The device only syncs at log, eval and save steps; the next batch is sampled on the host while the
-device runs the current step (JAX dispatch is asynchronous).
+device runs the current step (JAX dispatch and CUDA are asynchronous).
 
-Faults: a step with a non-finite loss or gradient norm applies no update (train/step.py) and is
+Faults: a step with a non-finite loss or gradient norm applies no update (inside the step) and is
 counted on the device; at the next point where the loop syncs anyway the count is read
 (`check_nonfinite`): each such step gets a `nonfinite` event, and once more than
 `--skip-nonfinite` of them have happened the run stops before it evaluates or saves anything
@@ -15,7 +31,9 @@ counted on the device; at the next point where the loop syncs anyway the count i
 with a one-line error (exit 1). A checkpoint that cannot be written (disk full) or a train step
 that cannot fit in device memory (checked when it compiles; the longest sequence length of the
 run is compiled first, before the first step) is a one-line error too, after a `done` event
-with reason `error`. SIGINT/SIGTERM save the last checkpoint and stop (exit 130/143).
+with reason `error`. SIGINT/SIGTERM save the last checkpoint and stop (exit 130/143). A resumed
+run needs only the `last` checkpoint: an unreadable `best` is a one-line warning, and the next
+evaluation writes a new one.
 """
 
 from __future__ import annotations
@@ -40,6 +58,7 @@ from train.batches import (
     train_batch,
 )
 from train.config import RunConfig
+from train.distributed import Silent
 from train.hooks import Hook, Hooks
 from train.signals import EXIT_CODES, StopSignal
 
@@ -75,10 +94,10 @@ class Throughput:
         return max(time.perf_counter() - self.t_mark - self.excluded_s, 1e-9)
 
 
-def train(plan: "RunPlan", *, out_dir: str | Path, name: str, argv: list[str], run_class: type | None = None) -> int:
-    """Build and train a planned run in `out_dir`; the exit status (0 done, 130/143
-    interrupted). `run_class`: `Run` (JAX) or a subclass such as torch_train.run.TorchRun."""
-    run = (run_class or Run)(plan, out_dir=out_dir, name=name, argv=argv)
+def train(plan: "RunPlan", backend: Any, *, out_dir: str | Path, name: str, argv: list[str]) -> int:
+    """Build and train a planned run in `out_dir` with `backend` (see the module docstring); the
+    exit status (0 done, 130/143 interrupted)."""
+    run = Run(plan, backend, out_dir=out_dir, name=name, argv=argv)
     run.start()
     return run.fit()
 
@@ -89,12 +108,12 @@ class RunPlan:
     the longest trained length) and the analysis to run. Every mistake found here is a one-line
     UserError before anything is written."""
 
-    def __init__(self, config: RunConfig, resume_meta: dict[str, Any] | None = None, backend: str = "jax",
-                 backend_note: str | None = None, device: str | None = None):
+    def __init__(self, config: RunConfig, resume_meta: dict[str, Any] | None = None, framework: str = "jax",
+                 framework_note: str | None = None, device: str | None = None):
         self.config, self.resume_meta = config, resume_meta
         # the framework that trains ("jax" | "torch"), why when the flags did not say, and the
         # torch device ("cpu", "cuda:0", "mps"; None for JAX, whose platform is set process-wide)
-        self.backend, self.backend_note, self.device = backend, backend_note, device
+        self.framework, self.framework_note, self.device = framework, framework_note, device
         self.data = RunData.load(config.data)
         ckpt_cfg, self.init_state, self.init_info = self._initial_weights()
         self.cfg, self.context = config.resolve_model(self.data.vocab_size, ckpt_cfg, check_clash=resume_meta is None)
@@ -125,130 +144,84 @@ class RunPlan:
     def print_config(self, out_dir: str | Path) -> None:
         """--print-config: the resolved model and flags as JSON."""
         print(json.dumps({"model": self.cfg.to_dict(), "args": self.config.to_flags(), "context": self.context,
-                          "run_dir": str(out_dir), "backend": self.backend, "device": self.device},
+                          "run_dir": str(out_dir), "backend": self.framework, "device": self.device},
                          indent=2, sort_keys=True, default=str))
 
 
 class Run:
-    def __init__(self, plan: RunPlan, *, out_dir: str | Path, name: str, argv: list[str]):
-        self.plan, self.config, self.out, self.name, self.argv = plan, plan.config, Path(out_dir), name, list(argv)
-        self.resume_meta, self.data, self.cfg, self.context = plan.resume_meta, plan.data, plan.cfg, plan.context
-        self.init_state, self.init_info, self.analysis_spec = plan.init_state, plan.init_info, plan.analysis_spec
+    """The loop of one planned run (`plan`) with one backend; see the module docstring."""
+
+    def __init__(self, plan: RunPlan, backend: Any, *, out_dir: str | Path, name: str, argv: list[str]):
+        self.plan, self.backend, self.out, self.name, self.argv = plan, backend, Path(out_dir), name, list(argv)
         self.t_start = time.time()
         self.created = datetime.datetime.now().astimezone().isoformat(timespec="seconds")
         self.command = "dba train" + ("" if not self.argv else " " + shlex.join(self.argv))
-        self.backend_note = plan.backend_note  # why this framework trains, when the flags did not say
 
-    backend_name = "jax"
+    @property
+    def main(self) -> bool:
+        """This process writes the run directory's files (every process computes)."""
+        return self.backend.main
 
-    # ---- the JAX side -------------------------------------------------------------------
     def start(self) -> None:
-        """Build the mesh, model, optimizer state (restored on --resume), checkpoints, display,
-        analysis and hooks. Writes nothing but an empty checkpoints directory."""
-        import jax
-
-        from train import sharding
-        from train.distributed import Silent, is_main
-        from train.orbax_checkpoints import RunCheckpoints
-
-        c = self.config
-        if c.precision.matmul_precision != "high" or "matmul_precision" in c.explicit:
-            jax.config.update("jax_default_matmul_precision",
-                              {"highest": "highest", "high": "high", "medium": "bfloat16"}[c.precision.matmul_precision])
-        self.env = self._environment()
-        # The mesh is checked against the devices here, before anything is built or compiled.
-        self.mesh = sharding.make_mesh(c.distributed.mesh_axes)
-        if self.mesh.size != jax.device_count() and jax.process_count() > 1:
-            raise UserError(f"{jax.process_count()} processes need a --mesh over all {jax.device_count()} devices, "
-                            f"e.g. --mesh data=-1 (data parallel) or --mesh fsdp=-1 (sharded state)")
-        self.mesh_shape = sharding.mesh_shape(self.mesh)
-        sharding.check_batch(self.mesh_shape, int(c.steps.batch_size))  # again: a -1 axis is now resolved
-        self.main = is_main()  # process 0 writes the run directory's files; every process computes
+        """Build the step (optimizer state restored on --resume), checkpoints, display, analysis
+        and hooks. Writes nothing but an empty checkpoints directory."""
+        c, b = self.plan.config, self.backend
+        self.env = b.environment()
         self.out.mkdir(parents=True, exist_ok=True)
-        self.ckpts = RunCheckpoints(self.out)
-        self.stepper = self._build_stepper()
+        self.ckpts = b.checkpoints(self.out)
+        self.stepper = b.build(self.plan)
         self.rows = self.stepper.local_rows(int(c.steps.batch_size))  # this host's share of every batch
-        self.progress, self.resharded = Progress(), None
-        if self.resume_meta is not None:
+        self.progress = Progress()
+        self.notes = list(b.notes)  # said under the run's header (`_announce`)
+        if self.plan.resume_meta is not None:
             self._restore()
         # train.jsonl is opened once the train step has compiled (`fit`): a step too large for the
         # device fails before the run directory holds a run, so the corrected command runs as is.
         self.log: Any = Silent()
         self._start_display_and_analysis()
-        self.process_count = jax.process_count()
-        self.stop = StopSignal(shared=self.process_count > 1)
+        self.stop = StopSignal(shared=b.process_count > 1)
         self.hooks = self._default_hooks()
         self._eval_cache: dict[int, tuple] = {}
         self.window = Throughput()
         self.latest: tuple[Any, int] | None = None  # device metrics and length of the newest step
 
-    def _environment(self) -> dict[str, Any]:
-        from train.artifacts import environment
-
-        try:
-            return environment()
-        except Exception as e:  # e.g. --device gpu without a GPU or without jax[cuda]
-            first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-            raise UserError(f"--device {self.config.run.device}: JAX cannot use this platform here ({first}); "
-                            f"install the matching jax build (e.g. jax[cuda12]) or use --device cpu", 1) from None
-
-    def _build_stepper(self):
-        import jax.numpy as jnp
-        from flax import nnx
-
-        from jax_model import DBAModel, load_canonical
-        from train.optim import build_optimizer
-        from train.step import Stepper
-
-        c = self.config
-        dtypes = {"fp32": jnp.float32, "bf16": jnp.bfloat16, "fp16": jnp.float16}
-        model = DBAModel(self.cfg, rngs=nnx.Rngs(c.run.seed), dtype=dtypes[c.precision.compute_dtype],
-                         param_dtype=dtypes[c.precision.param_dtype], remat=bool(c.precision.grad_checkpoint))
-        if self.init_state is not None:
-            load_canonical(model, self.init_state, self.init_info["source"])
-        return Stepper(model, build_optimizer(c.optim, int(c.steps.steps)), seed=c.run.seed, mesh=self.mesh)
-
     def _restore(self) -> None:
-        """--resume: the last checkpoint, restored straight onto this run's shardings, whatever
-        mesh wrote it."""
-        params, opt_state, step, meta = self.ckpts.restore("last", self.stepper.params, self.stepper.opt_state)
-        self.stepper.set_state(params, opt_state)
+        """--resume: the `last` checkpoint into the stepper; an unreadable `best` is a warning
+        (its figures are forgotten, so the next evaluation writes a new best)."""
+        step, meta = self.ckpts.restore("last", self.stepper)
         seen = int(meta.get("skipped_nonfinite") or 0)
         self.stepper.set_nonfinite_count(seen)
         self.progress = Progress(step=step, best_val=meta.get("best_val"), best_step=meta.get("best_step"),
                                  nonfinite_seen=seen, saved_last_at=step)
-        saved_mesh = (meta.get("devices") or {}).get("mesh")
-        if saved_mesh and saved_mesh != self.mesh_shape:
-            self.resharded = saved_mesh
+        self.notes += self.backend.restored(meta)
+        why = self.ckpts.unreadable("best") if meta.get("best_step") is not None else None
+        if why is not None:
+            self.progress.best_val = self.progress.best_step = None
+            self.notes.append(f"warning: the 'best' checkpoint cannot be read ({why}); resuming from 'last', "
+                              f"the next evaluation writes a new 'best'")
 
     def _start_display_and_analysis(self) -> None:
-        import jax
-
-        from train.distributed import Silent
         from train.progress import make_display
 
-        main = self.main
-        self.display = make_display(self.config.display.live, self.config.steps.steps,
-                                    self.progress.step) if main else Silent()
+        c, main, spec = self.plan.config, self.main, self.plan.analysis_spec
+        self.display = make_display(c.display.live, c.steps.steps, self.progress.step) if main else Silent()
         self.tb = None
-        if self.config.analysis.tb and main:
+        if c.analysis.tb and main:
             from train.tensorboard import TBWriter
 
             self.tb = TBWriter(self.out / "tb")
-        self.analyzer = self.store = self.analysis_x = None
+        self.analyzer = self.store = None
         self.plot_stale = False  # events the plot draws were logged since analysis.png was drawn
-        spec = self.analysis_spec
         if spec is None:
             return
-        from train.analysis import Analyzer, analysis_tokens
+        from dba.analysis_spec import analysis_tokens
         from train.analysis_store import AnalysisStore
 
-        self.analyzer = Analyzer(spec, self.stepper.graphdef, self.stepper.rest, self.cfg)
+        tokens = analysis_tokens(self.plan.data.val, spec, self.plan.cfg.block_size, c.run.seed)
+        self.analysis_len = int(tokens.shape[1])
+        self.analyzer = self.backend.analysis(spec, self.stepper, tokens)
         self.store = AnalysisStore(self.out / "analysis.h5", save_matrices=spec.save_matrices,
                                    save_svals=spec.save_svals) if main else Silent()
-        # a global (replicated) array: the analysis runs on every process's devices
-        self.analysis_x = jax.device_put(analysis_tokens(self.data.val, spec, self.cfg.block_size, self.config.run.seed),
-                                         self.stepper.replicated)
 
     # ---- hooks --------------------------------------------------------------------------
     def add_hook(self, name: str, every: int, fn, **kw) -> Hook:
@@ -257,13 +230,13 @@ class Run:
         return self.hooks.add(Hook(name, int(every), fn, **kw))
 
     def _default_hooks(self) -> Hooks:
-        c = self.config
+        c = self.plan.config
         self.hooks = Hooks()
         self.add_hook("log", c.display.log_every, self.log_train, on_stop=True, reads_state=False)
         self.add_hook("display", c.display.update_every, self.display.advance, at_end=False, reads_state=False,
                       syncs=False)
         if self.analyzer is not None:
-            self.add_hook("analysis", self.analysis_spec.every, self.analyse)
+            self.add_hook("analysis", self.plan.analysis_spec.every, self.analyse)
         self.add_hook("eval", c.eval.every, self.evaluate)
         self.add_hook("save", c.ckpt.save_every, self.save_last, at_end=False)  # the final save is `fit`'s
         return self.hooks
@@ -280,9 +253,7 @@ class Run:
 
     def device_memory(self) -> dict[str, Any] | None:
         """The device allocator's stats (`bytes_in_use`, ...), or None where there are none."""
-        from train.resources import device_memory
-
-        return device_memory()
+        return self.stepper.device_memory()
 
     def log_train(self, step: int) -> dict[str, Any] | None:
         """The `train` event of the newest step: loss, lr, throughput, gradient norms, memory."""
@@ -293,7 +264,7 @@ class Run:
         elapsed, loss = w.elapsed(), float(m["loss"])
         rss, rss_peak = host_rss_bytes()
         dev_mem = self.device_memory()
-        s = self.config.steps
+        s = self.plan.config.steps
         fields = dict(step=step, loss=loss, ppl=math.exp(min(loss, 700.0)), lr=float(m["lr"]),
                       tok_s=w.tokens / elapsed, seq_len=int(length), grad_accum=int(s.grad_accum),
                       global_batch=int(s.batch_size) * int(s.grad_accum), step_ms=1000.0 * elapsed / w.steps,
@@ -307,7 +278,7 @@ class Run:
         self.display.set_timing(compile_s=self.stepper.compile_s)
         # the log writes NaN as null; the display shows it as nan
         self.display.train({**(rec or {}), **{k: v for k, v in fields.items() if isinstance(v, float)}})
-        if self.config.analysis.live_plot:
+        if self.plan.config.analysis.live_plot:
             self.redraw_plot()
         w.reset()
         return rec
@@ -315,7 +286,7 @@ class Run:
     def evaluate(self, step: int) -> dict[str, Any] | None:
         """Validation and train loss on the fixed eval batches at the current training length
         (or --eval-seq-len); a new best saves the `best` checkpoint."""
-        c, p = self.config, self.progress
+        c, p = self.plan.config, self.progress
         length = int(c.eval.seq_len) or c.steps.schedule.length_at(max(step - 1, 0))
         xv, yv, xt, yt = self._eval_batches(length)
         t0 = time.perf_counter()
@@ -336,31 +307,30 @@ class Run:
 
     def _eval_batches(self, length: int) -> tuple:
         if length not in self._eval_cache:
-            c = self.config
+            c = self.plan.config
             kw = dict(batch_size=int(c.steps.batch_size), iters=int(c.eval.iters), seed=c.run.seed, seq_len=length,
                       rows=self.rows)
-            xv, yv = eval_batches(self.data.val, stream=EVAL_VAL_STREAM, **kw)
-            xt, yt = eval_batches(self.data.train, stream=EVAL_TRAIN_STREAM, **kw)
+            xv, yv = eval_batches(self.plan.data.val, stream=EVAL_VAL_STREAM, **kw)
+            xt, yt = eval_batches(self.plan.data.train, stream=EVAL_TRAIN_STREAM, **kw)
             self._eval_cache[length] = tuple(self.stepper.put_batch(a) for a in (xv, yv, xt, yt))
         return self._eval_cache[length]
 
     def analyse(self, step: int) -> dict[str, Any] | None:
         """The attention analysis pass: analysis.h5 first, so every logged analysis has its group."""
         t0 = time.perf_counter()
-        spec = self.analysis_spec
-        metrics, arrays = self.analyzer(self.stepper.params, self.analysis_x)
+        spec = self.plan.analysis_spec
+        metrics, arrays = self.analyzer()
         self.store.append(step, metrics, arrays, spec.layers, spec.heads)
         took = time.perf_counter() - t0
-        rec = self.record("analysis", step=step, seq_len=int(self.analysis_x.shape[1]), level=spec.level,
+        rec = self.record("analysis", step=step, seq_len=self.analysis_len, level=spec.level,
                           layers=list(spec.layers), heads=list(spec.heads), **metrics, analysis_s=took)
         self.display.set_timing(analysis_s=took)
         self.display.analysis(rec)
         return rec
 
     def save(self, kind: str, step: int, val: float | None = None) -> None:
-        """The Orbax checkpoint `kind` ('last' / 'best') and its safetensors export."""
-        self.ckpts.save(kind, step, self.stepper.params, self.stepper.opt_state, self.config.run.seed,
-                        self.checkpoint_meta(step))
+        """The resumable checkpoint `kind` ('last' / 'best') and its safetensors export."""
+        self.ckpts.save(kind, step, self.stepper, self.plan.config.run.seed, self.checkpoint_meta(step))
         self.export(kind, step, val)
 
     def save_last(self, step: int) -> None:
@@ -369,32 +339,30 @@ class Run:
 
     def checkpoint_meta(self, step: int) -> dict[str, Any]:
         p = self.progress
-        return {"config": self.cfg.to_dict(), "flags": self.config.to_flags(), "step": step, "seed": self.config.run.seed,
+        c = self.plan.config
+        return {"config": self.plan.cfg.to_dict(), "flags": c.to_flags(), "step": step, "seed": c.run.seed,
                 "best_val": p.best_val, "best_step": p.best_step, "tokenizer": self._tokenizer_dict(),
-                "context": self.context, "run_name": self.name, "skipped_nonfinite": p.nonfinite_seen}
+                "context": self.plan.context, "run_name": self.name, "skipped_nonfinite": p.nonfinite_seen}
 
     def _tokenizer_dict(self) -> dict[str, Any] | None:
-        return self.data.tokenizer.to_dict() if self.data.tokenizer is not None else None
+        return self.plan.data.tokenizer.to_dict() if self.plan.data.tokenizer is not None else None
 
     def export(self, kind: str, step: int, val: float | None) -> None:
         """`<kind>.safetensors`: the weights with the config (and tokenizer) in the metadata,
         written to a temporary name and renamed (dba.weights.save_safetensors)."""
-        from flax import nnx
+        from dba.weights import save_safetensors
 
-        from jax_model import save_export
-        from train.distributed import host_params
-
-        extra = {"step": str(step), "kind": kind, "run_dir": str(self.out)}
+        extra = {"step": str(step), "kind": kind, "run_dir": str(self.out), "trained_with": self.backend.name}
         if val is not None:
             extra["val_loss"] = repr(float(val))
-        if self.data.tokenizer is not None:
+        if self.plan.data.tokenizer is not None:
             extra["tokenizer"] = json.dumps(self._tokenizer_dict())
-        params = host_params(self.stepper.params)  # every process: gathers shards held by other hosts
+        state = self.stepper.canonical_state()  # every process: gathers shards held by other hosts
         if not self.main:
             return
         path = self.out / f"{kind}.safetensors"
         try:
-            save_export(path, nnx.merge(self.stepper.graphdef, params, self.stepper.rest), extra)
+            save_safetensors(path, self.plan.cfg, state, extra)
         except OSError as e:
             path.with_name(path.name + ".tmp").unlink(missing_ok=True)
             why = os.strerror(e.errno) if e.errno else str(e)
@@ -410,14 +378,14 @@ class Run:
         self.plot_stale = False
         try:
             plot_run(read_events(self.out / "train.jsonl"), self.out / "analysis.png",
-                     title=f"{self.name}: {self.cfg.attn_mode}")
+                     title=f"{self.name}: {self.plan.cfg.attn_mode}")
         except Exception as e:  # noqa: BLE001 (a plotting failure must never stop training)
             self.display.info(f"analysis.png not drawn: {type(e).__name__}: {e}")
 
     def check_nonfinite(self, step: int) -> str | None:
         """Read the device's non-finite step record (a few bytes, at a point that syncs anyway),
         log each new one; the stop message once more than --skip-nonfinite have happened."""
-        p, skip_n = self.progress, int(self.config.optim.skip_nonfinite)
+        p, skip_n = self.progress, int(self.plan.config.optim.skip_nonfinite)
         count, recent = self.stepper.nonfinite_record()
         if count == p.nonfinite_seen:
             return None
@@ -438,7 +406,7 @@ class Run:
 
     def _record_nonfinite(self, bad_step: int, kind: int, nth: int, skip_n: int) -> tuple | None:
         """One `nonfinite` event; (step, quantity, nth) when this one is past --skip-nonfinite."""
-        from train.step import nonfinite_kind_text
+        from train.faults import nonfinite_kind_text
 
         quantity, over = nonfinite_kind_text(kind), nth > skip_n
         self.record("nonfinite", step=bad_step, quantity=quantity, count=nth, allowed=skip_n,
@@ -477,7 +445,7 @@ class Run:
         return self._finish(reason, failure, nonfinite_msg)
 
     def _train_loop(self) -> tuple[str, str | None]:
-        c, p, steps = self.config, self.progress, int(self.config.steps.steps)
+        c, p, steps = self.plan.config, self.progress, int(self.plan.config.steps.steps)
         if p.step < steps:
             self._compile_longest()
         self.open_log()
@@ -489,7 +457,7 @@ class Run:
                 self.analyse(0)
             if c.eval.every > 0:
                 self.evaluate(0)
-        from train.step import fault_points
+        from train.faults import fault_points
 
         pause_at = fault_points("pause_at_step")  # TEST-ONLY (DBA_FAULT): a window to signal a run
         batch = self._next_batch(p.step)
@@ -511,15 +479,15 @@ class Run:
     def _compile_longest(self) -> None:
         """The longest length this run will train at, compiled first: a step too large for the
         device fails here, before any training, with the compiled memory estimate."""
-        import jax
-        import jax.numpy as jnp
-
-        c, step, steps = self.config, self.progress.step, int(self.config.steps.steps)
+        c, step, steps = self.plan.config, self.progress.step, int(self.plan.config.steps.steps)
         schedule = c.steps.schedule
         longest = max({schedule.length_at(step)} | {n for s0, n in schedule.entries if step < s0 < steps})
         shape = (int(c.steps.grad_accum), int(c.steps.batch_size), int(longest))
-        spec = jax.ShapeDtypeStruct(shape, jnp.int32)
-        dt = self.stepper.compile_for(spec, spec)
+        dt = self.stepper.compile_for(shape)
+        note = getattr(self.stepper, "compile_note", None)  # torch.compile fell back to eager
+        if note and note not in self.notes:
+            self.notes.append(note)
+            self.display.line(f"  {note}")
         if dt > 0:
             need, limit = self.stepper.memory_bytes.get(shape), self.stepper.memory_limit
             mem = "" if need is None else f"; needs ~{human_bytes(need, 'iec')} per device" + (
@@ -529,14 +497,14 @@ class Run:
 
     def _next_batch(self, step: int):
         """This host's rows of step `step`'s batch, placed as global arrays over the mesh."""
-        c = self.config
-        x, y = train_batch(self.data.train, batch_size=int(c.steps.batch_size), grad_accum=int(c.steps.grad_accum),
+        c = self.plan.config
+        x, y = train_batch(self.plan.data.train, batch_size=int(c.steps.batch_size), grad_accum=int(c.steps.grad_accum),
                            seed=c.run.seed, seq_len=c.steps.schedule.length_at(step), step=step, rows=self.rows)
         return self.stepper.put_batch(x), self.stepper.put_batch(y)
 
     def _train_step(self, batch):
         """One optimizer step on `batch`; samples the next batch while the device runs it."""
-        p, w, steps = self.progress, self.window, int(self.config.steps.steps)
+        p, w, steps = self.progress, self.window, int(self.plan.config.steps.steps)
         x, y = batch
         length = x.shape[2]
         if length not in p.lengths:
@@ -550,7 +518,7 @@ class Run:
         p.step += 1
         w.steps += 1
         w.tokens += math.prod(x.shape)  # (a jax.Array's size is an int; a torch.Tensor's a method)
-        if p.step % self.config.display.log_every == 0:
+        if p.step % self.plan.config.display.log_every == 0:
             self.stop.sync()  # multi-process: every process sees a signal at the same step
         if p.step >= steps:
             return None
@@ -563,7 +531,7 @@ class Run:
         """The hooks due at `step`: first those that do not read the trained state (log, display),
         then, if anything synced, the non-finite check, then evaluation, analysis and saves.
         Returns the stop message of a fatal non-finite step."""
-        due = self.hooks.due(step, int(self.config.steps.steps), self.stop.reason is not None)
+        due = self.hooks.due(step, int(self.plan.config.steps.steps), self.stop.reason is not None)
         for h in due:
             if not h.reads_state:
                 h.fn(step)
@@ -587,60 +555,42 @@ class Run:
     # ---- start and end ----------------------------------------------------------------------
     def open_log(self) -> None:
         from dba.runlog import JsonlLog
-        from train.distributed import Silent
 
-        c = self.config
+        c = self.plan.config
         self.log = JsonlLog(self.out / "train.jsonl") if self.main else Silent()
         self.log.write("meta", argv=list(self.argv), command=self.command, run_dir=str(self.out), run_name=self.name,
-                       flags=c.to_flags(), args=c.to_flags(), explicit=sorted(c.explicit), config=self.cfg.to_dict(),
+                       flags=c.to_flags(), args=c.to_flags(), explicit=sorted(c.explicit), config=self.plan.cfg.to_dict(),
                        env=self.env,
-                       n_params=self.cfg.num_params(), context=self.context,
-                       resumed_from=self.progress.step if self.resume_meta is not None else None,
-                       init_from=self.init_info["source"] if self.init_info else None,
-                       data=self.data.record(c.data.path),
+                       n_params=self.plan.cfg.num_params(), context=self.plan.context,
+                       resumed_from=self.progress.step if self.plan.resume_meta is not None else None,
+                       init_from=self.plan.init_info["source"] if self.plan.init_info else None,
+                       data=self.plan.data.record(c.data.path),
                        dtypes={"param": c.precision.param_dtype, "compute": _NUMPY_NAMES[c.precision.compute_dtype],
                                "grad_checkpoint": bool(c.precision.grad_checkpoint)},
-                       noop_flags=c.noop_flags(), mesh=self.mesh_shape, process_count=self.process_count,
-                       backend=self.backend_name)
+                       noop_flags=c.noop_flags(), mesh=self.backend.mesh_shape,
+                       process_count=self.backend.process_count, backend=self.backend.name)
 
     def _announce(self) -> None:
         from train.faults import FAULT_ENV
 
-        c, cfg, d, ctx = self.config, self.cfg, self.display, self.context
+        c, cfg, d, ctx = self.plan.config, self.plan.cfg, self.display, self.plan.context
         grow_txt = (f" (grown from {ctx['requested_block_size']} to cover the longest trained length)"
                     if ctx["grown"] else "")
-        d.line(f"dba train: run dir {self.out}" + (f" | {self.backend_note}" if self.backend_note else ""))
+        note = self.plan.framework_note  # why this framework trains, when the flags did not say
+        d.line(f"dba train: run dir {self.out}" + (f" | {note}" if note else ""))
         if os.environ.get(FAULT_ENV):
             d.line(f"  {FAULT_ENV}={os.environ[FAULT_ENV]}: test-only fault injection is active")
         d.line(f"  model {cfg.attn_mode} d_model {cfg.d_model} layers {cfg.n_layer} heads {cfg.n_head} "
                f"vocab {cfg.vocab_size}: {cfg.num_params():,} params | context {cfg.block_size}{grow_txt}")
-        d.line(f"  data {len(self.data.train):,} train / {len(self.data.val):,} val tokens | "
+        d.line(f"  data {len(self.plan.data.train):,} train / {len(self.plan.data.val):,} val tokens | "
                f"{c.optim.name} lr {c.optim.lr:g} ({c.optim.lr_schedule}) | batch {c.steps.batch_size} x "
                f"accum {c.steps.grad_accum} | seq {', '.join(f'{L}@{s}' for s, L in ctx['boundaries'])} | "
-               f"steps {self.progress.step}->{c.steps.steps} | {self.device_text()}")
-        self._announce_mesh()
-
-    def device_text(self) -> str:
-        from train.artifacts import device_line
-
-        return device_line(self.env)
-
-    def _announce_mesh(self) -> None:
-        from train import sharding
-
-        d, ms = self.display, self.mesh_shape
-        if self.mesh.size > 1 or self.process_count > 1:
-            d.line(f"  mesh {sharding.mesh_text(ms)} over {self.mesh.size} devices"
-                   + (f" on {self.process_count} processes" if self.process_count > 1 else "")
-                   + f": batch rows split {sharding.batch_ways(ms)} ways, parameters and optimizer "
-                     f"state {ms['fsdp']} ways")
-        if self.resharded:
-            d.line(f"  resumed from a checkpoint written on mesh {sharding.mesh_text(self.resharded)}: "
-                   f"resharded onto {sharding.mesh_text(ms)}")
+               f"steps {self.progress.step}->{c.steps.steps} | {self.backend.device_text(self.env)}")
+        for line in self.notes:  # the backend's (mesh, initial weights, compile fallback) and the resume's
+            d.line(f"  {line}")
 
     def _finish(self, reason: str, failure: UserError | None, nonfinite_msg: str | None) -> int:
         """`done`, the final plot and `summary.md`; the exit status (raises the run's error)."""
-        from train.distributed import Silent
 
         p, wall = self.progress, time.time() - self.t_start
         error_text = str(failure) if failure is not None else nonfinite_msg
@@ -678,7 +628,7 @@ class Run:
             self.redraw_plot()
         self.ckpts.close()
         if self.main:
-            write_summary(self.out, created=self.created, command=self.command, env=self.env, cfg=self.cfg,
-                          flags=self.config.to_flags(), policy=self.config.kv,
+            write_summary(self.out, created=self.created, command=self.command, env=self.env, cfg=self.plan.cfg,
+                          flags=self.plan.config.to_flags(), policy=self.plan.config.kv,
                           results={"step": p.step, "best_val": p.best_val, "reason": reason, "wall_s": wall},
-                          context=self.context)
+                          context=self.plan.context)

@@ -157,6 +157,7 @@ class Stepper:
         # Initialised in place, already sharded (no full copy of the optimizer state on one device).
         self.opt_state = (jax.jit(tx.init, out_shardings=self.opt_sharding)(self.params) if opt_state is None
                           else jax.device_put(opt_state, self.opt_sharding))
+        self.cfg = model.cfg
         self.dropout = model.cfg.dropout > 0
         self.decoupled = model.cfg.attn_mode == "decoupled"
         self.trace_count = 0  # train-step traces (= compiles): one per distinct shape
@@ -264,10 +265,13 @@ class Stepper:
         """This process's rows (`local_rows`) of a batch -> the global array, split over the mesh."""
         return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local_ABT))
 
-    def compile_for(self, x_ABT, y_ABT) -> float:
-        """Ahead-of-time compile the train step for this batch shape (arrays, or int32
-        jax.ShapeDtypeStructs of the global (A, B, T) shape); returns seconds (0 if cached).
+    def compile_for(self, x_ABT, y_ABT=None) -> float:
+        """Ahead-of-time compile the train step for this batch shape (a global (A, B, T) shape,
+        or arrays / int32 jax.ShapeDtypeStructs of it); returns seconds (0 if cached).
         Raises a UserError (exit 1) when the compiled step cannot fit in device memory."""
+        if isinstance(x_ABT, tuple):
+            x_ABT = jax.ShapeDtypeStruct(tuple(int(n) for n in x_ABT), jnp.int32)
+        y_ABT = x_ABT if y_ABT is None else y_ABT
         key = tuple(x_ABT.shape)
         if key in self._compiled:
             return 0.0
@@ -346,6 +350,21 @@ class Stepper:
     @property
     def compiles(self) -> int:
         return len(self._compiled)
+
+    def canonical_state(self) -> dict[str, np.ndarray]:
+        """The current weights under canonical (v29) names, numpy. A collective: in a multi-host
+        run every process calls it (the shards other hosts hold are gathered)."""
+        from jax_model.weights_io import canonical_state
+        from train.distributed import host_params
+
+        return canonical_state(nnx.merge(self.graphdef, host_params(self.params), self.rest))
+
+    @staticmethod
+    def device_memory() -> dict[str, Any] | None:
+        """The first local device's allocator stats, or None (XLA:CPU reports none)."""
+        from train.resources import device_memory
+
+        return device_memory()
 
     def model(self) -> DBAModel:
         """A model holding the current parameters (a copy: later steps do not change it)."""
