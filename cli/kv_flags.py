@@ -4,21 +4,14 @@ from __future__ import annotations
 
 import argparse
 
-from dba.kvspec import KV_KINDS
+from dba.flags import add_flags
+from dba.kvspec import KV_FLAGS
 
 
 def add_kv_arguments(p: argparse.ArgumentParser) -> None:
-    """v29's KV-cache policy flags; read them back with `KVPolicy.from_flags(vars(args))`."""
-    k = p.add_argument_group("KV cache policy (v29 flags)")
-    k.add_argument("--kv-cache", choices=list(KV_KINDS), default=None, help="default kind (fp16)")
-    k.add_argument("--kv-qblock", type=int, default=None, help="quantization block (32; 0 = default)")
-    k.add_argument("--kv-residual", type=int, default=None, help="fp16 window of newest tokens (128)")
-    for s in ("k", "v", "k_sem", "k_geo"):
-        k.add_argument(f"--kv-cache-{s.replace('_', '-')}", choices=list(KV_KINDS), default=None,
-                       help=f"kind for the {s} stream (default: --kv-cache)")
-    for s in ("k", "v", "k_sem", "k_geo"):
-        k.add_argument(f"--kv-qblock-{s.replace('_', '-')}", type=int, default=None,
-                       help=f"quantization block for the {s} stream (default: --kv-qblock)")
+    """v29's KV-cache policy flags (dba.kvspec.KV_FLAGS); read them back with
+    `KVPolicy.from_flags(vars(args))`."""
+    add_flags(p.add_argument_group("KV cache policy (v29 flags)"), KV_FLAGS)
 
 
 def add_kv_fused_argument(p: argparse.ArgumentParser) -> None:

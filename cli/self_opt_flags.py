@@ -10,76 +10,18 @@ from typing import Any, Callable
 import numpy as np
 
 from dba.errors import UserError
-from dba.self_opt import MODES, SCOPES
-
-# v29 knobs accepted so v29 command lines run as written, with what they mean here.
-_V29_ONLY = {
-    "self_opt_block_n": ("str", "128", "v29's Triton tile; the decode block is --self-opt-decode-blocks here"),
-    "self_opt_hysteresis": ("float", 0.03, "v29's decode-plan hysteresis; here see --self-opt-policy-hysteresis"),
-    "self_opt_policy_prefix_len": ("int", None, "v29's calibration prefix; here --self-opt-calib-prefill"),
-    "self_opt_policy_warmup": ("int", 1, "untimed runs before timing: one compiling run here"),
-    "self_opt_quality_tol": ("float", 0.5, "v29's legacy guard; here --self-opt-quality-delta-nll-tol"),
-    "self_opt_stages": ("str", "2,3", "v29's search stages; here screening, quality, speed always"),
-    "self_opt_verify": ("bool", False, "quality is always measured through the real decode path here"),
-    "self_opt_verify_tol": ("float", 0.005, "see --self-opt-quality-*"),
-    "self_opt_warmup": ("int", 1, "untimed runs before timing: one compiling run here"),
-    "self_opt_warps": ("str", "4,8", "v29's Triton warps; no effect here"),
-}
-
+from dba.flags import add_flags
+from dba.self_opt import ALL_SELF_OPT_FLAGS
 
 def add_self_opt_arguments(p: argparse.ArgumentParser) -> None:
+    """v29's --self-opt flags (dba.self_opt's tables), one argument group."""
     g = p.add_argument_group(
         "self-optimizing cache policy (v29's --self-opt flags)",
         "Picks the cache policy (and decode block) for the target context under a memory budget: "
         "quality first (measured on calibration tokens through the real decode path against an "
         "fp32 cache), then speed, then memory. v29 timed candidates on random K/V and checked "
         "quality only when asked; here quality is always checked.")
-    g.add_argument("--self-opt", choices=MODES, default="none",
-                   help="startup: decide once for the target context; online: decide for each cache capacity "
-                        "as generation grows (doubling), switching with hysteresis")
-    g.add_argument("--self-opt-scope", choices=SCOPES, default="all",
-                   help="cache: the policy; decode: the decode block; all: both (default all)")
-    g.add_argument("--self-opt-mem-budget-mb", type=float, default=None, help="KV-cache budget at the target context")
-    g.add_argument("--self-opt-mem-overhead-frac", type=float, default=0.1,
-                   help="share of the budget kept for temporaries (default 0.1)")
-    g.add_argument("--self-opt-policy-quality", action="store_true",
-                   help="accepted for v29 command lines: the quality guard is always on here")
-    g.add_argument("--self-opt-quality-kl", action="store_true",
-                   help="accepted for v29 command lines: the KL is always measured; give --self-opt-quality-kl-tol to guard it")
-    g.add_argument("--self-opt-quality-delta-nll-tol", type=float, default=0.02, help="largest delta NLL vs fp32 (0.02)")
-    g.add_argument("--self-opt-quality-kl-tol", type=float, default=None, help="largest mean KL vs fp32 (off)")
-    g.add_argument("--self-opt-quality-ppl-ratio-tol", type=float, default=1.02, help="largest ppl ratio vs fp32 (1.02)")
-    g.add_argument("--self-opt-calib-prefill", type=int, default=128, help="calibration prompt tokens (128)")
-    g.add_argument("--self-opt-calib-decode", type=int, default=32, help="calibration decoded tokens (32)")
-    g.add_argument("--self-opt-calib-tokens", default=None, metavar="FILE",
-                   help="calibration token file (default: the prompt when long enough, else the run's own data)")
-    g.add_argument("--self-opt-k-sem-kinds", default="q4_0,nf4,q8_0,fp16")
-    g.add_argument("--self-opt-k-geo-kinds", default="q8_0,q4_0,fp16", help="also the kinds of a non-decoupled k")
-    g.add_argument("--self-opt-v-kinds", default="q4_0,q8_0,fp16")
-    g.add_argument("--self-opt-residuals", default="0,32,64,128")
-    g.add_argument("--self-opt-qblocks", default="16,32,64")
-    g.add_argument("--self-opt-decode-blocks", default="256,512,1024,2048")
-    g.add_argument("--self-opt-policy-iters", type=int, default=3,
-                   help="search effort: up to 4x this many passing and 8x this many scored candidates")
-    g.add_argument("--self-opt-prefer-low-mem-within", type=float, default=0.02,
-                   help="within this speed fraction of the fastest, the smallest cache wins")
-    g.add_argument("--self-opt-policy-hysteresis", type=float, default=0.02,
-                   help="online: switch only to a choice faster by more than this fraction (or when over budget)")
-    g.add_argument("--self-opt-interval", type=int, default=256,
-                   help="online: new tokens in the first cache bucket (capacities then double)")
-    g.add_argument("--self-opt-iters", type=int, default=3, help="timed runs per candidate (the best counts)")
-    g.add_argument("--self-opt-cache", default=None, metavar="FILE",
-                   help="plan file: a decision is reused when model, budget, context and knobs match")
-    g.add_argument("--self-opt-fallback", action="store_true",
-                   help="when nothing fits or passes, warn and use the base policy instead of failing")
-    g.add_argument("--self-opt-verbose", action="store_true", help="print every candidate tried")
-    for name, (kind, default, why) in _V29_ONLY.items():
-        flag = "--" + name.replace("_", "-")
-        if kind == "bool":
-            g.add_argument(flag, action="store_true", help=f"v29 flag, no effect: {why}")
-        else:
-            g.add_argument(flag, type={"int": int, "float": float, "str": str}[kind], default=default,
-                           help=f"v29 flag, no effect: {why}")
+    add_flags(g, ALL_SELF_OPT_FLAGS)
 
 
 def options(args: argparse.Namespace):

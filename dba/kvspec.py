@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 from dba.errors import UserError
+from dba.flags import Flag, field_default, values
 from dba.units import human_bytes  # noqa: F401 (SPEC §6's formatter, re-exported with the accounting)
 
 if TYPE_CHECKING:
@@ -273,21 +274,25 @@ class KVPolicy:
 
     @classmethod
     def from_flags(cls, flags: Mapping[str, Any]) -> "KVPolicy":
-        """From v29's flag names (`kv_cache`, `kv_qblock`, `kv_residual`, `kv_cache_k`,
-        `kv_cache_v`, `kv_cache_k_sem`, `kv_cache_k_geo`, `kv_qblock_k`, `kv_qblock_v`,
-        `kv_qblock_k_sem`, `kv_qblock_k_geo`) in a mapping; missing or None = default."""
-        def get(name: str, default: Any = None) -> Any:
-            v = flags.get(name)
-            return default if v is None else v
+        """From v29's flag names (the table `KV_FLAGS`: `kv_cache`, `kv_qblock`, `kv_residual`,
+        `kv_cache_<stream>`, `kv_qblock_<stream>`) in a mapping; missing or None = default."""
+        return cls(**values(KV_FLAGS, dict(flags)))
 
-        return cls(
-            kind=get("kv_cache", "fp16"), qblock=get("kv_qblock", DEFAULT_QBLOCK),
-            residual=get("kv_residual", 128),
-            k=get("kv_cache_k"), v=get("kv_cache_v"), k_sem=get("kv_cache_k_sem"),
-            k_geo=get("kv_cache_k_geo"), qblock_k=get("kv_qblock_k"), qblock_v=get("kv_qblock_v"),
-            qblock_k_sem=get("kv_qblock_k_sem"), qblock_k_geo=get("kv_qblock_k_geo"),
-        )
 
+def _kv_flag(name: str, field: str, help: str) -> Flag:
+    kind = "str" if field in ("kind", "k", "v", "k_sem", "k_geo") else "int"
+    return Flag(name, kind, field_default(KVPolicy, field), help, KV_KINDS if kind == "str" else None, "kv", field)
+
+
+# v29's cache-policy flags (dba sample, dba kv-mem, dba train's summary): the one declaration.
+KV_FLAGS: tuple[Flag, ...] = (
+    _kv_flag("kv_cache", "kind", "default kind of every stream"),
+    _kv_flag("kv_qblock", "qblock", "quantization block in channels (0 = the default)"),
+    _kv_flag("kv_residual", "residual", "fp16 window of the newest tokens (quantized kinds)"),
+    *(_kv_flag(f"kv_cache_{s}", s, f"kind of the {s} stream (default: --kv-cache)") for s in ("k", "v", "k_sem", "k_geo")),
+    *(_kv_flag(f"kv_qblock_{s}", f"qblock_{s}", f"quantization block of the {s} stream (default: --kv-qblock)")
+      for s in ("k", "v", "k_sem", "k_geo")),
+)
 
 
 FP16 = KVPolicy()

@@ -19,6 +19,7 @@ from dba.errors import UserError
 OPTIMIZERS = ("lion", "lion_v29", "adamw")
 SCHEDULES = ("constant", "cosine")
 DEFAULT_BETAS = {"lion": (0.9, 0.99), "lion_v29": (0.9, 0.99), "adamw": (0.9, 0.95)}
+ADAM_EPS = 1e-8
 
 
 def parse_betas(text: str, flag: str) -> tuple[float, float]:

@@ -33,6 +33,7 @@ from typing import Any, Callable
 import numpy as np
 
 from dba.errors import UserError
+from dba.flags import Flag, field_default, values
 from dba.kvspec import KV_KINDS, KVPolicy, kv_bytes, policy_label
 from dba.units import human_bytes
 
@@ -100,30 +101,93 @@ class SelfOptOptions:
         return int(self.mem_budget_mb * 2**20 * (1.0 - self.mem_overhead_frac))
 
 
+def _opt(field: str, help: str, kind: str | None = None, choices: tuple | None = None) -> Flag:
+    """The flag `--self-opt-<field>` (`--self-opt` for mode) filling SelfOptOptions.<field>."""
+    name = "self_opt" if field == "mode" else f"self_opt_{field}"
+    default = field_default(SelfOptOptions, field)
+    if kind is None:
+        kind = ("bool" if isinstance(default, bool) else "int" if isinstance(default, int) else
+                "float" if isinstance(default, float) else "str")
+    return Flag(name, kind, default, help, choices, "self_opt", field)
+
+
+# v29's --self-opt flags (dba sample, dba eval; recorded by dba train): the one declaration. Lists
+# (kinds, windows, blocks) are typed comma-separated.
+SELF_OPT_FLAGS: tuple[Flag, ...] = (
+    _opt("mode", "startup: decide once for the target context; online: decide for each cache capacity as "
+         "generation grows (doubling), switching with hysteresis", choices=MODES),
+    _opt("scope", "cache: the policy; decode: the decode block; all: both", choices=SCOPES),
+    _opt("mem_budget_mb", "KV-cache budget at the target context (MiB)", kind="float"),
+    _opt("mem_overhead_frac", "share of the budget kept for temporaries"),
+    _opt("quality_delta_nll_tol", "largest delta NLL vs the fp32 cache"),
+    _opt("quality_kl_tol", "largest mean KL vs the fp32 cache (off unless given)", kind="float"),
+    _opt("quality_ppl_ratio_tol", "largest ppl ratio vs the fp32 cache"),
+    _opt("calib_prefill", "calibration prompt tokens"),
+    _opt("calib_decode", "calibration decoded tokens"),
+    _opt("k_sem_kinds", "kinds tried for the k_sem stream"),
+    _opt("k_geo_kinds", "kinds tried for the k_geo stream (also a non-decoupled model's k)"),
+    _opt("v_kinds", "kinds tried for the v stream"),
+    _opt("residuals", "fp16 windows tried"),
+    _opt("qblocks", "quantization blocks tried"),
+    _opt("decode_blocks", "decode blocks tried"),
+    _opt("policy_iters", "search effort: up to 4x this many passing and 8x this many scored candidates"),
+    _opt("prefer_low_mem_within", "within this speed fraction of the fastest, the smallest cache wins"),
+    _opt("policy_hysteresis", "online: switch only to a choice faster by more than this fraction (or when over "
+         "budget)"),
+    _opt("interval", "online: new tokens in the first cache bucket (capacities then double)"),
+    _opt("iters", "timed runs per candidate (the best counts)"),
+    _opt("fallback", "when nothing fits or passes, warn and use the base policy instead of failing"),
+    _opt("verbose", "print every candidate tried"),
+)
+# Flags of the same group that are not search options: where the calibration tokens and the plan
+# come from, and v29 switches that are always on here.
+SELF_OPT_IO_FLAGS: tuple[Flag, ...] = (
+    Flag("self_opt_calib_tokens", "str", None, "calibration token file (default: the prompt when long enough, "
+         "else the run's own data)", group="self_opt_io"),
+    Flag("self_opt_cache", "str", None, "plan file: a decision is reused when model, budget, context and knobs "
+         "match", group="self_opt_io"),
+    Flag("self_opt_policy_quality", "bool", False, "accepted for v29 command lines: the quality guard is always on "
+         "here", group="self_opt_io"),
+    Flag("self_opt_quality_kl", "bool", False, "accepted for v29 command lines: the KL is always measured; give "
+         "--self-opt-quality-kl-tol to guard it", group="self_opt_io"),
+)
+# v29 knobs accepted so v29 command lines run as written, with what they mean here (no effect).
+SELF_OPT_V29_ONLY: tuple[Flag, ...] = tuple(
+    Flag(name, kind, default, f"v29 flag, no effect: {why}", group="v29_only") for name, kind, default, why in (
+        ("self_opt_block_n", "str", "128", "v29's Triton tile; the decode block is --self-opt-decode-blocks here"),
+        ("self_opt_hysteresis", "float", 0.03, "v29's decode-plan hysteresis; here see --self-opt-policy-hysteresis"),
+        ("self_opt_policy_prefix_len", "int", None, "v29's calibration prefix; here --self-opt-calib-prefill"),
+        ("self_opt_policy_warmup", "int", 1, "untimed runs before timing: one compiling run here"),
+        ("self_opt_quality_tol", "float", 0.5, "v29's legacy guard; here --self-opt-quality-delta-nll-tol"),
+        ("self_opt_stages", "str", "2,3", "v29's search stages; here screening, quality, speed always"),
+        ("self_opt_verify", "bool", False, "quality is always measured through the real decode path here"),
+        ("self_opt_verify_tol", "float", 0.005, "see --self-opt-quality-*"),
+        ("self_opt_warmup", "int", 1, "untimed runs before timing: one compiling run here"),
+        ("self_opt_warps", "str", "4,8", "v29's Triton warps; no effect here"),
+    ))
+ALL_SELF_OPT_FLAGS = SELF_OPT_FLAGS + SELF_OPT_IO_FLAGS + SELF_OPT_V29_ONLY
+
+
 def options_from_flags(flags: dict[str, Any]) -> SelfOptOptions:
-    """From v29's `self_opt*` flag values (argparse dests); lists are comma-separated strings."""
+    """From v29's `self_opt*` flag values (argparse dests, or a run's recorded flags; missing or
+    None = the field's default). Lists are comma-separated strings."""
     def ints(text: str, flag: str) -> tuple[int, ...]:
         try:
             return tuple(int(t) for t in str(text).split(",") if t.strip())
         except ValueError:
-            raise UserError(f"--{flag}: expected comma-separated integers, got {text!r}") from None
+            raise UserError(f"{flag}: expected comma-separated integers, got {text!r}") from None
 
     def kinds(text: str) -> tuple[str, ...]:
         return tuple(t.strip() for t in str(text).split(",") if t.strip())
 
-    f = flags
-    return SelfOptOptions(
-        mode=f["self_opt"], scope=f["self_opt_scope"], mem_budget_mb=f["self_opt_mem_budget_mb"],
-        mem_overhead_frac=f["self_opt_mem_overhead_frac"], k_sem_kinds=kinds(f["self_opt_k_sem_kinds"]),
-        k_geo_kinds=kinds(f["self_opt_k_geo_kinds"]), v_kinds=kinds(f["self_opt_v_kinds"]),
-        residuals=ints(f["self_opt_residuals"], "self-opt-residuals"), qblocks=ints(f["self_opt_qblocks"], "self-opt-qblocks"),
-        decode_blocks=ints(f["self_opt_decode_blocks"], "self-opt-decode-blocks"),
-        calib_prefill=f["self_opt_calib_prefill"], calib_decode=f["self_opt_calib_decode"],
-        quality_delta_nll_tol=f["self_opt_quality_delta_nll_tol"], quality_kl_tol=f["self_opt_quality_kl_tol"],
-        quality_ppl_ratio_tol=f["self_opt_quality_ppl_ratio_tol"], policy_iters=f["self_opt_policy_iters"],
-        prefer_low_mem_within=f["self_opt_prefer_low_mem_within"], policy_hysteresis=f["self_opt_policy_hysteresis"],
-        interval=f["self_opt_interval"], iters=f["self_opt_iters"], fallback=f["self_opt_fallback"],
-        verbose=f["self_opt_verbose"])
+    given = dict(flags)
+    fields = values(SELF_OPT_FLAGS, given)
+    for f in SELF_OPT_FLAGS:
+        if f.attr.endswith("_kinds"):
+            fields[f.attr] = kinds(fields[f.attr])
+        elif f.attr in ("residuals", "qblocks", "decode_blocks"):
+            fields[f.attr] = ints(fields[f.attr], f.option)
+    return SelfOptOptions(**fields)
 
 
 @dataclass

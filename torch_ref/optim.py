@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import torch
 
-DEFAULT_EPS = 1e-8
+from dba.optimizers import ADAM_EPS
 
 
 class _OptaxOrder(torch.optim.Optimizer):
@@ -119,7 +119,7 @@ class AdamW(_OptaxOrder):
 
     moment_names = ("exp_avg", "exp_avg_sq")
 
-    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps: float = DEFAULT_EPS, weight_decay: float = 0.0):
+    def __init__(self, params, lr=1e-3, betas=(0.9, 0.95), eps: float = ADAM_EPS, weight_decay: float = 0.0):
         if not isinstance(lr, torch.Tensor) and lr < 0:
             raise ValueError(f"invalid learning rate {lr}")
         if not all(0.0 <= b < 1.0 for b in betas):
@@ -139,7 +139,7 @@ class AdamW(_OptaxOrder):
         return (m_new / bc1) / (torch.sqrt(v_new / bc2) + group["eps"]), {"exp_avg": m_new, "exp_avg_sq": v_new}
 
 
-def make(name: str, groups, *, lr, betas, eps: float = DEFAULT_EPS) -> _OptaxOrder:
+def make(name: str, groups, *, lr, betas, eps: float = ADAM_EPS) -> _OptaxOrder:
     """The optimizer `name` ('lion' | 'lion_v29' | 'adamw', dba.optimizers.OPTIMIZERS) over
     parameter `groups` (each with its own "weight_decay")."""
     if name == "adamw":

@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Mapping
 from dba.config import (
     EXPERIMENTS,
     PAPER_ALL,
+    RECIPE,
     SIZES,
     ConfigError,
     ModelConfig,
@@ -25,17 +26,8 @@ from dba.config import (
 )
 from dba.errors import UserError
 from dba.kvspec import KVPolicy
-from dba.optimizers import LRSchedule, check_optimizer, parse_betas
+from dba.optimizers import ADAM_EPS, DEFAULT_BETAS, LRSchedule, check_optimizer, parse_betas
 from train.curriculum import SeqSchedule, parse_schedule
-
-# The no-argument recipe's model (a v29 flag that is not given leaves these untouched).
-DEFAULT_MODEL: dict[str, Any] = dict(
-    d_model=128, n_layer=4, n_head=4, d_ff=512, embed_dim=128, attn_mode="decoupled",
-    sem_dim=32, geo_dim=64, attn_dim=128, kv_head=None, rope=True, rope_base=10000.0,
-    tie_qk=False, null_attn=False, learned_temp=True, mlp="swiglu", dropout=0.0,
-    decoupled_scale="per_path",
-)
-
 
 def flag_text(name: str) -> str:
     """The command-line spelling of a flag: `eval_every` -> `--eval-every`."""
@@ -162,7 +154,7 @@ class ModelFlags:
     @property
     def mode(self) -> str:
         """The attention mode these flags ask for (the recipe's decoupled unless given)."""
-        return self.attn_mode or (EXPERIMENTS[self.exp]["attn_mode"] if self.exp else DEFAULT_MODEL["attn_mode"])
+        return self.attn_mode or (EXPERIMENTS[self.exp]["attn_mode"] if self.exp else RECIPE["attn_mode"])
 
     def overrides(self) -> dict[str, Any]:
         """ModelConfig fields given by the flags themselves (no presets, no defaults)."""
@@ -183,8 +175,9 @@ class ModelFlags:
         return out
 
     def fields(self) -> dict[str, Any]:
-        """ModelConfig fields (without vocab_size/block_size): recipe, then presets, then flags."""
-        fields: dict[str, Any] = dict(DEFAULT_MODEL)
+        """ModelConfig fields (without vocab_size/block_size) that differ from its defaults: the
+        recipe, then presets, then flags."""
+        fields: dict[str, Any] = dict(RECIPE)
         if self.size:
             fields.update(size_fields(self.size, self.attn_mode or (EXPERIMENTS[self.exp]["attn_mode"] if self.exp
                                                                     else fields["attn_mode"])))
@@ -221,9 +214,9 @@ class OptimConfig:
     lr: float = 2e-3
     weight_decay: float = 0.1
     wd_exempt_1d: bool = False
-    adam_betas: str = "0.9,0.95"
-    adam_eps: float = 1e-8
-    lion_betas: str = "0.9,0.99"
+    adam_betas: str = ",".join(map(str, DEFAULT_BETAS["adamw"]))  # as typed: 'b1,b2'
+    adam_eps: float = ADAM_EPS
+    lion_betas: str = ",".join(map(str, DEFAULT_BETAS["lion"]))
     grad_clip: float = 1.0
     lr_schedule: str = "constant"
     warmup_steps: int = 0
