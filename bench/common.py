@@ -139,14 +139,11 @@ DEVICES = ("auto", "cpu", "cuda", "mps")
 
 
 def torch_device(name: str) -> str:
-    """`--device auto` -> cuda, then mps, when present, else cpu; a named device must exist."""
-    import torch
+    """`--device` (auto: cuda, then mps, else cpu) as the device type the benchmarks compare
+    against ('cpu', 'cuda', 'mps'), through torch_ref.devices (a device this machine lacks: one line)."""
+    from torch_ref.devices import torch_device as resolve
 
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "mps" if torch.backends.mps.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available() or name == "mps" and not torch.backends.mps.is_available():
-        raise UserError(f"--device {name}: torch sees no such device here", 1)
-    return name
+    return resolve(name).type
 
 
 def torch_sync(device: str) -> None:

@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cli.checkpoint import checkpoint_tokenizer, run_tokens
 from cli.kv_flags import add_kv_fused_argument, apply_kv_fused
 from cli.self_opt_flags import add_self_opt_arguments
 from dba.data import DATA_FORMATS, TOKEN_DTYPES
@@ -84,44 +85,6 @@ def _floats(text: str, flag: str) -> tuple[float, ...]:
         raise UserError(f"{flag} {text!r}: expected comma-separated numbers") from None
 
 
-def _run_record(ckpt: str) -> dict[str, Any] | None:
-    """The `meta` event of the run a checkpoint belongs to (a run directory, or an export inside one)."""
-    from dba.runlog import read_events
-
-    p = Path(ckpt)
-    for d in (p, p.parent):
-        log = d / "train.jsonl"
-        if d.is_dir() and log.is_file():
-            metas = read_events(log, "meta")
-            if metas:
-                return metas[-1]
-    return None
-
-
-def load_eval_tokens(args: argparse.Namespace, cfg, tokenizer) -> tuple[Any, str]:
-    """(tokens to evaluate on, where they came from): --data, else the run's own data; the
-    held-out tail with --split val."""
-    from dba.data import load_tokens, split_train_val
-    from train.args import saved_flags
-
-    meta = _run_record(args.ckpt)
-    flags = saved_flags((meta or {}).get("flags") or {})
-    if args.data is not None:
-        path, fmt, dtype = args.data, args.data_format, args.data_dtype
-    elif meta is not None:
-        path, fmt, dtype = flags.get("data"), flags.get("data_format", "auto"), flags.get("data_dtype", "uint16")
-    else:
-        raise UserError(f"{args.ckpt!r} is not a run directory with a train.jsonl: give the data with --data")
-    tokens, _, _ = load_tokens(path, data_format=fmt, data_dtype=dtype, tokenizer=tokenizer,
-                               vocab_size=cfg.vocab_size)
-    source = path or "default corpus (pydoc_data.topics)"
-    if args.split == "val":
-        frac = float(flags.get("val_frac") or 0.1)
-        tokens = split_train_val(tokens, frac)[1]
-        source += f", held-out tail ({frac:g})"
-    return tokens, source
-
-
 def _check_memory(cfg, policies, plan, batch: int) -> None:
     """Refuse contexts whose caches cannot fit this host (both the policy's and the fp32 one)."""
     from dba.kvspec import KVPolicy, kv_bytes
@@ -143,7 +106,7 @@ def _scorer(args: argparse.Namespace, cfg, state, source: str):
     """(score function, decode-step timer, device text) of the chosen backend."""
     if args.backend == "torch":
         import torch_ref
-        from cli.sample import torch_device
+        from torch_ref.devices import torch_device
         from torch_ref.evaluate import decode_step_seconds, score_policy
 
         model = torch_ref.load_canonical(torch_ref.DBAModel(cfg), state, source)
@@ -152,13 +115,9 @@ def _scorer(args: argparse.Namespace, cfg, state, source: str):
         return ((lambda b, n, p: score_policy(model, b, n, p, decode_block=args.decode_block)),
                 (lambda p, ctx, n, blk: decode_step_seconds(model, p, ctx, n, blk, repeats=args.self_opt_iters)),
                 f"{model.device}, decode kernel {fused}")
-    import os
+    from jax_model.devices import select_platform
 
-    if args.device is not None:
-        plat = {"cuda": "gpu"}.get(args.device, args.device)
-        if plat not in ("cpu", "gpu", "tpu"):
-            raise UserError(f"--device {args.device!r}: choose cpu, gpu or tpu for the jax backend")
-        os.environ["JAX_PLATFORMS"] = plat
+    select_platform(args.device)
     import jax
 
     import jax_model
@@ -199,8 +158,8 @@ def run(args: argparse.Namespace) -> int:
     for p in policies.values():
         p.check_for(cfg)
     plan = _plan(args, cfg)
-    tokenizer = _tokenizer(info)
-    tokens, source = load_eval_tokens(args, cfg, tokenizer)
+    tokenizer = checkpoint_tokenizer(info.get("metadata"), info["source"])
+    tokens, source = run_tokens(args, cfg, tokenizer)
     _check_memory(cfg, policies, plan, max(plan.windows, plan.passkey_trials))
     scorer, timer, device = _scorer(args, cfg, state, info["source"])
     policies.update(_self_opt_policy(args, cfg, plan, tokens, scorer, timer, info["source"], tokenizer))
@@ -241,19 +200,6 @@ def _self_opt_policy(args, cfg, plan, tokens, scorer, timer, source: str, tokeni
     d = decider(args, o, cfg, calib, scorer, timer, KVPolicy.from_flags({}), args.decode_block, source)(ctx)
     print(d.line(), file=sys.stderr)
     return {f"self-opt: {d.label}": d.policy}
-
-
-def _tokenizer(info: dict[str, Any]):
-    raw = (info.get("metadata") or {}).get("tokenizer")
-    if not raw:
-        return None
-    from dba.data import tokenizer_from_dict
-
-    try:
-        # lazy: token-id data needs no tokenizer files; text data loads it (or says why not)
-        return tokenizer_from_dict(json.loads(raw), lazy=True, search=(str(Path(info["source"]).resolve().parent),))
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"the checkpoint's tokenizer record is unreadable: {e}", 1) from None
 
 
 def _run_with_progress(ev, tokens) -> None:

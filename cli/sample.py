@@ -11,13 +11,12 @@ the output falls back to ids.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import re
 import sys
 import time
 from typing import Any
 
+from cli.checkpoint import Unavailable, checkpoint_tokenizer
 from cli.kv_flags import add_kv_arguments, add_kv_fused_argument, apply_kv_fused
 from cli.self_opt_flags import add_self_opt_arguments
 from dba.errors import UserError
@@ -67,46 +66,6 @@ def parse_token_ids(text: str, vocab_size: int) -> list[int]:
     return ids
 
 
-class Unavailable:
-    """A tokenizer the checkpoint records but this machine cannot load: why (one line)."""
-
-    def __init__(self, label: str, why: str):
-        self.label, self.why = label, why
-
-
-def _tokenizer(meta: dict, ckpt: str | None = None):
-    """The checkpoint's tokenizer, None when it records none, or `Unavailable` (said on stderr:
-    the output falls back to token ids) when its files cannot be had here. A recorded
-    tokenizer.json is also looked for next to the checkpoint."""
-    raw = (meta or {}).get("tokenizer")
-    if not raw:
-        return None
-    from dba.data import tokenizer_from_dict, tokenizer_label
-
-    try:
-        record = json.loads(raw)
-        tok = tokenizer_from_dict(record, lazy=True, search=_beside(ckpt))
-    except (ValueError, KeyError, TypeError) as e:
-        raise UserError(f"the checkpoint's tokenizer record is unreadable: {e}", 1) from None
-    if hasattr(tok, "load"):
-        try:
-            tok.load()
-        except UserError as e:
-            label = tokenizer_label(record)
-            print(f"dba sample: the run's tokenizer {label} is not available here ({e}); token ids in and out",
-                  file=sys.stderr, flush=True)
-            return Unavailable(label, str(e))
-    return tok
-
-
-def _beside(ckpt: str | None) -> tuple[str, ...]:
-    """Where a checkpoint's tokenizer.json may also be: the run directory, or the export's."""
-    if not ckpt:
-        return ()
-    p = os.path.abspath(ckpt)
-    return (p if os.path.isdir(p) else os.path.dirname(p),)
-
-
 def _prompt_ids(args, tok, vocab_size: int) -> list[int]:
     if args.prompt_tokens is not None:
         return parse_token_ids(args.prompt_tokens, vocab_size)
@@ -139,22 +98,6 @@ def _check_cache_len(args, n_prompt: int) -> None:
                         f"{args.max_new_tokens} needs {need} cache slots")
 
 
-def torch_device(name: str | None):
-    import torch
-
-    from torch_ref.model import default_device
-
-    if name is None:
-        return default_device()
-    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise UserError("--device mps requested but MPS is not available on this machine", 1)
-    if name == "cuda" and not torch.cuda.is_available():
-        raise UserError("--device cuda requested but no CUDA device is available", 1)
-    if name not in ("cpu", "cuda", "mps") and not name.startswith("cuda:"):
-        raise UserError(f"--device {name!r}: choose cuda, mps or cpu for the torch backend")
-    return torch.device(name)
-
-
 def _load(args: argparse.Namespace):
     """(model, config, tokenizer, backend functions, device text) for --backend; the functions are
     generate, score_policy and decode_step_seconds of that framework."""
@@ -165,18 +108,15 @@ def _load(args: argparse.Namespace):
         from torch_ref.evaluate import decode_step_seconds, score_policy
 
         dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[args.dtype]
+        from torch_ref.devices import torch_device
+
         model = torch_ref.load(args.ckpt, device=torch_device(args.device), dtype=dtype)
-        tok = _tokenizer(model.load_info.get("metadata", {}), args.ckpt)
+        tok = checkpoint_tokenizer(model.load_info.get("metadata", {}), args.ckpt, load="dba sample")
         return model, model.cfg, tok, (torch_ref.generate, score_policy, decode_step_seconds), str(model.device), \
             model.load_info["source"]
-    import os
+    from jax_model.devices import select_platform
 
-    if args.device is not None:
-        plat = {"cuda": "gpu"}.get(args.device, args.device)
-        if plat not in ("cpu", "gpu", "tpu"):
-            raise UserError(f"--device {args.device!r}: choose cpu, gpu or tpu for the jax backend "
-                            "(mps is served by --backend torch)")
-        os.environ["JAX_PLATFORMS"] = plat
+    select_platform(args.device)
     import jax
 
     import jax_model
@@ -185,7 +125,7 @@ def _load(args: argparse.Namespace):
 
     cfg, state, info = read_weights(args.ckpt)
     model = jax_model.load_canonical(jax_model.DBAModel(cfg), state, info["source"])
-    tok = _tokenizer(info.get("metadata", {}), args.ckpt)
+    tok = checkpoint_tokenizer(info.get("metadata", {}), args.ckpt, load="dba sample")
     return model, cfg, tok, (jax_model.generate, score_policy, decode_step_seconds), str(jax.devices()[0]), \
         info["source"]
 

@@ -42,14 +42,12 @@ def calibration_tokens(args: argparse.Namespace, o, cfg, prompt: list[int] | Non
         tokens, _, _ = load_tokens(args.self_opt_calib_tokens, tokenizer=tokenizer, vocab_size=cfg.vocab_size)
         where = args.self_opt_calib_tokens
     else:
-        from cli.eval import _run_record
+        from cli.checkpoint import run_record, run_tokens
 
-        if _run_record(args.ckpt) is None:
+        if run_record(args.ckpt) is None:
             raise UserError(f"--self-opt needs {need} calibration tokens: give a prompt that long, "
                             f"--self-opt-calib-tokens FILE, or a run directory as --ckpt")
-        from cli.eval import load_eval_tokens
-
-        tokens, where = load_eval_tokens(argparse.Namespace(ckpt=args.ckpt, data=None, split="val"), cfg, tokenizer)
+        tokens, where = run_tokens(argparse.Namespace(ckpt=args.ckpt, data=None, split="val"), cfg, tokenizer)
     if len(tokens) < need:
         raise UserError(f"--self-opt: {where} has {len(tokens)} tokens, fewer than the {need} calibration tokens "
                         f"(--self-opt-calib-prefill + --self-opt-calib-decode + 1)")

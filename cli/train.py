@@ -26,28 +26,9 @@ from dba.errors import UserError
 from train import args as targs
 from train.config import JAX_DEVICES
 
-_PLATFORM = {"cpu": "cpu", "gpu": "cuda", "cuda": "cuda", "tpu": "tpu"}
-
-
 def add_arguments(parser) -> None:
     parser.description = (__doc__ or "").split("\n\n")[0]
     targs.add_arguments(parser)
-
-
-def _select_platform(device: str) -> None:
-    """Pick the JAX platform before JAX initialises a backend."""
-    if device == "auto":
-        return
-    platform = _PLATFORM[device]
-    if "jax" in sys.modules:
-        import jax
-
-        try:
-            jax.config.update("jax_platforms", platform)
-        except Exception:  # backends already initialised (in-process callers): keep what exists
-            pass
-    else:
-        os.environ["JAX_PLATFORMS"] = platform
 
 
 def _command_argv() -> list[str]:
@@ -139,7 +120,9 @@ def _out_dir(config) -> tuple[Path, str]:
 def _run(config, explicit: dict[str, Any], argv: list[str], backend: str, note: str | None, out: Path,
          name: str) -> int:
     if backend == "jax":
-        _select_platform(config.run.device)
+        from jax_model.devices import select_platform
+
+        select_platform(config.run.device)
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         if config.run.device in ("auto", "cpu"):
             from train.step import tune_host_malloc
@@ -173,9 +156,11 @@ def _run(config, explicit: dict[str, Any], argv: list[str], backend: str, note: 
                                       implied={"resume": True, "out_dir": str(out)})
     device = None
     if backend == "torch":
-        from torch_train.devices import torch_device
-
-        device = torch_device(config.run.device)  # a device this machine lacks: one line, nothing written
+        try:
+            from torch_ref.devices import torch_device
+        except ImportError:
+            raise UserError("--backend torch needs PyTorch: pip install torch (see the README's set-up)", 1) from None
+        device = str(torch_device(config.run.device))  # a device this machine lacks: one line, nothing written
     _check_not_held(out, config)
     # data, model, analysis: mistakes here write nothing
     plan = RunPlan(config, resume_meta, framework=backend, framework_note=note, device=device)

@@ -134,7 +134,7 @@ class ModelConfig:
 
     def num_params(self) -> int:
         """Trainable parameters, each tied tensor counted once."""
-        from dba.weights import param_shapes, tied_aliases
+        from dba.param_shapes import param_shapes, tied_aliases
 
         aliases = tied_aliases(self)
         return sum(math.prod(s) for k, s in param_shapes(self).items() if k not in aliases)

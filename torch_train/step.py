@@ -50,7 +50,6 @@ analysis pass), there is no `graphdef`/`rest`/`opt_state`/`set_state` (checkpoin
 
 from __future__ import annotations
 
-import math
 import time
 from contextlib import nullcontext
 from typing import Any

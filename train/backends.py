@@ -1,7 +1,7 @@
 """Which framework trains a run, and on which device: `--backend auto|jax|torch` with `--device`.
 
 JAX trains on cpu, gpu/cuda and tpu (and over meshes and hosts); the PyTorch trainer
-(torch_train/, on torch_ref; its device check is torch_train/devices.py) trains on cpu, cuda,
+(torch_train/, on torch_ref; its device check is torch_ref/devices.py) trains on cpu, cuda,
 cuda:N and mps. With `--backend auto`:
 mps and cuda:N go to torch; cuda/gpu go to JAX when it has a GPU backend here, else to torch
 (the seed command line, `--device mps`, runs as written); everything else goes to JAX. A choice the

@@ -12,8 +12,9 @@ at most every `--live-update-every` steps and at each event.
 
 from __future__ import annotations
 
+import sys
 import time
-from typing import Any
+from typing import Any, Callable
 
 from rich.console import Console, Group
 from rich.live import Live
@@ -30,8 +31,7 @@ from rich.table import Table
 
 from dba.resources import host_rss_bytes
 from dba.units import human_bytes
-from train.progress import ANALYSIS_SHORT, Display, _fmt_tok, analysis_line, eval_line
-from train.resources import device_memory
+from train.progress import ANALYSIS_SHORT, Display, analysis_line, eval_line, fmt_tok
 
 # Redraws are capped at 2/s however small --live-update-every is: one costs ~10 ms of the
 # loop thread on a 2-core CPU (`dba bench dashboard`), which at 10/s cost ~20% of tokens/s.
@@ -52,8 +52,10 @@ def _kv_table(rows: list[tuple[str, str]]) -> Table:
 
 
 class Dashboard(Display):
-    def __init__(self, mode: str, total: int, start: int = 0, console: Console | None = None):
+    def __init__(self, mode: str, total: int, start: int = 0, console: Console | None = None,
+                 device_memory: Callable[[], dict[str, Any] | None] | None = None):
         super().__init__(mode, total, start)
+        self.device_memory = device_memory  # the stepper's allocator reading (cheap, no sync)
         self.console = console or Console()
         self.progress = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
@@ -73,7 +75,7 @@ class Dashboard(Display):
         if m is None:
             return Panel("waiting for the first log step", title="train", border_style="dim")
         rows = [("step", f"{m['step']}/{self.total}"), ("loss", f"{m['loss']:.4f}"), ("ppl", f"{m['ppl']:.2f}"),
-                ("lr", f"{m['lr']:.2e}"), ("tokens/s", _fmt_tok(m["tok_s"])), ("seq len", str(m["seq_len"]))]
+                ("lr", f"{m['lr']:.2e}"), ("tokens/s", fmt_tok(m["tok_s"])), ("seq len", str(m["seq_len"]))]
         rows += [(f"|g| {k[10:]}", f"{v:.3g}") for k, v in m.items() if k.startswith("grad_norm_") and v is not None]
         return Panel(_kv_table(rows), title="train")
 
@@ -98,7 +100,7 @@ class Dashboard(Display):
     def _memory_panel(self) -> Panel:
         rss, peak = host_rss_bytes()
         rows = [("host RSS", _bytes(rss)), ("host peak", _bytes(peak))]
-        dev = device_memory()
+        dev = self.device_memory() if self.device_memory is not None else None
         if dev is not None:
             rows += [("device in use", _bytes(dev.get("bytes_in_use"))), ("device peak", _bytes(dev.get("peak_bytes_in_use"))),
                      ("device limit", _bytes(dev.get("bytes_limit")))]
@@ -164,3 +166,13 @@ class Dashboard(Display):
             self._redraw(force=True)
             self.live.stop()
             self.live = None
+
+
+def make_display(mode: str, total: int, start: int = 0,
+                 device_memory: Callable[[], dict[str, Any] | None] | None = None) -> Display:
+    """`--live`: auto = this dashboard on a terminal, plain lines (train/progress.py) when piped."""
+    if mode == "auto":
+        mode = "rich" if sys.stdout.isatty() else "basic"
+    if mode == "rich":
+        return Dashboard(mode, total, start, device_memory=device_memory)
+    return Display(mode, total, start)

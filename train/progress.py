@@ -1,6 +1,6 @@
-"""Live display for `dba train`: `--live auto|rich|basic|off`.
+"""The plain-line display of `dba train` (`--live basic|off`) and the line formats the rich
+dashboard (train/dashboard.py, `--live rich`; `make_display` there picks one) shares.
 
-auto = the rich dashboard (train/dashboard.py) on a terminal, plain lines when piped;
 basic = plain lines at every log step; off = only the start and end lines (and errors).
 The loop calls `advance` at most every `--live-update-every` steps and passes metrics only at
 log steps, so the display never forces a device sync of its own.
@@ -8,17 +8,17 @@ log steps, so the display never forces a device sync of its own.
 
 from __future__ import annotations
 
-import sys
 from typing import Any
 
 
-def _fmt_tok(x: float) -> str:
+def fmt_tok(x: float) -> str:
+    """Tokens/s as the display shows them: 9,876 -> '9876', 12,345 -> '12.3k'."""
     return f"{x / 1000:.1f}k" if x >= 10_000 else f"{x:.0f}"
 
 
 def train_line(m: dict[str, Any], total: int) -> str:
     return (f"step {m['step']:>{len(str(total))}}/{total} | loss {m['loss']:.4f} | lr {m['lr']:.2e} | "
-            f"{_fmt_tok(m['tok_s'])} tok/s | seq {m['seq_len']} | {m['step_ms']:.0f} ms/step | "
+            f"{fmt_tok(m['tok_s'])} tok/s | seq {m['seq_len']} | {m['step_ms']:.0f} ms/step | "
             f"gnorm {m['grad_norm_total']:.3f}")
 
 
@@ -80,16 +80,3 @@ class Display:
 
     def close(self) -> None:
         pass
-
-
-def make_display(mode: str, total: int, start: int = 0) -> Display:
-    if mode == "auto":
-        mode = "rich" if sys.stdout.isatty() else "basic"
-    if mode == "rich":
-        try:
-            from train.dashboard import Dashboard
-
-            return Dashboard(mode, total, start)
-        except ImportError:
-            mode = "basic"
-    return Display(mode, total, start)

@@ -201,10 +201,11 @@ class Run:
                               f"the next evaluation writes a new 'best'")
 
     def _start_display_and_analysis(self) -> None:
-        from train.progress import make_display
+        from train.dashboard import make_display
 
         c, main, spec = self.plan.config, self.main, self.plan.analysis_spec
-        self.display = make_display(c.display.live, c.steps.steps, self.progress.step) if main else Silent()
+        self.display = (make_display(c.display.live, c.steps.steps, self.progress.step,
+                                     device_memory=self.stepper.device_memory) if main else Silent())
         self.tb = None
         if c.analysis.tb and main:
             from train.tensorboard import TBWriter

@@ -361,10 +361,13 @@ class Stepper:
 
     @staticmethod
     def device_memory() -> dict[str, Any] | None:
-        """The first local device's allocator stats, or None (XLA:CPU reports none)."""
-        from train.resources import device_memory
-
-        return device_memory()
+        """The first local device's allocator stats (bytes_in_use, peak_bytes_in_use, bytes_limit
+        on GPU/TPU; cheap, no sync), or None (XLA:CPU reports none)."""
+        try:
+            stats = jax.local_devices()[0].memory_stats()
+        except Exception:  # noqa: BLE001 (a platform without stats)
+            return None
+        return dict(stats) if stats else None
 
     def model(self) -> DBAModel:
         """A model holding the current parameters (a copy: later steps do not change it)."""
