@@ -135,6 +135,7 @@ MIRRORED = {
               "DBAModel.decode_logits", "Attention.queries_and_kv", "Attention.kv_heads",
               "Attention.null_kv"],
     "cached_attention": ["cached_attend", "rotate_queries"],
+    "loss": ["cross_entropy"],
     "layers": ["rope_cos_sin", "apply_rope", "split_heads", "merge_heads", "kv_heads", "hadamard"],
     "decode": ["prefill", "decode_step", "decode_logits"],
     "sampling": ["generate", "filter_logits"],

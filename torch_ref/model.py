@@ -18,6 +18,7 @@ from torch_ref import decode
 from torch_ref import kvcache as kvc
 from torch_ref.layers import apply_rope, attend, merge_heads, rope_cos_sin, split_heads
 from torch_ref.layers import kv_heads as _kv_heads
+from torch_ref.loss import cross_entropy
 from torch_ref.triton_decode import decode_attend
 
 
@@ -260,8 +261,8 @@ class DBAModel(nn.Module):
         return self.unembed(self._trunk(self.as_tokens(tokens))[0])
 
     def loss(self, tokens, targets) -> torch.Tensor:
-        logits = self(tokens)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.as_tokens(targets).reshape(-1))
+        """Mean next-token cross-entropy (fp32) of the full forward."""
+        return cross_entropy(self(tokens), self.as_tokens(targets))
 
     def decode_logits(self, tokens, prefill: int, policy=None, decode_block: int = 1024,
                       max_len: int | None = None) -> torch.Tensor:
