@@ -23,14 +23,13 @@ from flax import nnx
 from dba.config import ModelConfig, key_streams, path_scales
 from dba.errors import UserError
 from dba.kvspec import check_room
-from jax_model import decode
 from jax_model import kvcache as kvc
 from jax_model.attention_kernels import INFERENCE_CHUNKS, attend
+from jax_model.cached_attention import CacheAttend, cached_attend
 from jax_model.fast_matmul import dense, dense_t
 from jax_model.layers import apply_rope, merge_heads, rope_cos_sin, split_heads
 from jax_model.layers import kv_heads as _kv_heads
 from jax_model.loss import linear_cross_entropy
-from jax_model.pallas_decode import decode_attend
 
 _init = nnx.initializers.normal(stddev=0.02)
 _FEW_ROWS = 16  # up to this many tokens the attention projections run as separate matmuls
@@ -76,7 +75,6 @@ class Attention(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
         self.scales = path_scales(cfg)
         self.key_names = key_streams(cfg)
-        self.kv_fused = "none"  # decode attention: "none" | "pallas" | "pallas-interpret" (pallas_decode.set_kv_fused)
 
     # tie_qk: the K projection *is* the Q projection (one weight, gradients summed).
     def _k(self, name: str) -> nnx.Linear:
@@ -165,15 +163,16 @@ class Attention(nnx.Module):
         return k, v
 
     def __call__(self, x_BTC: jax.Array, positions: jax.Array, cache: kvc.LayerCache | None = None, *,
-                 deterministic: bool = True, fresh: bool = False,
-                 decode_block: int = 1024) -> tuple[jax.Array, kvc.LayerCache | None]:
+                 deterministic: bool = True, fresh: bool = False, decode_block: int = 1024,
+                 cache_attend: CacheAttend = cached_attend) -> tuple[jax.Array, kvc.LayerCache | None]:
         """(B, T, d_model) at absolute `positions` -> (output (B, T, d_model), cache).
 
         Without a cache: causal attention over x's own K/V (training, the full forward), with
         dropout unless `deterministic`. With a layer cache holding `cache.pos` tokens: x's K/V are
         written at cache.pos and x attends over its own fresh, unquantized K/V when `fresh` (the
         cache held nothing before: v29's order for a prompt), else over what the cache returns
-        (`cached_attend`, `decode_block` keys at a time); returns the cache holding pos + T.
+        (`cache_attend`, a function with `cached_attend`'s signature, e.g. a fused kernel:
+        `decode_block` keys at a time); returns the cache holding pos + T.
         """
         q, kv = self.queries_and_kv(x_BTC, positions)  # all projections in one matmul
         drop = None
@@ -189,8 +188,8 @@ class Attention(nnx.Module):
                 k, v = self.kv_heads(kv)
                 y = attend(q, k, v, self.null_kv(), n_chunks=INFERENCE_CHUNKS)
             else:
-                y = decode_attend(self.kv_fused, q, streams, cache.pos, end, self.null_kv(),
-                                  n_kv_head=self.cfg.n_kv_head, key_names=self.key_names, decode_block=decode_block)
+                y = cache_attend(q, streams, cache.pos, end, self.null_kv(), n_kv_head=self.cfg.n_kv_head,
+                                 key_names=self.key_names, decode_block=decode_block)
             cache = cache.replace(streams=streams, pos=end)
         y = self.out_proj(merge_heads(y))
         return (drop(y) if drop is not None else y), cache
@@ -228,11 +227,11 @@ class Block(nnx.Module):
         self.ff = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: kvc.LayerCache | None = None, *,
-                 deterministic: bool = True, fresh: bool = False,
-                 decode_block: int = 1024) -> tuple[jax.Array, kvc.LayerCache | None]:
+                 deterministic: bool = True, fresh: bool = False, decode_block: int = 1024,
+                 cache_attend: CacheAttend = cached_attend) -> tuple[jax.Array, kvc.LayerCache | None]:
         """Pre-LN block; the layer cache goes through `Attention` (see there) and comes back."""
         y, cache = self.attn(self.ln1(x), positions, cache, deterministic=deterministic, fresh=fresh,
-                             decode_block=decode_block)
+                             decode_block=decode_block, cache_attend=cache_attend)
         x = x + y.astype(jnp.float32)
         return x + self.ff(self.ln2(x), deterministic).astype(jnp.float32), cache
 
@@ -276,7 +275,8 @@ class DBAModel(nnx.Module):
         return dense_t(*self._head_operands(x_BTC))  # (B, T, V) fp32
 
     def _trunk(self, idx_BT: jax.Array, cache: kvc.Cache | None = None, *, deterministic: bool = True,
-               fresh: bool = False, decode_block: int = 1024) -> tuple[jax.Array, kvc.Cache | None]:
+               fresh: bool = False, decode_block: int = 1024,
+               cache_attend: CacheAttend = cached_attend) -> tuple[jax.Array, kvc.Cache | None]:
         """Embedding and blocks: features (B, T, d_model) fp32 and the cache (None without one)."""
         t = idx_BT.shape[1]
         positions = jnp.arange(t) if cache is None else cache.pos + jnp.arange(t)
@@ -287,23 +287,26 @@ class DBAModel(nnx.Module):
                 x = nnx.remat(lambda blk, h: blk(h, positions, deterministic=deterministic)[0])(block, x)
                 continue
             x, layer = block(x, positions, None if cache is None else cache.layer(i),
-                             deterministic=deterministic, fresh=fresh, decode_block=decode_block)
+                             deterministic=deterministic, fresh=fresh, decode_block=decode_block,
+                             cache_attend=cache_attend)
             layers.append(layer)
         return x, (None if cache is None else cache.with_layers(layers))
 
     def forward_cached(self, tokens_BT: jax.Array, cache: kvc.Cache | None, *, fresh: bool = False,
-                       decode_block: int = 1024, last_only: bool = False) -> tuple[jax.Array, kvc.Cache | None]:
+                       decode_block: int = 1024, last_only: bool = False,
+                       cache_attend: CacheAttend = cached_attend) -> tuple[jax.Array, kvc.Cache | None]:
         """Tokens (B, T) int32 through the blocks and `cache` -> (logits (B, T, V) fp32, or (B, 1, V)
         for the last position only with `last_only`; the cache holding T more tokens).
 
-        The one cached path of prefill, prompt chunks and decode (see `Attention` for `fresh` and
-        `decode_block`); with cache=None it is the full causal forward and returns (logits, None).
+        The one cached path of prefill, prompt chunks and decode (see `Attention` for `fresh`,
+        `decode_block` and `cache_attend`, which the decode functions pick from their `kv_fused`);
+        with cache=None it is the full causal forward and returns (logits, None).
         Traced, it trusts the cache to have room (checked by the host-side `decode` wrappers);
         called eagerly it refuses an overflow with a UserError.
         """
         if cache is not None and not isinstance(cache.pos, jax.core.Tracer):
             check_room(int(cache.pos), tokens_BT.shape[1], cache.max_len)
-        x, cache = self._trunk(tokens_BT, cache, fresh=fresh, decode_block=decode_block)
+        x, cache = self._trunk(tokens_BT, cache, fresh=fresh, decode_block=decode_block, cache_attend=cache_attend)
         if last_only:  # generation needs only the next-token logits, not the prompt's
             x = x[:, -1:]
         return self.unembed(x), cache
@@ -332,12 +335,6 @@ class DBAModel(nnx.Module):
 
     def __call__(self, tokens, deterministic: bool = True) -> jax.Array:
         return _jit_forward(self, self.as_tokens(tokens), deterministic)
-
-    def decode_logits(self, tokens, prefill: int, policy=None, decode_block: int = 1024,
-                      max_len: int | None = None) -> jax.Array:
-        """Teacher-forced cached decode: prefill `prefill` tokens, then one token at a time."""
-        return decode.decode_logits(self, tokens, prefill=prefill, policy=policy, decode_block=decode_block,
-                                    max_len=max_len)
 
 
 @nnx.jit(static_argnums=(2,))
