@@ -89,22 +89,22 @@ def bench_jax(cfg: ModelConfig, policy: KVPolicy, ctx: int, args, fused: str = "
     new, chunk, block = args.new_tokens, args.prefill_chunk, args.decode_block
     dt = jnp.bfloat16 if args.dtype == "bf16" else jnp.float32
     model = jax_model.DBAModel(cfg, dtype=dt, param_dtype=dt)
-    from jax_model.pallas_decode import use_kv_fused
+    from jax_model.pallas_decode import cache_attention, resolve_kv_fused
 
-    kernel = use_kv_fused(model, fused)
+    mode, kernel = resolve_kv_fused(fused)
     tokens = jnp.asarray(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, ctx)), jnp.int32)
 
     def fill():
         cache = kvc.init_cache(cfg, policy, 1, ctx + new)
         for s in range(0, ctx, chunk):
             logits, cache = prefill(model, cache, tokens[:, s:s + chunk], fresh=s == 0,
-                                    decode_block=args.prefill_block or block, last_only=True)
+                                    decode_block=args.prefill_block or block, last_only=True, kv_fused=mode)
         return jax.block_until_ready((logits, cache))
 
     def decode(logits, cache):  # consumes the cache (donated): every run refills it
         out, _, _, _ = _token_loop(model, cache, logits[:, -1], jax.random.PRNGKey(0), jnp.zeros((1,), bool),
                                    jnp.int32(0), n_new=new, temperature=0.0, top_k=None, top_p=None, eos_id=None,
-                                   decode_block=block)
+                                   decode_block=block, cache_attend=cache_attention(mode))
         return jax.block_until_ready(out)
 
     t0 = time.perf_counter()
@@ -135,9 +135,10 @@ def bench_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, args, fused: str =
     new, chunk, block = args.new_tokens, args.prefill_chunk, args.decode_block
     device = torch_device(args.device)
     model = torch_ref.DBAModel(cfg).eval().to(device=device, dtype=torch.bfloat16 if args.dtype == "bf16" else None)
-    from torch_ref.triton_decode import use_kv_fused
+    from torch_ref.triton_decode import cache_attention, resolve_kv_fused
 
-    kernel = use_kv_fused(model, fused)
+    mode, kernel = resolve_kv_fused(fused, device)
+    attend = cache_attention(mode)
     tokens = torch.as_tensor(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, ctx))).to(device)
 
     def run() -> tuple[float, float, int]:
@@ -146,13 +147,14 @@ def bench_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, args, fused: str =
         cache = kvc.init_cache(cfg, policy, 1, ctx + new, device=device)
         for s in range(0, ctx, chunk):
             logits, cache = prefill(model, cache, tokens[:, s:s + chunk], fresh=s == 0,
-                                    decode_block=args.prefill_block or block, last_only=True)
+                                    decode_block=args.prefill_block or block, last_only=True, kv_fused=mode)
         logits = logits[:, -1]
         torch_sync(device)
         t1 = time.perf_counter()
         for _ in range(new):
             tok = sample_next(logits, None, 0.0, None, None)
-            logits, cache = model.forward_cached(tok[:, None], cache, fresh=False, decode_block=block)
+            logits, cache = model.forward_cached(tok[:, None], cache, fresh=False, decode_block=block,
+                                                 cache_attend=attend)
             logits = logits[:, 0]
         torch_sync(device)
         return t1 - t0, time.perf_counter() - t1, kvc.nbytes(cache)

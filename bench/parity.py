@@ -70,8 +70,8 @@ def run(args: argparse.Namespace) -> int:
             state = init_like_state(cfg, 12)
             tm, jm = build_torch(cfg, state), build_jax(cfg, state)
             tokens = random_tokens(cfg, 2, 19, seed=5)
-            dj = np.asarray(jm.decode_logits(tokens, prefill=5, policy=policy, decode_block=6))
-            dt = tm.decode_logits(tokens, prefill=5, policy=policy, decode_block=6).numpy()
+            dj = np.asarray(jax_model.decode_logits(jm, tokens, prefill=5, policy=policy, decode_block=6))
+            dt = torch_ref.decode_logits(tm, tokens, prefill=5, policy=policy, decode_block=6).numpy()
             d_x = max(d_x, float(np.abs(dj - dt).max()))
             d_f = max(d_f, float(np.abs(dj - np.asarray(jm(tokens))).max()))
         dec[kind] = {"jax_vs_torch": d_x, "vs_full_forward": d_f, "tolerance": tol}

@@ -54,7 +54,7 @@ from dba.config import ModelConfig
 from dba.optimizers import OPTIMIZERS
 
 
-# jax_model.layers.ATTENTION_IMPLS, spelled out so building the parser does not import JAX.
+# jax_model.attention_kernels.ATTENTION_IMPLS, spelled out so building the parser does not import JAX.
 ATTENTION_CHOICES = ("auto", "cudnn", "xla", "ours")
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.checkpoint import checkpoint_tokenizer, run_tokens
-from cli.kv_flags import add_kv_fused_argument, apply_kv_fused
+from cli.kv_flags import add_kv_fused_argument, resolve_kv_fused
 from cli.self_opt_flags import add_self_opt_arguments
 from dba.data import DATA_FORMATS, TOKEN_DTYPES
 from dba.errors import UserError
@@ -111,9 +111,10 @@ def _scorer(args: argparse.Namespace, cfg, state, source: str):
 
         model = torch_ref.load_canonical(torch_ref.DBAModel(cfg), state, source)
         model = model.to(torch_device(args.device)).eval()
-        fused = apply_kv_fused(args.kv_fused, model, "torch")
-        return ((lambda b, n, p: score_policy(model, b, n, p, decode_block=args.decode_block)),
-                (lambda p, ctx, n, blk: decode_step_seconds(model, p, ctx, n, blk, repeats=args.self_opt_iters)),
+        kv_fused, fused = resolve_kv_fused(args.kv_fused, "torch", model.device)
+        return ((lambda b, n, p: score_policy(model, b, n, p, decode_block=args.decode_block, kv_fused=kv_fused)),
+                (lambda p, ctx, n, blk: decode_step_seconds(model, p, ctx, n, blk, repeats=args.self_opt_iters,
+                                                            kv_fused=kv_fused)),
                 f"{model.device}, decode kernel {fused}")
     from jax_model.devices import select_platform
 
@@ -124,9 +125,10 @@ def _scorer(args: argparse.Namespace, cfg, state, source: str):
     from jax_model.evaluate import decode_step_seconds, score_policy
 
     model = jax_model.load_canonical(jax_model.DBAModel(cfg), state, source)
-    fused = apply_kv_fused(args.kv_fused, model, "jax")
-    return ((lambda b, n, p: score_policy(model, b, n, p, decode_block=args.decode_block)),
-            (lambda p, ctx, n, blk: decode_step_seconds(model, p, ctx, n, blk, repeats=args.self_opt_iters)),
+    kv_fused, fused = resolve_kv_fused(args.kv_fused, "jax")
+    return ((lambda b, n, p: score_policy(model, b, n, p, decode_block=args.decode_block, kv_fused=kv_fused)),
+            (lambda p, ctx, n, blk: decode_step_seconds(model, p, ctx, n, blk, repeats=args.self_opt_iters,
+                                                        kv_fused=kv_fused)),
             f"{jax.devices()[0]}, decode kernel {fused}")
 
 

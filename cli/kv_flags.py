@@ -24,11 +24,14 @@ def add_kv_fused_argument(p: argparse.ArgumentParser) -> None:
                         "its interpreter (slow; for checking)")
 
 
-def apply_kv_fused(choice: str, model, backend: str) -> str:
-    """Switch `model`'s decode attention to the kernel `--kv-fused choice` names (each framework's
-    `use_kv_fused`); returns what runs, for the info line."""
+def resolve_kv_fused(choice: str, backend: str, device=None) -> tuple[str, str]:
+    """`--kv-fused choice` for `backend` (torch: a model on `device`), by that framework's
+    `resolve_kv_fused`: (the mode to pass as `kv_fused` to generate / score_policy /
+    decode_step_seconds, what runs for the info line)."""
     if backend == "torch":
-        from torch_ref.triton_decode import use_kv_fused
-    else:
-        from jax_model.pallas_decode import use_kv_fused
-    return use_kv_fused(model, choice)
+        from torch_ref.triton_decode import resolve_kv_fused as resolve_torch
+
+        return resolve_torch(choice, device)
+    from jax_model.pallas_decode import resolve_kv_fused as resolve_jax
+
+    return resolve_jax(choice)

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from cli.checkpoint import Unavailable, checkpoint_tokenizer
-from cli.kv_flags import add_kv_arguments, add_kv_fused_argument, apply_kv_fused
+from cli.kv_flags import add_kv_arguments, add_kv_fused_argument, resolve_kv_fused
 from cli.self_opt_flags import add_self_opt_arguments
 from dba.errors import UserError
 
@@ -130,7 +130,7 @@ def _load(args: argparse.Namespace):
         info["source"]
 
 
-def _self_opt(args, model, cfg, tok, fns, prompt: list[int], policy, source: str) -> dict[str, Any]:
+def _self_opt(args, model, cfg, tok, fns, prompt: list[int], policy, source: str, kv_fused: str) -> dict[str, Any]:
     """generate() keyword arguments chosen by --self-opt (policy and decode block, or the online
     planner)."""
     from cli.self_opt_flags import calibration_tokens, decider, options
@@ -142,8 +142,8 @@ def _self_opt(args, model, cfg, tok, fns, prompt: list[int], policy, source: str
     _, score_policy, step_seconds = fns
     calib = calibration_tokens(args, o, cfg, prompt, tok)
     decide = decider(args, o, cfg, calib,
-                     lambda b, n, p: score_policy(model, b, n, p, decode_block=args.decode_block),
-                     lambda p, ctx, n, blk: step_seconds(model, p, ctx, n, blk, repeats=o.iters),
+                     lambda b, n, p: score_policy(model, b, n, p, decode_block=args.decode_block, kv_fused=kv_fused),
+                     lambda p, ctx, n, blk: step_seconds(model, p, ctx, n, blk, repeats=o.iters, kv_fused=kv_fused),
                      policy, args.decode_block, source, batch=args.num_samples)
     if o.mode == "online":
         return {"plan_for": OnlinePlanner(decide, o, cfg, args.num_samples, say=lambda t: print(t, file=sys.stderr)),
@@ -168,19 +168,20 @@ def run(args: argparse.Namespace) -> int:
         raise UserError("--self-opt online grows the cache itself: drop --cache-len")
     t0 = time.perf_counter()
     model, cfg, tok, fns, device, source = _load(args)
-    fused = apply_kv_fused(args.kv_fused, model, args.backend)
+    kv_fused, fused = resolve_kv_fused(args.kv_fused, args.backend, model.device if args.backend == "torch" else None)
     prompt = _prompt_ids(args, tok, cfg.vocab_size)
     if isinstance(tok, Unavailable):
         tok = None  # said on stderr: token ids in and out
     _check_cache_len(args, len(prompt))
-    plan = _self_opt(args, model, cfg, tok, fns, prompt, policy, source)
+    plan = _self_opt(args, model, cfg, tok, fns, prompt, policy, source, kv_fused)
     batch = [prompt] * args.num_samples
     if args.backend == "torch":
         import torch
 
         batch = torch.tensor(batch, dtype=torch.long, device=model.device)
     out = fns[0](model, batch, max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-                 top_p=args.top_p, seed=args.seed, eos_id=args.eos_id, max_len=args.cache_len, **plan)
+                 top_p=args.top_p, seed=args.seed, eos_id=args.eos_id, max_len=args.cache_len, kv_fused=kv_fused,
+                 **plan)
     import numpy as np
 
     rows = np.asarray(out.cpu() if args.backend == "torch" else out).tolist()

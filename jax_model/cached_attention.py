@@ -2,16 +2,22 @@
 first `length` cached tokens, one block of `decode_block` keys at a time with an online softmax
 (running max, denominator and output in fp32), so a long quantized cache is never dequantized
 whole. Plain arguments, no modules: `Attention` calls it with its queries and its layer's
-streams. Mirrors torch_ref/cached_attention.py.
+streams, as its default `cache_attend` (a fused kernel with the same signature can stand in).
+Mirrors torch_ref/cached_attention.py.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 
 from jax_model import kvcache as kvc
 from jax_model.layers import NEG_INF, group_queries, hadamard, kv_heads, null_scores, scores, split_heads
+
+# What `Attention` takes as `cache_attend`: a function with `cached_attend`'s signature.
+CacheAttend = Callable[..., jax.Array]
 
 # Up to this many queries per row (decode: 1) the cached attention multiplies the blocks in
 # their stored (B, n, width) layout by block-diagonal query matrices: plain 2-D matmuls, no

@@ -21,6 +21,7 @@ from flax import nnx
 from dba.errors import UserError
 from dba.kvspec import KVPolicy
 from jax_model import kvcache as kvc
+from jax_model.pallas_decode import cache_attention
 
 if TYPE_CHECKING:
     from jax_model.model import DBAModel
@@ -38,20 +39,21 @@ def _position_scores(logits_ref_BV: jax.Array, logits_BV: jax.Array, target_B: j
     return pick(lp), pick(lr), kl, top == top_ref, top == target_B, top_ref == target_B
 
 
-@partial(nnx.jit, graph=False, static_argnames=("n_prompt", "decode_block"))
+@partial(nnx.jit, graph=False, static_argnames=("n_prompt", "decode_block", "cache_attend"))
 def _scores(model: DBAModel, ref_cache: kvc.Cache, cache: kvc.Cache, tokens_BL: jax.Array, *, n_prompt: int,
-            decode_block: int) -> tuple[jax.Array, ...]:
+            decode_block: int, cache_attend) -> tuple[jax.Array, ...]:
     x_BT, y_BT = tokens_BL[:, :-1], tokens_BL[:, 1:]
+    kw = {"decode_block": decode_block, "cache_attend": cache_attend}
     if n_prompt:
         prompt = x_BT[:, :n_prompt]
-        _, ref_cache = model.forward_cached(prompt, ref_cache, fresh=True, decode_block=decode_block, last_only=True)
-        _, cache = model.forward_cached(prompt, cache, fresh=True, decode_block=decode_block, last_only=True)
+        _, ref_cache = model.forward_cached(prompt, ref_cache, fresh=True, last_only=True, **kw)
+        _, cache = model.forward_cached(prompt, cache, fresh=True, last_only=True, **kw)
 
     def step(carry, xy):
         rc, c = carry
         x_B, y_B = xy
-        logits_ref, rc = model.forward_cached(x_B[:, None], rc, fresh=False, decode_block=decode_block)
-        logits, c = model.forward_cached(x_B[:, None], c, fresh=False, decode_block=decode_block)
+        logits_ref, rc = model.forward_cached(x_B[:, None], rc, fresh=False, **kw)
+        logits, c = model.forward_cached(x_B[:, None], c, fresh=False, **kw)
         return (rc, c), _position_scores(logits_ref[:, 0], logits[:, 0], y_B)
 
     _, outs = jax.lax.scan(step, (ref_cache, cache), (x_BT[:, n_prompt:].T, y_BT[:, n_prompt:].T))
@@ -59,7 +61,7 @@ def _scores(model: DBAModel, ref_cache: kvc.Cache, cache: kvc.Cache, tokens_BL: 
 
 
 def score_policy(model: DBAModel, tokens_BL, n_prompt: int, policy: KVPolicy, *,
-                 decode_block: int = 1024) -> dict[str, np.ndarray]:
+                 decode_block: int = 1024, kv_fused: str = "none") -> dict[str, np.ndarray]:
     """Scores of `policy`'s cache against an fp32 cache, teacher-forced on tokens (B, L).
 
     Inputs are tokens[:, :-1] and targets tokens[:, 1:]. The first `n_prompt` inputs go through
@@ -67,7 +69,7 @@ def score_policy(model: DBAModel, tokens_BL, n_prompt: int, policy: KVPolicy, *,
     the next token is scored. Returns numpy (B, L - 1 - n_prompt) arrays: `nll` and `ref_nll`
     (the target's NLL under the policy's and the fp32 cache), `kl` (KL(fp32 || policy) of the
     next-token distributions), `agree` (same top-1 as fp32), `correct` / `ref_correct` (top-1
-    equals the target)."""
+    equals the target). `kv_fused`: the attention over both caches, as in `decode.prefill`."""
     idx = model.as_tokens(tokens_BL)
     b, length = idx.shape
     if not 0 <= n_prompt < length - 1:
@@ -75,34 +77,38 @@ def score_policy(model: DBAModel, tokens_BL, n_prompt: int, policy: KVPolicy, *,
     policy.check_for(model.cfg)
     ref_cache = kvc.init_cache(model.cfg, REFERENCE, b, length - 1)
     cache = kvc.init_cache(model.cfg, policy, b, length - 1)
-    outs = _scores(model, ref_cache, cache, idx, n_prompt=int(n_prompt), decode_block=int(decode_block))
+    outs = _scores(model, ref_cache, cache, idx, n_prompt=int(n_prompt), decode_block=int(decode_block),
+                   cache_attend=cache_attention(kv_fused))
     return dict(zip(SCORES, (np.asarray(o) for o in jax.device_get(outs))))
 
 
-@partial(nnx.jit, graph=False, static_argnames=("decode_block",))
-def _decode_steps(model: DBAModel, cache: kvc.Cache, tokens_BN: jax.Array, *, decode_block: int) -> jax.Array:
+@partial(nnx.jit, graph=False, static_argnames=("decode_block", "cache_attend"))
+def _decode_steps(model: DBAModel, cache: kvc.Cache, tokens_BN: jax.Array, *, decode_block: int,
+                  cache_attend) -> jax.Array:
     def step(c, tok_B):
-        logits, c = model.forward_cached(tok_B[:, None], c, fresh=False, decode_block=decode_block)
+        logits, c = model.forward_cached(tok_B[:, None], c, fresh=False, decode_block=decode_block,
+                                         cache_attend=cache_attend)
         return c, logits[:, 0, 0]
 
     return jax.lax.scan(step, cache, tokens_BN.T)[1]
 
 
 def decode_step_seconds(model: DBAModel, policy: KVPolicy, ctx: int, n_steps: int, decode_block: int,
-                        repeats: int = 3) -> float:
+                        repeats: int = 3, kv_fused: str = "none") -> float:
     """Seconds per decode step (batch 1) with the cache filled to `ctx - n_steps` tokens, the best
-    of `repeats` timed runs after a compiling one. The cache holds zeros: a step's work does not
-    depend on the values it reads, only on how many there are."""
+    of `repeats` timed runs after a compiling one, with the attention over the cache `kv_fused`
+    names. The cache holds zeros: a step's work does not depend on the values it reads, only on
+    how many there are."""
     import time
 
     n = max(1, min(int(n_steps), int(ctx) - 1))
     tokens = jnp.zeros((1, n), jnp.int32)
-    best = float("inf")
+    best, attend = float("inf"), cache_attention(kv_fused)
     for i in range(repeats + 1):
         cache = kvc.init_cache(model.cfg, policy, 1, int(ctx))
         cache = cache.replace(pos=jnp.asarray(int(ctx) - n, jnp.int32))
         t0 = time.perf_counter()
-        jax.block_until_ready(_decode_steps(model, cache, tokens, decode_block=int(decode_block)))
+        jax.block_until_ready(_decode_steps(model, cache, tokens, decode_block=int(decode_block), cache_attend=attend))
         if i:
             best = min(best, (time.perf_counter() - t0) / n)
     return best

@@ -3,15 +3,16 @@
 Parameters live in `param_dtype`; matmuls run in `dtype` (fp32, or bf16 for mixed precision)
 while LayerNorm, softmax, the residual stream, logits and the loss stay fp32.
 
-Speed notes (measured on XLA:CPU, where `dba train` is benchmarked): every matmul goes through
-`layers.dense`/`dense_t` (2-D operands, a backward on the fast matmul path); the attention's
-projections of one input run as one matmul over the concatenated kernels (the parameters stay
-separate, so names and checkpoints are unchanged); the loss has a fused backward.
+The math is in `layers` (RoPE, heads, scores); how it is computed fast lives beside it: every
+matmul goes through `fast_matmul.dense`/`dense_t` (2-D operands, a backward on XLA:CPU's fast
+matmul path), fresh attention through `attention_kernels.attend`, the loss through
+`loss.linear_cross_entropy` (fused with the output projection). The attention's projections of
+one input run as one matmul over the concatenated kernels (the parameters stay separate, so
+names and checkpoints are unchanged).
 """
 
 from __future__ import annotations
 
-import os
 from functools import partial
 
 import jax
@@ -22,19 +23,20 @@ from flax import nnx
 from dba.config import ModelConfig, key_streams, path_scales
 from dba.errors import UserError
 from dba.kvspec import check_room
-from jax_model import decode
 from jax_model import kvcache as kvc
-from jax_model.layers import (INFERENCE_CHUNKS, apply_rope, attend, dense, dense_t, dot_rows, env_int, merge_heads,
-                              pad_vocab, padded_logits, rope_cos_sin, split_heads, tn_matmul)
+from jax_model.attention_kernels import INFERENCE_CHUNKS, attend
+from jax_model.cached_attention import CacheAttend, cached_attend
+from jax_model.fast_matmul import dense, dense_t
+from jax_model.layers import apply_rope, merge_heads, rope_cos_sin, split_heads
 from jax_model.layers import kv_heads as _kv_heads
-from jax_model.pallas_decode import decode_attend
+from jax_model.loss import linear_cross_entropy
 
 _init = nnx.initializers.normal(stddev=0.02)
 _FEW_ROWS = 16  # up to this many tokens the attention projections run as separate matmuls
 
 
 class Linear(nnx.Linear):
-    """nnx.Linear (no bias) computed by `layers.dense`; same `kernel` parameter, same results."""
+    """nnx.Linear (no bias) computed by `fast_matmul.dense`; same `kernel` parameter, same results."""
 
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
         assert self.bias is None, "the model's Linears have no bias"
@@ -73,7 +75,6 @@ class Attention(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
         self.scales = path_scales(cfg)
         self.key_names = key_streams(cfg)
-        self.kv_fused = "none"  # decode attention: "none" | "pallas" | "pallas-interpret" (pallas_decode.set_kv_fused)
 
     # tie_qk: the K projection *is* the Q projection (one weight, gradients summed).
     def _k(self, name: str) -> nnx.Linear:
@@ -162,15 +163,16 @@ class Attention(nnx.Module):
         return k, v
 
     def __call__(self, x_BTC: jax.Array, positions: jax.Array, cache: kvc.LayerCache | None = None, *,
-                 deterministic: bool = True, fresh: bool = False,
-                 decode_block: int = 1024) -> tuple[jax.Array, kvc.LayerCache | None]:
+                 deterministic: bool = True, fresh: bool = False, decode_block: int = 1024,
+                 cache_attend: CacheAttend = cached_attend) -> tuple[jax.Array, kvc.LayerCache | None]:
         """(B, T, d_model) at absolute `positions` -> (output (B, T, d_model), cache).
 
         Without a cache: causal attention over x's own K/V (training, the full forward), with
         dropout unless `deterministic`. With a layer cache holding `cache.pos` tokens: x's K/V are
         written at cache.pos and x attends over its own fresh, unquantized K/V when `fresh` (the
         cache held nothing before: v29's order for a prompt), else over what the cache returns
-        (`cached_attend`, `decode_block` keys at a time); returns the cache holding pos + T.
+        (`cache_attend`, a function with `cached_attend`'s signature, e.g. a fused kernel:
+        `decode_block` keys at a time); returns the cache holding pos + T.
         """
         q, kv = self.queries_and_kv(x_BTC, positions)  # all projections in one matmul
         drop = None
@@ -186,8 +188,8 @@ class Attention(nnx.Module):
                 k, v = self.kv_heads(kv)
                 y = attend(q, k, v, self.null_kv(), n_chunks=INFERENCE_CHUNKS)
             else:
-                y = decode_attend(self.kv_fused, q, streams, cache.pos, end, self.null_kv(),
-                                  n_kv_head=self.cfg.n_kv_head, key_names=self.key_names, decode_block=decode_block)
+                y = cache_attend(q, streams, cache.pos, end, self.null_kv(), n_kv_head=self.cfg.n_kv_head,
+                                 key_names=self.key_names, decode_block=decode_block)
             cache = cache.replace(streams=streams, pos=end)
         y = self.out_proj(merge_heads(y))
         return (drop(y) if drop is not None else y), cache
@@ -225,11 +227,11 @@ class Block(nnx.Module):
         self.ff = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: kvc.LayerCache | None = None, *,
-                 deterministic: bool = True, fresh: bool = False,
-                 decode_block: int = 1024) -> tuple[jax.Array, kvc.LayerCache | None]:
+                 deterministic: bool = True, fresh: bool = False, decode_block: int = 1024,
+                 cache_attend: CacheAttend = cached_attend) -> tuple[jax.Array, kvc.LayerCache | None]:
         """Pre-LN block; the layer cache goes through `Attention` (see there) and comes back."""
         y, cache = self.attn(self.ln1(x), positions, cache, deterministic=deterministic, fresh=fresh,
-                             decode_block=decode_block)
+                             decode_block=decode_block, cache_attend=cache_attend)
         x = x + y.astype(jnp.float32)
         return x + self.ff(self.ln2(x), deterministic).astype(jnp.float32), cache
 
@@ -273,7 +275,8 @@ class DBAModel(nnx.Module):
         return dense_t(*self._head_operands(x_BTC))  # (B, T, V) fp32
 
     def _trunk(self, idx_BT: jax.Array, cache: kvc.Cache | None = None, *, deterministic: bool = True,
-               fresh: bool = False, decode_block: int = 1024) -> tuple[jax.Array, kvc.Cache | None]:
+               fresh: bool = False, decode_block: int = 1024,
+               cache_attend: CacheAttend = cached_attend) -> tuple[jax.Array, kvc.Cache | None]:
         """Embedding and blocks: features (B, T, d_model) fp32 and the cache (None without one)."""
         t = idx_BT.shape[1]
         positions = jnp.arange(t) if cache is None else cache.pos + jnp.arange(t)
@@ -284,23 +287,26 @@ class DBAModel(nnx.Module):
                 x = nnx.remat(lambda blk, h: blk(h, positions, deterministic=deterministic)[0])(block, x)
                 continue
             x, layer = block(x, positions, None if cache is None else cache.layer(i),
-                             deterministic=deterministic, fresh=fresh, decode_block=decode_block)
+                             deterministic=deterministic, fresh=fresh, decode_block=decode_block,
+                             cache_attend=cache_attend)
             layers.append(layer)
         return x, (None if cache is None else cache.with_layers(layers))
 
     def forward_cached(self, tokens_BT: jax.Array, cache: kvc.Cache | None, *, fresh: bool = False,
-                       decode_block: int = 1024, last_only: bool = False) -> tuple[jax.Array, kvc.Cache | None]:
+                       decode_block: int = 1024, last_only: bool = False,
+                       cache_attend: CacheAttend = cached_attend) -> tuple[jax.Array, kvc.Cache | None]:
         """Tokens (B, T) int32 through the blocks and `cache` -> (logits (B, T, V) fp32, or (B, 1, V)
         for the last position only with `last_only`; the cache holding T more tokens).
 
-        The one cached path of prefill, prompt chunks and decode (see `Attention` for `fresh` and
-        `decode_block`); with cache=None it is the full causal forward and returns (logits, None).
+        The one cached path of prefill, prompt chunks and decode (see `Attention` for `fresh`,
+        `decode_block` and `cache_attend`, which the decode functions pick from their `kv_fused`);
+        with cache=None it is the full causal forward and returns (logits, None).
         Traced, it trusts the cache to have room (checked by the host-side `decode` wrappers);
         called eagerly it refuses an overflow with a UserError.
         """
         if cache is not None and not isinstance(cache.pos, jax.core.Tracer):
             check_room(int(cache.pos), tokens_BT.shape[1], cache.max_len)
-        x, cache = self._trunk(tokens_BT, cache, fresh=fresh, decode_block=decode_block)
+        x, cache = self._trunk(tokens_BT, cache, fresh=fresh, decode_block=decode_block, cache_attend=cache_attend)
         if last_only:  # generation needs only the next-token logits, not the prompt's
             x = x[:, -1:]
         return self.unembed(x), cache
@@ -330,117 +336,7 @@ class DBAModel(nnx.Module):
     def __call__(self, tokens, deterministic: bool = True) -> jax.Array:
         return _jit_forward(self, self.as_tokens(tokens), deterministic)
 
-    def decode_logits(self, tokens, prefill: int, policy=None, decode_block: int = 1024,
-                      max_len: int | None = None) -> jax.Array:
-        """Teacher-forced cached decode: prefill `prefill` tokens, then one token at a time."""
-        return decode.decode_logits(self, tokens, prefill=prefill, policy=policy, decode_block=decode_block,
-                                    max_len=max_len)
-
 
 @nnx.jit(static_argnums=(2,))
 def _jit_forward(model: DBAModel, idx_BT: jax.Array, deterministic: bool) -> jax.Array:
     return model.forward(idx_BT, deterministic)
-
-
-def cross_entropy(logits_BTV: jax.Array, targets_BT: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy in fp32."""
-    return _cross_entropy(logits_BTV.astype(jnp.float32), targets_BT.astype(jnp.int32))
-
-
-def _ce_parts(logits: jax.Array, targets: jax.Array) -> tuple[jax.Array, jax.Array]:
-    logz = jax.nn.logsumexp(logits, axis=-1)
-    picked = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-    return jnp.mean(logz - picked), logz
-
-
-# The gradient (softmax - onehot) / N written as one elementwise pass over the (B, T, V) logits:
-# autodiff's version makes three (exp, scale, scatter of the picked entries), which on CPU cost
-# more than the loss itself.
-@jax.custom_vjp
-def _cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
-    return _ce_parts(logits, targets)[0]
-
-
-def _ce_fwd(logits, targets):
-    loss, logz = _ce_parts(logits, targets)
-    return loss, (logits, logz, targets)
-
-
-def _ce_bwd(res, g):
-    logits, logz, targets = res
-    onehot = jnp.arange(logits.shape[-1]) == targets[..., None]
-    d = (jnp.exp(logits - logz[..., None]) - onehot) * (g / logz.size)
-    return d, None
-
-
-_cross_entropy.defvjp(_ce_fwd, _ce_bwd)
-
-
-def linear_cross_entropy(x_NE: jax.Array, w_VE: jax.Array, targets_N: jax.Array) -> jax.Array:
-    """Mean cross-entropy of logits x @ w^T (fp32 accumulation) against targets, fused.
-
-    One pass over the fp32 (N, V) logits makes logsumexp and the picked logit; the backward turns
-    them into (softmax - onehot) / N already in the operands' dtype (bf16 GEMMs under mixed
-    precision) for the two matmuls. Apart from the fp32 logits the forward keeps, no (N, V) array
-    exists in fp32: on an H100 (seed config) the unfused head spent ~11 ms/step in elementwise
-    passes over them. On accelerators the vocab is zero-padded (`layers.vocab_pad`) and the pad
-    columns are masked out of the softmax. On a CPU the tokens go in `head_chunks()` independent
-    chunks, so XLA:CPU runs the head's big matmuls on all cores at once.
-    """
-    return _linear_ce(x_NE, w_VE, targets_N.astype(jnp.int32), head_chunks(x_NE.shape[0]))
-
-
-def head_chunks(n_tokens: int) -> int:
-    """Token chunks of the fused head: XLA:CPU runs independent ops concurrently, each dot on one
-    core, so one (N, V) matmul leaves the other cores idle (~125 of the 511 ms config A step on
-    2 cores). DBA_HEAD_CHUNKS overrides; accelerators use 1 (one large GEMM fills the device)."""
-    n = env_int("DBA_HEAD_CHUNKS")
-    if n is None:
-        n = min(os.cpu_count() or 1, 8) if jax.default_backend() == "cpu" else 1
-    while n > 1 and n_tokens % n:
-        n -= 1
-    return max(n, 1)
-
-
-def _chunks(a: jax.Array, n: int) -> list[jax.Array]:
-    size = a.shape[0] // n
-    return [a[i * size:(i + 1) * size] for i in range(n)]
-
-
-@partial(jax.custom_vjp, nondiff_argnums=(3,))
-def _linear_ce(x_NE, w_VE, targets_N, n_chunks):
-    return _linear_ce_fwd(x_NE, w_VE, targets_N, n_chunks)[0]
-
-
-def _linear_ce_fwd(x_NE, w_VE, targets_N, n_chunks):
-    n_vocab = w_VE.shape[0]
-    residuals, total = [], 0.0
-    for x_c, t_c in zip(_chunks(x_NE, n_chunks), _chunks(targets_N, n_chunks)):
-        logits = padded_logits(x_c, w_VE)
-        n_cols = logits.shape[1]
-        real = logits if n_cols == n_vocab else jnp.where(jnp.arange(n_cols) < n_vocab, logits, -jnp.inf)
-        logz = jax.nn.logsumexp(real, axis=-1)
-        picked = jnp.take_along_axis(logits, t_c[:, None], axis=-1)[:, 0]
-        total = total + jnp.sum(logz - picked)
-        residuals.append((logits, logz))
-    return total / targets_N.size, (x_NE, w_VE, targets_N, residuals)
-
-
-def _linear_ce_bwd(n_chunks, res, g):
-    x_NE, w_VE, targets_N, residuals = res
-    n_vocab, w = w_VE.shape[0], pad_vocab(w_VE)
-    cols = jnp.arange(w.shape[0])
-    dxs, dw = [], 0.0
-    for x_c, t_c, (logits, logz) in zip(_chunks(x_NE, n_chunks), _chunks(targets_N, n_chunks), residuals):
-        d = jnp.exp(logits - logz[:, None]) - (cols == t_c[:, None])
-        if w.shape[0] != n_vocab:
-            d = jnp.where(cols < n_vocab, d, 0.0)
-        d = (d * (g / targets_N.size)).astype(x_NE.dtype)
-        dxs.append(dot_rows(d, w))
-        # tn_matmul transposes x and the (V, E) product, never the (n, V) gradient.
-        dw = dw + tn_matmul(d, x_c)
-    dx = dxs[0] if n_chunks == 1 else jnp.concatenate(dxs, axis=0)
-    return dx, dw[:n_vocab].astype(w_VE.dtype), None
-
-
-_linear_ce.defvjp(_linear_ce_fwd, _linear_ce_bwd)

@@ -25,11 +25,18 @@ says why a layer cannot run here, so the caller falls back to `cached_attend`.
 On a GPU `pl.pallas_call` lowers through Triton (the default Pallas GPU backend of jax 0.10;
 Mosaic GPU is opt-in and wants `plgpu.kernel`); Triton needs power-of-two tile sizes, which
 `unsupported_reason(..., interpret=False)` checks. On a CPU it runs with `interpret=True`.
+
+Who uses it: the decode functions (`decode`, `sampling`, `evaluate`) take `kv_fused` ('none' |
+'pallas' | 'pallas-interpret') and hand `cache_attention(kv_fused)` to `DBAModel.forward_cached`
+as its `cache_attend`; `resolve_kv_fused` turns `--kv-fused` into that mode. The model itself
+never imports this module.
 """
 
 from __future__ import annotations
 
+import functools
 import warnings
+from collections.abc import Callable
 from functools import partial
 
 import jax
@@ -48,7 +55,7 @@ DEFAULT_BLOCK = 256  # keys per inner step (128-512 suits an H100)
 DEFAULT_SPLITS = 16  # target number of key splits over max_len (flash-decoding parallelism)
 MAX_QUERIES = 16  # queries per row the kernel takes (decode: 1); longer prompt chunks use cached_attend
 DOT_MIN_ROWS = 16  # fewer query rows per kv head (G*T) than this: broadcast-multiply-sum, not a dot
-KV_FUSED_MODES = ("none", "pallas", "pallas-interpret")  # `Attention.kv_fused` (`set_kv_fused`)
+KV_FUSED_MODES = ("none", "pallas", "pallas-interpret")  # the `kv_fused` modes (`cache_attention`)
 
 _NF4 = [np.float32(v) for v in NF4_LEVELS]
 
@@ -373,22 +380,9 @@ def _merge(m, l, acc, q, null_kv, shape, dtype):
 
 
 
-# ---- the model's opt-in switch ----------------------------------------------------------------
+# ---- `kv_fused`: the decode modules' choice of the attention over the cache -------------------
 
 _warned: set[str] = set()
-
-
-def set_kv_fused(model, mode: str | None) -> None:
-    """Select the decode attention of every `Attention` layer of `model` (an nnx module):
-    None / "none": `cached_attend` (the default); "pallas": this kernel compiled (a GPU);
-    "pallas-interpret": this kernel in the Pallas interpreter (any backend; slow, for checks).
-    The mode is a static attribute, so jitted decode functions retrace when it changes."""
-    mode = "none" if mode is None else mode
-    if mode not in KV_FUSED_MODES:
-        raise ValueError(f"kv_fused {mode!r}: expected one of {', '.join(KV_FUSED_MODES)}")
-    for _, m in model.iter_modules():
-        if hasattr(m, "kv_fused"):
-            m.kv_fused = mode
 
 
 def decode_attend(kv_fused: str, q_BHTD: jax.Array, streams: dict[str, kvc.StreamCache], q_start: jax.Array,
@@ -413,22 +407,32 @@ def decode_attend(kv_fused: str, q_BHTD: jax.Array, streams: dict[str, kvc.Strea
                          decode_block=decode_block)
 
 
-def use_kv_fused(model, choice: str) -> str:
-    """`--kv-fused choice` (dba/fused.py) on `model`: the Pallas kernel when it names it (compiled on
-    a GPU, interpreted when asked for on a CPU), else the cached attention. Returns what runs
-    ('none', 'pallas', 'pallas (interpreted)'). An explicit kernel that cannot run here is a
-    one-line UserError; `auto` then means none."""
+@functools.cache
+def cache_attention(kv_fused: str = "none") -> Callable[..., jax.Array]:
+    """The attention over a layer's cache that the mode `kv_fused` names, with `cached_attend`'s
+    signature (what `DBAModel.forward_cached` takes as `cache_attend`): `cached_attend` itself for
+    "none"; for "pallas" (compiled: a GPU) and "pallas-interpret" (the Pallas interpreter, any
+    backend; slow, for checks) this kernel, falling back to `cached_attend` with one warning per
+    reason on a layer it cannot take. Memoised: a mode always gives the same function, so the
+    jitted decode functions, which take it as a static argument, compile once per mode."""
+    if kv_fused not in KV_FUSED_MODES:
+        raise ValueError(f"kv_fused {kv_fused!r}: expected one of {', '.join(KV_FUSED_MODES)}")
+    return cached_attend if kv_fused == "none" else partial(decode_attend, kv_fused)
+
+
+def resolve_kv_fused(choice: str) -> tuple[str, str]:
+    """`--kv-fused choice` (dba/fused.py) here: (the mode the decode functions take as `kv_fused`:
+    the Pallas kernel when the choice names it, compiled on a GPU, interpreted when asked for on a
+    CPU, else "none"; what runs, for the info line: 'none', 'pallas', 'pallas (interpreted)').
+    An explicit kernel that cannot run here is a one-line UserError; `auto` then means none."""
     from dba.errors import UserError
     from dba.fused import resolve_fused
 
     kernel, interpret = resolve_fused(choice, "jax", jax.default_backend() == "gpu")
     if kernel == "none":
-        set_kv_fused(model, "none")
-        return "none"
+        return "none", "none"
     if not pallas_available(interpret):
         if choice == "auto":
-            set_kv_fused(model, "none")
-            return "none"
+            return "none", "none"
         raise UserError(f"--kv-fused {choice}: Pallas cannot compile its GPU kernel here", 1)
-    set_kv_fused(model, "pallas-interpret" if interpret else "pallas")
-    return "pallas (interpreted)" if interpret else "pallas"
+    return ("pallas-interpret", "pallas (interpreted)") if interpret else ("pallas", "pallas")

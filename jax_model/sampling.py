@@ -17,6 +17,8 @@ from dba.generation import PlanFor, check_sampling, generation_cache_len, online
 from dba.kvspec import KVPolicy
 from jax_model import decode
 from jax_model import kvcache as kvc
+from jax_model.cached_attention import CacheAttend, cached_attend
+from jax_model.pallas_decode import cache_attention
 from jax_model.recache import recache
 
 if TYPE_CHECKING:
@@ -47,13 +49,14 @@ def sample_next(logits_BV: jax.Array, key: jax.Array, temperature: float, top_k:
 
 
 @partial(decode.jit_donating_cache,
-         static_argnames=("n_new", "temperature", "top_k", "top_p", "eos_id", "decode_block"))
+         static_argnames=("n_new", "temperature", "top_k", "top_p", "eos_id", "decode_block", "cache_attend"))
 def _token_loop(model: DBAModel, cache: kvc.Cache, last_logits_BV: jax.Array, key: jax.Array, done_B: jax.Array,
-                start: jax.Array, *, n_new: int, temperature: float, top_k, top_p, eos_id,
-                decode_block: int) -> tuple[jax.Array, kvc.Cache, jax.Array, jax.Array]:
+                start: jax.Array, *, n_new: int, temperature: float, top_k, top_p, eos_id, decode_block: int,
+                cache_attend: CacheAttend = cached_attend) -> tuple[jax.Array, kvc.Cache, jax.Array, jax.Array]:
     """n_new sampled tokens (B, n_new), the cache after them, the last logits and which rows are
     done (emitted eos_id); token i of the loop draws with key fold_in(key, start + i), so a
-    generation cut into segments draws what one loop would. Consumes `cache` (donated)."""
+    generation cut into segments draws what one loop would. Consumes `cache` (donated).
+    `cache_attend`: the attention over the cache (`pallas_decode.cache_attention`)."""
 
     def step(carry, i):
         cache, logits, done = carry
@@ -61,7 +64,8 @@ def _token_loop(model: DBAModel, cache: kvc.Cache, last_logits_BV: jax.Array, ke
         if eos_id is not None:
             tok = jnp.where(done, eos_id, tok)
             done = done | (tok == eos_id)
-        new_logits, cache = model.forward_cached(tok[:, None], cache, fresh=False, decode_block=decode_block)
+        new_logits, cache = model.forward_cached(tok[:, None], cache, fresh=False, decode_block=decode_block,
+                                                 cache_attend=cache_attend)
         return (cache, new_logits[:, 0], done), tok
 
     init = (cache, last_logits_BV, done_B)
@@ -74,8 +78,10 @@ def _token_loop(model: DBAModel, cache: kvc.Cache, last_logits_BV: jax.Array, ke
 def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy | None = None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, eos_id: int | None = None, decode_block: int = 1024,
-             max_len: int | None = None, plan_for: PlanFor | None = None, interval: int = 256) -> jax.Array:
+             max_len: int | None = None, plan_for: PlanFor | None = None, interval: int = 256,
+             kv_fused: str = "none") -> jax.Array:
     """Prompt (B, T) ids -> (B, T + max_new_tokens) ids; rows that emit `eos_id` pad with it.
+    `kv_fused`: the attention over the cache, as in `decode.prefill`.
 
     With `plan_for` (the online self-optimizing cache policy) the cache grows through the
     capacities of `online_capacities`, and at each `plan_for(capacity)` gives the policy and decode
@@ -89,7 +95,7 @@ def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy
         caps = online_capacities(t, max_new_tokens, int(interval))
         policy, decode_block = plan_for(caps[0])
     cache = kvc.init_cache(model.cfg, policy or KVPolicy(kind="fp16"), b, caps[0])
-    logits, cache = decode.prefill(model, cache, idx, decode_block=decode_block, last_only=True)
+    logits, cache = decode.prefill(model, cache, idx, decode_block=decode_block, last_only=True, kv_fused=kv_fused)
     logits, key, done, out, made = logits[:, -1], jax.random.PRNGKey(seed), jnp.zeros((b,), bool), [idx], 0
     for i, cap in enumerate(caps):
         if i:
@@ -99,7 +105,8 @@ def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy
         if n > 0:
             new, cache, logits, done = _token_loop(model, cache, logits, key, done, jnp.int32(made), n_new=n,
                                                    temperature=float(temperature), top_k=top_k, top_p=top_p,
-                                                   eos_id=eos_id, decode_block=decode_block)
+                                                   eos_id=eos_id, decode_block=decode_block,
+                                                   cache_attend=cache_attention(kv_fused))
             out.append(new)
             made += n
     return jnp.concatenate(out, axis=1)

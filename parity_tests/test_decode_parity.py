@@ -24,6 +24,11 @@ DECODE_CONFIGS = [
 IDS = [f"{m}-{'+'.join(o) or 'base'}" for m, o in DECODE_CONFIGS]
 
 
+def _framework(model):
+    """jax_model or torch_ref: the package whose DBAModel `model` is."""
+    return jax_model if isinstance(model, jax_model.DBAModel) else torch_ref
+
+
 @pytest.mark.parametrize("mode,options", DECODE_CONFIGS, ids=IDS)
 def test_fp32_decode_equals_forward(mode, options):
     cfg = make_config(mode, options)
@@ -34,8 +39,8 @@ def test_fp32_decode_equals_forward(mode, options):
     policy = KVPolicy(kind="fp32")
     for prefill in ((0, 6) if mode == "decoupled" and options == ("null",) else (6,)):
         # decode_block 4 does not divide 21: the last block overlaps and is masked
-        dj = np.asarray(jm.decode_logits(tokens, prefill=prefill, policy=policy, decode_block=4))
-        dt = tm.decode_logits(tokens, prefill=prefill, policy=policy, decode_block=4).numpy()
+        dj = np.asarray(jax_model.decode_logits(jm, tokens, prefill=prefill, policy=policy, decode_block=4))
+        dt = torch_ref.decode_logits(tm, tokens, prefill=prefill, policy=policy, decode_block=4).numpy()
         assert np.abs(dj - full).max() <= 1e-5
         assert np.abs(dt - full).max() <= 1e-5
 
@@ -67,8 +72,8 @@ def test_cross_framework_decode(config, policy_name):
     tm, jm = build_torch(cfg, state), build_jax(cfg, state)
     tokens = random_tokens(cfg, 2, 19, seed=5)
     # prefill 5, window <= 4: decoding crosses the residual window; block 6 does not divide 19
-    dj = np.asarray(jm.decode_logits(tokens, prefill=5, policy=policy, decode_block=6))
-    dt = tm.decode_logits(tokens, prefill=5, policy=policy, decode_block=6).numpy()
+    dj = np.asarray(jax_model.decode_logits(jm, tokens, prefill=5, policy=policy, decode_block=6))
+    dt = torch_ref.decode_logits(tm, tokens, prefill=5, policy=policy, decode_block=6).numpy()
     assert np.abs(dj).max() > 0.3
     assert np.abs(dj - dt).max() <= tol
     if policy.kind not in ("fp32", "fp16"):  # the quantized cache really changes the logits
@@ -81,9 +86,9 @@ def test_decode_block_size_does_not_change_results():
     jm = build_jax(cfg, init_like_state(cfg, 2))
     tokens = random_tokens(cfg, 1, 17)
     pol = KVPolicy(kind="q8_0", residual=4)
-    a = np.asarray(jm.decode_logits(tokens, prefill=3, policy=pol, decode_block=1))
-    b = np.asarray(jm.decode_logits(tokens, prefill=3, policy=pol, decode_block=5))
-    c = np.asarray(jm.decode_logits(tokens, prefill=3, policy=pol, decode_block=1024))
+    a = np.asarray(jax_model.decode_logits(jm, tokens, prefill=3, policy=pol, decode_block=1))
+    b = np.asarray(jax_model.decode_logits(jm, tokens, prefill=3, policy=pol, decode_block=5))
+    c = np.asarray(jax_model.decode_logits(jm, tokens, prefill=3, policy=pol, decode_block=1024))
     assert np.abs(a - b).max() <= 1e-5 and np.abs(a - c).max() <= 1e-5
 
 
@@ -92,8 +97,8 @@ def test_window_reads_are_exact_fp16():
     cfg = make_config("gqa", ("null",))
     jm = build_jax(cfg, random_state(cfg, 3))
     tokens = random_tokens(cfg, 1, 15)
-    a = np.asarray(jm.decode_logits(tokens, prefill=4, policy=KVPolicy(kind="q4_0", residual=64)))
-    b = np.asarray(jm.decode_logits(tokens, prefill=4, policy=KVPolicy(kind="fp16")))
+    a = np.asarray(jax_model.decode_logits(jm, tokens, prefill=4, policy=KVPolicy(kind="q4_0", residual=64)))
+    b = np.asarray(jax_model.decode_logits(jm, tokens, prefill=4, policy=KVPolicy(kind="fp16")))
     assert np.abs(a - b).max() <= 1e-6
 
 
@@ -128,7 +133,8 @@ def test_decode_step_is_not_retraced_per_token(monkeypatch):
     cache = jkv.init_cache(cfg, KVPolicy(kind="q8_0"), 2, 16)
     logits, cache = jd.prefill(jm, cache, jnp.zeros((2, 3), jnp.int32), fresh=True, decode_block=8)
     for i in range(5):
-        logits, cache = jd.decode_step(jm, cache, jnp.full((2,), i, jnp.int32), decode_block=8)
+        kw = {"kv_fused": "none"} if i % 2 else {}  # the default and the explicit mode: one function
+        logits, cache = jd.decode_step(jm, cache, jnp.full((2,), i, jnp.int32), decode_block=8, **kw)
     assert int(cache.pos) == 8
     assert len(traces) == 2  # one prefill trace, one decode-step trace
 
@@ -194,8 +200,8 @@ def test_top_k_and_top_p_filters_agree():
     (lambda m, g: g(m, np.zeros((1, 9), np.int64), 4, None, max_len=10), "13 tokens do not fit"),
     (lambda m, g: g(m, np.zeros((1, 4), np.int64), 4, None, temperature=-1.0), "temperature"),
     (lambda m, g: g(m, np.zeros((1, 4), np.int64), 4, None, top_p=0.0), "top_p"),
-    (lambda m, g: m.decode_logits(np.zeros((1, 9), np.int64), prefill=3, max_len=5), "do not fit"),
-    (lambda m, g: m.decode_logits(np.zeros((1, 9), np.int64), prefill=12), "prefill=12"),
+    (lambda m, g: _framework(m).decode_logits(m, np.zeros((1, 9), np.int64), prefill=3, max_len=5), "do not fit"),
+    (lambda m, g: _framework(m).decode_logits(m, np.zeros((1, 9), np.int64), prefill=12), "prefill=12"),
 ])
 def test_bad_generation_inputs_raise_one_line(call, needle):
     cfg = make_config("decoupled")
@@ -244,7 +250,7 @@ def test_as_tokens_is_one_check_in_both_frameworks(bad, needle):
     for model in (build_jax(cfg, state), build_torch(cfg, state)):
         assert tuple(model.as_tokens([3, 1, 2]).shape) == (1, 3)
         assert tuple(model.as_tokens(np.zeros((2, 5), np.uint16)).shape) == (2, 5)
-        for call in (model.as_tokens, model, lambda t: model.decode_logits(t, prefill=1)):
+        for call in (model.as_tokens, model, lambda t: _framework(model).decode_logits(model, t, prefill=1)):
             with pytest.raises(UserError) as e:
                 call(bad)
             msg = str(e.value)

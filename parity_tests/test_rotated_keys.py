@@ -14,7 +14,9 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+import jax_model
 import jax_model.decode as jd
+import torch_ref
 from bench.parity_cases import build_jax, build_torch, init_like_state, make_config, random_state, random_tokens
 from dba.config import key_streams
 from dba.errors import UserError
@@ -266,8 +268,9 @@ def test_spec_case_k_sem_q4_rot_k_geo_q8_rot_decode_logits():
     assert policy.rotate == ("k_sem", "k_geo") and rotation_dims(cfg, policy) == {"k_sem": 4, "k_geo": 8}
     state = init_like_state(cfg, 12)
     tokens = random_tokens(cfg, 2, 19, seed=5)
-    dj = np.asarray(build_jax(cfg, state).decode_logits(tokens, prefill=5, policy=policy, decode_block=6))
-    dt = build_torch(cfg, state).decode_logits(tokens, prefill=5, policy=policy, decode_block=6).numpy()
+    jm, tm = build_jax(cfg, state), build_torch(cfg, state)
+    dj = np.asarray(jax_model.decode_logits(jm, tokens, prefill=5, policy=policy, decode_block=6))
+    dt = torch_ref.decode_logits(tm, tokens, prefill=5, policy=policy, decode_block=6).numpy()
     assert np.abs(dj - dt).max() <= 1e-4
 
 
@@ -284,8 +287,10 @@ def test_non_power_of_two_head_dim_is_one_line(mode, text, needle):
     policy = parse_policy(text)
     state = random_state(cfg)
     calls = (lambda: jkv.init_cache(cfg, policy, 1, 8), lambda: tkv.init_cache(cfg, policy, 1, 8),
-             lambda: build_jax(cfg, state).decode_logits(np.zeros((1, 4), np.int64), prefill=2, policy=policy),
-             lambda: build_torch(cfg, state).decode_logits(np.zeros((1, 4), np.int64), prefill=2, policy=policy))
+             lambda: jax_model.decode_logits(build_jax(cfg, state), np.zeros((1, 4), np.int64), prefill=2,
+                                             policy=policy),
+             lambda: torch_ref.decode_logits(build_torch(cfg, state), np.zeros((1, 4), np.int64), prefill=2,
+                                             policy=policy))
     for call in calls:
         if needle is None:
             call()

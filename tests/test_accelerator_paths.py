@@ -14,8 +14,9 @@ import pytest
 from flax import nnx
 
 from dba.errors import UserError
-from jax_model import layers as jl
-from jax_model.model import cross_entropy
+from jax_model import attention_kernels as ak
+from jax_model import fast_matmul as fm
+from jax_model.loss import cross_entropy
 from bench.parity_cases import build_jax, make_config, random_state, random_tokens
 
 
@@ -31,11 +32,11 @@ def test_fused_matches_xla_path_values_and_grads(monkeypatch, h, n_kv, dqk, dv):
     w = jax.random.normal(jax.random.key(9), (2, h, 37, dv))  # a random cotangent
 
     def loss(q, k, v):
-        return jnp.sum(jl.attend(q, k, v, None) * w)
+        return jnp.sum(ak.attend(q, k, v, None) * w)
 
     def run(impl):  # a fresh jit per implementation: DBA_ATTENTION is read when tracing
         monkeypatch.setenv("DBA_ATTENTION", impl)
-        return jax.jit(lambda q, k, v: (jl.attend(q, k, v, None), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))(q, k, v)
+        return jax.jit(lambda q, k, v: (ak.attend(q, k, v, None), jax.grad(loss, argnums=(0, 1, 2))(q, k, v)))(q, k, v)
 
     ref_out, ref_g = run("ours")
     out, g = run("xla")
@@ -47,10 +48,10 @@ def test_fused_matches_xla_path_values_and_grads(monkeypatch, h, n_kv, dqk, dv):
 
 def test_auto_uses_xla_path_on_cpu_and_rejects_unknown(monkeypatch):
     monkeypatch.setenv("DBA_ATTENTION", "auto")
-    assert jl.fused_attention_impl(jnp.bfloat16) is None  # no GPU here
+    assert ak.fused_attention_impl(jnp.bfloat16) is None  # no GPU here
     monkeypatch.setenv("DBA_ATTENTION", "flash")
     with pytest.raises(UserError, match="DBA_ATTENTION='flash'"):
-        jl.fused_attention_impl(jnp.float32)
+        ak.fused_attention_impl(jnp.float32)
 
 
 @pytest.mark.parametrize("mode", ["decoupled", "gqa"])
@@ -83,12 +84,12 @@ def test_vocab_padded_output_projection_matches(monkeypatch, vocab):
     dy = jax.random.normal(kd, (3, 7, vocab))
 
     def run():
-        f = lambda x, w: jnp.sum(jl.dense_t(x, w) * dy)  # noqa: E731
-        return jax.jit(lambda x, w: (jl.dense_t(x, w), jax.grad(f, argnums=(0, 1))(x, w)))(x, w)
+        f = lambda x, w: jnp.sum(fm.dense_t(x, w) * dy)  # noqa: E731
+        return jax.jit(lambda x, w: (fm.dense_t(x, w), jax.grad(f, argnums=(0, 1))(x, w)))(x, w)
 
     ref_y, ref_g = run()
-    monkeypatch.setattr(jl, "_on_cpu", lambda: False)  # the accelerator path, run by XLA:CPU
-    assert jl.vocab_pad(vocab) == -vocab % jl.VOCAB_PAD
+    monkeypatch.setattr(fm, "_on_cpu", lambda: False)  # the accelerator path, run by XLA:CPU
+    assert fm.vocab_pad(vocab) == -vocab % fm.VOCAB_PAD
     y, g = run()
     assert y.shape == (3, 7, vocab)
     np.testing.assert_allclose(y, ref_y, rtol=1e-5, atol=1e-5)
@@ -104,7 +105,7 @@ def test_linear_cross_entropy_matches_unfused(monkeypatch, accelerator, vocab, c
     """The fused output projection + loss (what training runs) against logits then
     cross_entropy: same loss and gradients, with and without the accelerator's vocab padding,
     in one token chunk or three (DBA_HEAD_CHUNKS)."""
-    from jax_model.model import head_chunks, linear_cross_entropy
+    from jax_model.loss import head_chunks, linear_cross_entropy
 
     monkeypatch.setenv("DBA_HEAD_CHUNKS", chunks)
     assert head_chunks(21) == int(chunks)
@@ -114,12 +115,12 @@ def test_linear_cross_entropy_matches_unfused(monkeypatch, accelerator, vocab, c
     t = jax.random.randint(kt, (21,), 0, vocab)
 
     def unfused(x, w):
-        return cross_entropy(jl.dense_t(x, w), t)
+        return cross_entropy(fm.dense_t(x, w), t)
 
     ref = jax.jit(jax.value_and_grad(unfused, argnums=(0, 1)))(x, w)
     if accelerator:
-        monkeypatch.setattr(jl, "_on_cpu", lambda: False)
-        assert jl.vocab_pad(vocab) > 0 or vocab % jl.VOCAB_PAD == 0
+        monkeypatch.setattr(fm, "_on_cpu", lambda: False)
+        assert fm.vocab_pad(vocab) > 0 or vocab % fm.VOCAB_PAD == 0
     got = jax.jit(jax.value_and_grad(lambda x, w: linear_cross_entropy(x, w, t), argnums=(0, 1)))(x, w)
     assert float(got[0]) == pytest.approx(float(ref[0]), rel=1e-6)
     for a, b in zip(got[1], ref[1]):
@@ -140,7 +141,7 @@ def test_model_loss_is_cross_entropy_of_forward():
 
 
 def test_head_chunks_divide_the_tokens(monkeypatch):
-    from jax_model.model import head_chunks
+    from jax_model.loss import head_chunks
 
     monkeypatch.setenv("DBA_HEAD_CHUNKS", "4")
     assert head_chunks(2048) == 4

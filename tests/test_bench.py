@@ -149,6 +149,6 @@ def test_in_fresh_process_returns_and_reports_child_errors():
 
 
 def test_bench_attention_choices_match_the_model():
-    from jax_model.layers import ATTENTION_IMPLS
+    from jax_model.attention_kernels import ATTENTION_IMPLS
 
     assert btrain.ATTENTION_CHOICES == ATTENTION_IMPLS

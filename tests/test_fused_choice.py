@@ -70,17 +70,25 @@ def test_sample_with_the_kernel_gives_the_same_tokens(backend, kernel, tmp_path)
 
 
 def test_jax_switch_follows_the_choice():
-    """jax_model's `use_kv_fused` (what `dba sample/eval --kv-fused` call) on a CPU: an explicit
-    pallas runs interpreted on every layer, auto means the cached attention, triton is refused."""
-    from dba.config import ModelConfig
-    from jax_model import DBAModel
-    from jax_model.pallas_decode import use_kv_fused
+    """jax_model's `resolve_kv_fused` (what `dba sample/eval --kv-fused` call) on a CPU: an explicit
+    pallas is the interpreted kernel, auto means the cached attention, triton is refused."""
+    from jax_model.pallas_decode import resolve_kv_fused
 
-    cfg = ModelConfig(vocab_size=31, block_size=16, d_model=24, n_layer=2, n_head=3, d_ff=48, embed_dim=24,
-                      attn_mode="decoupled", sem_dim=6, geo_dim=12, attn_dim=24)
-    model = DBAModel(cfg)
-    layers = lambda: [m.kv_fused for _, m in model.iter_modules() if hasattr(m, "kv_fused")]  # noqa: E731
-    assert use_kv_fused(model, "pallas") == "pallas (interpreted)" and layers() == ["pallas-interpret"] * 2
-    assert use_kv_fused(model, "auto") == "none" and layers() == ["none"] * 2
+    assert resolve_kv_fused("pallas") == ("pallas-interpret", "pallas (interpreted)")
+    assert resolve_kv_fused("auto") == ("none", "none")
     with pytest.raises(UserError, match="torch backend's kernel"):
-        use_kv_fused(model, "triton")
+        resolve_kv_fused("triton")
+
+
+def test_torch_switch_follows_the_choice(monkeypatch):
+    """torch_ref's `resolve_kv_fused` for a model on the CPU: an explicit kernel runs interpreted
+    (TRITON_INTERPRET=1), auto means the cached attention, pallas is refused."""
+    pytest.importorskip("torch")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    pytest.importorskip("triton")
+    from torch_ref.triton_decode import resolve_kv_fused
+
+    assert resolve_kv_fused("triton2pass", "cpu") == ("triton2pass", "triton2pass (interpreted)")
+    assert resolve_kv_fused("auto", "cpu") == ("none", "none")
+    with pytest.raises(UserError, match="jax backend's kernel"):
+        resolve_kv_fused("pallas", "cpu")

@@ -142,9 +142,9 @@ def _signatures(path: Path) -> dict[str, list[str]]:
 # The mirrored public pieces: the same name and parameters in both frameworks.
 MIRRORED = {
     "model": ["DBAModel.as_tokens", "DBAModel.embed", "DBAModel.unembed", "DBAModel.forward_cached",
-              "DBAModel.decode_logits", "Attention.queries_and_kv", "Attention.kv_heads",
-              "Attention.null_kv"],
+              "Attention.queries_and_kv", "Attention.kv_heads", "Attention.null_kv"],
     "cached_attention": ["cached_attend", "rotate_queries"],
+    "loss": ["cross_entropy"],
     "layers": ["rope_cos_sin", "apply_rope", "split_heads", "merge_heads", "kv_heads", "hadamard"],
     "decode": ["prefill", "decode_step", "decode_logits"],
     "sampling": ["generate", "filter_logits"],
@@ -165,14 +165,30 @@ def test_mirrors_share_names_and_parameters(module):
 
 
 def test_attention_and_block_take_and_return_a_cache():
-    """Attention/Block: (x, positions, cache=None, *, ..., fresh, decode_block); JAX adds its
-    `deterministic` flag (torch reads `self.training`)."""
+    """Attention/Block: (x, positions, cache=None, *, ..., fresh, decode_block, cache_attend); JAX
+    adds its `deterministic` flag (torch reads `self.training`). The attention over the cache is
+    an argument (`cache_attend`, threaded from `DBAModel.forward_cached`), never module state."""
     for package, call in (("jax_model", "__call__"), ("torch_ref", "forward")):
         sigs = _signatures(REPO / package / "model.py")
         for cls in ("Attention", "Block"):
             params = [p for p in sigs[f"{cls}.{call}"] if p != "deterministic"]
             assert params[:4] == ["self", params[1], "positions", "cache"], (package, cls, params)
-            assert params[4:] == ["*", "fresh", "decode_block"], (package, cls, params)
+            assert params[4:] == ["*", "fresh", "decode_block", "cache_attend"], (package, cls, params)
+        assert sigs["DBAModel.forward_cached"][-1] == "cache_attend", (package, sigs["DBAModel.forward_cached"])
+
+
+@pytest.mark.parametrize("package,kernels", [("jax_model", "pallas_decode"), ("torch_ref", "triton_decode")])
+def test_model_imports_neither_decode_nor_the_kernels(package, kernels):
+    """The model files show the model: the decode functions call it, the fused decode kernel is
+    passed in by them (`cache_attend`), so model.py imports neither, at any depth."""
+    graph = import_graph(package)
+    reach, todo = set(), [f"{package}.model"]
+    while todo:
+        for nxt in graph[todo.pop()] - reach:
+            reach.add(nxt)
+            todo.append(nxt)
+    for banned in (f"{package}.decode", f"{package}.{kernels}", f"{package}.sampling", f"{package}.evaluate"):
+        assert banned not in reach, (banned, sorted(reach))
 
 
 # ---- what each package may import ------------------------------------------------------------

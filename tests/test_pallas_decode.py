@@ -124,6 +124,7 @@ def test_refusals_name_the_reason_and_the_model_path_falls_back():
 
 
 def test_decode_logits_with_the_kernel_switched_in(monkeypatch):
+    import jax_model
     from bench.parity_cases import (
         build_jax,
         init_like_state,
@@ -135,17 +136,22 @@ def test_decode_logits_with_the_kernel_switched_in(monkeypatch):
     model = build_jax(cfg, init_like_state(cfg))
     tokens = random_tokens(cfg, 2, 12)
     policy = KVPolicy(kind="q4_0", qblock=8, residual=4)  # k_sem q4_0, k_geo q8_0, v q4_0
-    base = np.asarray(model.decode_logits(tokens, prefill=5, policy=policy, decode_block=4))
+    base = np.asarray(jax_model.decode_logits(model, tokens, prefill=5, policy=policy, decode_block=4))
     calls = []
     real = pd.fused_cached_attend
     monkeypatch.setattr(pd, "fused_cached_attend", lambda *a, **k: calls.append(1) or real(*a, **k))
-    pd.set_kv_fused(model, "pallas-interpret")
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no fallback
-        fused = np.asarray(model.decode_logits(tokens, prefill=5, policy=policy, decode_block=4))
+        fused = np.asarray(jax_model.decode_logits(model, tokens, prefill=5, policy=policy, decode_block=4,
+                                                   kv_fused="pallas-interpret"))
     assert calls, "the kernel was not used"
     np.testing.assert_allclose(fused, base, rtol=0, atol=1e-5)
-    pd.set_kv_fused(model, None)
-    assert all(m.kv_fused == "none" for _, m in model.iter_modules() if hasattr(m, "kv_fused"))
+    # The mode reaches the jitted decode as a static function: the same one per mode, so a second
+    # call compiles nothing (the kernel is not traced again).
+    traced = len(calls)
+    again = np.asarray(jax_model.decode_logits(model, tokens, prefill=5, policy=policy, decode_block=4,
+                                               kv_fused="pallas-interpret"))
+    assert len(calls) == traced and np.array_equal(again, fused)
+    assert pd.cache_attention("none") is cached_attend
     with pytest.raises(ValueError, match="kv_fused"):
-        pd.set_kv_fused(model, "triton")
+        pd.cache_attention("triton")

@@ -33,6 +33,7 @@ else:
     triton = pytest.importorskip("triton")
     import triton.language as tl
 
+import torch_ref
 from bench.parity_cases import build_torch, make_config, random_state, random_tokens
 from dba.kvspec import KVPolicy, stream_spec
 from torch_ref import kvcache as kvc
@@ -165,15 +166,15 @@ def test_decode_logits_with_the_kernel(monkeypatch, mode, options, policy, kerne
     cfg = make_config(mode, options, n_layer=1, **overrides)
     model = build_torch(cfg, random_state(cfg, 4))
     tokens = random_tokens(cfg, batch, 10, seed=2)
-    ref = model.decode_logits(tokens, prefill=prefill, policy=policy, decode_block=4)
+    ref = torch_ref.decode_logits(model, tokens, prefill=prefill, policy=policy, decode_block=4)
     calls = []
     real = triton_decode.fused_attend
     monkeypatch.setattr(triton_decode, "fused_attend", lambda *a, **k: calls.append(1) or real(*a, **k))
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # no silent fallback
-        triton_decode.set_kv_fused(model, kernel)
-        out = model.decode_logits(tokens, prefill=prefill, policy=policy, decode_block=4)
+        out = torch_ref.decode_logits(model, tokens, prefill=prefill, policy=policy, decode_block=4, kv_fused=kernel)
     assert len(calls) == 10 - prefill
     assert (out - ref).abs().max() <= 1e-5
-    triton_decode.set_kv_fused(model, None)
-    assert model.blocks[0].attn.kv_fused == "none"
+    assert triton_decode.cache_attention("none") is cached_attend
+    with pytest.raises(ValueError, match="kv_fused 'pallas'"):
+        triton_decode.cache_attention("pallas")

@@ -2,15 +2,21 @@
 first `length` cached tokens, one block of `decode_block` keys at a time with an online softmax
 (running max, denominator and output in fp32), so a long quantized cache is never dequantized
 whole. Plain arguments, no modules: `Attention` calls it with its queries and its layer's
-streams. Mirrors jax_model/cached_attention.py.
+streams, as its default `cache_attend` (a fused kernel with the same signature can stand in).
+Mirrors jax_model/cached_attention.py.
 """
 
 from __future__ import annotations
+
+from collections.abc import Callable
 
 import torch
 
 from torch_ref import kvcache as kvc
 from torch_ref.layers import hadamard, kv_heads
+
+# What `Attention` takes as `cache_attend`: a function with `cached_attend`'s signature.
+CacheAttend = Callable[..., torch.Tensor]
 
 
 def rotate_queries(q_BHTD: torch.Tensor, streams: dict[str, kvc.StreamCache], key_names: tuple[str, ...],

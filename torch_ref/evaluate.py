@@ -15,6 +15,7 @@ import torch
 from dba.errors import UserError
 from dba.kvspec import KVPolicy
 from torch_ref import kvcache as kvc
+from torch_ref.triton_decode import cache_attention
 
 if TYPE_CHECKING:
     from torch_ref.model import DBAModel
@@ -34,9 +35,9 @@ def _position_scores(logits_ref_BV: torch.Tensor, logits_BV: torch.Tensor, targe
 
 @torch.no_grad()
 def score_policy(model: DBAModel, tokens_BL, n_prompt: int, policy: KVPolicy, *,
-                 decode_block: int = 1024) -> dict[str, np.ndarray]:
+                 decode_block: int = 1024, kv_fused: str = "none") -> dict[str, np.ndarray]:
     """Scores of `policy`'s cache against an fp32 cache, teacher-forced on tokens (B, L); the
-    same arrays as jax_model.evaluate.score_policy."""
+    same arrays as jax_model.evaluate.score_policy (`kv_fused` as there)."""
     idx = model.as_tokens(tokens_BL)
     b, length = idx.shape
     if not 0 <= n_prompt < length - 1:
@@ -45,28 +46,29 @@ def score_policy(model: DBAModel, tokens_BL, n_prompt: int, policy: KVPolicy, *,
     ref_cache = kvc.init_cache(model.cfg, REFERENCE, b, length - 1, device=idx.device)
     cache = kvc.init_cache(model.cfg, policy, b, length - 1, device=idx.device)
     x_BT, y_BT = idx[:, :-1], idx[:, 1:]
+    kw = {"decode_block": decode_block, "cache_attend": cache_attention(kv_fused)}
     if n_prompt:
         prompt = x_BT[:, :n_prompt]
-        model.forward_cached(prompt, ref_cache, fresh=True, decode_block=decode_block, last_only=True)
-        model.forward_cached(prompt, cache, fresh=True, decode_block=decode_block, last_only=True)
+        model.forward_cached(prompt, ref_cache, fresh=True, last_only=True, **kw)
+        model.forward_cached(prompt, cache, fresh=True, last_only=True, **kw)
     rows = []
     for t in range(n_prompt, length - 1):
-        logits_ref, ref_cache = model.forward_cached(x_BT[:, t:t + 1], ref_cache, fresh=False, decode_block=decode_block)
-        logits, cache = model.forward_cached(x_BT[:, t:t + 1], cache, fresh=False, decode_block=decode_block)
+        logits_ref, ref_cache = model.forward_cached(x_BT[:, t:t + 1], ref_cache, fresh=False, **kw)
+        logits, cache = model.forward_cached(x_BT[:, t:t + 1], cache, fresh=False, **kw)
         rows.append(_position_scores(logits_ref[:, 0], logits[:, 0], y_BT[:, t]))
     return {name: torch.stack([r[i] for r in rows], dim=1).cpu().numpy() for i, name in enumerate(SCORES)}
 
 
 @torch.no_grad()
 def decode_step_seconds(model: DBAModel, policy: KVPolicy, ctx: int, n_steps: int, decode_block: int,
-                        repeats: int = 3) -> float:
+                        repeats: int = 3, kv_fused: str = "none") -> float:
     """Seconds per decode step (batch 1) with the cache filled to `ctx - n_steps` tokens; the same
     measurement as jax_model.evaluate.decode_step_seconds."""
     import time
 
     n = max(1, min(int(n_steps), int(ctx) - 1))
     token = torch.zeros((1, 1), dtype=torch.long, device=model.device)
-    best = float("inf")
+    best, attend = float("inf"), cache_attention(kv_fused)
     for i in range(repeats + 1):
         cache = kvc.init_cache(model.cfg, policy, 1, int(ctx), device=model.device)
         cache.pos = int(ctx) - n
@@ -74,7 +76,8 @@ def decode_step_seconds(model: DBAModel, policy: KVPolicy, ctx: int, n_steps: in
             torch.cuda.synchronize()
         t0 = time.perf_counter()
         for _ in range(n):
-            logits, cache = model.forward_cached(token, cache, fresh=False, decode_block=decode_block)
+            logits, cache = model.forward_cached(token, cache, fresh=False, decode_block=decode_block,
+                                                 cache_attend=attend)
         float(logits[0, 0, 0])  # waits for the device
         if i:
             best = min(best, (time.perf_counter() - t0) / n)

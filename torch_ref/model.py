@@ -14,20 +14,11 @@ import torch.nn.functional as F
 from dba.config import ModelConfig, key_streams, path_scales
 from dba.errors import UserError
 from dba.kvspec import check_room
-from torch_ref import decode
 from torch_ref import kvcache as kvc
+from torch_ref.cached_attention import CacheAttend, cached_attend
 from torch_ref.layers import apply_rope, attend, merge_heads, rope_cos_sin, split_heads
 from torch_ref.layers import kv_heads as _kv_heads
-from torch_ref.triton_decode import decode_attend
-
-
-def default_device() -> torch.device:
-    """cuda, then mps, then cpu."""
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+from torch_ref.loss import cross_entropy
 
 
 class Attention(nn.Module):
@@ -59,7 +50,6 @@ class Attention(nn.Module):
                 self.v_null = nn.Parameter(torch.zeros(1, 1, widths["v"]))
         self.scales = path_scales(cfg)
         self.key_names = key_streams(cfg)
-        self.kv_fused = "none"  # decode attention: "none" | "triton" | "triton1pass" | "triton2pass" (set_kv_fused)
 
     # -- the pieces every path (full forward, prefill, decode) shares ----------------------
     def _rope(self, x_BHTD: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
@@ -106,15 +96,16 @@ class Attention(nn.Module):
         return k, v
 
     def forward(self, x_BTC: torch.Tensor, positions: torch.Tensor, cache: kvc.LayerCache | None = None, *,
-                fresh: bool = False, decode_block: int = 1024) -> tuple[torch.Tensor, kvc.LayerCache | None]:
+                fresh: bool = False, decode_block: int = 1024,
+                cache_attend: CacheAttend = cached_attend) -> tuple[torch.Tensor, kvc.LayerCache | None]:
         """(B, T, d_model) at absolute `positions` -> (output (B, T, d_model), cache).
 
         Without a cache: causal attention over x's own K/V (training, the full forward), with
         dropout in training mode. With a layer cache holding `cache.pos` tokens: x's K/V are
         written at cache.pos (in place) and x attends over its own fresh, unquantized K/V when
         `fresh` (the cache held nothing before: v29's order for a prompt), else over what the
-        cache returns (`cached_attend`, `decode_block` keys at a time); returns the cache holding
-        pos + T.
+        cache returns (`cache_attend`, a function with `cached_attend`'s signature, e.g. a fused
+        kernel: `decode_block` keys at a time); returns the cache holding pos + T.
         """
         q, kv = self.queries_and_kv(x_BTC, positions)
         p = self.cfg.dropout if self.training and cache is None else 0.0
@@ -129,8 +120,8 @@ class Attention(nn.Module):
                 k, v = self.kv_heads(kv)
                 y = attend(q, k.to(q.dtype), v, self.null_kv())
             else:
-                y = decode_attend(self.kv_fused, q, cache.streams, cache.pos, end, self.null_kv(),
-                                  n_kv_head=self.cfg.n_kv_head, key_names=self.key_names, decode_block=decode_block)
+                y = cache_attend(q, cache.streams, cache.pos, end, self.null_kv(), n_kv_head=self.cfg.n_kv_head,
+                                 key_names=self.key_names, decode_block=decode_block)
             cache = kvc.LayerCache(cache.streams, end)
         y = self.out_proj(merge_heads(y))
         return (F.dropout(y, p=p) if p > 0.0 else y), cache
@@ -164,9 +155,11 @@ class Block(nn.Module):
         self.ff = MLP(cfg)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: kvc.LayerCache | None = None, *,
-                fresh: bool = False, decode_block: int = 1024) -> tuple[torch.Tensor, kvc.LayerCache | None]:
+                fresh: bool = False, decode_block: int = 1024,
+                cache_attend: CacheAttend = cached_attend) -> tuple[torch.Tensor, kvc.LayerCache | None]:
         """Pre-LN block; the layer cache goes through `Attention` (see there) and comes back."""
-        y, cache = self.attn(self.ln1(x), positions, cache, fresh=fresh, decode_block=decode_block)
+        y, cache = self.attn(self.ln1(x), positions, cache, fresh=fresh, decode_block=decode_block,
+                             cache_attend=cache_attend)
         x = x + y
         return x + self.ff(self.ln2(x)), cache
 
@@ -227,7 +220,8 @@ class DBAModel(nn.Module):
         return torch.matmul(x, self.tok_emb.weight.t()).float()
 
     def _trunk(self, idx_BT: torch.Tensor, cache: kvc.Cache | None = None, *, fresh: bool = False,
-               decode_block: int = 1024) -> tuple[torch.Tensor, kvc.Cache | None]:
+               decode_block: int = 1024,
+               cache_attend: CacheAttend = cached_attend) -> tuple[torch.Tensor, kvc.Cache | None]:
         """Embedding and blocks: features (B, T, d_model) and the cache (None without one)."""
         start = 0 if cache is None else cache.pos
         positions = torch.arange(start, start + idx_BT.shape[1], device=idx_BT.device)
@@ -235,24 +229,26 @@ class DBAModel(nn.Module):
         layers = []
         for i, block in enumerate(self.blocks):
             x, layer = block(x, positions, None if cache is None else cache.layer(i), fresh=fresh,
-                             decode_block=decode_block)
+                             decode_block=decode_block, cache_attend=cache_attend)
             layers.append(layer)
         return x, (None if cache is None else cache.with_layers(layers))
 
     def forward_cached(self, tokens_BT: torch.Tensor, cache: kvc.Cache | None, *, fresh: bool = False,
-                       decode_block: int = 1024, last_only: bool = False) -> tuple[torch.Tensor, kvc.Cache | None]:
+                       decode_block: int = 1024, last_only: bool = False,
+                       cache_attend: CacheAttend = cached_attend) -> tuple[torch.Tensor, kvc.Cache | None]:
         """Tokens (B, T) ids through the blocks and `cache` -> (logits (B, T, V) fp32, or (B, 1, V)
         for the last position only with `last_only`; the cache holding T more tokens: the same
         object, updated in place).
 
-        The one cached path of prefill, prompt chunks and decode (see `Attention` for `fresh` and
-        `decode_block`), run without autograd; with cache=None it is the full causal forward and
-        returns (logits, None). An overflow of the cache is refused with a UserError.
+        The one cached path of prefill, prompt chunks and decode (see `Attention` for `fresh`,
+        `decode_block` and `cache_attend`, which the decode functions pick from their `kv_fused`),
+        run without autograd; with cache=None it is the full causal forward and returns
+        (logits, None). An overflow of the cache is refused with a UserError.
         """
         if cache is not None:
             check_room(cache.pos, tokens_BT.shape[1], cache.max_len)
         with torch.no_grad() if cache is not None else nullcontext():
-            x, cache = self._trunk(tokens_BT, cache, fresh=fresh, decode_block=decode_block)
+            x, cache = self._trunk(tokens_BT, cache, fresh=fresh, decode_block=decode_block, cache_attend=cache_attend)
             return self.unembed(x[:, -1:] if last_only else x), cache
 
     def forward(self, tokens) -> torch.Tensor:
@@ -260,11 +256,5 @@ class DBAModel(nn.Module):
         return self.unembed(self._trunk(self.as_tokens(tokens))[0])
 
     def loss(self, tokens, targets) -> torch.Tensor:
-        logits = self(tokens)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), self.as_tokens(targets).reshape(-1))
-
-    def decode_logits(self, tokens, prefill: int, policy=None, decode_block: int = 1024,
-                      max_len: int | None = None) -> torch.Tensor:
-        """Teacher-forced cached decode: prefill `prefill` tokens, then one token at a time."""
-        return decode.decode_logits(self, tokens, prefill=prefill, policy=policy, decode_block=decode_block,
-                                    max_len=max_len)
+        """Mean next-token cross-entropy (fp32) of the full forward."""
+        return cross_entropy(self(tokens), self.as_tokens(targets))

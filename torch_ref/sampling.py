@@ -13,6 +13,7 @@ from dba.kvspec import KVPolicy
 from torch_ref import decode
 from torch_ref import kvcache as kvc
 from torch_ref.recache import recache
+from torch_ref.triton_decode import cache_attention
 
 if TYPE_CHECKING:
     from torch_ref.model import DBAModel
@@ -45,9 +46,11 @@ def sample_next(logits_BV: torch.Tensor, generator: torch.Generator, temperature
 def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy | None = None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, eos_id: int | None = None, decode_block: int = 1024,
-             max_len: int | None = None, plan_for: PlanFor | None = None, interval: int = 256) -> torch.Tensor:
+             max_len: int | None = None, plan_for: PlanFor | None = None, interval: int = 256,
+             kv_fused: str = "none") -> torch.Tensor:
     """Prompt (B, T) ids -> (B, T + max_new_tokens) ids; rows that emit `eos_id` pad with it.
-    `plan_for` / `interval`: the online cache policy, as in jax_model.sampling.generate."""
+    `plan_for` / `interval`: the online cache policy, as in jax_model.sampling.generate;
+    `kv_fused`: the attention over the cache, as in `decode.prefill`."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     idx = model.as_tokens(prompt)
     b, t = idx.shape
@@ -56,11 +59,11 @@ def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy
         caps = online_capacities(t, max_new_tokens, int(interval))
         policy, decode_block = plan_for(caps[0])
     cache = kvc.init_cache(model.cfg, policy or KVPolicy(kind="fp16"), b, caps[0], device=idx.device)
-    logits, cache = decode.prefill(model, cache, idx, decode_block=decode_block, last_only=True)
+    logits, cache = decode.prefill(model, cache, idx, decode_block=decode_block, last_only=True, kv_fused=kv_fused)
     logits = logits[:, -1]
     generator = torch.Generator().manual_seed(seed)
     done = torch.zeros(b, dtype=torch.bool, device=idx.device)
-    out = [idx]
+    out, attend = [idx], cache_attention(kv_fused)
     for i, cap in enumerate(caps):
         if i:
             policy, decode_block = plan_for(cap)
@@ -71,6 +74,7 @@ def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy
                 tok = torch.where(done, torch.full_like(tok, eos_id), tok)
                 done |= tok == eos_id
             out.append(tok[:, None])
-            logits, cache = model.forward_cached(tok[:, None], cache, fresh=False, decode_block=decode_block)
+            logits, cache = model.forward_cached(tok[:, None], cache, fresh=False, decode_block=decode_block,
+                                                 cache_attend=attend)
             logits = logits[:, 0]
     return torch.cat(out, dim=1)

@@ -17,8 +17,11 @@ rows (gqa without repeating K/V). Rotated key streams (`+rot`) are scored with r
 
 Entry points: `fused_attend` (same signature and result as `cached_attend`, plus `mode`),
 `unsupported_reason` (None when the kernel can run these arguments, else why not: callers then
-use `cached_attend`), `triton_available`. Triton is imported lazily: torch_ref imports and works
-without it. The kernels are defined on first use, so `TRITON_INTERPRET=1` (read by
+use `cached_attend`), `triton_available`; for the decode functions (`decode`, `sampling`,
+`evaluate`, whose `kv_fused` names a mode) `cache_attention(kv_fused)`, the function
+`DBAModel.forward_cached` takes as `cache_attend`, and `resolve_kv_fused` (`--kv-fused` -> that
+mode). The model never imports this module. Triton is imported lazily: torch_ref imports and
+works without it. The kernels are defined on first use, so `TRITON_INTERPRET=1` (read by
 `triton.jit` when a kernel is decorated) must be set before the first call, not before import.
 """
 
@@ -28,6 +31,7 @@ import functools
 import os
 import sys
 import warnings
+from collections.abc import Callable
 
 import torch
 
@@ -36,7 +40,7 @@ from torch_ref import kvcache as kvc
 from torch_ref.cached_attention import cached_attend, rotate_queries
 
 MODES = ("auto", "one_pass", "two_pass")
-# `Attention.kv_fused` -> the kernel's mode (v29's --kv-fused names); "none" is `cached_attend`.
+# the `kv_fused` modes (v29's --kv-fused names) -> the kernel's mode; "none" is `cached_attend`.
 KV_FUSED_MODES = {"none": None, "triton": "auto", "triton1pass": "one_pass", "triton2pass": "two_pass"}
 _KIND_CODE = {"fp32": 0, "fp16": 1, "q8_0": 2, "q4_0": 3, "nf4": 4}
 _MAX_ROWS = 64  # G*T query rows per program (decode: G, or a few queries per row)
@@ -381,18 +385,6 @@ def fused_attend(q_BHTD: torch.Tensor, streams: dict[str, kvc.StreamCache], q_st
     return out.reshape(b, h, t, dv).to(q_BHTD.dtype)
 
 
-def set_kv_fused(model: torch.nn.Module, mode: str | None) -> None:
-    """Select the decode attention of every `Attention` layer of `model`: None / "none":
-    `cached_attend` (the default); "triton" / "triton1pass" / "triton2pass": this kernel, auto /
-    one_pass / two_pass (on a CUDA device, or on CPU tensors with TRITON_INTERPRET=1)."""
-    mode = "none" if mode is None else mode
-    if mode not in KV_FUSED_MODES:
-        raise ValueError(f"kv_fused {mode!r}: expected one of {', '.join(KV_FUSED_MODES)}")
-    for m in model.modules():
-        if hasattr(m, "kv_fused"):
-            m.kv_fused = mode
-
-
 def decode_attend(kv_fused: str, q_BHTD: torch.Tensor, streams: dict[str, kvc.StreamCache], q_start: int,
                   length: int, null_kv: tuple[torch.Tensor, torch.Tensor] | None, *, n_kv_head: int,
                   key_names: tuple[str, ...], decode_block: int) -> torch.Tensor:
@@ -410,30 +402,37 @@ def decode_attend(kv_fused: str, q_BHTD: torch.Tensor, streams: dict[str, kvc.St
                          decode_block=decode_block)
 
 
-def use_kv_fused(model: torch.nn.Module, choice: str) -> str:
-    """`--kv-fused choice` (dba/fused.py) on `model`: the Triton kernel when it names it (compiled
-    on CUDA; interpreted, with TRITON_INTERPRET=1, when asked for on a CPU), else the cached
-    attention. Returns what runs ('none', 'triton2pass', 'triton (interpreted)', ...). An explicit
-    kernel that cannot run here is a one-line UserError; `auto` then means none."""
+@functools.cache
+def cache_attention(kv_fused: str = "none") -> Callable[..., torch.Tensor]:
+    """The attention over a layer's cache that the mode `kv_fused` names, with `cached_attend`'s
+    signature (what `DBAModel.forward_cached` takes as `cache_attend`): `cached_attend` itself for
+    "none"; for "triton" / "triton1pass" / "triton2pass" this kernel, auto / one_pass / two_pass (on
+    a CUDA device, or on CPU tensors with TRITON_INTERPRET=1), falling back to `cached_attend`
+    with a warning on a layer it cannot take. Memoised, as the JAX mirror (a mode always gives
+    the same function)."""
+    if kv_fused not in KV_FUSED_MODES:
+        raise ValueError(f"kv_fused {kv_fused!r}: expected one of {', '.join(KV_FUSED_MODES)}")
+    return cached_attend if kv_fused == "none" else functools.partial(decode_attend, kv_fused)
+
+
+def resolve_kv_fused(choice: str, device: torch.device | str) -> tuple[str, str]:
+    """`--kv-fused choice` (dba/fused.py) for a model on `device`: (the mode the decode functions
+    take as `kv_fused`: the Triton kernel when the choice names it, compiled on CUDA, interpreted
+    with TRITON_INTERPRET=1 when asked for on a CPU, else "none"; what runs, for the info line:
+    'none', 'triton2pass', 'triton (interpreted)', ...). An explicit kernel that cannot run here
+    is a one-line UserError; `auto` then means none."""
     from dba.errors import UserError
     from dba.fused import resolve_fused
 
-    kernel, interpret = resolve_fused(choice, "torch", model_device(model).type == "cuda")
+    kernel, interpret = resolve_fused(choice, "torch", torch.device(device).type == "cuda")
     if kernel == "none":
-        set_kv_fused(model, "none")
-        return "none"
+        return "none", "none"
     if interpret:
         if "triton" in sys.modules and os.environ.get("TRITON_INTERPRET") != "1":
             raise UserError(f"--kv-fused {choice} on a CPU needs TRITON_INTERPRET=1 set before triton is imported", 1)
         os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported (after this)
     if not triton_available():
         if choice == "auto":
-            set_kv_fused(model, "none")
-            return "none"
+            return "none", "none"
         raise UserError(f"--kv-fused {choice}: triton is not installed (pip install triton; Linux)", 1)
-    set_kv_fused(model, kernel)
-    return kernel + (" (interpreted)" if interpret else "")
-
-
-def model_device(model: torch.nn.Module) -> torch.device:
-    return next(model.parameters()).device
+    return kernel, kernel + (" (interpreted)" if interpret else "")

@@ -19,7 +19,8 @@ from dba.errors import UserError
 from dba.v29 import v29_config_dict
 from dba.weight_files import read_weights
 from dba.weights import save_safetensors, tied_aliases, validate_state
-from torch_ref.model import DBAModel, default_device
+from torch_ref.devices import default_device
+from torch_ref.model import DBAModel
 
 
 def read_v29_payload(path: str | Path) -> Any:

@@ -56,13 +56,13 @@ from typing import Any
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from dba.errors import UserError
 from dba.optimizers import decays
 from dba.param_groups import group_names, param_groups
 from dba.units import human_bytes
 from torch_ref import optim as topt
+from torch_ref.loss import cross_entropy
 from torch_ref.model import DBAModel
 from torch_ref.weights_io import canonical_state
 from train.config import OptimConfig, PrecisionConfig
@@ -197,7 +197,7 @@ class TorchStepper:
         """Mean cross-entropy of one micro-batch, fp32 (the model's logits are fp32)."""
         with self._autocast():
             logits = self.model(x_BT)
-        return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y_BT.reshape(-1))
+        return cross_entropy(logits, y_BT)
 
     def _lr_at(self, count: torch.Tensor) -> torch.Tensor:
         """lr = schedule(count) in fp32 on the device (dba.optimizers.LRSchedule, the formula the
