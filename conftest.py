@@ -13,6 +13,10 @@ floating-point semantics are the same (no fast-math either way); only the machin
 tuned. The toy programs here spend far longer compiling than running: this cuts the parity
 modules' time by about a third.
 
+The fast tier (`-m "not slow"`, the edit loop) spawns no process: a test that starts one (a `dba`
+command end to end, a child interpreter) must be marked `slow`, and an autouse guard fails it
+otherwise, naming the mark, so the tier stays fast as tests are added.
+
 And it runs Triton in its CPU interpreter (`TRITON_INTERPRET=1`, unless set): triton reads the
 variable once, when it is first imported, and the fused-kernel tests
 (tests/test_triton_decode.py) check the kernels on CPU tensors whichever module imports triton
@@ -23,12 +27,14 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 import tempfile
 
 import pytest
 
 
 def pytest_configure(config):
+    _guard_processes()
     os.environ.setdefault("TRITON_INTERPRET", "1")
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_backend_optimization_level" not in flags:
@@ -60,3 +66,25 @@ def torch_one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+_RUNNING: list = [None]  # the test item being set up, run or torn down
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _RUNNING[0] = item  # module fixtures are set up here too: they count for this item
+
+
+def _guard_processes() -> None:
+    """Outside `slow` tests, starting a process is a failure (see the module docstring)."""
+    plain = subprocess.Popen.__init__
+
+    def guarded(self, args, *a, **kw):
+        item = _RUNNING[0]
+        if item is not None and item.get_closest_marker("slow") is None:
+            raise AssertionError(f"{item.nodeid} starts a process ({str(args)[:120]}): mark it "
+                                 f"@pytest.mark.slow (the fast tier spawns nothing)")
+        return plain(self, args, *a, **kw)
+
+    subprocess.Popen.__init__ = guarded

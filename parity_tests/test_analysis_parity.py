@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from bench.parity_cases import build_jax, build_torch, make_config, random_state, random_tokens
+from tests.support import tiered
 from train.analysis import AnalysisSpec, analyse
 
 CASES = [("decoupled", ("null",)), ("decoupled", ("tie_qk",)), ("standard", ()), ("bottleneck", ("null",)),
@@ -78,7 +79,7 @@ def _torch_reference(tm, idx, layers, heads, topk, window):
     return {k: np.stack(v) for k, v in out.items()}
 
 
-@pytest.mark.parametrize("mode,options", CASES, ids=[f"{m}-{'+'.join(o) or 'base'}" for m, o in CASES])
+@pytest.mark.parametrize("mode,options", tiered(CASES, 1, ids=[f"{m}-{'+'.join(o) or 'base'}" for m, o in CASES]))
 def test_analysis_matches_torch_probabilities(mode, options):
     cfg = make_config(mode, options)
     state = random_state(cfg, seed=3)

@@ -16,6 +16,7 @@ from dba.errors import UserError
 from dba.kvspec import KVPolicy, kv_bytes
 from jax_model import kvcache as jkv
 from bench.parity_cases import build_jax, build_torch, init_like_state, make_config, random_state, random_tokens
+from tests.support import first_of_each, tiered
 
 DECODE_CONFIGS = [
     ("decoupled", ("null",)), ("decoupled", ("tie_qk", "embed")), ("decoupled", ()),
@@ -29,7 +30,7 @@ def _framework(model):
     return jax_model if isinstance(model, jax_model.DBAModel) else torch_ref
 
 
-@pytest.mark.parametrize("mode,options", DECODE_CONFIGS, ids=IDS)
+@pytest.mark.parametrize("mode,options", tiered(DECODE_CONFIGS, 1, ids=IDS))
 def test_fp32_decode_equals_forward(mode, options):
     cfg = make_config(mode, options)
     state = random_state(cfg, 11)
@@ -62,8 +63,8 @@ CROSS = [(DECODE_CONFIGS[(i + j * 3) % len(DECODE_CONFIGS)], p)
          for i, p in enumerate(POLICIES) for j in range(2)]
 
 
-@pytest.mark.parametrize("config,policy_name", CROSS,
-                         ids=[f"{m}-{'+'.join(o) or 'base'}-{p}" for (m, o), p in CROSS])
+@pytest.mark.parametrize("config,policy_name", tiered(CROSS, first_of_each(lambda case: case[1]),
+                                                      ids=[f"{m}-{'+'.join(o) or 'base'}-{p}" for (m, o), p in CROSS]))
 def test_cross_framework_decode(config, policy_name):
     mode, options = config
     policy, tol = POLICIES[policy_name]
@@ -81,6 +82,7 @@ def test_cross_framework_decode(config, policy_name):
         assert np.abs(dj - full).max() > 10 * tol
 
 
+@pytest.mark.slow
 def test_decode_block_size_does_not_change_results():
     cfg = make_config("decoupled", ("null",))
     jm = build_jax(cfg, init_like_state(cfg, 2))
@@ -157,6 +159,7 @@ def test_greedy_generation_matches_across_frameworks(mode, options):
     assert np.array_equal(top1, gj)
 
 
+@pytest.mark.slow
 def test_sampling_is_reproducible_and_filters():
     cfg = make_config("decoupled", ("null",))
     state = random_state(cfg, 22)

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import zlib
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dba.weights import tied_aliases
+from tests.support import first_of_each, tiered
 from bench.parity_cases import (build_jax, build_torch, config_matrix, jax_grads_canonical, random_state,
                                  random_tokens)
 
@@ -24,9 +27,11 @@ def test_matrix_covers_every_mode_and_option():
         assert any(c.mlp == "gelu" for c in of_mode) and any(c.embed_dim != c.d_model for c in of_mode)
 
 
-@pytest.mark.parametrize("name,cfg", MATRIX, ids=[n for n, _ in MATRIX])
+# the fast tier runs the first configuration of each attention mode, the full suite all of them
+@pytest.mark.parametrize("name,cfg", tiered(MATRIX, first_of_each(lambda case: case[1].attn_mode),
+                                            ids=[n for n, _ in MATRIX]))
 def test_logits_and_grads_match(name, cfg):
-    state = random_state(cfg, seed=hash(name) % 1000)
+    state = random_state(cfg, seed=zlib.crc32(name.encode()) % 1000)  # fixed per configuration, every run
     tokens = random_tokens(cfg, 2, 17)
     targets = random_tokens(cfg, 2, 17, seed=2)
     tm, jm = build_torch(cfg, state), build_jax(cfg, state)

@@ -1,12 +1,12 @@
 """KV quantization: JAX bytes == torch bytes == a numpy reference written here from SPEC §5.
 
-The reference below is deliberately plain (explicit padding, np.rint, argmin over the 16 levels
-typed in from the SPEC) so it shares nothing with the code under test but the SPEC.
+The reference (tests/support.py's `ref_quantize`) is deliberately plain (explicit padding,
+np.rint, argmin over the 16 levels typed in from the SPEC) so it shares nothing with the code under
+test but the SPEC.
 """
 
 from __future__ import annotations
 
-import math
 
 import jax
 import jax.numpy as jnp
@@ -17,51 +17,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from jax_model import kvcache as jkv
+from tests.support import NF4_LEVELS as LEVELS
+from tests.support import QMAX, ref_layout, ref_quantize
 from torch_ref import kvcache as tkv
 
 KINDS = ("q8_0", "q4_0", "nf4")
-LEVELS = np.array([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0], dtype=np.float32)
-QMAX = {"q8_0": 127, "q4_0": 7, "nf4": 1}
-
-
-def ref_layout(kind, dim, qblock):
-    qb = min(qblock if qblock > 0 else 32, dim)
-    if kind != "q8_0":
-        qb = max(2, qb // 2 * 2)
-    pad = math.ceil(dim / qb) * qb
-    if kind != "q8_0" and pad % 2:
-        pad += qb
-    return qb, pad, pad // qb
-
-
-def ref_quantize(x, kind, qblock):
-    """Returns (q bytes, fp16 scale, fp32 scale, codes) for x (rows, dim)."""
-    x = np.asarray(x, np.float32)
-    rows, dim = x.shape
-    qb, pad, nb = ref_layout(kind, dim, qblock)
-    xp = np.zeros((rows, pad), np.float32)
-    xp[:, :dim] = x
-    blocks = xp.reshape(rows, nb, qb)
-    amax = np.abs(blocks).max(axis=-1, keepdims=True)
-    s32 = np.maximum(amax / np.float32(QMAX[kind]), np.float32(1e-8)).astype(np.float32)
-    y = (blocks / s32).astype(np.float32)
-    if kind == "q8_0":
-        codes = np.clip(np.rint(y), -127, 127).astype(np.int8)
-        q = codes.reshape(rows, pad)
-    else:
-        if kind == "q4_0":
-            u = (np.clip(np.rint(y), -8, 7) + 8).astype(np.int64)
-            codes = u - 8
-        else:
-            u = np.argmin(np.abs(np.clip(y, -1, 1)[..., None] - LEVELS), axis=-1)
-            codes = LEVELS[u]
-        u = u.reshape(rows, pad)
-        q = (u[:, 0::2] * 16 + u[:, 1::2]).astype(np.uint8)
-    return q, s32[..., 0].astype(np.float16), s32[..., 0], codes
 
 
 def make_x(seed, rows, dim, mode, kind, qblock):
@@ -98,6 +58,7 @@ def check_bytes(x, kind, qblock):
     return jq, js
 
 
+@pytest.mark.slow
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(KINDS), dim=st.integers(1, 300),
        qblock=st.one_of(st.just(0), st.integers(1, 64)), rows=st.integers(1, 3),

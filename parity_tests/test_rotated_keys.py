@@ -24,7 +24,7 @@ from dba.kvspec import KVPolicy, kv_bytes, parse_policy, stream_spec
 from dba.rotation import rotation_dims
 from jax_model import kvcache as jkv
 from jax_model.layers import hadamard as j_hadamard
-from parity_tests.test_quant_parity import ref_quantize
+from tests.support import ref_quantize, tiered
 from torch_ref import kvcache as tkv
 from torch_ref.layers import hadamard as t_hadamard
 
@@ -63,7 +63,7 @@ def rot_config(name: str):
 
 # ---- the transform ------------------------------------------------------------------------
 
-@pytest.mark.parametrize("n", [1, 2, 8, 128])
+@pytest.mark.parametrize("n", tiered([1, 2, 8, 128], 3))
 def test_hadamard_matches_the_reference_matrix(n):
     rng = np.random.default_rng(n)
     heads = 3
@@ -109,6 +109,7 @@ _jit_write = jax.jit(jkv.write)
 
 # Shapes from small sets: every new shape compiles the write again (eager ops included), and the
 # bytes depend on the values, which vary freely.
+@pytest.mark.slow  # every new shape compiles the write again: ~10 s
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(kind=st.sampled_from(KINDS), heads=st.sampled_from([1, 3]), log_n=st.sampled_from([0, 2, 3, 6]),
        qblock=st.sampled_from([0, 3, 8, 40]), t=st.sampled_from([1, 5]), start=st.sampled_from([0, 3]),
@@ -213,7 +214,7 @@ def run_torch(model, cache, tokens, decode_block):
     return np.concatenate(out, axis=1), cache
 
 
-@pytest.mark.parametrize("name", ["decoupled-null", "gqa-null", "standard-tie_qk"])
+@pytest.mark.parametrize("name", tiered(["decoupled-null", "gqa-null", "standard-tie_qk"], 1))
 def test_query_rotation_leaves_scores_unchanged(name):
     """fp32 storage, every key stream rotated vs none: the same logits (1e-5), and the full forward."""
     cfg = rot_config(name)
@@ -240,7 +241,7 @@ ROT_POLICIES = {
 }
 
 
-@pytest.mark.parametrize("name", sorted(ROT_POLICIES))
+@pytest.mark.parametrize("name", tiered(sorted(ROT_POLICIES), 1))
 def test_cross_framework_decode_with_rotated_keys(name):
     """As test_decode_parity's cross-framework decode (same tolerance as q4_0 there), with the
     prompt in chunks so both cached-attention paths read the rotated streams."""

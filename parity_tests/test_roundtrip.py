@@ -38,6 +38,7 @@ def test_torch_safetensors_jax_safetensors_torch_bit_identical(tmp_path, mode, o
             assert dict(back.named_parameters(remove_duplicate=False))[k] is dict(back.named_parameters(remove_duplicate=False))[q]
 
 
+@pytest.mark.slow
 def test_v29_pt_export_v29_pt_loads_strictly(tmp_path):
     cfg = make_config("decoupled", ("tie_qk", "null"))
     state = random_state(cfg, 5)
@@ -57,6 +58,7 @@ def test_v29_pt_export_v29_pt_loads_strictly(tmp_path):
         assert np.array_equal(sd[k].numpy(), v)
 
 
+@pytest.mark.slow
 def test_convert_v29_fixture_both_ways(tmp_path):
     if not FIXTURE.exists():
         pytest.skip("fixture not present")
@@ -70,6 +72,7 @@ def test_convert_v29_fixture_both_ways(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_convert_refuses_per_path_decoupled_to_v29(tmp_path):
     cfg = make_config("decoupled")  # per_path scaling, no null attention: v29 can't express it
     torch_ref.save_export(tmp_path / "m.safetensors", build_torch(cfg, random_state(cfg)))
@@ -79,6 +82,7 @@ def test_convert_refuses_per_path_decoupled_to_v29(tmp_path):
     assert len(r.stderr.strip().splitlines()) == 1 and not (tmp_path / "m.pt").exists()
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,needle", [
     (["missing.pt", "out.safetensors"], "not found"),
     (["{src}", "out.bin"], "unsupported destination"),

@@ -30,6 +30,7 @@ from torch_ref.analysis import Analyzer as TorchAnalyzer
 from torch_ref.analysis import analyse as torch_analyse
 from train.analysis import AnalysisSpec
 from train.analysis import Analyzer as JaxAnalyzer
+from tests.support import tiered
 from train.batches import train_batch
 from train.config import OptimConfig, PrecisionConfig
 from train.optim import build_optimizer
@@ -87,7 +88,7 @@ VARIANTS = {"adamw": (CFG, {}, ACCUM), "lion": (CFG, {}, ACCUM),
             "adamw-accum1": (CFG.replace(tie_qk=True, null_attn=True, embed_dim=36), {"wd_exempt_1d": True}, 1)}
 
 
-@pytest.mark.parametrize("variant", list(VARIANTS))
+@pytest.mark.parametrize("variant", tiered(list(VARIANTS), 1))
 def test_torch_stepper_matches_jax_stepper(variant):
     cfg, extra, accum = VARIANTS[variant]
     opt = variant.split("-")[0]

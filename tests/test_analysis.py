@@ -22,7 +22,7 @@ import numpy as np
 import pytest
 
 from dba.errors import UserError
-from tests.test_train import ENV, REPO, TOY, dba_train, ok
+from tests.support import ENV, REPO, TOY, dba_train, ok
 from train.analysis import effective_rank, local_mass, parse_indices, row_entropy, stable_rank, topk_mass
 from dba.runlog import read_events
 
@@ -133,6 +133,7 @@ def instrumented(tmp_path_factory):
     return {"root": root, "out": out, "stdout": r.stdout, "data": root / "toy.npy"}
 
 
+@pytest.mark.slow
 def test_instrumented_run_events(instrumented):
     out = instrumented["out"]
     ana = read_events(out / "train.jsonl", "analysis")
@@ -153,6 +154,7 @@ def test_instrumented_run_events(instrumented):
     assert "analysis @ 12:" in instrumented["stdout"]
 
 
+@pytest.mark.slow
 def test_analysis_h5_row_stochastic(instrumented):
     with h5py.File(instrumented["out"] / "analysis.h5", "r") as f:
         assert sorted(f) == [f"step_{s:08d}" for s in (0, 4, 8, 12)]
@@ -168,6 +170,7 @@ def test_analysis_h5_row_stochastic(instrumented):
         assert g.attrs["attn_entropy_mean"] == pytest.approx(g["metrics/attn_entropy"][:].mean(), rel=1e-5)
 
 
+@pytest.mark.slow
 def test_analysis_png_and_tensorboard(instrumented):
     import matplotlib.image as mpimg
 
@@ -192,6 +195,7 @@ def test_analysis_png_and_tensorboard(instrumented):
     assert {"train/loss", "eval/val_loss", "analysis/attn_entropy_mean", "train/grad_norm_attn_sem"} <= tags
 
 
+@pytest.mark.slow
 def test_tb_missing_is_one_line(tmp_path, instrumented, monkeypatch):
     code = ("import sys; sys.modules['tensorboardX'] = None; from cli.main import main; "
             f"sys.exit(main(['train', '--data', {str(instrumented['data'])!r}, '--vocab-size', '97', '--steps', '1', "
@@ -202,6 +206,7 @@ def test_tb_missing_is_one_line(tmp_path, instrumented, monkeypatch):
     assert not (tmp_path / "x" / "train.jsonl").exists()
 
 
+@pytest.mark.slow
 def test_analysis_h5_survives_sigkill(instrumented, tmp_path):
     """Kill the run at several moments; analysis.h5 always opens and holds every group whose
     analysis event reached train.jsonl, each complete."""
@@ -234,6 +239,7 @@ def test_analysis_h5_survives_sigkill(instrumented, tmp_path):
 
 
 # -- the dashboard -------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_dashboard_renders_everything(instrumented):
     from rich.console import Console
 
@@ -260,6 +266,7 @@ def test_dashboard_renders_everything(instrumented):
 
 
 # -- dba report -------------------------------------------------------------------------------------
+@pytest.mark.slow
 def test_report_two_runs_kv_equals_kv_bytes(instrumented):
     from dba.config import ModelConfig
     from dba.kvspec import KVPolicy, human_bytes, kv_bytes
@@ -294,6 +301,7 @@ def test_report_two_runs_kv_equals_kv_bytes(instrumented):
     assert (std / "analysis.png").exists()
 
 
+@pytest.mark.slow
 def test_report_seed_variants_mean_std(instrumented, tmp_path):
     from dba.report import load_run, markdown, summarize, variants
 
@@ -316,6 +324,7 @@ def test_report_seed_variants_mean_std(instrumented, tmp_path):
     assert "± " in markdown(rows, groups)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,needle", [(["/nonexistent/run"], "does not exist"),
                                          (["."], "has no train.jsonl")])
 def test_report_bad_input_one_line(args, needle):
@@ -325,6 +334,7 @@ def test_report_bad_input_one_line(args, needle):
     assert len(r.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("flags,needle", [(["--instrument", "basic", "--analysis-layers", "9"], "out of range"),
                                           (["--instrument", "basic", "--analysis-topk", "0"], "must be >= 1")])
 def test_bad_analysis_flags_one_line(instrumented, tmp_path, flags, needle):

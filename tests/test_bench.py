@@ -30,6 +30,7 @@ def _args(module, **kw) -> argparse.Namespace:
     return args
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("kind", ["q4_0", "fp16"])
 def test_memory_decode_jax_accounting(kind):
     policy = KVPolicy(kind=kind, residual=8)
@@ -41,6 +42,7 @@ def test_memory_decode_jax_accounting(kind):
     assert r["rss_start"] is None or r["rss_start"] > 0
 
 
+@pytest.mark.slow
 def test_memory_decode_torch_accounting():
     policy = KVPolicy(kind="q4_0", residual=8)
     r = bmemory.decode_torch(TINY, policy, 20, _args(bmemory, new_tokens=3, prefill_chunk=16, decode_block=8))
@@ -48,6 +50,7 @@ def test_memory_decode_torch_accounting():
     assert r["decode_s"] > 0
 
 
+@pytest.mark.slow
 def test_memory_train_fields():
     args = _args(bmemory, batch_size=2, seq_len=8, steps=1)
     for fn in (bmemory.train_jax, bmemory.train_torch):
@@ -77,6 +80,7 @@ def test_peak_rss_context():
         assert m.growth >= 4 << 20
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("runner", [bdecode.bench_jax, bdecode.bench_torch])
 def test_decode_bench_runner(runner):
     args = _args(bdecode, new_tokens=2, prefill_chunk=8, decode_block=8, repeats=2)
@@ -86,6 +90,7 @@ def test_decode_bench_runner(runner):
     assert r["cache_bytes"] == kv_bytes(TINY, 18, 1, policy)["total_bytes"]
 
 
+@pytest.mark.slow
 def test_memory_bench_end_to_end(tmp_path, monkeypatch):
     """`run` in its own process per case writes the JSON fields the README table reads."""
     monkeypatch.setattr(bmemory, "named_config", lambda name, **kw: TINY.replace(**kw))
@@ -102,6 +107,7 @@ def test_memory_bench_end_to_end(tmp_path, monkeypatch):
         assert key in row
 
 
+@pytest.mark.slow
 def test_profile_bench_names_ops(tmp_path, monkeypatch, capsys):
     """`dba bench profile` traces the train step and attributes op time to HLO ops."""
     from bench import profile as bprofile

@@ -20,6 +20,8 @@ import pytest
 from dba.config import ModelConfig
 from dba.weights import param_shapes, save_safetensors
 
+pytestmark = pytest.mark.slow  # every mistake through the real CLI, in subprocesses
+
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
 TINY = ModelConfig(vocab_size=61, block_size=24, n_layer=2, n_head=2, d_model=22, d_ff=38, embed_dim=22,

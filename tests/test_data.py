@@ -18,6 +18,7 @@ from dba.data import (
     tokenizer_from_dict,
 )
 from dba.errors import UserError
+from tests.support import write_hf_tokenizer
 
 
 # ---------------------------------------------------------------- tokenizers
@@ -337,24 +338,10 @@ def test_tokenizer_names_and_records(tmp_path):
         parse_tokenizer(str(tmp_path / "nope" / "tokenizer.json"))
 
 
-def _write_hf_tokenizer(path):
-    """A minimal Hugging Face tokenizer.json: a word-level model over 5 words plus one added token."""
-    import json
-
-    vocab = {"[UNK]": 0, "hello": 1, "world": 2, "the": 3, "cat": 4}
-    path.write_text(json.dumps({
-        "version": "1.0", "truncation": None, "padding": None,
-        "added_tokens": [{"id": 5, "content": "<eos>", "single_word": False, "lstrip": False, "rstrip": False,
-                          "normalized": False, "special": True}],
-        "normalizer": None, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": None,
-        "decoder": None, "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}}))
-    return path
-
-
 def test_hf_tokenizer_json(tmp_path):
     from dba.data import RecordedTokenizer, tokenizer_from_dict, tokenizer_record
 
-    path = _write_hf_tokenizer(tmp_path / "tokenizer.json")
+    path = write_hf_tokenizer(tmp_path / "tokenizer.json")
     rec = tokenizer_record(str(tmp_path))  # a directory holding tokenizer.json names it
     assert rec["name"] == "hf" and rec["vocab_size"] == 6 and rec["path"] == str(path) and len(rec["sha256"]) == 64
     np.save(tmp_path / "ids.npy", np.array([1, 2, 3, 4, 5, 1], dtype=np.uint16))

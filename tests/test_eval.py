@@ -16,6 +16,7 @@ from bench.parity_cases import build_jax, build_torch, init_like_state, make_con
 from dba.errors import UserError
 from dba.evaluation import EvalPlan, parse_contexts, passkey_sequences, ppl_windows
 from dba.kvspec import KVPolicy, kv_bytes, parse_policy
+from tests.support import tiered
 
 REPO = Path(__file__).resolve().parents[1]
 ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
@@ -85,7 +86,7 @@ def test_fp32_cache_decode_equals_the_full_forward(models):
     assert np.abs(s["kl"]).max() <= 1e-6 and s["agree"].all()
 
 
-@pytest.mark.parametrize("policy", ["fp16,residual=4", "q8_0,residual=4", "all=q4_0,residual=0", "nf4,residual=4"])
+@pytest.mark.parametrize("policy", tiered(["fp16,residual=4", "q8_0,residual=4", "all=q4_0,residual=0", "nf4,residual=4"], 2))
 def test_jax_and_torch_scores_agree(models, policy):
     from jax_model.evaluate import score_policy as score_jax
     from torch_ref.evaluate import score_policy as score_torch
@@ -116,6 +117,7 @@ def tiny_run(tmp_path_factory):
     return cfg, model, d / "tokens.npy", d
 
 
+@pytest.mark.slow
 def test_eval_command_end_to_end(tiny_run):
     cfg, model, data, d = tiny_run
     out, plot = d / "eval.json", d / "pareto.png"
@@ -139,6 +141,7 @@ def test_eval_command_end_to_end(tiny_run):
     assert [r_["tokens"] for r_ in recs if r_["task"] == "ppl"][:1] == [2 * 12]  # 2 windows x ctx/2
 
 
+@pytest.mark.slow
 def test_eval_torch_backend_matches_jax(tiny_run):
     cfg, model, data, d = tiny_run
     outs = {}

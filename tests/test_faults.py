@@ -19,49 +19,25 @@ Runs go through a subprocess (`python -m cli train ...`) like a user's would.
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dba.runlog import read_events
+from tests.support import TINY, ckpt_steps, dba_train, export_step, legs, one_line_error, popen_train
 
-REPO = Path(__file__).resolve().parents[1]
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1",
-           # the runs here compile the same few steps: share them through JAX's compilation cache
-           JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")
-ENV.pop("DBA_FAULT", None)
+pytestmark = pytest.mark.slow  # runs of `dba train` in subprocesses, killed and resumed
+
 STEPS = 12
-# A tiny model and run: fp32, one sequence length, a checkpoint every 2 steps, evals at 6 and 12.
-TINY = ["--device", "cpu", "--data-format", "npy", "--vocab-size", 97, "--attn-mode", "decoupled",
-        "--d-model", 32, "--layers", 1, "--n-head", 2, "--d-ff", 64, "--attn-dim", 32, "--sem-dim", 8,
-        "--geo-dim", 16, "--batch-size", 2, "--train-seq-len", 16, "--optimizer", "adamw", "--lr", "1e-2",
-        "--param-dtype", "fp32", "--seed", 7, "--save-every", 2, "--eval-every", 6, "--eval-iters", 1,
-        "--log-every", 1, "--live", "basic"]
 TMP_SUFFIX = ".orbax-checkpoint-tmp"
-
-
-def _cmd(args):
-    return [sys.executable, "-m", "cli", "train", *map(str, args)]
-
-
-def _env(fault):
-    return dict(ENV, DBA_FAULT=fault) if fault else ENV
-
-
-def dba_train(*args, fault=None, timeout=300):
-    return subprocess.run(_cmd(args), cwd=REPO, env=_env(fault), capture_output=True, text=True, timeout=timeout)
 
 
 def signal_when_paused(args, fault, sig, timeout=300):
     """Run with a DBA_FAULT pause_at_step hook; send `sig` from outside once the run says it is
     paused (between two steps, its train event written). Returns (exit status, output)."""
-    p = subprocess.Popen(_cmd(args), cwd=REPO, env=_env(fault), stdout=subprocess.PIPE,
-                         stderr=subprocess.STDOUT, text=True, bufsize=1)
+    p = popen_train(*args, fault=fault)
     seen = []
     for line in p.stdout:
         seen.append(line)
@@ -72,46 +48,8 @@ def signal_when_paused(args, fault, sig, timeout=300):
     return p.returncode, "".join(seen) + (rest or "")
 
 
-def one_line_error(r, code=1):
-    assert r.returncode == code, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    assert r.stderr.startswith("dba train: error: ")
-    return r.stderr.strip()
-
-
-def ckpt_steps(out, kind="last"):
-    d = Path(out) / "checkpoints" / kind
-    return sorted(int(p.name) for p in d.iterdir() if p.name.isdigit()) if d.is_dir() else []
-
-
 def tmp_dirs(out):
     return sorted(str(p.relative_to(out)) for p in (Path(out) / "checkpoints").glob(f"*/*{TMP_SUFFIX}"))
-
-
-def export_step(path):
-    from dba.weight_files import read_weights
-
-    return int(read_weights(path)[2]["metadata"]["step"])
-
-
-def legs(out):
-    """train.jsonl split at its `meta` events: one list of events per invocation. Every line must
-    parse: the log is flushed per event, so even a SIGKILLed run leaves whole lines."""
-    lines = (Path(out) / "train.jsonl").read_text().splitlines()
-    events = [{**rec, "event": rec["type"]} for rec in map(json.loads, lines)]
-    out_legs: list[list[dict]] = []
-    for e in events:
-        if e["event"] == "meta":
-            out_legs.append([])
-        out_legs[-1].append(e)
-    return out_legs
-
-
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    ENV["JAX_COMPILATION_CACHE_DIR"] = str(tmp_path_factory.mktemp("jax_cache"))
-    yield
-    ENV.pop("JAX_COMPILATION_CACHE_DIR", None)
 
 
 @pytest.fixture(scope="module")
@@ -175,7 +113,7 @@ def test_faults_then_resume_equal_straight_run(straight, data, tmp_path):
     # 3. Resume from 4 (reaching 6 again re-saves 'best' 6); the disk fills while saving 'last' at
     #    8: a one-line error, exit 1, and 'last' 6 stays the latest and loadable.
     r = dba_train(*resume, fault="enospc_in_save:8")
-    err = one_line_error(r, 1)
+    err = one_line_error(r, 1, prefix="dba train: error: ")
     assert "'last' checkpoint of step 8" in err and "disk is full" in err and "(step 6) is kept" in err, err
     faults += 1
     resumes += 1
@@ -188,7 +126,7 @@ def test_faults_then_resume_equal_straight_run(straight, data, tmp_path):
     # 4. Resume from 6; the loss of step 8 is NaN: the run stops there without saving (exit 1, one
     #    line naming the step), records the `nonfinite` event; 'last' 6 stays the latest.
     r = dba_train(*resume, fault="nan_loss_at:8")
-    err = one_line_error(r, 1)
+    err = one_line_error(r, 1, prefix="dba train: error: ")
     assert "non-finite loss at step 8" in err and "checkpoint (step 6) is kept" in err, err
     faults += 1
     resumes += 1
@@ -265,7 +203,7 @@ def test_skip_nonfinite_skips_counts_and_stops(straight, data, tmp_path):
     # The run syncs every 4 steps (log) and saves every 2: step 3 is skipped (1 allowed), step 5
     # is one too many. It is noticed at the save of step 6, which is therefore not written.
     args = ["--data", data, "--steps", STEPS, *TINY, "--log-every", 4, "--skip-nonfinite", 1, "--out-dir", out]
-    err = one_line_error(dba_train(*args, fault=fault), 1)
+    err = one_line_error(dba_train(*args, fault=fault), 1, prefix="dba train: error: ")
     assert "non-finite loss at step 5" in err and "--skip-nonfinite allows 1" in err and "(step 4) is kept" in err, err
     ev = read_events(out / "train.jsonl")
     assert [(e["step"], e["quantity"], e["count"], e["action"]) for e in ev if e["event"] == "nonfinite"] == [

@@ -32,6 +32,7 @@ def test_mistakes(choice, backend, needle):
         resolve_fused(choice, backend, True)
 
 
+@pytest.mark.slow
 @pytest.mark.kernels
 # jax + pallas through `dba sample` is the same switch as this; tests/test_pallas_decode.py runs
 # decode_logits with the Pallas kernel switched in (kept out of here for the suite's time)

@@ -276,6 +276,7 @@ def kvmem(*argv: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_cli_seed_lines():
     r = kvmem(*SEED_FLAGS)
     assert r.returncode == 0, r.stderr
@@ -285,6 +286,7 @@ def test_cli_seed_lines():
     assert "This run policy @ 128k: `843.8MB`" in r.stdout
 
 
+@pytest.mark.slow
 def test_cli_json_and_policy():
     r = kvmem(*SEED_FLAGS, "--json", "--kv-cache", "q4_0", "--ctx", "1024,2k", "--batch", "2")
     assert r.returncode == 0, r.stderr
@@ -303,6 +305,7 @@ def test_cli_json_and_policy():
     assert math.isclose(r_["end_to_end"], c["baseline_bytes"] / c["policy_bytes"])
 
 
+@pytest.mark.slow
 def test_cli_presets():
     r = kvmem("--size", "small", "--exp", "paper_decoupled", "--json")
     d = json.loads(r.stdout)
@@ -310,6 +313,7 @@ def test_cli_presets():
     assert d["contexts"][0]["ctx"] == 1024
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("argv,needle", [
     (["--kv-cache", "q5"], "q5"),
     (["--batch", "0"], "--batch"),
@@ -328,6 +332,7 @@ def test_cli_bad_values(argv, needle):
     assert r.stdout == ""
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not (FIXTURE / "best.pt").exists(), reason="v29 fixture not present")
 def test_cli_ckpt_v29_pt():
     r = kvmem("--ckpt", str(FIXTURE), "--json")
@@ -342,6 +347,7 @@ def test_cli_ckpt_v29_pt():
     assert r.returncode == 2 and "--layers" in r.stderr
 
 
+@pytest.mark.slow
 def test_cli_ckpt_safetensors(tmp_path):
     from dba.weights import param_shapes, save_safetensors
 
@@ -355,6 +361,7 @@ def test_cli_ckpt_safetensors(tmp_path):
     assert d["contexts"][0]["attn_fp16_bytes"] == 2 * 48 * (14 + 14) * 2
 
 
+@pytest.mark.slow
 def test_dba_core_imports_no_framework():
     code = ("import sys, dba, dba.kvspec, cli.kvmem; dba.kv_bytes; "
             "assert 'jax' not in sys.modules and 'torch' not in sys.modules, "

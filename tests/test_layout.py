@@ -248,6 +248,7 @@ print(len(names), "modules")
 """
 
 
+@pytest.mark.slow
 def test_dba_imports_with_both_frameworks_blocked():
     """Every module of dba/ imports (and the KV accounting runs) in a fresh interpreter where
     importing JAX, torch or any package above dba/ fails."""
@@ -258,3 +259,49 @@ def test_dba_imports_with_both_frameworks_blocked():
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stderr[-3000:]
     assert int(r.stdout.split()[0]) >= 15
+
+
+# ---- the README's module map names every module -----------------------------------------------
+MAPPED = ("dba", "jax_model", "torch_ref", "train", "torch_train", "cli", "bench")
+
+
+def readme_module_map(text: str | None = None) -> dict[str, set[str]]:
+    """{package: module files named under its heading} in the README's Architecture map (the first
+    code block after '## Architecture'): a heading is `pkg/` at the start of a line, entries are the
+    `name.py` words on the indented lines below it."""
+    import re
+
+    text = (REPO / "README.md").read_text() if text is None else text
+    block = text.split("## Architecture", 1)[1].split("```", 2)[1]
+    out: dict[str, set[str]] = {}
+    package = None
+    for line in block.splitlines():
+        head = re.match(r"^(\w+)/(\s|$)", line)
+        if head:
+            package = head.group(1)
+            out.setdefault(package, set())
+        elif line.startswith(" ") and package is not None:
+            names = re.findall(r"\b([A-Za-z_]\w*\.py)\b", line.split("  ", 2)[1] if line.startswith("  ") else line)
+            out[package].update(names)
+    return out
+
+
+def test_readme_names_every_module():
+    mapped = readme_module_map()
+    missing = {pkg: sorted({p.name for p in (REPO / pkg).glob("*.py")} - mapped.get(pkg, set())) for pkg in MAPPED}
+    missing = {pkg: names for pkg, names in missing.items() if names}
+    assert not missing, f"modules the README's Architecture map does not name: {missing}"
+    helpers = {p.name for p in (REPO / "tests").glob("*.py") if not p.name.startswith("test_")} - {"__init__.py"}
+    assert helpers <= mapped.get("tests", set()), helpers - mapped.get("tests", set())
+    stale = {pkg: sorted(n for n in names if not (REPO / pkg / n).exists()) for pkg, names in mapped.items()}
+    assert not {k: v for k, v in stale.items() if v}, f"the map names modules that do not exist: {stale}"
+
+
+def test_readme_map_reader_reads_entries_not_prose():
+    text = ("## Architecture\n\nprose naming fake.py\n```\njax_model/   the model: not_a_module.py in prose\n"
+            "  model.py          Attention; see layers.py (a description)\n"
+            "                    continued: kvcache.py is prose here too\n"
+            "  decode.py, sampling.py   two entries on one line\ntrain/\n  run.py  the loop\n```\n")
+    assert readme_module_map(text) == {"jax_model": {"model.py", "decode.py", "sampling.py"}, "train": {"run.py"}}
+    real = readme_module_map()
+    assert {"model.py", "attention_kernels.py"} <= real["jax_model"] and "optim.py" in real["torch_ref"]

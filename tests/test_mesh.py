@@ -156,6 +156,7 @@ def dba_train(*args, devices=1, cwd=None, **popen):
                           timeout=300, check=False)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,devices,needle", [
     (["--mesh", "data=8", "--batch-size", 12], 1, "--batch-size 12 is not divisible by the mesh's batch axes"),
     (["--mesh", "model=2"], 1, "unknown axis 'model'"),
@@ -171,6 +172,7 @@ def test_bad_mesh_one_line(args, devices, needle, data, tmp_path):
     assert "compiled" not in r.stdout and not (tmp_path / "x").exists()
 
 
+@pytest.mark.slow
 def test_bench_mesh_errors_one_line():
     r = subprocess.run([sys.executable, "-m", "cli", "bench", "train", "--mesh", "1", "--mesh", "data=3"],
                        cwd=REPO, env=env_with_devices(1), capture_output=True, text=True, timeout=120, check=False)

@@ -33,6 +33,7 @@ def test_causality_both_frameworks(mode, options):
         assert np.abs(a[:, t:] - b[:, t:]).max() > 1e-3
 
 
+@pytest.mark.slow
 def test_gradient_causality_jax():
     """d loss(position t) / d embedding(position s) is zero for s > t."""
     cfg = make_config("decoupled", ("null",))
@@ -131,6 +132,7 @@ def test_forward_compiles_once_per_shape(monkeypatch):
     assert len(traces) == 2
 
 
+@pytest.mark.slow
 def test_dropout_only_in_training_mode():
     cfg = make_config("decoupled", dropout=0.3)
     state = random_state(cfg)
@@ -147,6 +149,7 @@ def test_dropout_only_in_training_mode():
         assert torch.equal(tm(toks), tm(toks))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stmt,forbidden", [
     ("import torch_ref, torch_ref.weights_io", "jax"),
     ("import jax_model, jax_model.weights_io, jax_model.layers", "torch"),

@@ -18,7 +18,7 @@ from jax_model import kvcache as kvc
 from jax_model import pallas_decode as pd
 from jax_model.cached_attention import cached_attend
 
-pytestmark = pytest.mark.kernels
+pytestmark = [pytest.mark.kernels, pytest.mark.slow]  # the kernel in its interpreter: slow
 
 # Jitted: one compile each instead of op-by-op dispatch (3-4x faster in the interpreter).
 _STATIC = ("n_kv_head", "key_names", "decode_block")

@@ -38,7 +38,7 @@ from dba.data import TOKEN_DTYPES, check_enough, load_tokens, sample_batch, spli
 from dba.errors import UserError
 from dba.kvspec import NF4_LEVELS, quant_layout
 from jax_model import kvcache as jkv
-from parity_tests.test_quant_parity import ref_quantize
+from tests.support import ref_quantize
 from torch_ref import kvcache as tkv
 from train.curriculum import ScheduleError, parse_schedule
 from train.sharding import MESH_AXES, check_batch, mesh_text, parse_mesh, resolve_mesh
@@ -549,6 +549,7 @@ def quant_cases(draw, elements):
     return kind, qblock, x
 
 
+@pytest.mark.slow
 @props(80)
 @given(case=quant_cases(_IN_RANGE))
 def test_quantize_any_finite_input_in_fp16_scale_range(case):
@@ -561,6 +562,7 @@ def test_quantize_any_finite_input_in_fp16_scale_range(case):
     np.testing.assert_array_equal(js.view(np.uint16), rs.view(np.uint16))
 
 
+@pytest.mark.slow
 @props(60)
 @given(case=quant_cases(st.one_of(st.floats(width=32, allow_nan=False, allow_infinity=False),
                                   st.sampled_from([3.4028235e38, -3.4028235e38, 65520.0, 8.4e6, -5e5]))))
@@ -589,6 +591,7 @@ def test_dequantize_any_stored_bytes_is_finite_and_identical(kind, dim, qblock, 
     assert np.isfinite(dj).all() and dj.shape == (2, dim)
 
 
+@pytest.mark.slow
 @props(40)
 @given(case=quant_cases(st.floats(-100, 100, width=32)), data=st.data())
 def test_non_finite_input_refused_in_one_line_and_confined_when_traced(case, data):

@@ -7,15 +7,15 @@ from __future__ import annotations
 
 import os
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from dba.errors import UserError
 from dba.run_dir import LOCK_NAME, RunDirLock
-from tests.test_faults import ENV, REPO, TINY, _cmd, dba_train, one_line_error
+from tests.support import TINY, dba, dba_train, one_line_error, popen_train
+
+pytestmark = pytest.mark.slow  # `dba train` processes competing for a run directory
 
 
 def _snapshot(d: Path) -> dict[str, bytes]:
@@ -26,9 +26,7 @@ class PausedRun:
     """A `dba train` paused (test-only DBA_FAULT hook) after step `at`, its files written."""
 
     def __init__(self, out: Path, data: Path, at: int, steps: int = 8):
-        self.p = subprocess.Popen(_cmd(["--data", data, "--steps", steps, *TINY, "--out-dir", out]), cwd=REPO,
-                                  env=dict(ENV, DBA_FAULT=f"pause_at_step:{at}"), stdout=subprocess.PIPE,
-                                  stderr=subprocess.STDOUT, text=True, bufsize=1)
+        self.p = popen_train("--data", data, "--steps", steps, *TINY, "--out-dir", out, fault=f"pause_at_step:{at}")
         self.seen = []
         for line in self.p.stdout:
             self.seen.append(line)
@@ -54,12 +52,10 @@ def test_second_run_is_refused_and_changes_nothing_while_readers_work(data, tmp_
             assert str(out) in r.stderr and f"pid {first.p.pid}" in r.stderr and "in use" in r.stderr, r.stderr
             assert _snapshot(out) == before, extra
         # read-only commands never take the lock
-        report = subprocess.run([sys.executable, "-m", "cli", "report", str(out), "--json", "--no-redraw"], cwd=REPO,
-                                env=ENV, capture_output=True, text=True, timeout=120)
+        report = dba("report", out, "--json", "--no-redraw", timeout=120)
         assert report.returncode == 0, report.stderr
-        sample = subprocess.run([sys.executable, "-m", "cli", "sample", "--ckpt", str(out), "--backend", "torch",
-                                 "--prompt-tokens", "1,2,3", "--max-new-tokens", "4"], cwd=REPO, env=ENV,
-                                capture_output=True, text=True, timeout=120)
+        sample = dba("sample", "--ckpt", out, "--backend", "torch", "--prompt-tokens", "1,2,3", "--max-new-tokens", "4",
+                     timeout=120)
         assert sample.returncode == 0, sample.stderr
         assert len(sample.stdout.strip().split(",")) == 7
         assert _snapshot(out) == before

@@ -138,6 +138,7 @@ FEW = [*FLAGS[:2], "--self-opt-k-geo-kinds", "q8_0", "--self-opt-v-kinds", "q4_0
        "--self-opt-qblocks", "8", "--self-opt-decode-blocks", "16", *FLAGS[-6:]]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend,mode", [("jax", "startup"), ("torch", "startup"), ("torch", "online")])
 def test_sample_with_self_opt(tiny, backend, mode):
     model, data, d = tiny
@@ -157,6 +158,7 @@ def test_sample_with_self_opt(tiny, backend, mode):
         assert "from the plan cache" in again.stderr and again.stdout == r.stdout
 
 
+@pytest.mark.slow
 def test_eval_adds_the_self_opt_choice(tiny):
     model, data, d = tiny
     out = d / "eval.json"

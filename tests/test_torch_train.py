@@ -14,8 +14,10 @@ import sys
 
 import pytest
 
-from tests.test_train import ENV, REPO, SEED_FLAGS, dba_train, losses, ok
-from tests.test_train import one_line_error as _one_line_error
+from tests.support import ENV, REPO, SEED_FLAGS, dba_train, losses, ok
+from tests.support import one_line_error as _one_line_error
+
+pytestmark = pytest.mark.slow  # `dba train --backend torch` end to end, in subprocesses
 
 pytest.importorskip("torch")
 

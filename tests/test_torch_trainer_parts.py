@@ -137,6 +137,7 @@ def test_kill_and_enospc_mid_save_keep_the_previous_checkpoint(tmp_path, monkeyp
     assert TorchCheckpoints(tmp_path).latest_step("last") == 4
 
 
+@pytest.mark.slow
 def test_kill_in_save_real_sigkill(tmp_path):
     """The real hook in a subprocess (which also shows the torch modules never import JAX)."""
     script = f"""

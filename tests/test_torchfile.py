@@ -136,6 +136,7 @@ def make_pt(path, pkl: bytes | None, records: dict[str, bytes] | None = None, ro
 
 # --------------------------------------------------------------------------- isolation
 
+@pytest.mark.slow
 def test_module_imports_no_framework():
     code = (
         "import sys, dba.torchfile as tf\n"

@@ -10,52 +10,15 @@ from __future__ import annotations
 import json
 import os
 import signal
-import subprocess
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
 from dba.runlog import read_events
-
-REPO = Path(__file__).resolve().parents[1]
-TOY = ["--attn-mode", "decoupled", "--d-model", "48", "--layers", "2", "--n-head", "3", "--d-ff", "96",
-       "--attn-dim", "48", "--sem-dim", "12", "--geo-dim", "24"]
-ENV = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3", PYTHONUNBUFFERED="1")
-
-
-def dba_train(*args, cwd=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "cli", "train", *map(str, args)], cwd=cwd or REPO,
-                          env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def popen_train(*args):
-    return subprocess.Popen([sys.executable, "-m", "cli", "train", *map(str, args)], cwd=REPO, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, bufsize=1)
-
-
-def ok(r):
-    assert r.returncode == 0, f"exit {r.returncode}\nstdout:\n{r.stdout[-3000:]}\nstderr:\n{r.stderr[-3000:]}"
-    return r
-
-
-def losses(run_dir, event="train", key="loss"):
-    out = {}
-    for e in read_events(Path(run_dir) / "train.jsonl", event):
-        out[e["step"]] = e[key]  # a resumed run appends; a later record of a step wins
-    return out
+from tests.support import SEED_FLAGS, dba_train, export_step, losses, ok, one_line_error, popen_train
 
 
 # ---- end to end with the seed's flags, scaled to a toy; it doubles as the straight run -----
-
-SEED_FLAGS = ["--mode", "train", "--device", "cpu", "--data-format", "npy", "--vocab-size", 97, *TOY,
-              "--embed-dim", 36, "--optimizer", "lion", "--lr", "3e-4", "--lion-betas", "0.9,0.99",
-              "--weight-decay", 0.1, "--grad-clip", 1.0, "--batch-size", 4, "--grad-accum", 2, "--train-seq-len", 16,
-              "--seq-schedule", "16@0,32@3", "--block", 16, "--eval-every", 4, "--eval-iters", 2, "--log-every", 1,
-              "--instrument", "full", "--analysis-every", 100, "--param-dtype", "fp32", "--seed", 1337,
-              "--kv-cache", "q4_0", "--kv-residual", 8]
-
 
 @pytest.fixture(scope="module")
 def seed_run(data, tmp_path_factory):
@@ -64,6 +27,7 @@ def seed_run(data, tmp_path_factory):
     return out, r
 
 
+@pytest.mark.slow
 def test_seed_flags_end_to_end_artifacts(seed_run):
     out, r = seed_run
     assert f"run dir {out}" in r.stdout.splitlines()[0] and str(out) in r.stdout.splitlines()[-1]
@@ -114,6 +78,7 @@ def test_seed_flags_end_to_end_artifacts(seed_run):
     assert [p.name for p in (out / "checkpoints" / "last").iterdir() if p.name.isdigit()] == ["8"]
 
 
+@pytest.mark.slow
 def test_run_dir_loads_in_torch_and_jax(seed_run):
     torch_ref = pytest.importorskip("torch_ref")
     import jax_model
@@ -132,6 +97,7 @@ def test_run_dir_loads_in_torch_and_jax(seed_run):
     assert info["metadata"]["step"] == "8"
 
 
+@pytest.mark.slow
 def test_existing_out_dir_refused(seed_run):
     out, _ = seed_run
     r = dba_train("--steps", 1, "--out-dir", out)
@@ -141,6 +107,7 @@ def test_existing_out_dir_refused(seed_run):
 
 # ---- resume: --steps 3, then SIGINT, then SIGTERM, then to the end = the straight run ------
 
+@pytest.mark.slow
 def test_resume_by_steps_and_signals_equals_straight(seed_run, data, tmp_path):
     straight, _ = seed_run
     out = tmp_path / "split"
@@ -172,9 +139,7 @@ def test_resume_by_steps_and_signals_equals_straight(seed_run, data, tmp_path):
     # --live off: the start lines, the warning and the end line only
     assert len(r.stdout.strip().splitlines()) == 5, r.stdout
     assert "warning: the 'best' checkpoint cannot be read" in r.stdout
-    from dba.weight_files import read_weights
-
-    assert read_weights(out / "best.safetensors")[2]["metadata"]["step"] == "8"  # the next eval wrote a new best
+    assert export_step(out / "best.safetensors") == 8  # the next evaluation wrote a new best
     assert losses(out) == losses(straight)
     split_evals, straight_evals = losses(out, "eval", "val_loss"), losses(straight, "eval", "val_loss")
     # the first leg also evaluated at its end (3); a signalled leg skips its eval to stop fast
@@ -224,6 +189,7 @@ def test_grad_accum_equals_one_big_batch():
     assert acc.trace_count == 1 and big.trace_count == 1
 
 
+@pytest.mark.slow
 def test_grad_checkpoint_changes_nothing():
     plain, remat = _stepper(), _stepper(remat=True)
     for s in range(3):
@@ -232,6 +198,7 @@ def test_grad_checkpoint_changes_nothing():
         np.testing.assert_allclose(float(lp["loss"]), float(lr_["loss"]), rtol=1e-5)
 
 
+@pytest.mark.slow
 def test_one_compile_per_length_with_dropout():
     s = _stepper(cfg_over={"dropout": 0.1})
     for i, t in enumerate([16, 16, 32, 16, 32]):
@@ -241,6 +208,7 @@ def test_one_compile_per_length_with_dropout():
     assert np.isfinite(float(s.eval_loss(x, y)))
 
 
+@pytest.mark.slow
 def test_bf16_params_and_compute_step():
     import jax.numpy as jnp
 
@@ -253,12 +221,7 @@ def test_bf16_params_and_compute_step():
 
 # ---- flags and errors (no JAX needed: these stop before importing it) ----------------------
 
-def one_line_error(r, code):
-    assert r.returncode == code, (r.returncode, r.stdout, r.stderr)
-    assert "Traceback" not in r.stderr and len(r.stderr.strip().splitlines()) == 1, r.stderr
-    return r.stderr
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("args,code,needle", [
     (["--no-such-flag"], 2, "unrecognized arguments"),
     (["--optimizer", "sgd"], 2, "invalid choice"),
@@ -275,6 +238,7 @@ def test_bad_flags_one_line(args, code, needle, tmp_path):
     assert needle in one_line_error(r, code)
 
 
+@pytest.mark.slow
 def test_bad_data_one_line(tmp_path, data):
     short = tmp_path / "short.npy"
     np.save(short, np.arange(20, dtype=np.uint16))
@@ -295,6 +259,7 @@ SEED_COMMAND = ("--mode train --device cpu --data {data} --data-format npy --voc
                 "decoupled --attn-dim 144 --sem-dim 48 --geo-dim 96")
 
 
+@pytest.mark.slow
 def test_seed_command_parses_and_resolves(data, tmp_path):
     r = ok(dba_train(*SEED_COMMAND.format(data=data).split(), "--print-config", cwd=tmp_path))
     out = json.loads(r.stdout)
@@ -307,6 +272,7 @@ def test_seed_command_parses_and_resolves(data, tmp_path):
     assert not (tmp_path / "runs").exists()  # --print-config creates nothing
 
 
+@pytest.mark.slow
 def test_no_arg_defaults_go_to_runs_default(tmp_path):
     out = json.loads(ok(dba_train("--print-config", cwd=tmp_path)).stdout)
     assert out["run_dir"] == os.path.join("runs", "default")
@@ -329,6 +295,7 @@ def test_clear_run_removes_only_run_files(tmp_path):
     assert not holds_run(tmp_path) and (tmp_path / "notes.txt").read_text() == "mine"
 
 
+@pytest.mark.slow
 def test_unavailable_device_one_line(tmp_path):
     import importlib.util
 

@@ -42,6 +42,7 @@ from torch_ref.cached_attention import cached_attend
 
 pytestmark = [
     pytest.mark.kernels,
+    pytest.mark.slow,  # the kernel in its interpreter: slow
     pytest.mark.skipif(type(tl.zeros).__name__ != "InterpretedFunction",
                        reason="triton was imported before this module without TRITON_INTERPRET=1; run this file "
                               "on its own or with TRITON_INTERPRET=1"),

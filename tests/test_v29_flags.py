@@ -518,11 +518,11 @@ def test_sample_finds_a_recorded_tokenizer_json_next_to_the_checkpoint(tmp_path,
     pytest.importorskip("torch")
     pytest.importorskip("tokenizers")
     from dba.data import tokenizer_record
-    from tests.test_data import _write_hf_tokenizer
+    from tests.support import write_hf_tokenizer
 
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
-    tj = _write_hf_tokenizer(elsewhere / "tokenizer.json")
+    tj = write_hf_tokenizer(elsewhere / "tokenizer.json")
     record = tokenizer_record(str(tj))
     run = tmp_path / "run"
     run.mkdir()
