@@ -13,6 +13,17 @@ floating-point semantics are the same (no fast-math either way); only the machin
 tuned. The toy programs here spend far longer compiling than running: this cuts the parity
 modules' time by about a third.
 
+Every test starts from fixed random states: the global generators (numpy's legacy one, `random`,
+torch's) are seeded per test from the test's id, so a test that draws from them draws the same
+numbers every run whatever ran before it on its worker; hypothesis runs derandomized (the same
+examples every run). A failing test's report has a `seeds` section: that per-test seed and every
+explicit seed the test passed to np.random.default_rng, torch.manual_seed or jax.random.key.
+
+No test skips where it can run: a skip whose reason does not start with "hardware:" (a GPU-, Mac-
+or Linux-only test on another machine) fails the session, after the summary lists it (`-ra`
+prints every skip's reason). A missing fixture, package or file is then a failure, not a quiet
+pass.
+
 The fast tier (`-m "not slow"`, the edit loop) spawns no process: a test that starts one (a `dba`
 command end to end, a child interpreter) must be marked `slow`, and an autouse guard fails it
 otherwise, naming the mark, so the tier stays fast as tests are added.
@@ -26,15 +37,27 @@ first.
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import subprocess
+import sys
 import tempfile
+import zlib
 
+import numpy as np
 import pytest
 
 
 def pytest_configure(config):
     _guard_processes()
+    _record_seeds(np.random, "default_rng")
+    try:
+        from hypothesis import settings
+
+        settings.register_profile("dba", derandomize=True, print_blob=True)
+        settings.load_profile("dba")
+    except ImportError:  # hypothesis is in the dev extra
+        pass
     os.environ.setdefault("TRITON_INTERPRET", "1")
     flags = os.environ.get("XLA_FLAGS", "")
     if "xla_backend_optimization_level" not in flags:
@@ -88,3 +111,80 @@ def _guard_processes() -> None:
         return plain(self, args, *a, **kw)
 
     subprocess.Popen.__init__ = guarded
+
+
+# ---- fixed seeds, printed with a failure -------------------------------------------------------
+_SEEDS: list = []  # (where, seed) passed explicitly during the current test
+
+
+def _record_seeds(owner, name: str) -> None:
+    """Wrap `owner.name` (a seeding function) so the integer seeds it is given are recorded."""
+    plain = getattr(owner, name)
+    if getattr(plain, "_dba_records", False):
+        return
+
+    def recording(seed=None, *args, **kwargs):
+        if isinstance(seed, (int, np.integer)) or (isinstance(seed, (list, tuple)) and seed
+                                                   and all(isinstance(s, (int, np.integer)) for s in seed)):
+            _SEEDS.append((f"{getattr(owner, '__name__', owner)}.{name}", seed))
+        return plain(seed, *args, **kwargs)
+
+    recording._dba_records = True
+    setattr(owner, name, recording)
+
+
+@pytest.fixture(autouse=True)
+def _fixed_seeds(request):
+    seed = zlib.crc32(request.node.nodeid.encode()) & 0x7FFFFFFF
+    random.seed(seed)
+    np.random.seed(seed)
+    if "torch" in sys.modules:
+        import torch
+
+        torch.manual_seed(seed)
+        _record_seeds(torch, "manual_seed")
+    if "jax" in sys.modules:
+        import jax
+
+        _record_seeds(jax.random, "key")
+        _record_seeds(jax.random, "PRNGKey")
+    request.node.dba_seed = seed
+    _SEEDS.clear()
+    yield
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    outcome = yield
+    report = outcome.get_result()
+    if report.failed and hasattr(item, "dba_seed"):
+        explicit = ", ".join(dict.fromkeys(f"{where}({seed!r})" for where, seed in _SEEDS)) or "none"
+        report.sections.append(("seeds", f"global generators (numpy, random, torch) seeded with {item.dba_seed} "
+                                         f"(crc32 of the test id); explicit seeds: {explicit}"))
+
+
+# ---- no quiet skips ------------------------------------------------------------------------------
+HARDWARE = "hardware:"  # the reason prefix of a skip this machine cannot avoid (tests.support.hardware_skip)
+_SKIPPED: list = []
+
+
+def pytest_runtest_logreport(report):
+    if report.skipped and not hasattr(report, "wasxfail"):
+        reason = report.longrepr[2] if isinstance(report.longrepr, tuple) else str(report.longrepr)
+        reason = reason.removeprefix("Skipped: ")
+        if not reason.startswith(HARDWARE):
+            _SKIPPED.append((report.nodeid, reason))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    if _SKIPPED:
+        terminalreporter.section("skips that are failures", sep="=", red=True, bold=True)
+        for nodeid, reason in _SKIPPED:
+            terminalreporter.line(f"{nodeid}: {reason}")
+        terminalreporter.line(f"{len(_SKIPPED)} test(s) skipped on a machine that can run them: only reasons "
+                              f"starting with {HARDWARE!r} may skip")
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _SKIPPED and exitstatus == 0 and not hasattr(session.config, "workerinput"):
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED

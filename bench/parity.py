@@ -48,7 +48,9 @@ def run(args: argparse.Namespace) -> int:
     print_table("Forward/backward, JAX vs torch, fp32 CPU (tolerances: logits 2e-5, grads 1e-4 relative)",
                 ["mode", "configs", "max |Δ logits|", "max rel. Δ grad"], rows)
 
-    fixture = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "v29" / "dec_plain"
+    repo = Path(__file__).resolve().parents[1]  # the shared copy beside the repository, else the repository's
+    shared = repo.parent / "shared" / "fixtures" / "v29" / "dec_plain"
+    fixture = shared if shared.exists() else repo / "tests" / "fixtures" / "v29" / "dec_plain"
     fix = {}
     if fixture.exists():
         io = np.load(fixture / "io.npz")

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -14,8 +13,9 @@ import jax_model
 import torch_ref
 from dba.weights import load_safetensors, tied_aliases
 from bench.parity_cases import build_jax, build_torch, make_config, random_state, random_tokens
+from tests.support import v29_fixture
 
-FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "v29" / "dec_plain" / "best.pt"
+FIXTURE = v29_fixture("dec_plain") / "best.pt"
 
 
 @pytest.mark.parametrize("mode,options", [("decoupled", ("tie_qk", "null", "embed")), ("gqa", ("null",)),
@@ -60,8 +60,6 @@ def test_v29_pt_export_v29_pt_loads_strictly(tmp_path):
 
 @pytest.mark.slow
 def test_convert_v29_fixture_both_ways(tmp_path):
-    if not FIXTURE.exists():
-        pytest.skip("fixture not present")
     run = [sys.executable, "-m", "cli", "convert"]
     assert subprocess.run(run + [str(FIXTURE), str(tmp_path / "f.safetensors")], capture_output=True).returncode == 0
     cfg, state, _ = load_safetensors(tmp_path / "f.safetensors")

@@ -41,6 +41,18 @@ TINY = ["--device", "cpu", "--data-format", "npy", "--vocab-size", 97, "--attn-m
         "--log-every", 1, "--live", "basic"]
 
 
+# triton (the fused torch decode kernel's compiler and interpreter) is installed on Linux only
+TRITON_ONLY_ON_LINUX = "hardware: triton installs on Linux only (the dev extra's marker)"
+
+
+def hardware_skip(why: str) -> None:
+    """Skip a test this machine cannot run (no GPU, not a Mac, not Linux): the only kind of skip the
+    session allows (the root conftest.py fails any other)."""
+    import pytest
+
+    pytest.skip(f"hardware: {why}")
+
+
 def dba(*args, cwd=None, env=None, timeout: int = 300) -> subprocess.CompletedProcess:
     """`python -m cli ARGS` (the `dba` console script) in a subprocess, output captured."""
     return subprocess.run([sys.executable, "-m", "cli", *map(str, args)], cwd=cwd or REPO, env=env or ENV,
@@ -199,3 +211,36 @@ def first_of_each(key):
         return True
 
     return pick
+
+
+# ---- v29 fixtures ---------------------------------------------------------------------------------
+# Checkpoints written by v29 itself, each a directory with best.pt (or last.pt) and io.npz (the
+# tokens and the logits v29 computed for them). The repository carries one (tests/fixtures/v29);
+# the shared folder beside the repository (../shared/fixtures/v29, as the project's machines lay it
+# out) or DBA_V29_FIXTURES may hold more, and a checkpoint of the same name there wins.
+REPO_V29_FIXTURES = REPO / "tests" / "fixtures" / "v29"
+
+
+def v29_fixture_roots() -> list[Path]:
+    roots = [Path(os.environ["DBA_V29_FIXTURES"])] if os.environ.get("DBA_V29_FIXTURES") else []
+    return roots + [REPO.parent / "shared" / "fixtures" / "v29", REPO_V29_FIXTURES]
+
+
+def v29_fixtures() -> dict[str, Path]:
+    """{name: directory} of every v29 fixture found, the first root holding a name winning."""
+    out: dict[str, Path] = {}
+    for root in v29_fixture_roots():
+        if root.is_dir():
+            for d in sorted(root.iterdir()):
+                if (d / "io.npz").is_file() and any((d / f).is_file() for f in ("best.pt", "last.pt")):
+                    out.setdefault(d.name, d)
+    return out
+
+
+def v29_fixture(name: str = "dec_plain") -> Path:
+    """The directory of the v29 fixture `name` (always found: the repository carries dec_plain)."""
+    return v29_fixtures()[name]
+
+
+def v29_checkpoint(d: Path) -> Path:
+    return d / "best.pt" if (d / "best.pt").is_file() else d / "last.pt"

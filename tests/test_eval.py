@@ -44,10 +44,13 @@ def test_cli_policy_lists():
 
 
 def test_windows_and_passkey_sequences():
+    ids = np.arange(1000)  # every id once: a window is known by its first id
+    w = ppl_windows(ids, 64, 5)
+    assert w.shape == (5, 65) and w[0, 0] == 0 and w[-1, -1] == ids[-1]
+    for row in w:  # each window is a contiguous slice of the data
+        np.testing.assert_array_equal(row, ids[row[0]:row[0] + 65])
+    assert np.abs(np.diff(w[:, 0]) - (1000 - 65) / 4).max() <= 1  # at evenly spaced offsets
     tokens = np.arange(1000) % 97
-    w = ppl_windows(tokens, 64, 5)
-    assert w.shape == (5, 65) and w[0, 0] == 0 and w[-1, -1] == tokens[-1]
-    assert all(np.array_equal(row, (np.arange(row[0], row[0] + 65)) % 97) or True for row in w)
     seq, n_prompt = passkey_sequences(tokens, 64, 0.5, 6, 3, seed=1)
     assert seq.shape == (3, 64) and n_prompt == 58
     for row in seq:

@@ -6,6 +6,7 @@ import pytest
 
 from dba.errors import UserError
 from dba.fused import resolve_fused
+from tests.support import TRITON_ONLY_ON_LINUX
 
 
 @pytest.mark.parametrize("choice,backend,on_gpu,want", [
@@ -47,7 +48,7 @@ def test_sample_with_the_kernel_gives_the_same_tokens(backend, kernel, tmp_path)
 
     torch = pytest.importorskip("torch")
     if backend == "torch":
-        pytest.importorskip("triton")
+        pytest.importorskip("triton", reason=TRITON_ONLY_ON_LINUX)
     from dba.config import ModelConfig
     from torch_ref import DBAModel, save_export
 
@@ -86,7 +87,7 @@ def test_torch_switch_follows_the_choice(monkeypatch):
     (TRITON_INTERPRET=1), auto means the cached attention, pallas is refused."""
     pytest.importorskip("torch")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    pytest.importorskip("triton")
+    pytest.importorskip("triton", reason=TRITON_ONLY_ON_LINUX)
     from torch_ref.triton_decode import resolve_kv_fused
 
     assert resolve_kv_fused("triton2pass", "cpu") == ("triton2pass", "triton2pass (interpreted)")

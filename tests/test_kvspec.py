@@ -18,11 +18,12 @@ import pytest
 
 from dba import ModelConfig
 from dba.errors import UserError
+from tests.support import v29_fixture
 from dba.kvspec import (KV_KINDS, NF4_LEVELS, KVPolicy, StreamSpec, baseline_bytes, human_bytes,
                         kv_bytes, quant_layout, stream_bytes, stream_spec)
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = Path("/work/shared/fixtures/v29/dec_plain")
+FIXTURE = v29_fixture("dec_plain")
 
 SEED = ModelConfig(vocab_size=50257, block_size=256, n_layer=12, n_head=12, d_model=768, d_ff=3072,
                    embed_dim=512, attn_mode="decoupled", sem_dim=48, geo_dim=96, attn_dim=144)
@@ -333,7 +334,6 @@ def test_cli_bad_values(argv, needle):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (FIXTURE / "best.pt").exists(), reason="v29 fixture not present")
 def test_cli_ckpt_v29_pt():
     r = kvmem("--ckpt", str(FIXTURE), "--json")
     assert r.returncode == 0, r.stderr

@@ -23,9 +23,10 @@ torch = pytest.importorskip("torch")
 from dba import torchfile  # noqa: E402
 from dba.errors import UserError  # noqa: E402
 from dba.torchfile import TorchDtype, read_pt  # noqa: E402
+from tests.support import v29_fixture  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-FIXTURE = Path("/work/shared/fixtures/v29/dec_plain/best.pt")
+FIXTURE = v29_fixture("dec_plain") / "best.pt"
 
 
 # --------------------------------------------------------------------------- helpers
@@ -140,9 +141,10 @@ def make_pt(path, pkl: bytes | None, records: dict[str, bytes] | None = None, ro
 def test_module_imports_no_framework():
     code = (
         "import sys, dba.torchfile as tf\n"
-        f"d = tf.read_pt({str(FIXTURE)!r}) if {FIXTURE.exists()!r} else None\n"
+        f"d = tf.read_pt({str(FIXTURE)!r})\n"
         "bad = [m for m in ('torch', 'jax', 'flax') if m in sys.modules]\n"
         "assert not bad, bad\n"
+        "assert d['config']['attn_mode'] == 'decoupled'\n"
         "print('ok')\n"
     )
     env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
@@ -360,8 +362,6 @@ def test_big_endian_byteorder_record(tmp_path):
 
 
 def test_real_v29_fixture_matches_torch_load():
-    if not FIXTURE.exists():
-        pytest.skip("v29 fixture not present")
     ours = read_pt(FIXTURE)
     ref = torch.load(FIXTURE, weights_only=True, map_location="cpu")
     assert set(ours) == set(ref)

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from dba.runlog import read_events
-from tests.support import SEED_FLAGS, dba_train, export_step, losses, ok, one_line_error, popen_train
+from tests.support import SEED_FLAGS, hardware_skip, dba_train, export_step, losses, ok, one_line_error, popen_train
 
 
 # ---- end to end with the seed's flags, scaled to a toy; it doubles as the straight run -----
@@ -300,7 +300,7 @@ def test_unavailable_device_one_line(tmp_path):
     import importlib.util
 
     if any(importlib.util.find_spec(m) for m in ("jax_cuda12_plugin", "jax_cuda13_plugin", "libtpu")):
-        pytest.skip("this machine may really have the accelerator")
+        hardware_skip("this machine has a JAX GPU/TPU plugin: the accelerator may really be there")
     r = dba_train("--backend", "jax", "--device", "gpu", "--steps", 1, "--out-dir", tmp_path / "x")
     assert "JAX cannot use this platform" in one_line_error(r, 1)
     # without --backend, a GPU JAX cannot serve goes to PyTorch, which has none here either

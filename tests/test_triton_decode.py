@@ -13,6 +13,7 @@ import warnings
 
 import pytest
 import torch
+from tests.support import TRITON_ONLY_ON_LINUX
 
 # triton.jit reads TRITON_INTERPRET when it decorates a function, and triton.language decorates its
 # own helpers (tl.zeros, tl.sum, ...) on import: the variable must be set before triton is first
@@ -22,7 +23,7 @@ if "triton" not in sys.modules:
     _old_env = os.environ.get("TRITON_INTERPRET")
     os.environ["TRITON_INTERPRET"] = "1"
     try:
-        triton = pytest.importorskip("triton")
+        triton = pytest.importorskip("triton", reason=TRITON_ONLY_ON_LINUX)
         import triton.language as tl
     finally:
         if _old_env is None:
@@ -30,7 +31,7 @@ if "triton" not in sys.modules:
         else:
             os.environ["TRITON_INTERPRET"] = _old_env
 else:
-    triton = pytest.importorskip("triton")
+    triton = pytest.importorskip("triton", reason=TRITON_ONLY_ON_LINUX)
     import triton.language as tl
 
 import torch_ref
