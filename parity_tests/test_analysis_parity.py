@@ -58,6 +58,8 @@ def _torch_reference(tm, idx, layers, heads, topk, window):
                 out.setdefault("attn_local_mass", []).append((p * local).sum(-1).mean((0, 2)))
                 if null is not None:
                     out.setdefault("attn_null_mass", []).append(p0.mean((0, 2)))
+                logits = np.where(mask, s[:, heads], 0.0)[0]  # the attention logits, batch row 0
+                out.setdefault("logits", []).append(logits)
                 if cfg.attn_mode == "decoupled":
                     ds = cfg.sem_head_dim
                     ssem = (q[..., :ds] @ k[..., :ds].transpose(-1, -2)).double().numpy()[:, heads]
@@ -65,6 +67,10 @@ def _torch_reference(tm, idx, layers, heads, topk, window):
                     es = (np.where(mask, ssem, 0) ** 2).sum((0, 2, 3))
                     eg = (np.where(mask, sgeo, 0) ** 2).sum((0, 2, 3))
                     out.setdefault("sem_energy_ratio", []).append(es / (es + eg))
+                    out.setdefault("scores_sem", []).append(np.where(mask, ssem, 0.0)[0])
+                    out.setdefault("scores_geo", []).append(np.where(mask, sgeo, 0.0)[0])
+                else:
+                    out.setdefault("scores", []).append(logits)
                 sv = np.linalg.svd(p[0], compute_uv=False)
                 qn = sv / sv.sum(-1, keepdims=True)
                 out.setdefault("attn_erank", []).append(np.exp(-np.sum(np.where(qn > 0, qn * np.log(qn), 0), -1)))
@@ -90,11 +96,15 @@ def test_analysis_matches_torch_probabilities(mode, options):
                         local_window=7, save_scores=True)
     got = {k: np.asarray(v, np.float64) for k, v in analyse(jm, idx.astype(np.int32), spec).items()}
     want = _torch_reference(tm, idx, layers, list(heads), 5, 7)
-    for name, ref in want.items():
+    logits = want.pop("logits")
+    for name, ref in want.items():  # the stored score maps included (save_scores)
         assert got[name].shape == ref.shape, name
         np.testing.assert_allclose(got[name], ref, rtol=2e-5, atol=2e-6, err_msg=name)
+    assert np.abs(logits).max() > 0.1  # scores of a size that shows a wrong path
     if cfg.attn_mode == "decoupled":
         np.testing.assert_allclose(got["geo_energy_ratio"], 1.0 - want["sem_energy_ratio"], rtol=2e-5, atol=2e-6)
-        # the stored per-path scores add up to the attention logits
-        assert "scores_sem" in got and "scores_geo" in got
+        # the stored per-path scores add up to the attention logits, whose softmax is the stored attn
+        np.testing.assert_allclose(got["scores_sem"] + got["scores_geo"], logits, rtol=2e-5, atol=2e-6)
+    else:
+        np.testing.assert_allclose(got["scores"], logits, rtol=2e-5, atol=2e-6)
     assert ("attn_null_mass" in got) == cfg.null_attn

@@ -100,7 +100,9 @@ def test_torch_stepper_matches_jax_stepper(variant):
     print(f"\n{opt}: max |loss gap| over {STEPS} steps = {gap:.3g}; "
           f"max grad_norm rel gap = {np.max(np.abs(_col(jm, 'grad_norm') / _col(tmx, 'grad_norm') - 1)):.3g}")
     assert jl[-1] < jl[0] - 0.05  # it trains
-    assert gap < 1e-4
+    # measured 9.5e-7 (adamw, lion) and 1.4e-6 (lion_v29): fp32 rounding of a loss of ~4.5 over 20
+    # steps; a wrong lr, decay, clip or moment update moves a step's loss by 1e-4 or more
+    assert gap < 5e-6
     for key in jm[0]:
         if key.startswith("grad_norm"):
             np.testing.assert_allclose(_col(tmx, key), _col(jm, key), rtol=1e-3, err_msg=key)

@@ -37,7 +37,7 @@ def test_mistakes(choice, backend, needle):
 @pytest.mark.kernels
 # jax + pallas through `dba sample` is the same switch as this; tests/test_pallas_decode.py runs
 # decode_logits with the Pallas kernel switched in (kept out of here for the suite's time)
-@pytest.mark.parametrize("backend,kernel", [("torch", "triton2pass")])
+@pytest.mark.parametrize("backend,kernel", [("torch", "triton2pass"), ("torch", "triton1pass"), ("jax", "pallas")])
 def test_sample_with_the_kernel_gives_the_same_tokens(backend, kernel, tmp_path):
     """`dba sample --kv-fused KERNEL` (interpreted on this CPU) decodes greedily through a q4_0 cache
     to the same ids as the framework's cached attention, and says which kernel ran."""

@@ -166,6 +166,24 @@ def test_seed_numbers():
     assert human_bytes(k128) == "843.8MB"
 
 
+def test_seed_q4_0_row_of_the_readme():
+    """The README's memory table: the seed model with `--kv-cache q4_0` (v29's decoupled default:
+    k_sem q4_0, k_geo q8_0, v q4_0, blocks of 32, a 128-token fp16 window), by SPEC §6 by hand."""
+    # bytes per token and layer: k_sem 48 ch -> 64 padded: 32 B + 2 fp16 scales; k_geo q8_0 96 ch:
+    # 96 B + 3 scales; v 144 ch -> 160 padded: 80 B + 5 scales; the window: 288 fp16 channels
+    stored, window = (32 + 4) + (96 + 6) + (80 + 10), 288 * 2
+
+    def want(n):
+        return 12 * (n * stored + min(128, n) * window)
+
+    q4 = KVPolicy(kind="q4_0")
+    got = {n: kv_bytes(SEED, n, 1, q4)["total_bytes"] for n in (256, 1024, 128_000)}
+    assert got == {n: want(n) for n in got}
+    assert [human_bytes(got[n]) for n in (256, 1024, 128_000)] == ["1.51MB", "3.52MB", "334.8MB"]
+    base = {n: baseline_bytes(SEED, n)["total_bytes"] for n in (1024, 128_000)}
+    assert f"{base[1024] / got[1024]:.2f}" == "10.24" and f"{base[128_000] / got[128_000]:.2f}" == "13.44"
+
+
 @pytest.mark.parametrize("n,want", [
     (0, "0B"), (1, "1B"), (1023, "1023B"), (1024, "1.00KB"), (1536, "1.50KB"),
     (100 * 1024, "100.0KB"), (1024 * 1024 - 1, "1024.0KB"), (102399, "100.00KB"),  # 99.999 -> .2f

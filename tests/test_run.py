@@ -135,3 +135,40 @@ def test_hooks_drive_fit(started):
     assert [e["step"] for e in ev if e["event"] == "eval"] == [0, 5]  # --eval-every 0: only at the end
     assert run.progress.saved_last_at == 5 and run.ckpts.root.is_dir()
     assert np.isfinite(run.progress.best_val) and ev[-1]["event"] == "done" and ev[-1]["reason"] == "complete"
+
+
+@pytest.mark.slow
+def test_loop_flags_reach_the_loop(data, tmp_path):
+    """What the loop's flags do (tests/test_v29_flags.py points here): --eval-iters batches per
+    evaluation, --eval-seq-len its length, --log-every the steps with a train event,
+    --live-update-every the display's interval, --live-plot a redraw of analysis.png at log steps
+    (without it the plot waits for an evaluation), --val-frac the held-out share."""
+    from train.jax_backend import JaxBackend
+    from train.run import Run, RunPlan
+
+    def started(**flags):
+        config = run_config({**TOY, "data": str(data), "steps": 5, "eval_every": 0, **flags})
+        run = Run(RunPlan(config), JaxBackend(config), out_dir=tmp_path / str(len(list(tmp_path.iterdir()))),
+                  name="toy", argv=[])
+        run.start()
+        return run
+
+    run = started(eval_iters=3, eval_seq_len=20, log_every=2, live_update_every=3, live_plot=True, val_frac=0.25)
+    xv, yv, xt, yt = run._eval_batches(20)
+    assert xv.shape == yv.shape == xt.shape == yt.shape == (3, 2, 20)  # iters x batch x length
+    total = len(run.plan.data.train) + len(run.plan.data.val)
+    assert abs(len(run.plan.data.val) - 0.25 * total) <= 1
+    assert {h.name: h.every for h in run.hooks.hooks}["display"] == 3
+    plot_at_log = []
+    run.add_hook("probe", 2, lambda step: plot_at_log.append((run.out / "analysis.png").exists()),
+                 reads_state=False, syncs=False, at_end=False)
+    assert run.fit() == 0
+    ev = read_events(run.out / "train.jsonl")
+    assert [e["step"] for e in ev if e["event"] == "train"] == [2, 4, 5]  # and the last step
+    assert [e["seq_len"] for e in ev if e["event"] == "eval"] == [20]
+    assert plot_at_log == [True, True]  # drawn at the log steps, before any evaluation
+    quiet = started(log_every=2)  # no --live-plot: nothing drawn before the final evaluation
+    seen = []
+    quiet.add_hook("probe", 2, lambda step: seen.append((quiet.out / "analysis.png").exists()),
+                   reads_state=False, syncs=False, at_end=False)
+    assert quiet.fit() == 0 and seen == [False, False] and (quiet.out / "analysis.png").exists()

@@ -98,3 +98,62 @@ def test_generated_names_are_never_shared(tmp_path):
     assert not b.dir.exists() and a.dir.is_dir()
     a.release(discard=True)
     assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_multi_host_lock_only_the_writer_locks_and_all_stop_together(rank, tmp_path, monkeypatch):
+    """cli/train.py's lock in a 2-process run (the processes simulated: process_count, is_main and
+    the collective `agree` replaced): only process 0 takes the directory's lock; when it cannot,
+    process 0 raises the lock's own error and process 1, told so through `agree`, stops with one
+    line too; when it can, process 1 goes on without taking the lock; a generated run name is
+    refused up front (the hosts could not agree on a timestamp)."""
+    import train.distributed as dist
+    from cli.train import _lock
+
+    votes = []
+    monkeypatch.setattr(dist, "process_count", lambda: 2)
+    monkeypatch.setattr(dist, "is_main", lambda: rank == 0)
+
+    def agree_with(other):  # the other process's vote: 1 = it could not lock
+        def agree(value):
+            votes.append(value)
+            return max(value, other)
+        return agree
+
+    out = tmp_path / "run"
+    holder = RunDirLock(out).acquire()  # another run holds the directory
+    try:
+        monkeypatch.setattr(dist, "agree", agree_with(1 if rank == 1 else 0))
+        with pytest.raises(UserError) as e:
+            _lock(out, new_name=False)
+        if rank == 0:
+            assert "in use" in str(e.value) and f"pid {os.getpid()}" in str(e.value) and votes == [1]
+        else:
+            assert str(e.value) == f"run directory {str(out)!r} is in use: process 0 could not lock it"
+            assert votes == [0]  # process 1 never tried the lock itself
+    finally:
+        holder.release()
+    monkeypatch.setattr(dist, "agree", agree_with(0))
+    lock = _lock(out, new_name=False)  # free now
+    try:
+        assert (out / LOCK_NAME).exists()
+        held = _held_by_someone(out)
+        assert held == (rank == 0)  # only the writer holds it
+    finally:
+        lock.release()
+    with pytest.raises(UserError, match="needs a fixed run directory"):
+        _lock(tmp_path / "dba-gen", new_name=True)
+
+
+def _held_by_someone(out: Path) -> bool:
+    """Whether the directory's lock is held (by this process or another), without taking it."""
+    import fcntl
+
+    fd = os.open(out / LOCK_NAME, os.O_RDWR)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False

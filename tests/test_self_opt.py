@@ -70,6 +70,54 @@ def test_quality_first_then_speed_then_memory():
     assert d2.decode_block == 256 and d2.label == d.label
 
 
+def test_screening_drops_a_kind_that_fails_alone():
+    """A kind whose error on one stream alone already breaks the guard (here nf4/q4_0 on k_sem) is
+    probed once, alone, at its most accurate settings; no candidate holding it on that stream is
+    then scored jointly, and the winner does not hold it."""
+    calls = []
+
+    def score(tokens, n_prompt, policy):
+        calls.append(policy)
+        kinds = {st: policy.resolve(st, CFG.attn_mode)[0] for st in CFG.kv_streams()}
+        err = (0.5 if kinds["k_sem"] in ("q4_0", "nf4") else 0.0) + sum(
+            0.001 for st, k in kinds.items() if st != "k_sem" and k in ("q4_0", "nf4", "q8_0"))
+        return {"nll": np.full((1, 4), 1.0 + err), "ref_nll": np.ones((1, 4)), "kl": np.full((1, 4), err)}
+
+    o = SelfOptOptions(mode="startup", scope="cache", quality_delta_nll_tol=0.05, calib_prefill=4, calib_decode=4,
+                       k_sem_kinds=("q4_0", "nf4", "q8_0", "fp16"), **{k: v for k, v in SMALL.items() if k != "k_sem_kinds"})
+    d = choose(CFG, 256, np.zeros((1, 12), np.int64), score, fake_time, o, KVPolicy())
+    probes = [p for p in calls if p.kind == "fp16" and sum(getattr(p, st) is not None for st in ("k_sem", "k_geo", "v")) == 1]
+    probed = {(st, getattr(p, st)) for p in probes for st in ("k_sem", "k_geo", "v") if getattr(p, st) is not None}
+    assert {("k_sem", "q4_0"), ("k_sem", "nf4"), ("k_sem", "q8_0"), ("v", "q4_0")} <= probed
+    assert all(p.residual == max(o.residuals) and p.qblock == min(o.qblocks) for p in probes)
+    joint = calls[len(probes):]
+    assert joint and not any(p.resolve("k_sem", "decoupled")[0] in ("q4_0", "nf4") for p in joint)
+    assert d.policy.resolve("k_sem", "decoupled")[0] in ("q8_0", "fp16") and d.delta_nll <= 0.05
+    everything = candidates(CFG, 256, o)
+    assert any(c.policy.resolve("k_sem", "decoupled")[0] == "q4_0" for c in everything)  # there was one to drop
+
+
+def test_within_the_speed_margin_the_smaller_cache_wins():
+    """Quality, then speed, then memory: among passing candidates timed within
+    --self-opt-prefer-low-mem-within of the fastest, the one with the fewest bytes wins; with a
+    margin of 0 the fastest wins."""
+    def score(tokens, n_prompt, policy):  # everything passes
+        return {"nll": np.ones((1, 4)), "ref_nll": np.ones((1, 4)), "kl": np.zeros((1, 4))}
+
+    def bigger_is_faster(policy, ctx, n, block):  # 1% spread over the pool: the biggest cache is fastest
+        return 1.0 - 1e-2 * kv_bytes(CFG, ctx, 1, policy)["total_bytes"] / kv_bytes(CFG, ctx, 1, KVPolicy())["total_bytes"]
+
+    base = dict(mode="startup", scope="cache", calib_prefill=4, calib_decode=4, **SMALL)
+    calib = np.zeros((1, 12), np.int64)
+    roomy = choose(CFG, 256, calib, score, bigger_is_faster, SelfOptOptions(prefer_low_mem_within=0.02, **base), KVPolicy())
+    strict = choose(CFG, 256, calib, score, bigger_is_faster, SelfOptOptions(prefer_low_mem_within=0.0, **base), KVPolicy())
+    timed = [c for c in roomy.tried if c.step_s is not None]
+    assert len(timed) >= 2
+    assert roomy.bytes == min(c.bytes for c in timed)  # all within 2%: the smallest cache
+    assert strict.bytes == max(c.bytes for c in timed)  # no margin: the fastest, here the biggest
+    assert strict.bytes > roomy.bytes
+
+
 def test_nothing_fits_or_passes_is_one_line_or_falls_back(capsys):
     calib = np.zeros((1, 12), np.int64)
     tiny = SelfOptOptions(mode="startup", mem_budget_mb=1e-6, calib_prefill=4, calib_decode=4, **SMALL)

@@ -38,18 +38,25 @@ def both_runs(data, tmp_path_factory):
 
 def test_torch_and_jax_train_the_same_model(both_runs):
     """Same seed and data: the torch run starts from the JAX trainer's weights and draws the same
-    batches, so every step's loss and every evaluation agree within 1e-4 (fp32, CPU)."""
+    batches, so every step's loss and every evaluation agree within 5e-6 (fp32, CPU; measured
+    9.5e-7 and 4.8e-7), far below what one step moves the loss (>= 6.5e-4 here): a wrong lr,
+    decay, batch or optimizer would show."""
     (t_out, _), (j_out, _) = both_runs["torch"], both_runs["jax"]
     t, j = losses(t_out), losses(j_out)
     assert sorted(t) == sorted(j) == list(range(1, STEPS + 1))
     gap = max(abs(t[s] - j[s]) for s in t)
-    assert gap < 1e-4, gap
     te, je = losses(t_out, "eval", "val_loss"), losses(j_out, "eval", "val_loss")
-    assert sorted(te) == sorted(je) == [0, 4, 8] and max(abs(te[s] - je[s]) for s in te) < 1e-4
+    eval_gap = max(abs(te[s] - je[s]) for s in te)
     tn, jn = losses(t_out, "train", "grad_norm_total"), losses(j_out, "train", "grad_norm_total")
-    assert max(abs(tn[s] - jn[s]) / jn[s] for s in tn) < 1e-3
+    norm_gap = max(abs(tn[s] - jn[s]) / jn[s] for s in tn)
     ta, ja = (losses(o, "analysis", "attn_entropy_mean") for o in (t_out, j_out))
-    assert sorted(ta) == sorted(ja) and max(abs(ta[s] - ja[s]) for s in ta) < 1e-3
+    print(f"\ntorch vs JAX: loss {gap:.2e}, eval {eval_gap:.2e}, grad norm rel {norm_gap:.2e}, "
+          f"entropy {max(abs(ta[s] - ja[s]) for s in ta):.2e}; one step moves the loss by "
+          f"{min(abs(j[s + 1] - j[s]) for s in range(1, STEPS)):.2e} at least")
+    assert gap < 5e-6, gap
+    assert sorted(te) == sorted(je) == [0, 4, 8] and eval_gap < 5e-6
+    assert norm_gap < 1e-5  # measured 1.6e-7
+    assert sorted(ta) == sorted(ja) and max(abs(ta[s] - ja[s]) for s in ta) < 1e-5  # measured 7e-7
 
 
 def test_torch_run_directory(both_runs):

@@ -256,10 +256,20 @@ def test_compile_failure_falls_back_to_eager(monkeypatch):
     assert "\n" not in st.compile_note and st.compile_s == 0.0
 
 
-def test_grad_checkpoint_gives_the_same_steps():
+def test_grad_checkpoint_gives_the_same_steps(monkeypatch):
+    """grad_checkpoint recomputes every block in the backward pass (torch.utils.checkpoint runs
+    once per block and micro-batch, and not at all without it) and gives the same steps."""
+    import torch.utils.checkpoint as tuc
+
+    calls = []
+    plain_checkpoint = tuc.checkpoint
+    monkeypatch.setattr(tuc, "checkpoint", lambda fn, *a, **kw: calls.append(fn) or plain_checkpoint(fn, *a, **kw))
     cfg = CFG.replace(dropout=0.1)
     plain, ckpt = _stepper(cfg), _stepper(cfg, grad_checkpoint=True)
-    a, b = _train(plain, range(3)), _train(ckpt, range(3))
+    a = _train(plain, range(3))
+    assert calls == []
+    b = _train(ckpt, range(3))
+    assert len(calls) == 3 * 2 * cfg.n_layer  # 3 steps x 2 micro-batches x blocks
     np.testing.assert_allclose(a, b, rtol=1e-6)
     for k, v in _weights(plain).items():
         np.testing.assert_allclose(_weights(ckpt)[k], v, rtol=1e-5, atol=1e-6, err_msg=k)

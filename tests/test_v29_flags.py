@@ -17,6 +17,7 @@ import json
 import os
 import re
 from collections.abc import Callable
+import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -45,12 +46,28 @@ class Case:
     refused: str | None = None
     sample: tuple[list[str], dict[str, Any]] | None = None
     files: list[str] = field(default_factory=list)  # fixture files this case needs (skip if absent)
+    # where a check only sees the flag land in the configuration, the test that shows what that
+    # setting does ("path::test_name"); test_every_flag_has_its_effect_tested holds the table to it
+    effect: str | None = None
 
 
 def args_are(**want) -> Callable:
+    """An echo: the flag's value comes back in the printed configuration (no effect shown)."""
     def check(out, _config):
         for k, v in want.items():
             assert out["args"][k] == v, (k, out["args"][k], v)
+    check.echo = True
+    return check
+
+
+def config_is(**want) -> Callable:
+    """The flag lands in the RunConfig field the run reads ('group.field'): still no effect by
+    itself, so a case with it names the test that shows the effect."""
+    def check(_out, config):
+        for path, v in want.items():
+            group, attr = path.split(".")
+            assert getattr(getattr(config, group), attr) == v, (path, getattr(getattr(config, group), attr), v)
+    check.echo = True
     return check
 
 
@@ -65,15 +82,117 @@ def both(*checks) -> Callable:
     def check(out, config):
         for c in checks:
             assert c(out, config) is not False, c
+    check.echo = all(getattr(c, "echo", False) for c in checks)
     return check
 
 
-def recorded(key: str, value: Any, flag: str | None = None) -> Case:
+def analysis_is(**want) -> Callable:
+    """The analysis the run will run (dba.analysis_spec.spec_for: what Run hands the analysis pass)."""
+    def check(out, config):
+        from dba.analysis_spec import spec_for
+        from dba.config import ModelConfig
+
+        spec = spec_for(config.analysis, config.eval.every, ModelConfig.from_dict(out["model"]))
+        for k, v in want.items():
+            assert getattr(spec, k) == v, (k, getattr(spec, k), v)
+    return check
+
+
+def _adam_eps(_out, config):
+    """One AdamW update of the chain the run builds, from zero moments with a unit gradient:
+    -lr * g / (|g| + eps), so eps = 0.5 moves p by -1/1.5."""
+    import dataclasses
+
+    import jax.numpy as jnp
+
+    from train.optim import build_optimizer
+
+    tx = build_optimizer(dataclasses.replace(config.optim, lr=1.0, weight_decay=0.0, grad_clip=0.0), 10)
+    p = {"w": jnp.zeros(3)}
+    u, _ = tx.update({"w": jnp.ones(3)}, tx.init(p), p)
+    np.testing.assert_allclose(np.asarray(u["w"]), -1.0 / (1.0 + config.optim.adam_eps), rtol=1e-6)
+
+
+def _schedule_is(**at) -> Callable:
+    """The learning rate the run's schedule gives after k updates ({k: lr}), and the optimizer the
+    chain is (Lion's state is optax's ScaleByLionState)."""
+    def check(_out, config):
+        sched = config.optim.schedule(config.steps.steps)
+        for k, lr in at.items():
+            assert abs(sched(int(k[1:])) - lr) <= 1e-12 + 1e-6 * lr, (k, sched(int(k[1:])), lr)
+    return check
+
+
+def _optimizer_is(kind: str) -> Callable:
+    def check(_out, config):
+        import jax
+        import jax.numpy as jnp
+        import optax
+
+        from train.optim import build_optimizer
+
+        state = build_optimizer(config.optim, config.steps.steps).init({"w": jnp.zeros(2)})
+        states = {type(x).__name__ for x in jax.tree_util.tree_leaves(state, is_leaf=lambda x: isinstance(
+            x, (optax.ScaleByLionState, optax.ScaleByAdamState)))}
+        assert {"lion": "ScaleByLionState", "adamw": "ScaleByAdamState"}[kind] in states, states
+    return check
+
+
+def _matmul_precision(_out, config):
+    """The JAX backend sets JAX's default matmul precision (and the torch one torch's)."""
+    import jax
+    import torch
+
+    from torch_train.backend import TorchBackend
+    from train.jax_backend import JaxBackend
+
+    before_j, before_t = jax.config.jax_default_matmul_precision, torch.get_float32_matmul_precision()
+    try:
+        JaxBackend(config)
+        assert jax.config.jax_default_matmul_precision == "highest"
+        TorchBackend(config, "cpu")
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        jax.config.update("jax_default_matmul_precision", before_j)
+        torch.set_float32_matmul_precision(before_t)
+
+
+def _no_effect_recorded(flag: str) -> Callable:
+    """v29 flags dba accepts and records as doing nothing here (docs/v29_flags.md says why): the
+    run's meta lists them under noop_flags."""
+    def check(_out, config):
+        assert flag in config.noop_flags(), config.noop_flags()
+    return check
+
+
+def _val_frac(_out, config):
+    from train.batches import RunData
+
+    data = RunData.load(config.data)
+    total = len(data.train) + len(data.val)
+    assert abs(len(data.val) - config.data.val_frac * total) <= 1
+
+
+def _seed_draws(_out, config):
+    """The seed picks the initial weights and the batches (both frameworks draw them from it)."""
+    from dba.config import ModelConfig
+    from train.batches import RunData, train_batch
+    from train.init_weights import initial_state
+
+    cfg = ModelConfig.from_dict(_out["model"])
+    tokens = RunData.load(config.data).train
+    draws = {seed: train_batch(tokens, batch_size=2, grad_accum=1, seed=seed, seq_len=8, step=0)[0] for seed in (7, 1337)}
+    assert config.run.seed == 7 and not np.array_equal(draws[7], draws[1337])
+    w7, w1337 = initial_state(cfg, 7)[0], initial_state(cfg, 1337)[0]
+    assert not np.array_equal(w7["tok_emb.weight"], w1337["tok_emb.weight"])
+
+
+def recorded(key: str, value: Any, flag: str | None = None, effect: str | None = None) -> Case:
     """A v29 flag of sampling/decoding: `dba train` records it (v29 kept it in the args), and
-    `dba sample` takes it under the same name."""
+    `dba sample` takes it under the same name; `effect`: the test that shows what it does there."""
     opt = flag or "--" + key.replace("_", "-")
     argv = [opt] if value is True else [opt, str(value)]
-    return Case(argv, args_are(**{key: value}), sample=(argv, {key: value}))
+    return Case(argv, args_are(**{key: value}), sample=(argv, {key: value}), effect=effect)
 
 
 def _analysis_off(out, config):
@@ -151,7 +270,12 @@ def _self_opt_case(key: str, seed_value: Any) -> Case:
         value = seed_value * 2
     else:  # comma lists of kinds/sizes
         value = {"self_opt_block_n": "64"}.get(key, ",".join(str(seed_value).split(",")[:2]))
-    return recorded(key, value)
+    from dba.self_opt import SELF_OPT_V29_ONLY
+
+    if key in {f.name for f in SELF_OPT_V29_ONLY}:  # v29 knobs with no effect here (their --help says why)
+        case = recorded(key, value)
+        return dataclasses.replace(case, check=both(case.check, _no_effect_recorded(key)))
+    return recorded(key, value, effect="tests/test_self_opt.py::test_sample_with_self_opt")
 
 
 def _kv(key: str, value: Any) -> Case:
@@ -160,8 +284,10 @@ def _kv(key: str, value: Any) -> Case:
         from train.args import FLAG_FIELDS
 
         assert out["args"][key] == value and getattr(config.kv, FLAG_FIELDS[key][1]) == value
+    check.echo = True
     opt = "--" + key.replace("_", "-")
-    return Case([opt, str(value)], check, sample=([opt, str(value)], {key: value}))
+    return Case([opt, str(value)], check, sample=([opt, str(value)], {key: value}),
+                effect="tests/test_train.py::test_seed_flags_end_to_end_artifacts")  # summary.md's KV section
 
 
 def table(files: dict[str, Path]) -> dict[str, list[Case]]:
@@ -170,7 +296,7 @@ def table(files: dict[str, Path]) -> dict[str, list[Case]]:
         "adam_betas": [Case(["--adam-betas", "0.8,0.9"],
                             both(args_are(adam_betas="0.8,0.9"), lambda o, c: c.optim.betas == (0.8, 0.9))),
                        Case(["--adam-betas", "0.9"], refused="--adam-betas must be two numbers")],
-        "adam_eps": [Case(["--adam-eps", "1e-6"], args_are(adam_eps=1e-6))],
+        "adam_eps": [Case(["--adam-eps", "0.5"], _adam_eps)],
         "amp": [Case(["--amp"], both(args_are(amp=True), lambda o, c: c.precision.compute_dtype == "bf16"))],
         "amp_dtype": [Case(["--amp", "--amp-dtype", "fp16"],
                            lambda o, c: o["args"]["amp_dtype"] == "fp16" and c.precision.compute_dtype == "fp16")],
@@ -178,19 +304,25 @@ def table(files: dict[str, Path]) -> dict[str, list[Case]]:
         "analysis_every": [Case(["--instrument", "basic", "--analysis-every", "0"], _analysis_off),
                            Case(["--instrument", "basic", "--analysis-every", "7"], _analysis_every),
                            Case(["--analysis-every", "-1"], refused="--analysis-every -1")],
-        "analysis_heads": [Case(["--analysis-heads", "all"], args_are(analysis_heads="all"))],
-        "analysis_layers": [Case(["--analysis-layers", "0"], args_are(analysis_layers="0"))],
-        "analysis_local_window": [Case(["--analysis-local-window", "16"], args_are(analysis_local_window=16))],
-        "analysis_max_tokens": [Case(["--analysis-max-tokens", "64"], args_are(analysis_max_tokens=64))],
-        "analysis_save_scores": [Case(["--analysis-save-scores"], args_are(analysis_save_scores=True))],
-        "analysis_topk": [Case(["--analysis-topk", "4"], args_are(analysis_topk=4))],
+        # what the analysis pass then computes with them: parity_tests/test_analysis_parity.py
+        "analysis_heads": [Case(["--instrument", "basic", "--analysis-heads", "all"], analysis_is(heads=(0, 1, 2, 3)))],
+        "analysis_layers": [Case(["--instrument", "basic", "--analysis-layers", "-1"], analysis_is(layers=(3,)))],
+        "analysis_local_window": [Case(["--instrument", "basic", "--analysis-local-window", "16"],
+                                       analysis_is(local_window=16))],
+        "analysis_max_tokens": [Case(["--instrument", "basic", "--analysis-max-tokens", "64"], analysis_is(max_tokens=64))],
+        "analysis_save_scores": [Case(["--instrument", "basic", "--analysis-save-scores"], analysis_is(save_scores=True))],
+        "analysis_topk": [Case(["--instrument", "basic", "--analysis-topk", "4"], analysis_is(topk=4))],
         "attn_dim": [Case(["--attn-mode", "bottleneck", "--attn-dim", "64"], model_is(attn_mode="bottleneck", attn_dim=64))],
         "attn_mode": [Case(["--attn-mode", "gqa", "--kv-head", "2"], model_is(attn_mode="gqa", kv_head=2))],
-        "batch_size": [Case(["--batch-size", "3"], args_are(batch_size=3))],
+        "batch_size": [Case(["--batch-size", "3"], config_is(**{"steps.batch_size": 3}),
+                            effect="tests/test_train.py::test_seed_flags_end_to_end_artifacts")],
         "block": [Case(["--block", "512"], model_is(block_size=512))],
         "ckpt": [Case(["--ckpt", f["ckpt"]], model_is(d_model=24, n_layer=1, vocab_size=256))],
-        "compile": [Case(["--compile"], args_are(compile=True))],  # JAX always compiles the step
-        "compile_mode": [Case(["--compile-mode", "max-autotune"], args_are(compile_mode="max-autotune"))],
+        # JAX always compiles the step; the PyTorch trainer wraps its step in torch.compile
+        "compile": [Case(["--compile"], args_are(compile=True),
+                         effect="tests/test_torch_trainer_parts.py::test_compile_failure_falls_back_to_eager")],
+        "compile_mode": [Case(["--compile-mode", "max-autotune"], args_are(compile_mode="max-autotune"),
+                              effect="tests/test_torch_trainer_parts.py::test_compile_failure_falls_back_to_eager")],
         "d_ff": [Case(["--d-ff", "300"], model_is(d_ff=300))],
         "d_model": [Case(["--d-model", "64"], model_is(d_model=64, d_ff=256, embed_dim=64))],
         "data": [Case(["--data", f["other"]], both(args_are(data=f["other"]), model_is(vocab_size=77)))],
@@ -218,9 +350,13 @@ def table(files: dict[str, Path]) -> dict[str, list[Case]]:
                  Case(["--mode", "sample"], refused="use `dba sample`")],
         "dropout": [Case(["--dropout", "0.1"], model_is(dropout=0.1))],
         "embed_dim": [Case(["--embed-dim", "64"], model_is(embed_dim=64))],
-        "eval_every": [Case(["--eval-every", "50"], args_are(eval_every=50))],
-        "eval_iters": [Case(["--eval-iters", "3"], args_are(eval_iters=3))],
-        "eval_seq_len": [Case(["--eval-seq-len", "64"], args_are(eval_seq_len=64))],
+        "eval_every": [Case(["--eval-every", "50"], config_is(**{"eval.every": 50}),
+                            effect="tests/test_train.py::test_seed_flags_end_to_end_artifacts")],
+        "eval_iters": [Case(["--eval-iters", "3"], config_is(**{"eval.iters": 3}),
+                            effect="tests/test_run.py::test_loop_flags_reach_the_loop")],
+        "eval_seq_len": [Case(["--eval-seq-len", "64"],
+                              both(config_is(**{"eval.seq_len": 64}), lambda o, c: o["model"]["block_size"] >= 64),
+                              effect="tests/test_run.py::test_loop_flags_reach_the_loop")],
         "exp": [
             Case(["--exp", "paper_decoupled"],
                  both(model_is(attn_mode="decoupled", tie_qk=True, null_attn=True, rope=True), _run_dir("runs/decoupled"))),
@@ -229,22 +365,30 @@ def table(files: dict[str, Path]) -> dict[str, list[Case]]:
             Case(["--exp", "paper_all", "--out-dir", "x"], refused="each in its own run directory"),
         ],
         "geo_dim": [Case(["--geo-dim", "32"], model_is(geo_dim=32))],
-        "grad_accum": [Case(["--grad-accum", "2"], args_are(grad_accum=2))],
-        "grad_checkpoint": [Case(["--grad-checkpoint"], args_are(grad_checkpoint=True))],
-        "grad_clip": [Case(["--grad-clip", "0.5"], args_are(grad_clip=0.5))],
+        "grad_accum": [Case(["--grad-accum", "2"], config_is(**{"steps.grad_accum": 2}),
+                            effect="tests/test_train.py::test_grad_accum_equals_one_big_batch")],
+        "grad_checkpoint": [Case(["--grad-checkpoint"], config_is(**{"precision.grad_checkpoint": True}),
+                                 effect="tests/test_train.py::test_grad_checkpoint_changes_nothing")],
+        "grad_clip": [Case(["--grad-clip", "0.5"], config_is(**{"optim.grad_clip": 0.5}),
+                           effect="parity_tests/test_optim_parity.py::test_optax_torch_numpy_agree")],
         "instrument": [Case(["--instrument", "medium"], lambda o, c: c.analysis.enabled and o["args"]["instrument"] == "medium")],
         "kv_head": [Case(["--attn-mode", "gqa", "--kv-head", "1"], model_is(kv_head=1))],
         "layers": [Case(["--layers", "2"], model_is(n_layer=2))],
         "lion_betas": [Case(["--optimizer", "lion", "--lr", "1e-4", "--lion-betas", "0.8,0.98"],
                             lambda o, c: c.optim.betas == (0.8, 0.98) and o["args"]["lion_betas"] == "0.8,0.98")],
-        "live": [Case(["--live", "basic"], args_are(live="basic"))],
-        "live_plot": [Case(["--live-plot"], args_are(live_plot=True))],
-        "live_update_every": [Case(["--live-update-every", "5"], args_are(live_update_every=5))],
-        "log_every": [Case(["--log-every", "5"], args_are(log_every=5))],
-        "lr": [Case(["--lr", "1e-3"], args_are(lr=1e-3))],
-        "lr_schedule": [Case(["--lr-schedule", "cosine", "--warmup-steps", "10"], args_are(lr_schedule="cosine"))],
-        "matmul_precision": [Case(["--matmul-precision", "highest"], args_are(matmul_precision="highest"))],
-        "min_lr": [Case(["--lr-schedule", "cosine", "--min-lr", "1e-5"], args_are(min_lr=1e-5))],
+        "live": [Case(["--live", "basic"], config_is(**{"display.live": "basic"}),
+                      effect="tests/test_train.py::test_resume_by_steps_and_signals_equals_straight")],
+        "live_plot": [Case(["--live-plot"], config_is(**{"analysis.live_plot": True}),
+                           effect="tests/test_run.py::test_loop_flags_reach_the_loop")],
+        "live_update_every": [Case(["--live-update-every", "5"], config_is(**{"display.update_every": 5}),
+                                   effect="tests/test_run.py::test_loop_flags_reach_the_loop")],
+        "log_every": [Case(["--log-every", "5"], config_is(**{"display.log_every": 5}),
+                           effect="tests/test_run.py::test_loop_flags_reach_the_loop")],
+        "lr": [Case(["--lr", "1e-3"], _schedule_is(k0=1e-3, k599=1e-3))],
+        "lr_schedule": [Case(["--lr-schedule", "cosine", "--warmup-steps", "10"],
+                             _schedule_is(k0=0.0, k5=1e-3, k10=2e-3, k600=0.0))],
+        "matmul_precision": [Case(["--matmul-precision", "highest"], _matmul_precision)],
+        "min_lr": [Case(["--lr-schedule", "cosine", "--min-lr", "1e-5"], _schedule_is(k0=2e-3, k600=1e-5, k700=1e-5))],
         "mlp": [Case(["--mlp", "gelu"], model_is(mlp="gelu"))],
         "n_head": [Case(["--n-head", "8"], model_is(n_head=8))],
         "no_learned_temp": [Case(["--no-learned-temp"], model_is(learned_temp=False))],
@@ -252,11 +396,13 @@ def table(files: dict[str, Path]) -> dict[str, list[Case]]:
         "no_rope": [Case(["--no-rope"], model_is(rope=False))],
         "no_tie_qk": [Case(["--exp", "paper_decoupled", "--no-tie-qk"], model_is(tie_qk=False, null_attn=True))],
         "null_attn": [Case(["--null-attn"], model_is(null_attn=True))],
-        "opt_foreach": [Case(["--opt-foreach"], args_are(opt_foreach=True))],
-        "opt_fused": [Case(["--opt-fused"], args_are(opt_fused=True))],
-        "optimizer": [Case(["--optimizer", "lion", "--lr", "1e-4"], args_are(optimizer="lion"))],
+        "opt_foreach": [Case(["--opt-foreach"], _no_effect_recorded("opt_foreach"))],
+        "opt_fused": [Case(["--opt-fused"], _no_effect_recorded("opt_fused"))],
+        "optimizer": [Case(["--optimizer", "lion", "--lr", "1e-4"], _optimizer_is("lion")),
+                      Case(["--optimizer", "adamw"], _optimizer_is("adamw"))],
         "out_dir": [Case(["--out-dir", "x/y"], _run_dir("x/y"))],
-        "param_dtype": [Case(["--param-dtype", "bf16"], args_are(param_dtype="bf16")),
+        "param_dtype": [Case(["--param-dtype", "bf16"], config_is(**{"precision.param_dtype": "bf16"}),
+                             effect="tests/test_train.py::test_bf16_params_and_compute_step"),
                         Case(["--param-dtype", "fp16"], refused="use --param-dtype bf16, or fp32 weights with --amp")],
         "print_config": [Case([], lambda o, c: c.run.print_config and set(o) >= {"model", "args", "run_dir"})],
         "rope": [Case(["--rope"], model_is(rope=True)),
@@ -268,8 +414,9 @@ def table(files: dict[str, Path]) -> dict[str, list[Case]]:
         "run_tag": [Case(["--run-tag", "t"], _run_dir(os.path.join("runs", "t"))),
                     Case(["--size", "small", "--exp", "paper_decoupled", "--run-tag", "s1"],
                          _run_dir(os.path.join("runs", "small_decoupled_s1")))],
-        "save_every": [Case(["--save-every", "100"], args_are(save_every=100))],
-        "seed": [Case(["--seed", "7"], args_are(seed=7))],
+        "save_every": [Case(["--save-every", "100"], config_is(**{"ckpt.save_every": 100}),
+                            effect="tests/test_faults.py::test_faults_then_resume_equal_straight_run")],
+        "seed": [Case(["--seed", "7"], _seed_draws)],
         "sem_dim": [Case(["--sem-dim", "16"], model_is(sem_dim=16))],
         "seq_schedule": [Case(["--seq-schedule", "64@0,128@10"],
                               lambda o, c: o["args"]["seq_schedule"] == "64@0,128@10"
@@ -278,9 +425,11 @@ def table(files: dict[str, Path]) -> dict[str, list[Case]]:
         "size": [Case(["--size", "small"], _size_small),
                  Case(["--size", "small", "--steps", "5", "--train-seq-len", "256"],
                       args_are(steps=5, batch_size=8, train_seq_len=256))],
-        "steps": [Case(["--steps", "50"], args_are(steps=50))],
-        "sync_timing": [Case(["--sync-timing"], args_are(sync_timing=True))],
-        "tb": [Case(["--tb"], args_are(tb=True), files=["tensorboardX"])],
+        "steps": [Case(["--steps", "50"], both(config_is(**{"steps.steps": 50}), _schedule_is(k0=2e-3)),
+                       effect="tests/test_run.py::test_hooks_drive_fit")],
+        "sync_timing": [Case(["--sync-timing"], _no_effect_recorded("sync_timing"))],
+        "tb": [Case(["--tb"], config_is(**{"analysis.tb": True}), files=["tensorboardX"],
+                    effect="tests/test_analysis.py::test_analysis_png_and_tensorboard")],
         "tie_qk": [Case(["--tie-qk"], model_is(tie_qk=True))],
         # v29's default 'word' has no effect on token ids; a named tokenizer is recorded with ids
         "tokenizer": [Case(["--tokenizer", "word"], _no_tokenizer),
@@ -290,19 +439,25 @@ def table(files: dict[str, Path]) -> dict[str, list[Case]]:
                       Case(["--tokenizer", "wordpiece"], refused="unknown tokenizer 'wordpiece'")],
         "train_seq_len": [Case(["--train-seq-len", "64"],
                                lambda o, c: o["args"]["train_seq_len"] == 64 and o["context"]["longest_train_len"] == 64)],
-        "val_frac": [Case(["--val-frac", "0.2"], args_are(val_frac=0.2))],
+        "val_frac": [Case(["--val-frac", "0.2"], _val_frac)],
         "vocab_size": [Case(["--vocab-size", "300"], model_is(vocab_size=300))],
-        "warmup_steps": [Case(["--warmup-steps", "10"], args_are(warmup_steps=10))],
-        "weight_decay": [Case(["--weight-decay", "0.01"], args_are(weight_decay=0.01))],
+        "warmup_steps": [Case(["--warmup-steps", "10"], _schedule_is(k0=0.0, k5=1e-3, k10=2e-3, k11=2e-3))],
+        "weight_decay": [Case(["--weight-decay", "0.01"], config_is(**{"optim.weight_decay": 0.01}),
+                              effect="parity_tests/test_optim_parity.py::test_optax_torch_numpy_agree")],
         # decoding flags: recorded by `dba train`, used by `dba sample`
-        "max_new_tokens": [recorded("max_new_tokens", 7)],
-        "temperature": [recorded("temperature", 0.7)],
-        "top_k": [recorded("top_k", 5)],
+        "max_new_tokens": [recorded("max_new_tokens", 7,
+                                    effect="tests/test_fused_choice.py::test_sample_with_the_kernel_gives_the_same_tokens")],
+        "temperature": [recorded("temperature", 0.7,
+                                 effect="parity_tests/test_decode_parity.py::test_sampling_is_reproducible_and_filters")],
+        "top_k": [recorded("top_k", 5, effect="parity_tests/test_decode_parity.py::test_top_k_and_top_p_filters_agree")],
         "prompt_tokens": [Case(["--prompt-tokens", "10 42 7"], args_are(prompt_tokens="10 42 7"),
-                               sample=(["--prompt-tokens", "10 42 7"], {"prompt_tokens": "10 42 7"}))],
+                               sample=(["--prompt-tokens", "10 42 7"], {"prompt_tokens": "10 42 7"}),
+                               effect="tests/test_v29_flags.py::test_prompt_tokens_take_spaces_and_commas")],
         "kv_decode_block": [Case(["--kv-decode-block", "512"], args_are(kv_decode_block=512),
-                                 sample=(["--kv-decode-block", "512"], {"decode_block": 512}))],
-        "kv_fused": [recorded("kv_fused", "none")],
+                                 sample=(["--kv-decode-block", "512"], {"decode_block": 512}),
+                                 effect="parity_tests/test_decode_parity.py::test_decode_block_size_does_not_change_results")],
+        "kv_fused": [recorded("kv_fused", "none",
+                              effect="tests/test_fused_choice.py::test_sample_with_the_kernel_gives_the_same_tokens")],
         "kv_cache": [_kv("kv_cache", "q8_0")],
         "kv_residual": [_kv("kv_residual", 64)],
         "kv_qblock": [_kv("kv_qblock", 64)],
@@ -380,6 +535,27 @@ def test_table_covers_every_seed_flag(files):
 
     assert set(SEED_ARGS) <= set(FLAG_BY_NAME)  # `dba train` accepts every one
     assert all(t.values()), [k for k, cases in t.items() if not cases]
+
+
+def _test_exists(ref: str) -> bool:
+    """'path/to/test_x.py::test_name' names a test function defined at the top of that file."""
+    import ast
+
+    path, _, name = ref.partition("::")
+    f = REPO / path
+    return f.is_file() and name in {n.name for n in ast.parse(f.read_text()).body if isinstance(n, ast.FunctionDef)}
+
+
+def test_every_flag_has_its_effect_tested(files):
+    """No flag is only echoed: each has a case whose check shows an effect (what the run builds
+    from it, or a refusal), or names (`effect=`) the test that shows what the setting does, and
+    every such pointer names a test that exists."""
+    for key, cases in table(files).items():
+        shown = [c for c in cases if c.refused is not None or not getattr(c.check, "echo", False) or c.effect]
+        assert shown, f"--{key}: its cases only echo the flag back; check an effect or point to the test of one"
+        for c in cases:
+            assert c.effect is None or _test_exists(c.effect), (key, c.effect)
+    assert not _test_exists("tests/test_run.py::no_such_test") and _test_exists("tests/test_run.py::test_hooks_drive_fit")
 
 
 @pytest.mark.parametrize("key", sorted(SEED_ARGS))
