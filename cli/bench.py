@@ -15,6 +15,7 @@ BENCHES = {
     "profile": "where the JAX train step's time goes: device time per op from a jax.profiler trace",
     "dashboard": "what the live rich dashboard of `dba train` costs in tokens/s",
     "cache-quality": "what the cache policies cost in quality: a decoupled and a standard model, trained here",
+    "v29": "v29 beside dba on the same weights (--v29 PATH): train steps and q4_0 generation, with ratios",
 }
 
 

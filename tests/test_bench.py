@@ -6,6 +6,7 @@ import argparse
 import json
 import sys
 
+import numpy as np
 import pytest
 
 from bench import common as bcommon
@@ -13,6 +14,7 @@ from bench import decode as bdecode
 from bench import memory as bmemory
 from bench import profile as bprofile
 from bench import train as btrain
+from bench import v29 as bv29
 from dba.config import ModelConfig
 from dba.errors import UserError
 from dba.kvspec import KVPolicy, kv_bytes
@@ -158,3 +160,213 @@ def test_bench_attention_choices_match_the_model():
     from jax_model.attention_kernels import ATTENTION_IMPLS
 
     assert btrain.ATTENTION_CHOICES == ATTENTION_IMPLS
+
+
+# ---- dba bench v29 (v29's own script is not needed: CI does not have it) ----------------------------
+
+def _v29_args(path, *argv) -> argparse.Namespace:
+    p = argparse.ArgumentParser()
+    bv29.add_arguments(p)
+    return p.parse_args(["--v29", str(path), *map(str, argv)])
+
+
+def _v29_error(path) -> UserError:
+    with pytest.raises(UserError) as e:
+        bv29.load_v29(path)
+    assert e.value.code == 1 and "\n" not in str(e.value)
+    return e.value
+
+
+def test_v29_bad_paths_are_one_line_errors(tmp_path):
+    assert "no such file" in str(_v29_error(tmp_path / "missing.py"))
+    assert "is not a file" in str(_v29_error(tmp_path))
+    (tmp_path / "notes.txt").write_text("v29\n")
+    assert "not a Python file" in str(_v29_error(tmp_path / "notes.txt"))
+    other = tmp_path / "other.py"
+    other.write_text("import dataclasses\n\n@dataclasses.dataclass\nclass ModelConfig:\n    vocab_size: int = 1\n")
+    msg = str(_v29_error(other))
+    assert "is not v29's script" in msg and "GPT model with generate()" in msg and "Lion optimizer" in msg
+    assert "ModelConfig" not in msg.split("has no")[1]  # the dataclass it has is not listed
+
+
+@pytest.mark.parametrize("body, shown", [("raise RuntimeError('boom')\n", "RuntimeError: boom"),
+                                         ("def broken(:\n", "SyntaxError"),
+                                         ("import sys\nsys.exit(3)\n", "SystemExit: 3"),
+                                         ("import no_such_module_dba\n", "ModuleNotFoundError")])
+def test_v29_failing_import_is_one_line_error(tmp_path, body, shown):
+    script = tmp_path / "v29.py"
+    script.write_text(body)
+    msg = str(_v29_error(script))
+    assert "importing it failed" in msg and shown in msg
+
+
+def test_v29_run_refuses_before_building_anything(tmp_path):
+    with pytest.raises(UserError, match="no such file"):
+        bv29.run(_v29_args(tmp_path / "missing.py"))
+    with pytest.raises(UserError, match="--parts 'train,decode': choose from train, generate"):
+        bv29.run(_v29_args(tmp_path / "missing.py", "--parts", "train,decode"))
+
+
+@pytest.mark.slow
+def test_v29_cli_bad_paths(tmp_path):
+    from tests.support import dba, one_line_error
+
+    err = one_line_error(dba("bench", "v29", "--v29", tmp_path / "missing.py"), prefix="dba bench: error: --v29 ")
+    assert "no such file" in err
+    other = tmp_path / "other.py"
+    other.write_text("x = 1\n")
+    assert "is not v29's script" in one_line_error(dba("bench", "v29", "--v29", other))
+
+
+def test_v29_help_says_what_is_measured(capsys):
+    p = argparse.ArgumentParser(prog="dba bench v29")
+    bv29.add_arguments(p)
+    with pytest.raises(SystemExit):
+        p.parse_args(["--help"])
+    text = capsys.readouterr().out
+    for words in ("Training", "Generation", "fresh process", "logits", "q4_0", "tokens/s"):
+        assert words in text
+
+
+def _step(impl, precision, step_s, loss=9.0):
+    return {"impl": impl, "precision": precision, "step_s": step_s, "setup_s": 0.5, "first_loss": loss}
+
+
+def test_v29_train_summary_ratios():
+    results = [_step("v29", "fp32", [0.5, 0.4, 0.7]), _step("v29", "amp", [0.25]),
+               _step("dba JAX", "fp32", [0.2, 0.3, 0.25]), _step("dba torch", "bf16", [0.5])]
+    rows = bv29.train_summary(results, 2048)
+    v29_fp32, _, jax_fp32, torch_bf16 = results
+    assert v29_fp32["tokens_per_s"] == pytest.approx(2048 / 0.5)  # the median step
+    assert v29_fp32["step_ms_best"] == pytest.approx(400.0)
+    assert jax_fp32["vs_v29_same_precision"] == pytest.approx(2.0)  # 0.5 s / 0.25 s
+    assert jax_fp32["vs_v29_fastest"] == pytest.approx(1.0)  # v29's fastest is amp, 0.25 s
+    assert v29_fp32["vs_v29_fastest"] == pytest.approx(0.5)
+    assert torch_bf16["vs_v29_same_precision"] is None  # no v29 bf16 row
+    assert torch_bf16["vs_v29_fastest"] == pytest.approx(0.5)
+    assert rows[2][:7] == ["dba JAX", "fp32", "8,192", "250.0", "200.0", "2.00x", "1.00x"]
+    assert rows[3][5] == "n/a"
+
+
+def test_v29_generate_summary_ratios_and_tokens():
+    results = [{"impl": "v29", "prefill_s": [2.0, 2.2, 1.8], "total_s": [2.6, 2.8, 2.4], "warmup_s": 3.0,
+                "tokens": [5, 6, 7, 8]},
+               {"impl": "dba JAX", "prefill_s": [0.1], "total_s": [0.3], "warmup_s": 9.0, "tokens": [5, 6, 1, 8]}]
+    rows = bv29.generate_summary(results, new_tokens=4, prompt_len=2048)
+    v29, jax = results
+    assert v29["decode_tok_s"] == pytest.approx(4 / 0.6)  # decode = total - prefill, per repeat
+    assert v29["tok_s_incl_prefill"] == pytest.approx(4 / 2.6)
+    assert jax["prefill_tok_s"] == pytest.approx(20480)
+    assert jax["vs_v29"]["prefill"] == pytest.approx(20.0)  # v29's 2.0 s over 0.1 s
+    assert jax["vs_v29"]["decode"] == pytest.approx(3.0)
+    assert jax["vs_v29"]["incl_prefill"] == pytest.approx(2.6 / 0.3)
+    assert jax["tokens_vs_v29"] == {"equal": 3, "leading": 2, "of": 4}
+    assert v29["tokens_vs_v29"] == {"equal": 4, "leading": 4, "of": 4}
+    assert rows[1][5:9] == ["20.00x", "3.00x", "8.67x", "3/4 (first 2)"]
+
+
+def test_v29_agreement_pieces():
+    assert bv29.token_agreement([1, 2, 3], [9, 2, 3]) == {"equal": 2, "leading": 0, "of": 3}
+    assert bv29.token_agreement([1, 2], [1]) == {"equal": 1, "leading": 1, "of": 2}
+    ref = {"w": np.zeros((2, 2), np.float32), "b": np.zeros(3, np.float32)}
+    moved = {"w": np.array([[0, 6e-4], [0, 0]], np.float32), "b": np.full(3, 5e-7, np.float32)}
+    a = bv29.step_agreement(ref, moved)
+    assert (a["within"], a["elements"]) == (6, 7) and a["max_abs"] == pytest.approx(6e-4)
+    assert bv29.tolerance(1e-5, np.array([0.5, -0.2])) == 1e-5  # logits below 1: the plain bound
+    assert bv29.tolerance(1e-5, np.array([3.0, -4.0])) == pytest.approx(4e-5)
+
+
+def test_v29_round_robin_calls_and_times():
+    calls = []
+
+    def make(name):
+        def step(k):
+            calls.append((name, k))
+            return 10.0 + k
+
+        return step
+
+    out = bv29.round_robin({"a": make("a"), "b": make("b")}, warmup=1, n_steps=2,
+                           after_first=lambda n: calls.append((n, "after")))
+    assert calls[:4] == [("a", 0), ("a", "after"), ("b", 0), ("b", "after")]
+    assert calls[4:] == [("a", 1), ("b", 1), ("b", 2), ("a", 2), ("a", 3), ("b", 3)]  # reversed every other round
+    assert out["a"]["first_loss"] == 10.0 and len(out["a"]["step_s"]) == len(out["b"]["step_s"]) == 2
+
+
+# A stand-in with v29's API (ModelConfig, GPT with forward(idx, caches=...) and generate, Lion),
+# built on torch_ref, so the whole benchmark runs without v29's file.
+V29_STAND_IN = '''
+import dataclasses
+
+import torch
+
+import torch_ref
+from dba.config import ModelConfig as _Dba
+from dba.kvspec import KVPolicy
+from torch_ref import kvcache, optim
+
+ModelConfig = dataclasses.make_dataclass(
+    "ModelConfig", [(f.name, f.type, dataclasses.field(default=f.default)) for f in dataclasses.fields(_Dba)
+                    if f.name != "decoupled_scale"])
+
+
+class GPT(torch_ref.DBAModel):
+    def __init__(self, cfg):
+        super().__init__(_Dba.from_dict(dataclasses.asdict(cfg), v29=True))
+
+    def forward(self, idx, caches=None, pos_offset=0):
+        if caches is None:
+            return super().forward(idx), None
+        return self.forward_cached(idx, caches, fresh=caches.pos == 0, decode_block=self.block)
+
+    @torch.no_grad()
+    def generate(self, prompt, *, max_new_tokens, temperature=1.0, top_k=None, kv_cache="fp16", kv_qblock=32,
+                 kv_residual=128, kv_decode_block=1024):
+        assert top_k == 1
+        self.block = kv_decode_block
+        policy = KVPolicy(kind=kv_cache, qblock=kv_qblock, residual=kv_residual)
+        cache = kvcache.init_cache(self.cfg, policy, prompt.shape[0], prompt.shape[1] + max_new_tokens,
+                                   device=prompt.device)
+        logits, cache = self(prompt, caches=cache)
+        out = prompt
+        for _ in range(max_new_tokens):
+            nxt = logits[:, -1].argmax(-1, keepdim=True)
+            out = torch.cat([out, nxt], dim=1)
+            logits, cache = self(nxt, caches=cache)
+        return out
+
+
+class Lion(optim.Lion):
+    def __init__(self, params, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0):
+        super().__init__(params, lr=lr, betas=betas, weight_decay=weight_decay, variant="v29")
+'''
+
+
+@pytest.mark.slow
+def test_v29_bench_end_to_end_with_a_stand_in(tmp_path, monkeypatch, capsys):
+    """Both parts, torch here and JAX in its fresh process, on a tiny config: the checks pass, every
+    row is timed and the JSON carries the README's figures."""
+    script = tmp_path / "stand_in_v29.py"
+    script.write_text(V29_STAND_IN)
+    monkeypatch.setattr(bv29, "named_config", lambda name, **kw: TINY.replace(**kw))
+    out = tmp_path / "v29.json"
+    args = _v29_args(script, "--precisions", "fp32,bf16", "--batch-size", 2, "--seq-len", 8, "--steps", 1,
+                     "--warmup", 0, "--prompt-len", 12, "--new-tokens", 3, "--repeats", 1, "--decode-block", 8,
+                     "--residual", 4, "--json", out)
+    assert bv29.run(args) == 0
+    data = json.loads(out.read_text())
+    for part, null in (("train", False), ("generate", True)):
+        c = data["checks"][part]
+        assert c["null_attn"] is null and c["decoupled_scale"] == ("per_path" if null else "v29_sdpa")
+        assert c["torch_max_abs_diff"] <= c["torch_tol"] and c["jax_max_abs_diff"] <= c["jax_tol"]
+    rows = data["train"]["results"]
+    assert sorted((r["impl"], r["precision"]) for r in rows) == sorted(
+        (i, p) for i in ("v29", "dba torch", "dba JAX") for p in ("fp32", "bf16"))
+    assert all(r["tokens_per_s"] > 0 and r["vs_v29_fastest"] > 0 for r in rows)
+    assert set(data["train"]["after_one_step"]) == {"dba torch", "dba JAX"}
+    gen = {r["impl"]: r for r in data["generate"]["results"]}
+    assert set(gen) == {"v29", "dba torch", "dba JAX"}
+    assert gen["dba torch"]["tokens_vs_v29"] == {"equal": 3, "leading": 3, "of": 3}  # the same computation
+    assert gen["dba JAX"]["tokens_vs_v29"]["of"] == 3 and gen["dba JAX"]["decode_tok_s"] > 0
+    text = capsys.readouterr().out
+    assert "Training step, config A" in text and "Generation, config A" in text and "a fresh process" in text
