@@ -23,9 +23,17 @@ OPTIONS = {
     "notemp": dict(learned_temp=False),
     "gelu": dict(mlp="gelu"),
     "embed": dict(embed_dim=46),
+    # the pretrained families' options (SPEC §8): RMSNorm, biases, an untied head, Llama-3 RoPE
+    # (an original context of 8 puts the 10- and 4-wide rotations' frequencies in all three bands)
+    "rms": dict(norm="rmsnorm", norm_eps=1e-6),
+    "bias": dict(qkv_bias=True, out_bias=True, mlp_bias=True),
+    "untied": dict(tie_embeddings=False),
+    "llama3": dict(rope_type="llama3", rope_factor=4.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
+                   rope_original_context=8),
 }
 COMBOS = [(), ("tie_qk",), ("null",), ("norope",), ("notemp",), ("gelu",), ("embed",),
-          ("tie_qk", "null", "gelu", "embed"), ("null", "norope", "notemp")]
+          ("tie_qk", "null", "gelu", "embed"), ("null", "norope", "notemp"), ("rms", "bias", "untied", "llama3"),
+          ("rms", "tie_qk", "bias", "notemp")]
 
 
 def make_config(mode: str, options=(), **overrides) -> ModelConfig:
@@ -39,7 +47,8 @@ def make_config(mode: str, options=(), **overrides) -> ModelConfig:
 
 
 def config_matrix() -> list[tuple[str, ModelConfig]]:
-    """Every attention mode x each option alone plus two combinations (36 configs)."""
+    """Every attention mode x each v29 option alone, two combinations of them, and two of the
+    pretrained families' options (44 configs)."""
     out = []
     for mode, combo in itertools.product(("standard", "bottleneck", "decoupled", "gqa"), COMBOS):
         out.append((f"{mode}-{'+'.join(combo) or 'base'}", make_config(mode, combo)))
@@ -58,7 +67,9 @@ def random_state(cfg: ModelConfig, seed: int = 0) -> dict[str, np.ndarray]:
             a = rng.normal(0.0, 0.5, shape)
         elif ".ln" in name or name.startswith("ln_f"):
             a = (1.0 if name.endswith("weight") else 0.0) + rng.normal(0.0, 0.1, shape)
-        elif name == "tok_emb.weight":
+        elif name.endswith(".bias"):
+            a = rng.normal(0.0, 0.1, shape)
+        elif name in ("tok_emb.weight", "lm_head.weight"):
             a = rng.normal(0.0, 1.0 / math.sqrt(shape[1]), shape) * 1.5
         else:  # Linear [out, in]
             a = rng.normal(0.0, 1.0 / math.sqrt(shape[1]), shape) * 0.7

@@ -1,7 +1,13 @@
 """ModelConfig: the v29 model configuration, validated, with presets and a parameter count.
 
 Field names and defaults are v29's (SPEC §1) so a v29 checkpoint's `config` dict loads as is.
-One field is ours: `decoupled_scale`, which names the decoupled score scaling (SPEC §3).
+The fields after `dropout` are ours, each defaulting to what v29 does (so a v29 model is exactly
+as before): `decoupled_scale` names the decoupled score scaling (SPEC §3); the options the
+pretrained families need (SPEC §8) are the norm (`norm`, `norm_eps`: LayerNorm with weight and
+bias, or RMSNorm), biases on the attention projections and the MLP (`qkv_bias`, `out_bias`,
+`mlp_bias`), an untied output head (`tie_embeddings=False`: its own `lm_head.weight`), and the RoPE
+frequencies (`rope_type="llama3"` with its factor, low/high frequency factors and original context).
+A head dim other than d_model / n_head is gqa's `attn_dim / n_head` (q_proj is d_model -> attn_dim).
 """
 
 from __future__ import annotations
@@ -17,6 +23,8 @@ MLP_KINDS = ("swiglu", "gelu")
 # per_path: q_sem.k_sem/sqrt(sem_hd) + q_geo.k_geo/sqrt(geo_hd) (the paper's formula).
 # v29_sdpa: the same divided by sqrt(sem_hd + geo_hd), what v29 trained with when null_attn was off.
 DECOUPLED_SCALES = ("per_path", "v29_sdpa")
+NORMS = ("layernorm", "rmsnorm")
+ROPE_TYPES = ("default", "llama3")  # llama3: Llama 3.1's frequency scaling (dba/rope.py)
 
 
 class ConfigError(ValueError):
@@ -45,6 +53,18 @@ class ModelConfig:
     mlp: str = "swiglu"
     dropout: float = 0.0
     decoupled_scale: str = "per_path"
+    # -- options of the pretrained families (SPEC §8); the defaults are v29's model
+    norm: str = "layernorm"  # layernorm (weight and bias) | rmsnorm (weight only)
+    norm_eps: float = 1e-5
+    qkv_bias: bool = False  # biases on every query/key/value projection (Qwen2)
+    out_bias: bool = False  # a bias on the attention's output projection
+    mlp_bias: bool = False  # biases on the MLP's projections
+    tie_embeddings: bool = True  # the output head is the token embedding; False: its own lm_head
+    rope_type: str = "default"
+    rope_factor: float = 8.0  # llama3: low frequencies are divided by this
+    rope_low_freq_factor: float = 1.0
+    rope_high_freq_factor: float = 4.0
+    rope_original_context: int = 8192  # llama3: the context the model was pretrained at
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -173,6 +193,16 @@ def _validate(c: ModelConfig) -> None:
          f"dropout must be in [0, 1), got {c.dropout!r}")
     need(isinstance(c.rope_base, (int, float)) and c.rope_base > 0,
          f"rope_base must be positive, got {c.rope_base!r}")
+    need(c.norm in NORMS, f"norm must be one of {'|'.join(NORMS)}, got {c.norm!r}")
+    need(isinstance(c.norm_eps, (int, float)) and 0 < c.norm_eps < 1, f"norm_eps must be in (0, 1), got {c.norm_eps!r}")
+    need(c.rope_type in ROPE_TYPES, f"rope_type must be one of {'|'.join(ROPE_TYPES)}, got {c.rope_type!r}")
+    if c.rope_type == "llama3":
+        need(c.rope_factor > 0 and c.rope_low_freq_factor > 0 and c.rope_original_context > 0,
+             f"llama3 RoPE needs positive factors and context, got factor={c.rope_factor!r}, "
+             f"low_freq_factor={c.rope_low_freq_factor!r}, original_context={c.rope_original_context!r}")
+        need(c.rope_high_freq_factor > c.rope_low_freq_factor,
+             f"llama3 RoPE needs high_freq_factor > low_freq_factor, got {c.rope_high_freq_factor!r} <= "
+             f"{c.rope_low_freq_factor!r}")
     if c.kv_head is not None:
         need(isinstance(c.kv_head, int) and not isinstance(c.kv_head, bool) and c.kv_head > 0,
              f"kv_head must be a positive integer or None, got {c.kv_head!r}")

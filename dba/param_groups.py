@@ -3,7 +3,7 @@
 
 Names are the canonical ones of dba/weights.py split into parts (`blocks.0.attn.q_sem.weight`, or
 the NNX path of the same parameter):
-- `embed`: the token embedding (tied to the output) and the lexical bottleneck `emb_in`/`emb_out`;
+- `embed`: the token embedding (tied to the output, or the untied `lm_head`) and the lexical bottleneck `emb_in`/`emb_out`;
 - `attn`: everything under a block's `attn` (projections, temperature, null key/value);
 - `ffn`: everything under a block's `ff`;
 - `attn_sem` / `attn_geo` (decoupled only): the semantic and geometric Q/K projections and null
@@ -21,7 +21,7 @@ _GEO = ("q_geo", "k_geo", "k_geo_null")
 def param_groups(names: list[str], decoupled: bool) -> list[str]:
     """The groups one parameter (given its name's parts) belongs to."""
     groups = []
-    if names and names[0] in ("tok_emb", "emb_in", "emb_out"):
+    if names and names[0] in ("tok_emb", "emb_in", "emb_out", "lm_head"):
         groups.append("embed")
     if "attn" in names:
         groups.append("attn")

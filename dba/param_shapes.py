@@ -17,18 +17,21 @@ def attn_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Attention parameters of one block, names relative to `blocks.{i}.attn.`."""
     d, h = cfg.d_model, cfg.n_head
     out: dict[str, tuple[int, ...]] = {}
+
+    def linear(name: str, n_out: int, n_in: int, bias: bool) -> None:
+        out[f"{name}.weight"] = (n_out, n_in)
+        if bias:
+            out[f"{name}.bias"] = (n_out,)
+
     if cfg.attn_mode == "decoupled":
-        out["q_sem.weight"] = (cfg.sem_dim, d)
-        out["k_sem.weight"] = (cfg.sem_dim, d)
-        out["q_geo.weight"] = (cfg.geo_dim, d)
-        out["k_geo.weight"] = (cfg.geo_dim, d)
-        out["v_proj.weight"] = (cfg.attn_dim, d)
+        for name, width in (("q_sem", cfg.sem_dim), ("k_sem", cfg.sem_dim), ("q_geo", cfg.geo_dim),
+                            ("k_geo", cfg.geo_dim), ("v_proj", cfg.attn_dim)):
+            linear(name, width, d, cfg.qkv_bias)
     else:
         kv = cfg.kv_streams()
-        out["q_proj.weight"] = (cfg.qk_dim, d)
-        out["k_proj.weight"] = (kv["k"], d)
-        out["v_proj.weight"] = (kv["v"], d)
-    out["out_proj.weight"] = (d, cfg.v_dim)
+        for name, width in (("q_proj", cfg.qk_dim), ("k_proj", kv["k"]), ("v_proj", kv["v"])):
+            linear(name, width, d, cfg.qkv_bias)
+    linear("out_proj", d, cfg.v_dim, cfg.out_bias)
     if cfg.learned_temp:
         out["logit_scale"] = (h,)
     if cfg.null_attn:
@@ -44,38 +47,52 @@ def attn_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """Every canonical tensor name -> shape, in v29 state-dict order."""
+    """Every canonical tensor name -> shape, in the torch model's state-dict order (v29's, with
+    the options of SPEC §8: RMSNorm has no bias, biases follow their weights, `lm_head.weight`
+    last when the head is untied)."""
     out: dict[str, tuple[int, ...]] = {"tok_emb.weight": (cfg.vocab_size, cfg.embed_dim)}
     if cfg.embed_dim != cfg.d_model:
         out["emb_in.weight"] = (cfg.d_model, cfg.embed_dim)
         out["emb_out.weight"] = (cfg.embed_dim, cfg.d_model)
     attn = attn_param_shapes(cfg)
+
+    def norm(name: str) -> None:
+        out[f"{name}.weight"] = (cfg.d_model,)
+        if cfg.norm == "layernorm":
+            out[f"{name}.bias"] = (cfg.d_model,)
+
+    def linear(name: str, n_out: int, n_in: int) -> None:
+        out[f"{name}.weight"] = (n_out, n_in)
+        if cfg.mlp_bias:
+            out[f"{name}.bias"] = (n_out,)
+
     for i in range(cfg.n_layer):
         p = f"blocks.{i}."
-        out[p + "ln1.weight"] = (cfg.d_model,)
-        out[p + "ln1.bias"] = (cfg.d_model,)
+        norm(p + "ln1")
         for k, s in attn.items():
             out[p + "attn." + k] = s
-        out[p + "ln2.weight"] = (cfg.d_model,)
-        out[p + "ln2.bias"] = (cfg.d_model,)
-        out[p + "ff.w1.weight"] = (cfg.d_ff, cfg.d_model)
+        norm(p + "ln2")
+        linear(p + "ff.w1", cfg.d_ff, cfg.d_model)
         if cfg.mlp == "swiglu":
-            out[p + "ff.w2.weight"] = (cfg.d_ff, cfg.d_model)
-            out[p + "ff.w3.weight"] = (cfg.d_model, cfg.d_ff)
+            linear(p + "ff.w2", cfg.d_ff, cfg.d_model)
+            linear(p + "ff.w3", cfg.d_model, cfg.d_ff)
         else:
-            out[p + "ff.w2.weight"] = (cfg.d_model, cfg.d_ff)
-    out["ln_f.weight"] = (cfg.d_model,)
-    out["ln_f.bias"] = (cfg.d_model,)
+            linear(p + "ff.w2", cfg.d_model, cfg.d_ff)
+    norm("ln_f")
+    if not cfg.tie_embeddings:
+        out["lm_head.weight"] = (cfg.vocab_size, cfg.embed_dim)
     return out
 
 
 def tied_aliases(cfg: ModelConfig) -> dict[str, str]:
-    """K names that are the same tensor as a Q name under tie_qk: {k_name: q_name}."""
+    """K names that are the same tensor as a Q name under tie_qk: {k_name: q_name} (the bias too)."""
     if not cfg.tie_qk:
         return {}
     pairs = [("k_sem", "q_sem"), ("k_geo", "q_geo")] if cfg.attn_mode == "decoupled" else [("k_proj", "q_proj")]
+    leaves = ("weight", "bias") if cfg.qkv_bias else ("weight",)
     return {
-        f"blocks.{i}.attn.{k}.weight": f"blocks.{i}.attn.{q}.weight"
+        f"blocks.{i}.attn.{k}.{leaf}": f"blocks.{i}.attn.{q}.{leaf}"
         for i in range(cfg.n_layer)
         for k, q in pairs
+        for leaf in leaves
     }

@@ -42,11 +42,23 @@ def read_v29_checkpoint(path: str | Path, load_payload: Callable[[Path], Any] | 
     return from_payload(load_payload(path), str(path))
 
 
+# v29's ModelConfig fields (SPEC §1): what a v29 payload's `config` holds and v29 can load.
+V29_FIELDS = ("vocab_size", "block_size", "n_layer", "n_head", "d_model", "d_ff", "kv_head", "embed_dim", "attn_mode",
+              "attn_dim", "sem_dim", "geo_dim", "rope", "rope_base", "tie_qk", "null_attn", "learned_temp", "mlp",
+              "dropout")
+
+
 def v29_config_dict(cfg: ModelConfig, dest: str) -> dict[str, Any]:
     """The `config` dict of a v29 payload for `cfg`. v29's ModelConfig has no decoupled_scale: its
     scaling is implied by attn_mode/null_attn, so a model whose scaling v29 would not imply cannot
     be written for v29 (a one-line UserError naming `dest`)."""
-    config = {k: v for k, v in cfg.to_dict().items() if k != "decoupled_scale"}
+    ours = {k: v for k, v in cfg.to_dict().items() if k not in V29_FIELDS}
+    defaults = ModelConfig().to_dict()
+    beyond = [f"{k}={v!r}" for k, v in ours.items() if k != "decoupled_scale" and v != defaults[k]]
+    if beyond:
+        raise UserError(f"cannot write {dest!r} for v29: v29's model has no {', '.join(beyond)} "
+                        f"(options of the pretrained families); keep the safetensors export", 1)
+    config = {k: v for k, v in cfg.to_dict().items() if k in V29_FIELDS}
     implied = ModelConfig.from_dict(config, v29=True)
     if implied.decoupled_scale != cfg.decoupled_scale:
         raise UserError(f"cannot write {dest!r} for v29: the model uses decoupled_scale="

@@ -23,6 +23,7 @@ from flax import nnx
 from dba.config import ModelConfig, key_streams, path_scales
 from dba.errors import UserError
 from dba.kvspec import check_room
+from dba.rope import inv_freq_table
 from jax_model import kvcache as kvc
 from jax_model.attention_kernels import INFERENCE_CHUNKS, attend
 from jax_model.cached_attention import CacheAttend, cached_attend
@@ -36,20 +37,34 @@ _FEW_ROWS = 16  # up to this many tokens the attention projections run as separa
 
 
 class Linear(nnx.Linear):
-    """nnx.Linear (no bias) computed by `fast_matmul.dense`; same `kernel` parameter, same results."""
+    """nnx.Linear computed by `fast_matmul.dense` (plus its bias, when it has one); the same
+    `kernel` and `bias` parameters, the same results."""
 
     def __call__(self, inputs: jax.Array, out_sharding=None) -> jax.Array:
-        assert self.bias is None, "the model's Linears have no bias"
-        x, kernel, _ = self.promote_dtype((inputs, self.kernel[...], None), dtype=self.dtype)
-        return dense(x, kernel)
+        bias = None if self.bias is None else self.bias[...]
+        x, kernel, bias = self.promote_dtype((inputs, self.kernel[...], bias), dtype=self.dtype)
+        y = dense(x, kernel)
+        return y if bias is None else y + bias
+
+
+def _linear(rngs: nnx.Rngs, dtype, param_dtype, bias: bool = False):
+    """A Linear of the model: N(0, 0.02) weights, zero biases (v29's and transformers' inits)."""
+    return partial(Linear, use_bias=bias, kernel_init=_init, bias_init=nnx.initializers.zeros_init(),
+                   dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+
+
+def _norm(cfg: ModelConfig, rngs: nnx.Rngs, param_dtype) -> nnx.Module:
+    """The model's norm, computed in fp32: LayerNorm (weight and bias) or RMSNorm (weight)."""
+    if cfg.norm == "rmsnorm":
+        return nnx.RMSNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+    return nnx.LayerNorm(cfg.d_model, epsilon=cfg.norm_eps, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
 
 
 class Attention(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
         self.cfg = cfg
         d, h = cfg.d_model, cfg.n_head
-        linear = partial(Linear, use_bias=False, kernel_init=_init, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
+        linear = _linear(rngs, dtype, param_dtype, cfg.qkv_bias)
         zeros = lambda *shape: nnx.Param(jnp.zeros(shape, param_dtype))  # noqa: E731
         if cfg.attn_mode == "decoupled":
             self.q_sem = linear(d, cfg.sem_dim)
@@ -62,7 +77,7 @@ class Attention(nnx.Module):
             self.q_proj = linear(d, cfg.qk_dim)
             self.k_proj = None if cfg.tie_qk else linear(d, widths["k"])
             self.v_proj = linear(d, widths["v"])
-        self.out_proj = linear(cfg.v_dim, d)
+        self.out_proj = _linear(rngs, dtype, param_dtype, cfg.out_bias)(cfg.v_dim, d)
         self.logit_scale = zeros(h) if cfg.learned_temp else None
         if cfg.null_attn:
             if cfg.attn_mode == "decoupled":
@@ -75,6 +90,7 @@ class Attention(nnx.Module):
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
         self.scales = path_scales(cfg)
         self.key_names = key_streams(cfg)
+        self.inv_freq = inv_freq_table(cfg)  # None: the default frequencies (a tuple: static when jitted)
 
     # tie_qk: the K projection *is* the Q projection (one weight, gradients summed).
     def _k(self, name: str) -> nnx.Linear:
@@ -94,8 +110,12 @@ class Attention(nnx.Module):
             return [y[id(m)] for m in mods]
         lin = uniq[0]
         kernels = [m.kernel[...] for m in uniq]
-        x, *kernels = lin.promote_dtype((x_BTC, *kernels), dtype=lin.dtype)
+        biases = [m.bias[...] for m in uniq if m.bias is not None]  # all or none (cfg.qkv_bias)
+        x, *params = lin.promote_dtype((x_BTC, *kernels, *biases), dtype=lin.dtype)
+        kernels, biases = params[:len(kernels)], params[len(kernels):]
         y = dense(x, kernels[0] if len(kernels) == 1 else jnp.concatenate(kernels, axis=1))
+        if biases:
+            y = y + (biases[0] if len(biases) == 1 else jnp.concatenate(biases))
         bounds, at = {}, 0
         for m in uniq:
             bounds[id(m)] = (at, at + m.out_features)
@@ -105,7 +125,7 @@ class Attention(nnx.Module):
     def _rope(self, x_BHTD: jax.Array, positions: jax.Array) -> jax.Array:
         if not self.cfg.rope:
             return x_BHTD
-        cos, sin = rope_cos_sin(self.cfg.rope_dim, self.cfg.rope_base, positions)
+        cos, sin = rope_cos_sin(self.cfg.rope_dim, self.cfg.rope_base, positions, self.inv_freq)
         return apply_rope(x_BHTD, cos, sin)
 
     # -- the pieces every path (full forward, prefill, decode) shares ----------------------
@@ -197,8 +217,7 @@ class Attention(nnx.Module):
 
 class MLP(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
-        linear = partial(Linear, use_bias=False, kernel_init=_init, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
+        linear = _linear(rngs, dtype, param_dtype, cfg.mlp_bias)
         self.kind = cfg.mlp
         self.w1 = linear(cfg.d_model, cfg.d_ff)
         if cfg.mlp == "swiglu":
@@ -220,10 +239,9 @@ class MLP(nnx.Module):
 
 class Block(nnx.Module):
     def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
-        norm = partial(nnx.LayerNorm, cfg.d_model, epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
-        self.ln1 = norm()
+        self.ln1 = _norm(cfg, rngs, param_dtype)
         self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
-        self.ln2 = norm()
+        self.ln2 = _norm(cfg, rngs, param_dtype)
         self.ff = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
     def __call__(self, x: jax.Array, positions: jax.Array, cache: kvc.LayerCache | None = None, *,
@@ -248,15 +266,17 @@ class DBAModel(nnx.Module):
         rngs = rngs if rngs is not None else nnx.Rngs(0)
         self.cfg = cfg
         self.dtype, self.param_dtype, self.remat = dtype, param_dtype, remat
-        linear = partial(Linear, use_bias=False, kernel_init=_init, dtype=dtype,
-                         param_dtype=param_dtype, rngs=rngs)
+        linear = _linear(rngs, dtype, param_dtype)
         self.tok_emb = nnx.Embed(cfg.vocab_size, cfg.embed_dim, embedding_init=_init, dtype=dtype,
                                  param_dtype=param_dtype, rngs=rngs)
         bottleneck = cfg.embed_dim != cfg.d_model
         self.emb_in = linear(cfg.embed_dim, cfg.d_model) if bottleneck else None
         self.emb_out = linear(cfg.d_model, cfg.embed_dim) if bottleneck else None
         self.blocks = nnx.List([Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for _ in range(cfg.n_layer)])
-        self.ln_f = nnx.LayerNorm(cfg.d_model, epsilon=1e-5, dtype=jnp.float32, param_dtype=param_dtype, rngs=rngs)
+        self.ln_f = _norm(cfg, rngs, param_dtype)
+        # an output head of its own (V, embed_dim), laid out like the embedding
+        self.lm_head = None if cfg.tie_embeddings else nnx.Embed(
+            cfg.vocab_size, cfg.embed_dim, embedding_init=_init, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
 
     def embed(self, idx_BT: jax.Array) -> jax.Array:
         x = self.tok_emb(idx_BT)
@@ -265,11 +285,13 @@ class DBAModel(nnx.Module):
         return x.astype(jnp.float32)
 
     def _head_operands(self, x_BTC: jax.Array) -> tuple[jax.Array, jax.Array]:
-        """(final features (B, T, E), tied embedding (V, E)), both in the compute dtype."""
+        """(final features (B, T, E), the output head (V, E): the tied embedding or lm_head), both
+        in the compute dtype."""
         x = self.ln_f(x_BTC)
         if self.emb_out is not None:
             x = self.emb_out(x)
-        return x.astype(self.dtype), self.tok_emb.embedding[...].astype(self.dtype)
+        head = self.tok_emb if self.lm_head is None else self.lm_head
+        return x.astype(self.dtype), head.embedding[...].astype(self.dtype)
 
     def unembed(self, x_BTC: jax.Array) -> jax.Array:
         return dense_t(*self._head_operands(x_BTC))  # (B, T, V) fp32

@@ -29,7 +29,7 @@ def _variable(model: DBAModel, name: str) -> tuple[nnx.Variable, bool]:
         return getattr(mod, leaf), False
     if isinstance(mod, nnx.Linear):
         return mod.kernel, True
-    if isinstance(mod, nnx.LayerNorm):
+    if isinstance(mod, (nnx.LayerNorm, nnx.RMSNorm)):
         return mod.scale, False
     if isinstance(mod, nnx.Embed):
         return mod.embedding, False

@@ -12,11 +12,36 @@ import torch
 import torch.nn.functional as F
 
 
-def rope_cos_sin(rot_dim: int, base: float, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """cos/sin tables (T, rot_dim/2) for absolute positions, computed in fp32."""
-    inv_freq = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=positions.device) / rot_dim))
-    angles = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+def rope_cos_sin(rot_dim: int, base: float, positions: torch.Tensor,
+                 inv_freq: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos/sin tables (T, rot_dim/2) for absolute positions, computed in fp32. `inv_freq`: the
+    frequencies when they are not the default 1 / base^(2i/rot_dim) (dba/rope.py's table)."""
+    if inv_freq is None:
+        freqs = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=positions.device) / rot_dim))
+    else:
+        freqs = torch.tensor(inv_freq, dtype=torch.float32, device=positions.device)
+    angles = positions.to(torch.float32)[:, None] * freqs[None, :]
     return angles.cos(), angles.sin()
+
+
+class RMSNorm(torch.nn.Module):
+    """x / sqrt(mean(x^2) + eps) * weight, computed in fp32 and cast back before the weight
+    (transformers' LlamaRMSNorm order, SPEC §8)."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * y.to(x.dtype)
+
+
+def norm_layer(kind: str, dim: int, eps: float) -> torch.nn.Module:
+    """The model's norm: LayerNorm (weight and bias) or RMSNorm (weight)."""
+    return torch.nn.LayerNorm(dim, eps=eps) if kind == "layernorm" else RMSNorm(dim, eps)
 
 
 def apply_rope(x_BHTD: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:

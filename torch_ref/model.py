@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from dba.config import ModelConfig, key_streams, path_scales
 from dba.errors import UserError
 from dba.kvspec import check_room
+from dba.rope import inv_freq_table
 from torch_ref import kvcache as kvc
 from torch_ref.cached_attention import CacheAttend, cached_attend
-from torch_ref.layers import apply_rope, attend, merge_heads, rope_cos_sin, split_heads
+from torch_ref.layers import apply_rope, attend, merge_heads, norm_layer, rope_cos_sin, split_heads
 from torch_ref.layers import kv_heads as _kv_heads
 from torch_ref.loss import cross_entropy
 
@@ -25,19 +26,19 @@ class Attention(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.cfg = cfg
-        d, h = cfg.d_model, cfg.n_head
+        d, h, b = cfg.d_model, cfg.n_head, cfg.qkv_bias
         if cfg.attn_mode == "decoupled":
-            self.q_sem = nn.Linear(d, cfg.sem_dim, bias=False)
-            self.k_sem = self.q_sem if cfg.tie_qk else nn.Linear(d, cfg.sem_dim, bias=False)
-            self.q_geo = nn.Linear(d, cfg.geo_dim, bias=False)
-            self.k_geo = self.q_geo if cfg.tie_qk else nn.Linear(d, cfg.geo_dim, bias=False)
-            self.v_proj = nn.Linear(d, cfg.attn_dim, bias=False)
+            self.q_sem = nn.Linear(d, cfg.sem_dim, bias=b)
+            self.k_sem = self.q_sem if cfg.tie_qk else nn.Linear(d, cfg.sem_dim, bias=b)
+            self.q_geo = nn.Linear(d, cfg.geo_dim, bias=b)
+            self.k_geo = self.q_geo if cfg.tie_qk else nn.Linear(d, cfg.geo_dim, bias=b)
+            self.v_proj = nn.Linear(d, cfg.attn_dim, bias=b)
         else:
             widths = cfg.kv_streams()
-            self.q_proj = nn.Linear(d, cfg.qk_dim, bias=False)
-            self.k_proj = self.q_proj if cfg.tie_qk else nn.Linear(d, widths["k"], bias=False)
-            self.v_proj = nn.Linear(d, widths["v"], bias=False)
-        self.out_proj = nn.Linear(cfg.v_dim, d, bias=False)
+            self.q_proj = nn.Linear(d, cfg.qk_dim, bias=b)
+            self.k_proj = self.q_proj if cfg.tie_qk else nn.Linear(d, widths["k"], bias=b)
+            self.v_proj = nn.Linear(d, widths["v"], bias=b)
+        self.out_proj = nn.Linear(cfg.v_dim, d, bias=cfg.out_bias)
         if cfg.learned_temp:
             self.logit_scale = nn.Parameter(torch.zeros(h))
         if cfg.null_attn:
@@ -50,12 +51,13 @@ class Attention(nn.Module):
                 self.v_null = nn.Parameter(torch.zeros(1, 1, widths["v"]))
         self.scales = path_scales(cfg)
         self.key_names = key_streams(cfg)
+        self.inv_freq = inv_freq_table(cfg)  # None: the default frequencies
 
     # -- the pieces every path (full forward, prefill, decode) shares ----------------------
     def _rope(self, x_BHTD: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         if not self.cfg.rope:
             return x_BHTD
-        cos, sin = rope_cos_sin(self.cfg.rope_dim, self.cfg.rope_base, positions)
+        cos, sin = rope_cos_sin(self.cfg.rope_dim, self.cfg.rope_base, positions, self.inv_freq)
         return apply_rope(x_BHTD, cos, sin)
 
     def queries_and_kv(self, x_BTC: torch.Tensor,
@@ -130,13 +132,13 @@ class Attention(nn.Module):
 class MLP(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.kind, self.dropout = cfg.mlp, cfg.dropout
-        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
+        self.kind, self.dropout, b = cfg.mlp, cfg.dropout, cfg.mlp_bias
+        self.w1 = nn.Linear(cfg.d_model, cfg.d_ff, bias=b)
         if cfg.mlp == "swiglu":
-            self.w2 = nn.Linear(cfg.d_model, cfg.d_ff, bias=False)
-            self.w3 = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+            self.w2 = nn.Linear(cfg.d_model, cfg.d_ff, bias=b)
+            self.w3 = nn.Linear(cfg.d_ff, cfg.d_model, bias=b)
         else:
-            self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=False)
+            self.w2 = nn.Linear(cfg.d_ff, cfg.d_model, bias=b)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.kind == "swiglu":
@@ -149,9 +151,9 @@ class MLP(nn.Module):
 class Block(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.ln1 = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.ln1 = norm_layer(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.attn = Attention(cfg)
-        self.ln2 = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.ln2 = norm_layer(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.ff = MLP(cfg)
 
     def forward(self, x: torch.Tensor, positions: torch.Tensor, cache: kvc.LayerCache | None = None, *,
@@ -179,14 +181,18 @@ class DBAModel(nn.Module):
             self.emb_in = nn.Linear(cfg.embed_dim, cfg.d_model, bias=False)
             self.emb_out = nn.Linear(cfg.d_model, cfg.embed_dim, bias=False)
         self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
-        self.ln_f = nn.LayerNorm(cfg.d_model, eps=1e-5)
+        self.ln_f = norm_layer(cfg.norm, cfg.d_model, cfg.norm_eps)
+        if not cfg.tie_embeddings:  # an output head of its own (V, embed_dim), like the embedding
+            self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)
         self.apply(self._init_weights)
 
     @staticmethod
     def _init_weights(m: nn.Module) -> None:
         if isinstance(m, (nn.Linear, nn.Embedding)):
             nn.init.normal_(m.weight, mean=0.0, std=0.02)
-        # LayerNorm keeps (1, 0); logit_scale and null parameters were created as zeros.
+        if isinstance(m, nn.Linear) and m.bias is not None:
+            nn.init.zeros_(m.bias)
+        # Norms keep (1, 0); logit_scale and null parameters were created as zeros.
 
     @property
     def device(self) -> torch.device:
@@ -217,7 +223,8 @@ class DBAModel(nn.Module):
         x = self.ln_f(x_BTC)
         if self.cfg.embed_dim != self.cfg.d_model:
             x = self.emb_out(x)
-        return torch.matmul(x, self.tok_emb.weight.t()).float()
+        head = self.tok_emb.weight if self.cfg.tie_embeddings else self.lm_head.weight
+        return torch.matmul(x, head.t()).float()
 
     def _trunk(self, idx_BT: torch.Tensor, cache: kvc.Cache | None = None, *, fresh: bool = False,
                decode_block: int = 1024,

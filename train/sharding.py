@@ -30,6 +30,7 @@ BATCH_AXES = ("data", "fsdp")  # the batch dimension is split over both
 _ATTN_IN = ("embed", "heads")  # projections d_model -> per-head widths
 PARAM_AXES: dict[str, tuple[str, ...]] = {
     "tok_emb": ("vocab", "lexical"),
+    "lm_head": ("vocab", "lexical"),  # an untied output head, laid out like the embedding
     "emb_in": ("lexical", "embed"),
     "emb_out": ("embed", "lexical"),
     "q_sem": _ATTN_IN, "k_sem": _ATTN_IN, "q_geo": _ATTN_IN, "k_geo": _ATTN_IN,
