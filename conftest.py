@@ -50,6 +50,7 @@ import pytest
 
 def pytest_configure(config):
     _guard_processes()
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers must never reach for the hub here
     _record_seeds(np.random, "default_rng")
     try:
         from hypothesis import settings
