@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dba.resources import cpu_name, platform_text
 from train.config import RunConfig
 
 _TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -51,8 +52,8 @@ class TorchBackend:
         elif dev.type == "mps":
             kind = f"Apple MPS ({platform.machine()})"
         else:
-            kind = platform.processor() or platform.machine() or "cpu"
-        return {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+            kind = cpu_name()
+        return {"python": sys.version.split()[0], "platform": platform_text(), "torch": torch.__version__,
                 "numpy": np.__version__, "backend": f"torch-{dev.type}", "device": str(dev), "device_count": 1,
                 "device_kind": kind, "host_cpus": os.cpu_count()}
 
