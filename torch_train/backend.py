@@ -90,9 +90,15 @@ class TorchBackend:
             if note:
                 self.notes.append(note)
         model = model.to(device=self.device, dtype=getattr(torch, _TORCH_DTYPES[c.precision.param_dtype]))
+        teacher = None
+        if plan.teacher is not None:  # frozen, in its own dtype, on the student's device
+            t_cfg, t_state, t_info = plan.teacher
+            teacher = DBAModel(t_cfg)
+            load_canonical(teacher, t_state, t_info["source"])
+            teacher = teacher.to(device=self.device, dtype=getattr(torch, _TORCH_DTYPES[c.distill.teacher_dtype]))
         stepper = TorchStepper(model, c.optim, c.precision, total_steps=int(c.steps.steps), seed=int(c.run.seed),
                                device=self.device, compile=bool(c.recorded.get("compile")),
-                               compile_mode=c.recorded.get("compile_mode"))
+                               compile_mode=c.recorded.get("compile_mode"), teacher=teacher, distill=c.distill)
         if stepper.compile_note:
             self.notes.append(stepper.compile_note)
         return stepper
