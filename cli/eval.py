@@ -55,6 +55,10 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--decode-block", type=int, default=1024, help="keys per block when streaming the cache")
     add_kv_fused_argument(e)
     e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--teacher", default=None, metavar="CKPT",
+                   help="also compare every policy with this model (e.g. the one an upcycled student came from) "
+                        "decoding the same tokens from its fp16 cache: teacher_nll, delta_nll_teacher, kl_teacher, "
+                        "top1_teacher, teacher_kv_bytes (passkey: accuracy_teacher)")
     add_self_opt_arguments(p)
     o = p.add_argument_group("output")
     o.add_argument("--json", default=None, metavar="OUT", help="write one record per (task, policy, ctx[, depth])")
@@ -102,8 +106,10 @@ def _check_memory(cfg, policies, plan, batch: int) -> None:
                             f"has {human_bytes(limit, 'iec')}; use a shorter context or fewer --windows/--passkey-trials", 1)
 
 
-def _scorer(args: argparse.Namespace, cfg, state, source: str):
-    """(score function, decode-step timer, device text) of the chosen backend."""
+def _scorer(args: argparse.Namespace, cfg, state, source: str, teacher=None):
+    """(score function, decode-step timer, device text) of the chosen backend. The score function
+    `(tokens, n_prompt, policy, with_teacher=False)` also decodes `teacher` ((config, state,
+    source) or None) when asked."""
     if args.backend == "torch":
         import torch_ref
         from torch_ref.devices import torch_device
@@ -111,8 +117,14 @@ def _scorer(args: argparse.Namespace, cfg, state, source: str):
 
         model = torch_ref.load_canonical(torch_ref.DBAModel(cfg), state, source)
         model = model.to(torch_device(args.device)).eval()
+        t_model = None
+        if teacher is not None:
+            t_model = torch_ref.load_canonical(torch_ref.DBAModel(teacher[0]), teacher[1], teacher[2])
+            t_model = t_model.to(model.device).eval()
         kv_fused, fused = resolve_kv_fused(args.kv_fused, "torch", model.device)
-        return ((lambda b, n, p: score_policy(model, b, n, p, decode_block=args.decode_block, kv_fused=kv_fused)),
+        return ((lambda b, n, p, with_teacher=False: score_policy(
+                    model, b, n, p, decode_block=args.decode_block, kv_fused=kv_fused,
+                    teacher=t_model if with_teacher else None)),
                 (lambda p, ctx, n, blk: decode_step_seconds(model, p, ctx, n, blk, repeats=args.self_opt_iters,
                                                             kv_fused=kv_fused)),
                 f"{model.device}, decode kernel {fused}")
@@ -125,8 +137,13 @@ def _scorer(args: argparse.Namespace, cfg, state, source: str):
     from jax_model.evaluate import decode_step_seconds, score_policy
 
     model = jax_model.load_canonical(jax_model.DBAModel(cfg), state, source)
+    t_model = None
+    if teacher is not None:
+        t_model = jax_model.load_canonical(jax_model.DBAModel(teacher[0]), teacher[1], teacher[2])
     kv_fused, fused = resolve_kv_fused(args.kv_fused, "jax")
-    return ((lambda b, n, p: score_policy(model, b, n, p, decode_block=args.decode_block, kv_fused=kv_fused)),
+    return ((lambda b, n, p, with_teacher=False: score_policy(
+                model, b, n, p, decode_block=args.decode_block, kv_fused=kv_fused,
+                teacher=t_model if with_teacher else None)),
             (lambda p, ctx, n, blk: decode_step_seconds(model, p, ctx, n, blk, repeats=args.self_opt_iters,
                                                         kv_fused=kv_fused)),
             f"{jax.devices()[0]}, decode kernel {fused}")
@@ -162,10 +179,12 @@ def run(args: argparse.Namespace) -> int:
     plan = _plan(args, cfg)
     tokenizer = checkpoint_tokenizer(info.get("metadata"), info["source"])
     tokens, source = run_tokens(args, cfg, tokenizer)
+    teacher = _teacher(args.teacher, cfg, plan) if args.teacher else None
     _check_memory(cfg, policies, plan, max(plan.windows, plan.passkey_trials))
-    scorer, timer, device = _scorer(args, cfg, state, info["source"])
+    scorer, timer, device = _scorer(args, cfg, state, info["source"], teacher)
     policies.update(_self_opt_policy(args, cfg, plan, tokens, scorer, timer, info["source"], tokenizer))
-    ev = Evaluation(plan, cfg, policies, scorer, args.backend)
+    with_teacher = (lambda b, n, p: scorer(b, n, p, with_teacher=True)) if teacher else scorer
+    ev = Evaluation(plan, cfg, policies, with_teacher, args.backend, teacher_cfg=teacher[0] if teacher else None)
     t0 = time.perf_counter()
     _run_with_progress(ev, tokens)
     elapsed = time.perf_counter() - t0
@@ -178,8 +197,24 @@ def run(args: argparse.Namespace) -> int:
     if args.plot:
         from dba.plots import plot_pareto
 
-        plot_pareto(ev.records, args.plot, title=f"{Path(args.ckpt).name}: {cfg.attn_mode}")
+        plot_pareto(ev.records, args.plot, title=f"{Path(args.ckpt).name}: {cfg.attn_mode}",
+                    teacher=None if teacher is None else Path(args.teacher).name)
     return 0
+
+
+def _teacher(path: str, cfg, plan):
+    """(config, state, source) of --teacher: same vocabulary as the model, a context the plan's
+    longest evaluation fits (RoPE extends; the model's own rule for contexts applies)."""
+    from dba.weight_files import read_weights
+
+    t_cfg, t_state, t_info = read_weights(path)
+    if t_cfg.vocab_size != cfg.vocab_size:
+        raise UserError(f"--teacher {path!r}: its vocabulary is {t_cfg.vocab_size} ids, the model's {cfg.vocab_size}: "
+                        f"a teacher must speak the same tokens", 2)
+    longest = max(c for _, c, _ in plan.units())
+    if t_cfg.block_size < longest:
+        t_cfg = t_cfg.replace(block_size=longest)
+    return t_cfg, t_state, t_info["source"]
 
 
 def _self_opt_policy(args, cfg, plan, tokens, scorer, timer, source: str, tokenizer) -> dict[str, Any]:
@@ -228,15 +263,21 @@ def _print_table(records: list[dict[str, Any]], cfg, caption: str) -> None:
     from dba.units import human_bytes
 
     passkey = any(r["task"] == "passkey" for r in records)
+    teacher = any("teacher_nll" in r for r in records)
     t = Table(title=f"Cache quality: {cfg.attn_mode} model, {cfg.num_params():,} parameters", caption=caption)
+    t_cols = ["teacher KV", "Δnll vs teacher", "KL vs teacher", "top-1 vs teacher"] if teacher else []
     for col in ("task", "policy", "ctx", *(["depth"] if passkey else []), "KV cache", "nll", "ppl", "Δnll vs fp32",
-                "KL", "top-1", *(["passkey acc (fp32)"] if passkey else []), "tokens"):
+                "KL", "top-1", *t_cols, *(["passkey acc (fp32)" + (", teacher" if teacher else "")] if passkey else []),
+                "tokens"):
         t.add_column(col, justify="left" if col in ("task", "policy") else "right", overflow="fold")
     for r in records:
         depth = [f"{r['depth']:g}" if "depth" in r else "-"] if passkey else []
-        acc = [f"{r['accuracy']:.3f} ({r['accuracy_fp32']:.3f})" if "accuracy" in r else "-"] if passkey else []
+        tt = ([human_bytes(r["teacher_kv_bytes"]), f"{r['delta_nll_teacher']:+.5f}", f"{r['kl_teacher']:.2e}",
+               f"{r['top1_teacher']:.3f}"] if teacher else [])
+        acc_t = f", {r['accuracy_teacher']:.3f}" if teacher and "accuracy_teacher" in r else ""
+        acc = [f"{r['accuracy']:.3f} ({r['accuracy_fp32']:.3f}{acc_t})" if "accuracy" in r else "-"] if passkey else []
         t.add_row(r["task"], r["policy"], str(r["ctx"]), *depth, human_bytes(r["kv_bytes"]), f"{r['nll']:.4f}",
-                  f"{r['ppl']:.2f}", f"{r['delta_nll']:+.5f}", f"{r['kl']:.2e}", f"{r['top1']:.3f}", *acc,
+                  f"{r['ppl']:.2f}", f"{r['delta_nll']:+.5f}", f"{r['kl']:.2e}", f"{r['top1']:.3f}", *tt, *acc,
                   f"{r['tokens']:,}")
     out = Console(file=sys.stdout)
     if not out.is_terminal:  # piped: wide enough that nothing is cut

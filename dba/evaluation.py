@@ -13,6 +13,12 @@ Tasks, each run for every policy and context:
   before the repeat is the prompt; the repeat is decoded token by token, and `accuracy` is the
   fraction of its tokens after the first (the first has no cue) predicted top-1.
 - `extrapolate`: `ppl` at 2x and 4x the context the model was trained at.
+
+With a teacher (`dba eval --teacher`, e.g. the model a student was upcycled from) the teacher
+decodes the same tokens from its own fp16 cache in the same pass, and every record also carries
+`teacher_nll`, `delta_nll_teacher` (the policy's NLL minus the teacher's), `kl_teacher`
+(KL(teacher || policy)), `top1_teacher` (top-1 agreement with the teacher) and `teacher_kv_bytes`
+(the teacher's fp16 cache at ctx); passkey records add `accuracy_teacher`.
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ from dba.kvspec import KVPolicy, kv_bytes
 TASKS = ("ppl", "passkey", "extrapolate")
 RECORD_FIELDS = ("task", "policy", "ctx", "backend", "nll", "ppl", "delta_nll", "kl", "top1", "kv_bytes", "tokens")
 PASSKEY_FIELDS = ("depth", "accuracy", "accuracy_fp32")
+TEACHER_FIELDS = ("teacher_nll", "delta_nll_teacher", "kl_teacher", "top1_teacher", "teacher_kv_bytes")
 
 # Scores of one policy on a batch: (tokens (B, L), prompt length, policy) -> arrays of SCORES.
 Scorer = Callable[[np.ndarray, int, KVPolicy], dict[str, np.ndarray]]
@@ -116,8 +123,9 @@ def passkey_sequences(tokens: np.ndarray, ctx: int, depth: float, span: int, tri
 
 
 def summarize(task: str, policy: str, ctx: int, backend: str, scores: dict[str, np.ndarray], kv: int,
-              depth: float | None = None) -> dict[str, Any]:
-    """One record of the JSON output (RECORD_FIELDS, plus PASSKEY_FIELDS for passkey)."""
+              depth: float | None = None, teacher_kv: int | None = None) -> dict[str, Any]:
+    """One record of the JSON output (RECORD_FIELDS, plus PASSKEY_FIELDS for passkey, plus
+    TEACHER_FIELDS when the scores hold a teacher's)."""
     nll = float(np.mean(scores["nll"]))
     rec: dict[str, Any] = {
         "task": task, "policy": policy, "ctx": int(ctx), "backend": backend, "nll": nll,
@@ -127,6 +135,13 @@ def summarize(task: str, policy: str, ctx: int, backend: str, scores: dict[str, 
     if task == "passkey":
         rec.update(depth=float(depth), accuracy=float(np.mean(scores["correct"])),
                    accuracy_fp32=float(np.mean(scores["ref_correct"])))
+    if "teacher_nll" in scores:
+        rec.update(teacher_nll=float(np.mean(scores["teacher_nll"])),
+                   delta_nll_teacher=float(np.mean(scores["nll"] - scores["teacher_nll"])),
+                   kl_teacher=float(np.mean(scores["kl_teacher"])), top1_teacher=float(np.mean(scores["agree_teacher"])),
+                   teacher_kv_bytes=int(teacher_kv))
+        if task == "passkey":
+            rec["accuracy_teacher"] = float(np.mean(scores["teacher_correct"]))
     return rec
 
 
@@ -139,6 +154,7 @@ class Evaluation:
     policies: dict[str, KVPolicy]
     scorer: Scorer
     backend: str
+    teacher_cfg: Any = None  # the teacher the scorer also decodes (its fp16 cache's bytes are recorded)
     records: list[dict[str, Any]] = field(default_factory=list)
 
     def steps(self) -> int:
@@ -155,7 +171,8 @@ class Evaluation:
             for label, policy in self.policies.items():
                 scores = self.scorer(batch, n_prompt, policy)
                 kv = kv_bytes(self.cfg, ctx, 1, policy)["total_bytes"]
-                self.records.append(summarize(task, label, ctx, self.backend, scores, kv, depth))
+                t_kv = None if self.teacher_cfg is None else kv_bytes(self.teacher_cfg, ctx, 1)["total_bytes"]
+                self.records.append(summarize(task, label, ctx, self.backend, scores, kv, depth, t_kv))
                 if on_step is not None:  # after each (task, ctx, depth, policy)
                     on_step(f"{task} ctx {ctx}{'' if depth is None else f' depth {depth:g}'}: {label}")
         return self.records

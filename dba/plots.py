@@ -104,9 +104,12 @@ def plot_convergence(runs: list[tuple[str, list[dict[str, Any]]]], out: str | Pa
     return _save(fig, out)
 
 
-def plot_pareto(records: list[dict[str, Any]], out: str | Path, title: str | None = None) -> Path:
+def plot_pareto(records: list[dict[str, Any]], out: str | Path, title: str | None = None,
+                teacher: str | None = None) -> Path:
     """`dba eval --plot`: KV-cache bytes per token against delta_nll, one labelled point per
-    policy (the ppl records of the first context; a line per context when there are several)."""
+    policy (the ppl records of the first context; a line per context when there are several).
+    With a teacher (`--teacher`, records carrying its fields) the y axis is delta_nll against the
+    teacher's fp16 cache and the teacher is its own point at (its bytes per token, 0)."""
     ppl = [r for r in records if r.get("task") == "ppl"] or [r for r in records if r.get("task") == "extrapolate"]
     if not ppl:
         raise ValueError("the evaluation has no ppl records to plot")
@@ -114,15 +117,21 @@ def plot_pareto(records: list[dict[str, Any]], out: str | Path, title: str | Non
     ax = fig.add_subplot(1, 1, 1)
     for ctx in sorted({r["ctx"] for r in ppl}):
         rows = sorted((r for r in ppl if r["ctx"] == ctx), key=lambda r: r["kv_bytes"])
+        vs_teacher = all("delta_nll_teacher" in r for r in rows)
         xs = [r["kv_bytes"] / ctx for r in rows]
-        ys = [r["delta_nll"] for r in rows]
+        ys = [r["delta_nll_teacher" if vs_teacher else "delta_nll"] for r in rows]
         ax.plot(xs, ys, marker="o", linestyle=":", label=f"ctx {ctx}")
         for r, x, y in zip(rows, xs, ys):
             ax.annotate(r["policy"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=7)
+        if vs_teacher:
+            tx = rows[0]["teacher_kv_bytes"] / ctx
+            ax.plot([tx], [0.0], marker="*", markersize=12, linestyle="none", color="black",
+                    label=f"teacher{' ' + teacher if teacher else ''} (fp16 cache), ctx {ctx}")
+    with_teacher = all("delta_nll_teacher" in r for r in ppl)
     ax.set_xscale("log")
     ax.axhline(0.0, color="grey", linewidth=0.5)
     ax.set_xlabel("KV cache bytes per token (all layers, batch 1)")
-    ax.set_ylabel("delta NLL vs fp32 cache (nats)")
+    ax.set_ylabel("delta NLL vs the teacher (nats)" if with_teacher else "delta NLL vs fp32 cache (nats)")
     ax.set_title(title or "cache policies: memory vs quality")
     ax.legend(fontsize=8)
     return _save(fig, out)

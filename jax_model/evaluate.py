@@ -27,7 +27,10 @@ if TYPE_CHECKING:
     from jax_model.model import DBAModel
 
 REFERENCE = KVPolicy(kind="fp32")
+TEACHER_CACHE = KVPolicy(kind="fp16")  # `dba eval --teacher`: the teacher decodes from an fp16 cache
 SCORES = ("nll", "ref_nll", "kl", "agree", "correct", "ref_correct")
+# against a teacher: its NLL, KL(teacher || model), top-1 agreement with it, its top-1 correctness
+TEACHER_SCORES = ("teacher_nll", "kl_teacher", "agree_teacher", "teacher_correct")
 
 
 def _position_scores(logits_ref_BV: jax.Array, logits_BV: jax.Array, target_B: jax.Array) -> tuple[jax.Array, ...]:
@@ -41,27 +44,36 @@ def _position_scores(logits_ref_BV: jax.Array, logits_BV: jax.Array, target_B: j
 
 @partial(nnx.jit, graph=False, static_argnames=("n_prompt", "decode_block", "cache_attend"))
 def _scores(model: DBAModel, ref_cache: kvc.Cache, cache: kvc.Cache, tokens_BL: jax.Array, *, n_prompt: int,
-            decode_block: int, cache_attend) -> tuple[jax.Array, ...]:
+            decode_block: int, cache_attend, teacher: DBAModel | None = None,
+            t_cache: kvc.Cache | None = None) -> tuple[jax.Array, ...]:
     x_BT, y_BT = tokens_BL[:, :-1], tokens_BL[:, 1:]
     kw = {"decode_block": decode_block, "cache_attend": cache_attend}
     if n_prompt:
         prompt = x_BT[:, :n_prompt]
         _, ref_cache = model.forward_cached(prompt, ref_cache, fresh=True, last_only=True, **kw)
         _, cache = model.forward_cached(prompt, cache, fresh=True, last_only=True, **kw)
+        if teacher is not None:
+            _, t_cache = teacher.forward_cached(prompt, t_cache, fresh=True, last_only=True, **kw)
 
     def step(carry, xy):
-        rc, c = carry
+        rc, c, tc = carry
         x_B, y_B = xy
         logits_ref, rc = model.forward_cached(x_B[:, None], rc, fresh=False, **kw)
         logits, c = model.forward_cached(x_B[:, None], c, fresh=False, **kw)
-        return (rc, c), _position_scores(logits_ref[:, 0], logits[:, 0], y_B)
+        out = _position_scores(logits_ref[:, 0], logits[:, 0], y_B)
+        if teacher is not None:  # the same decoded tokens through the teacher's own cache
+            logits_t, tc = teacher.forward_cached(x_B[:, None], tc, fresh=False, **kw)
+            _, t_nll, t_kl, t_agree, _, t_correct = _position_scores(logits_t[:, 0], logits[:, 0], y_B)
+            out = (*out, t_nll, t_kl, t_agree, t_correct)
+        return (rc, c, tc), out
 
-    _, outs = jax.lax.scan(step, (ref_cache, cache), (x_BT[:, n_prompt:].T, y_BT[:, n_prompt:].T))
+    _, outs = jax.lax.scan(step, (ref_cache, cache, t_cache), (x_BT[:, n_prompt:].T, y_BT[:, n_prompt:].T))
     return tuple(o.T for o in outs)
 
 
 def score_policy(model: DBAModel, tokens_BL, n_prompt: int, policy: KVPolicy, *,
-                 decode_block: int = 1024, kv_fused: str = "none") -> dict[str, np.ndarray]:
+                 decode_block: int = 1024, kv_fused: str = "none",
+                 teacher: DBAModel | None = None) -> dict[str, np.ndarray]:
     """Scores of `policy`'s cache against an fp32 cache, teacher-forced on tokens (B, L).
 
     Inputs are tokens[:, :-1] and targets tokens[:, 1:]. The first `n_prompt` inputs go through
@@ -69,7 +81,9 @@ def score_policy(model: DBAModel, tokens_BL, n_prompt: int, policy: KVPolicy, *,
     the next token is scored. Returns numpy (B, L - 1 - n_prompt) arrays: `nll` and `ref_nll`
     (the target's NLL under the policy's and the fp32 cache), `kl` (KL(fp32 || policy) of the
     next-token distributions), `agree` (same top-1 as fp32), `correct` / `ref_correct` (top-1
-    equals the target). `kv_fused`: the attention over both caches, as in `decode.prefill`."""
+    equals the target). `kv_fused`: the attention over both caches, as in `decode.prefill`.
+    With a `teacher` (same vocabulary) it decodes the same tokens from its own fp16 cache in the
+    same scan, and TEACHER_SCORES compare the policy's predictions with the teacher's."""
     idx = model.as_tokens(tokens_BL)
     b, length = idx.shape
     if not 0 <= n_prompt < length - 1:
@@ -77,9 +91,15 @@ def score_policy(model: DBAModel, tokens_BL, n_prompt: int, policy: KVPolicy, *,
     policy.check_for(model.cfg)
     ref_cache = kvc.init_cache(model.cfg, REFERENCE, b, length - 1)
     cache = kvc.init_cache(model.cfg, policy, b, length - 1)
+    t_cache = None
+    if teacher is not None:
+        if teacher.cfg.vocab_size != model.cfg.vocab_size:
+            raise UserError(f"the teacher's vocabulary is {teacher.cfg.vocab_size} ids, the model's "
+                            f"{model.cfg.vocab_size}: they must match")
+        t_cache = kvc.init_cache(teacher.cfg, TEACHER_CACHE, b, length - 1)
     outs = _scores(model, ref_cache, cache, idx, n_prompt=int(n_prompt), decode_block=int(decode_block),
-                   cache_attend=cache_attention(kv_fused))
-    return dict(zip(SCORES, (np.asarray(o) for o in jax.device_get(outs))))
+                   cache_attend=cache_attention(kv_fused), teacher=teacher, t_cache=t_cache)
+    return dict(zip(SCORES + TEACHER_SCORES, (np.asarray(o) for o in jax.device_get(outs))))
 
 
 @partial(nnx.jit, graph=False, static_argnames=("decode_block", "cache_attend"))

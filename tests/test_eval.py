@@ -169,3 +169,67 @@ def test_eval_torch_backend_matches_jax(tiny_run):
         outs[backend] = json.loads(out.read_text())["records"][0]
     assert abs(outs["jax"]["nll"] - outs["torch"]["nll"]) <= 1e-3
     assert outs["torch"]["backend"] == "torch"
+
+
+# ---- --teacher: the policy's predictions against another model's fp16-cache predictions ------
+
+def test_teacher_scores_by_hand_and_across_frameworks(models):
+    """The teacher decodes the same tokens from its own fp16 cache: with the model itself as the
+    teacher and an fp16 policy every teacher field is the identity (0 KL, top-1 1); with another
+    teacher they are its NLL and KL(teacher || policy) token by token (computed here from the two
+    full forwards), the same in JAX and torch."""
+    import jax
+
+    from jax_model.evaluate import score_policy as score_jax
+    from torch_ref.evaluate import score_policy as score_torch
+
+    cfg, jm, tm = models
+    tokens = np.random.default_rng(5).integers(0, cfg.vocab_size, (2, 23))
+    twin = build_jax(cfg, init_like_state(cfg, 5))  # the fixture's weights, another object
+    same = score_jax(jm, tokens, 7, KVPolicy(kind="fp16"), teacher=twin)
+    assert np.abs(same["nll"] - same["teacher_nll"]).max() <= 1e-6 and np.abs(same["kl_teacher"]).max() <= 1e-6
+    assert same["agree_teacher"].all()
+    other_state = init_like_state(cfg, 6)
+    tj, tt = build_jax(cfg, other_state), build_torch(cfg, other_state)
+    a = score_jax(jm, tokens, 7, parse_policy("q4_0,residual=2"), teacher=tj)
+    b = score_torch(tm, tokens, 7, parse_policy("q4_0,residual=2"), teacher=tt)
+    lt = np.asarray(jax.nn.log_softmax(np.asarray(tj(tokens[:, :-1])).astype(np.float64), axis=-1))[:, 7:]
+    nll_t = -np.take_along_axis(lt, tokens[:, 8:, None], axis=-1)[..., 0]
+    assert np.abs(a["teacher_nll"] - nll_t).max() <= 5e-4  # fp16 cache vs fp32 forward
+    assert a["kl_teacher"].mean() > 1e-3  # two different models
+    for k in ("teacher_nll", "kl_teacher", "nll"):
+        assert np.abs(a[k] - b[k]).max() <= 1e-4, k
+    assert (a["agree_teacher"] == b["agree_teacher"]).mean() > 0.95
+
+
+def test_teacher_fields_in_records_and_the_plot(tmp_path):
+    from dba.evaluation import TEACHER_FIELDS, summarize
+    from dba.plots import plot_pareto
+
+    scores = {"nll": np.array([[2.0, 3.0]]), "ref_nll": np.array([[2.0, 2.9]]), "kl": np.array([[0.0, 0.1]]),
+              "agree": np.array([[True, False]]), "correct": np.array([[True, True]]),
+              "ref_correct": np.array([[True, False]]), "teacher_nll": np.array([[1.5, 2.5]]),
+              "kl_teacher": np.array([[0.2, 0.4]]), "agree_teacher": np.array([[True, True]]),
+              "teacher_correct": np.array([[False, True]])}
+    rec = summarize("passkey", "q4_0", 64, "jax", scores, 1000, 0.5, teacher_kv=4000)
+    assert set(TEACHER_FIELDS) <= set(rec)
+    assert rec["delta_nll_teacher"] == pytest.approx(0.5) and rec["kl_teacher"] == pytest.approx(0.3)
+    assert rec["top1_teacher"] == 1.0 and rec["accuracy_teacher"] == 0.5 and rec["teacher_kv_bytes"] == 4000
+    ppl = summarize("ppl", "q4_0", 64, "jax", scores, 1000, teacher_kv=4000)
+    out = plot_pareto([ppl], tmp_path / "p.png", teacher="t.safetensors")
+    assert out.stat().st_size > 1000
+
+
+def test_teacher_with_another_vocabulary_is_one_line(tiny_run, tmp_path, capsys):
+    from cli.main import main
+    from dba.weights import param_shapes, save_safetensors
+
+    cfg, model, data, _ = tiny_run
+    other = cfg.replace(vocab_size=70)
+    rng = np.random.default_rng(1)
+    save_safetensors(tmp_path / "t.safetensors", other,
+                     {k: rng.normal(0, 0.3, s).astype(np.float32) for k, s in param_shapes(other).items()})
+    assert main(["eval", "--ckpt", str(model), "--data", str(data), "--teacher", str(tmp_path / "t.safetensors"),
+                 "--contexts", "24"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "its vocabulary is 70 ids, the model's 61" in err and "\n" not in err

@@ -21,7 +21,9 @@ if TYPE_CHECKING:
     from torch_ref.model import DBAModel
 
 REFERENCE = KVPolicy(kind="fp32")
+TEACHER_CACHE = KVPolicy(kind="fp16")  # `dba eval --teacher`: the teacher decodes from an fp16 cache
 SCORES = ("nll", "ref_nll", "kl", "agree", "correct", "ref_correct")
+TEACHER_SCORES = ("teacher_nll", "kl_teacher", "agree_teacher", "teacher_correct")
 
 
 def _position_scores(logits_ref_BV: torch.Tensor, logits_BV: torch.Tensor, target_B: torch.Tensor):
@@ -35,9 +37,10 @@ def _position_scores(logits_ref_BV: torch.Tensor, logits_BV: torch.Tensor, targe
 
 @torch.no_grad()
 def score_policy(model: DBAModel, tokens_BL, n_prompt: int, policy: KVPolicy, *,
-                 decode_block: int = 1024, kv_fused: str = "none") -> dict[str, np.ndarray]:
+                 decode_block: int = 1024, kv_fused: str = "none",
+                 teacher: DBAModel | None = None) -> dict[str, np.ndarray]:
     """Scores of `policy`'s cache against an fp32 cache, teacher-forced on tokens (B, L); the
-    same arrays as jax_model.evaluate.score_policy (`kv_fused` as there)."""
+    same arrays as jax_model.evaluate.score_policy (`kv_fused` and `teacher` as there)."""
     idx = model.as_tokens(tokens_BL)
     b, length = idx.shape
     if not 0 <= n_prompt < length - 1:
@@ -45,18 +48,32 @@ def score_policy(model: DBAModel, tokens_BL, n_prompt: int, policy: KVPolicy, *,
     policy.check_for(model.cfg)
     ref_cache = kvc.init_cache(model.cfg, REFERENCE, b, length - 1, device=idx.device)
     cache = kvc.init_cache(model.cfg, policy, b, length - 1, device=idx.device)
+    t_cache = None
+    if teacher is not None:
+        if teacher.cfg.vocab_size != model.cfg.vocab_size:
+            raise UserError(f"the teacher's vocabulary is {teacher.cfg.vocab_size} ids, the model's "
+                            f"{model.cfg.vocab_size}: they must match")
+        t_cache = kvc.init_cache(teacher.cfg, TEACHER_CACHE, b, length - 1, device=idx.device)
     x_BT, y_BT = idx[:, :-1], idx[:, 1:]
     kw = {"decode_block": decode_block, "cache_attend": cache_attention(kv_fused)}
     if n_prompt:
         prompt = x_BT[:, :n_prompt]
         model.forward_cached(prompt, ref_cache, fresh=True, last_only=True, **kw)
         model.forward_cached(prompt, cache, fresh=True, last_only=True, **kw)
+        if teacher is not None:
+            teacher.forward_cached(prompt, t_cache, fresh=True, last_only=True, **kw)
     rows = []
     for t in range(n_prompt, length - 1):
         logits_ref, ref_cache = model.forward_cached(x_BT[:, t:t + 1], ref_cache, fresh=False, **kw)
         logits, cache = model.forward_cached(x_BT[:, t:t + 1], cache, fresh=False, **kw)
-        rows.append(_position_scores(logits_ref[:, 0], logits[:, 0], y_BT[:, t]))
-    return {name: torch.stack([r[i] for r in rows], dim=1).cpu().numpy() for i, name in enumerate(SCORES)}
+        row = _position_scores(logits_ref[:, 0], logits[:, 0], y_BT[:, t])
+        if teacher is not None:  # the same decoded tokens through the teacher's own cache
+            logits_t, t_cache = teacher.forward_cached(x_BT[:, t:t + 1], t_cache, fresh=False, **kw)
+            _, t_nll, t_kl, t_agree, _, t_correct = _position_scores(logits_t[:, 0], logits[:, 0], y_BT[:, t])
+            row = (*row, t_nll, t_kl, t_agree, t_correct)
+        rows.append(row)
+    names = SCORES + (TEACHER_SCORES if teacher is not None else ())
+    return {name: torch.stack([r[i] for r in rows], dim=1).cpu().numpy() for i, name in enumerate(names)}
 
 
 @torch.no_grad()
