@@ -26,6 +26,7 @@ from dba.config import (
     DECOUPLED_SCALES,
     EXPERIMENTS,
     MLP_KINDS,
+    NORMS,
     PAPER_ALL,
     SIZE_TRAINING,
     SIZES,
@@ -103,6 +104,8 @@ FLAGS: list[Flag] = [
     _f("no_null_attn", "bool", "no null attention (overrides a preset)", group="model"),
     _f("no_learned_temp", "bool", "disable the per-head learned temperature", group="model"),
     _f("mlp", "str", "MLP kind", MLP_KINDS, group="model"),
+    _f("norm", "str", "normalisation: layernorm (v29's, weight and bias) or rmsnorm (Llama's, weight only)", NORMS,
+       group="model"),
     _f("dropout", "float", "dropout rate", group="model"),
     _f("decoupled_scale", "str", "decoupled score scaling (SPEC §3)", DECOUPLED_SCALES, group="model"),
     # -- steps and batches

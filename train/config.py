@@ -134,6 +134,7 @@ class ModelFlags:
     no_null_attn: bool = False
     no_learned_temp: bool = False
     mlp: str | None = None
+    norm: str | None = None
     dropout: float | None = None
     decoupled_scale: str | None = None
 
@@ -141,7 +142,7 @@ class ModelFlags:
     SIMPLE: ClassVar[dict[str, str]] = {
         "d_model": "d_model", "layers": "n_layer", "n_head": "n_head", "d_ff": "d_ff", "embed_dim": "embed_dim",
         "attn_mode": "attn_mode", "attn_dim": "attn_dim", "sem_dim": "sem_dim", "geo_dim": "geo_dim",
-        "kv_head": "kv_head", "decoupled_kv_head": "decoupled_kv_head", "rope_base": "rope_base", "mlp": "mlp", "dropout": "dropout",
+        "kv_head": "kv_head", "decoupled_kv_head": "decoupled_kv_head", "rope_base": "rope_base", "mlp": "mlp", "norm": "norm", "dropout": "dropout",
         "decoupled_scale": "decoupled_scale"}
     SWITCHES: ClassVar[tuple[tuple[str, str, str], ...]] = (
         ("rope", "no_rope", "rope"), ("tie_qk", "no_tie_qk", "tie_qk"), ("null_attn", "no_null_attn", "null_attn"))
