@@ -16,6 +16,7 @@ BENCHES = {
     "dashboard": "what the live rich dashboard of `dba train` costs in tokens/s",
     "convert": "dba convert of a Hugging Face model of Llama-3.2-1B's shapes: time, MB/s, peak RSS vs model size",
     "cache-quality": "what the cache policies cost in quality: a decoupled and a standard model, trained here",
+    "upcycle": "a Llama-form teacher trained on the stdlib, upcycled at 1/4, 1/8, 1/16 of its cache and distilled, vs baselines",
     "v29": "v29 beside dba on the same weights (--v29 PATH): train steps and q4_0 generation, with ratios",
 }
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import tempfile
 from fractions import Fraction
 from pathlib import Path
@@ -83,22 +82,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace OUT if it exists")
 
 
-def budget_plan(teacher, share: Fraction, kv_head: int | None, rope_select: str):
-    """Dims for `share` of the teacher's fp16 cache: per student kv head, sem:geo:v = 1:2:3 (the
-    recipe's 32/64/96 split), geo even, each at least 1 (2 for geo), floors rounded down."""
-    from dba.upcycle import StudentPlan
-
-    h, t_kv = teacher.n_head, teacher.n_kv_head
-    k = t_kv if kv_head is None else kv_head
-    per_kv_teacher = (teacher.qk_dim + teacher.v_dim) // h  # one teacher kv head's K + V dims
-    width = math.floor(per_kv_teacher * (t_kv / k) * share)  # one student kv head's k_sem + k_geo + v dims
-    unit = width / 6
-    geo = max(2, 2 * math.floor(unit))  # 2 units, even
-    sem = max(1, math.floor(unit))
-    v = max(1, width - geo - sem)
-    return StudentPlan(sem_dim=sem * h, geo_dim=geo * h, attn_dim=v * h, kv_head=kv_head, rope_select=rope_select)
-
-
 def _check_out(out: Path, overwrite: bool) -> None:
     if out.suffix != ".safetensors":
         raise UserError(f"{str(out)!r}: the student is written as a .safetensors export", 2)
@@ -160,7 +143,7 @@ def run(args: argparse.Namespace) -> int:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from dba.kvspec import kv_bytes
-    from dba.upcycle import StudentPlan, student_config, upcycle
+    from dba.upcycle import StudentPlan, budget_plan, student_config, upcycle
     from dba.weights import save_safetensors
 
     out = Path(args.out)

@@ -111,6 +111,20 @@ def student_config(teacher: ModelConfig, plan: StudentPlan, rope_freqs=None, *, 
     return student
 
 
+def budget_plan(teacher: ModelConfig, share, kv_head: int | None, rope_select: str) -> StudentPlan:
+    """Dims for `share` of the teacher's fp16 cache: per student kv head, sem:geo:v = 1:2:3 (the
+    recipe's 32/64/96 split), geo even, each at least 1 (2 for geo), floors rounded down."""
+    h, t_kv = teacher.n_head, teacher.n_kv_head
+    k = t_kv if kv_head is None else kv_head
+    per_kv_teacher = (teacher.qk_dim + teacher.v_dim) // h  # one teacher kv head's K + V dims
+    width = math.floor(per_kv_teacher * (t_kv / k) * share)  # one student kv head's k_sem + k_geo + v dims
+    unit = width / 6
+    geo = max(2, 2 * math.floor(unit))  # 2 units, even
+    sem = max(1, math.floor(unit))
+    v = max(1, width - geo - sem)
+    return StudentPlan(sem_dim=sem * h, geo_dim=geo * h, attn_dim=v * h, kv_head=kv_head, rope_select=rope_select)
+
+
 # ---- the linear algebra --------------------------------------------------------------------
 
 def _aug(state, name: str, rows: int, d: int) -> np.ndarray:

@@ -1,0 +1,201 @@
+"""`dba bench upcycle`: the architecture's claim on a model that can do something. A Llama-form GQA
+teacher is trained on this Python's standard library, saved in Hugging Face Llama format and
+brought back through `dba convert`; its attention is upcycled at three cache budgets and measured
+against it, before and after distillation, with quantized caches on top, beside two baselines.
+
+    dba bench upcycle --dir runs/upcycle              # everything (about an hour on 2 CPU cores)
+    dba bench upcycle --dir runs/upcycle --json out.json
+
+Stages (each reused when its output exists, so an interrupted run continues):
+1. corpus: `dba prepare --corpus python-stdlib` (bytes; its by-file held-out split is the
+   evaluation data).
+2. teacher: `dba train` of a Llama-form GQA model (RMSNorm, SwiGLU, no learned temperature or
+   null attention; 4 layers, d 256, 8 heads over 2 kv heads, context 256) for `--teacher-steps`;
+   exported to a Hugging Face directory (`dba convert RUN DIR/`, transformers' LlamaForCausalLM
+   format) and imported again (`dba convert DIR X.safetensors`): the teacher every row uses.
+3. students, per budget (1/4, 1/8, 1/16 of the teacher's fp16 cache): `dba upcycle --budget`
+   (training-free, calibrated on training tokens), then `--blockwise-steps` of blockwise
+   distillation, then KL distillation for the rest of the student budget (`--student-tokens`,
+   at most 2% of the teacher's tokens by default).
+4. `dba eval --teacher` of every row on the held-out files: ppl at the trained context and
+   passkey at 10/50/90% depth. The final students also with q8_0 and q4_0 caches.
+5. baselines: a decoupled model of each student's shape trained from scratch on the same tokens
+   (the students' budget), and the teacher itself with q8_0 / q4_0 / nf4 caches (the bytes a
+   quantized cache alone reaches).
+Columns: KV bytes/token, x smaller than the teacher's fp16 cache, ppl ratio to the teacher,
+delta NLL and KL against it, top-1 agreement, passkey at 10/50/90%, training tokens used.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from bench.common import bench_main, machine, positive_int, print_table, write_json
+
+TEACHER_FLAGS = ["--attn-mode", "gqa", "--kv-head", "2", "--d-model", "256", "--layers", "4", "--n-head", "8",
+                 "--d-ff", "704", "--attn-dim", "256", "--norm", "rmsnorm", "--no-learned-temp"]
+BUDGETS = ("1/4", "1/8", "1/16")
+WINDOW = 32  # fp16 window of the quantized caches (a quarter of the scored half of each window)
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", default="runs/upcycle", help="where every stage's output goes (reused when present)")
+    p.add_argument("--teacher-steps", type=positive_int, default=3000, help="teacher training steps (16 x 256 tokens)")
+    p.add_argument("--student-tokens", type=float, default=0.02,
+                   help="distillation budget per student, a share of the teacher's training tokens (default 0.02)")
+    p.add_argument("--blockwise-steps", type=positive_int, default=20, help="blockwise steps (part of the budget)")
+    p.add_argument("--windows", type=positive_int, default=16, help="ppl windows of the evaluation")
+    p.add_argument("--passkey-trials", type=positive_int, default=32, help="passkey sequences per depth")
+    p.add_argument("--json", default=None, help="also write the results here")
+
+
+def _dba(*argv: Any, log: Path | None = None) -> subprocess.CompletedProcess:
+    argv = [str(a) for a in argv]
+    r = subprocess.run([sys.executable, "-m", "cli", *argv], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1"))
+    if log is not None:
+        log.write_text(r.stdout + r.stderr)
+    if r.returncode != 0:
+        from dba.errors import UserError
+
+        raise UserError(f"`dba {' '.join(argv[:2])} ...` failed (exit {r.returncode}): "
+                        f"{(r.stderr.strip().splitlines() or ['?'])[-1]}", 1)
+    return r
+
+
+def _complete(run: Path) -> bool:
+    log = run / "train.jsonl"
+    return log.is_file() and '"reason": "complete"' in log.read_text()
+
+
+def _say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+BATCH, SEQ = 16, 256
+
+
+def _train(run: Path, *argv: Any) -> None:
+    if _complete(run):
+        _say(f"reusing {run}")
+        return
+    _say(f"training {run.name} ...")
+    _dba("train", *argv, "--batch-size", BATCH, "--train-seq-len", SEQ, "--live", "off", "--log-every", 10,
+         "--out-dir", run, "--overwrite", log=run.with_suffix(".log"))
+
+
+def _eval(ckpt: Path, teacher: Path, data: Path, out: Path, policies: str, args) -> list[dict[str, Any]]:
+    if not out.is_file():
+        _say(f"evaluating {ckpt.name} ({policies}) ...")
+        _dba("eval", "--ckpt", ckpt, "--data", data, "--split", "all", "--teacher", teacher, "--policies", policies,
+             "--tasks", "ppl,passkey", "--contexts", SEQ, "--depths", "0.1,0.5,0.9", "--windows", args.windows,
+             "--passkey-trials", args.passkey_trials, "--json", out)
+    return json.loads(out.read_text())["records"]
+
+
+def _rows(label: str, records: list[dict[str, Any]], tokens: int, teacher_bytes: float) -> list[dict[str, Any]]:
+    """One row per policy of an evaluation: its ppl record and its passkey accuracies."""
+    out = []
+    for policy in dict.fromkeys(r["policy"] for r in records):
+        mine = [r for r in records if r["policy"] == policy]
+        ppl = next(r for r in mine if r["task"] == "ppl")
+        keys = {r["depth"]: r["accuracy"] for r in mine if r["task"] == "passkey"}
+        per_token = ppl["kv_bytes"] / ppl["ctx"]
+        out.append({"row": label if policy == "fp16" else f"{label} + {policy.split(',')[0]}",
+                    "kv_bytes_per_token": per_token, "x_smaller": teacher_bytes / per_token,
+                    "ppl": ppl["ppl"], "ppl_ratio": math.exp(ppl["delta_nll_teacher"]),
+                    "delta_nll": ppl["delta_nll_teacher"], "kl": ppl["kl_teacher"], "top1": ppl["top1_teacher"],
+                    "passkey": [keys.get(d) for d in (0.1, 0.5, 0.9)], "tokens": tokens})
+    return out
+
+
+def run(args: argparse.Namespace) -> int:
+    from fractions import Fraction
+
+    from dba.upcycle import budget_plan
+    from dba.weight_files import read_weights
+
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    data = root / "stdlib.npy"
+    if not data.is_file():
+        _say("preparing the stdlib corpus ...")
+        _dba("prepare", "--corpus", "python-stdlib", "--out", data)
+    val = root / "stdlib.val.npy"
+
+    # the teacher: trained, exported to transformers' Llama format, imported back
+    t_run = root / "teacher_run"
+    _train(t_run, "--data", data, *TEACHER_FLAGS, "--steps", args.teacher_steps, "--lr-schedule", "cosine",
+           "--warmup-steps", 100, "--min-lr", 2e-4, "--eval-every", 250, "--save-every", 250)
+    hf_dir, teacher = root / "teacher_hf", root / "teacher.safetensors"
+    if not teacher.is_file():
+        _say("exporting the teacher to a Hugging Face Llama directory and importing it back ...")
+        _dba("convert", t_run, hf_dir, "--overwrite")
+        _dba("convert", hf_dir, teacher, "--overwrite")
+    t_cfg = read_weights(teacher)[0]
+    teacher_tokens = args.teacher_steps * BATCH * SEQ
+    student_steps = max(args.blockwise_steps + 1, int(args.student_tokens * teacher_tokens) // (BATCH * SEQ))
+    student_tokens = student_steps * BATCH * SEQ
+    quant = f"fp16;q8_0,residual={WINDOW};all=q4_0,residual={WINDOW}"
+
+    rows: list[dict[str, Any]] = []
+    t_records = _eval(teacher, teacher, val, root / "eval_teacher.json", quant + f";all=nf4,residual={WINDOW}", args)
+    t_bytes = next(r for r in t_records if r["task"] == "ppl" and r["policy"] == "fp16")["kv_bytes"] / SEQ
+    rows += _rows("teacher (HF Llama, imported)", t_records, teacher_tokens, t_bytes)
+    for budget in BUDGETS:
+        tag = budget.replace("/", "_")
+        plan = budget_plan(t_cfg, Fraction(budget), None, "2norm")
+        student = root / f"student_{tag}.safetensors"
+        if not student.is_file():
+            _say(f"upcycling at {budget} ...")
+            _dba("upcycle", teacher, student, "--budget", budget, "--calib", data, "--calib-tokens", 65536,
+                 "--calib-len", SEQ, "--json", root / f"upcycle_{tag}.json", "--overwrite")
+        rows += _rows(f"{budget}: training-free", _eval(student, teacher, val, root / f"eval_{tag}_free.json",
+                                                       "fp16", args), 0, t_bytes)
+        blockwise = root / f"student_{tag}_blockwise"
+        _train(blockwise, "--data", data, "--ckpt", student, "--distill-from", teacher, "--distill-blockwise",
+               args.blockwise_steps, "--steps", args.blockwise_steps, "--lr", 1e-3, "--eval-every", 0)
+        rows += _rows(f"{budget}: blockwise", _eval(blockwise, teacher, val, root / f"eval_{tag}_blockwise.json",
+                                                    "fp16", args), args.blockwise_steps * BATCH * SEQ, t_bytes)
+        kl = root / f"student_{tag}_kl"
+        _train(kl, "--data", data, "--ckpt", blockwise, "--distill-from", teacher, "--distill-loss", "kl",
+               "--steps", student_steps - args.blockwise_steps, "--lr", 1e-3, "--lr-schedule", "cosine",
+               "--warmup-steps", 5, "--min-lr", 1e-4, "--eval-every", 0)
+        rows += _rows(f"{budget}: + KL", _eval(kl, teacher, val, root / f"eval_{tag}_kl.json", quant, args),
+                      student_tokens, t_bytes)
+        scratch = root / f"scratch_{tag}"
+        shape = ["--attn-mode", "decoupled", "--decoupled-kv-head", 2, "--d-model", 256, "--layers", 4, "--n-head", 8,
+                 "--d-ff", 704, "--norm", "rmsnorm", "--no-learned-temp", "--sem-dim", plan.sem_dim, "--geo-dim",
+                 plan.geo_dim, "--attn-dim", plan.attn_dim]
+        _train(scratch, "--data", data, *shape, "--steps", student_steps, "--eval-every", 0)
+        rows += _rows(f"{budget}: from scratch (baseline)",
+                      _eval(scratch, teacher, val, root / f"eval_{tag}_scratch.json", "fp16", args),
+                      student_tokens, t_bytes)
+
+    headers = ["row", "KV B/token", "x smaller", "ppl", "ppl / teacher", "ΔNLL", "KL", "top-1",
+               "passkey 10/50/90%", "tokens"]
+    fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
+    print_table(f"upcycling a {t_cfg.num_params():,}-parameter Llama-form teacher (stdlib bytes, context {SEQ}); "
+                f"held-out files, against the teacher's fp16 cache",
+                headers, [[r["row"], f"{r['kv_bytes_per_token']:,.0f}", f"{r['x_smaller']:.2f}x", f"{r['ppl']:.3f}",
+                           f"{r['ppl_ratio']:.3f}", f"{r['delta_nll']:+.4f}", f"{r['kl']:.4f}", f"{r['top1']:.3f}",
+                           " / ".join(fmt(a) for a in r["passkey"]), f"{r['tokens']:,}"] for r in rows])
+    if args.json:
+        write_json(args.json, {"rows": rows, "teacher_tokens": teacher_tokens, "student_tokens": student_tokens,
+                               "machine": machine()})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main("bench.upcycle", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
