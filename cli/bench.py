@@ -17,6 +17,7 @@ BENCHES = {
     "convert": "dba convert of a Hugging Face model of Llama-3.2-1B's shapes: time, MB/s, peak RSS vs model size",
     "cache-quality": "what the cache policies cost in quality: a decoupled and a standard model, trained here",
     "upcycle": "a Llama-form teacher trained on the stdlib, upcycled at 1/4, 1/8, 1/16 of its cache and distilled, vs baselines",
+    "upcycle-shapes": "dba upcycle and a distillation step on Llama-3.2-1B / SmolLM-135M / Qwen2.5-0.5B shapes: time, peak RSS",
     "v29": "v29 beside dba on the same weights (--v29 PATH): train steps and q4_0 generation, with ratios",
 }
 
