@@ -50,6 +50,17 @@ def is_hf_dir(path: Path) -> bool:
     return isinstance(d, dict) and ("architectures" in d or "model_type" in d)
 
 
+# Names that say "a file" (of another format): refused rather than made a directory of that name.
+FILE_SUFFIXES = (".pth", ".bin", ".ckpt", ".gguf", ".onnx", ".json", ".npz", ".npy", ".h5", ".msgpack", ".zip",
+                 ".tar", ".gz", ".txt")
+
+
+def is_directory_destination(dst: Path) -> bool:
+    """DST names a Hugging Face directory: an existing directory, or a path without a .pt or
+    .safetensors suffix (nor another file format's suffix)."""
+    return dst.is_dir() or dst.suffix.lower() not in (".pt", ".safetensors", *FILE_SUFFIXES)
+
+
 def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
     if is_hf_dir(src):
@@ -59,8 +70,11 @@ def run(args: argparse.Namespace) -> int:
     if src.is_dir() and not any(src.glob("*.safetensors")) and not any(src.glob("*.pt")):
         raise UserError(f"{str(src)!r} has no config.json (not a Hugging Face model directory) and no "
                         f"checkpoint (not a run directory)", 1)
+    if is_directory_destination(dst):
+        return _export_hf(src, dst, args)
     if dst.suffix not in (".pt", ".safetensors"):
-        raise UserError(f"unsupported destination {str(dst)!r}: use a .pt or .safetensors name")
+        raise UserError(f"unsupported destination {str(dst)!r}: use a .pt or .safetensors name, or a directory "
+                        f"(a Hugging Face model)")
     if dst.exists() and not args.overwrite:
         raise UserError(f"{str(dst)!r} already exists (pass --overwrite to replace it)")
     if not dst.parent.exists():
@@ -123,4 +137,22 @@ def _import_hf(src: Path, dst: Path, args: argparse.Namespace) -> int:
     tok = f"; tokenizer {info['tokenizer']}" if info["tokenizer"] else "; no tokenizer.json (token ids in and out)"
     print(f"wrote {dst} ({info['family']}: {cfg.n_layer} layers, {cfg.n_head} heads / {cfg.n_kv_head} kv, "
           f"{cfg.num_params():,} parameters, {'/'.join(info['dtypes'])}, {info['bytes'] / 2**20:,.1f} MiB){tok}")
+    return 0
+
+
+def _export_hf(src: Path, dst: Path, args: argparse.Namespace) -> int:
+    """dba's weights -> a Hugging Face directory (dba/hf_export.py)."""
+    from dba.hf_export import check_destination, export
+
+    check_destination(dst, overwrite=args.overwrite, src=src)  # before the weights are read
+    info = export(src, dst, dtype=args.dtype, overwrite=args.overwrite)
+    cfg = info["config"]
+    if info["kind"] == "native":
+        how = f"{info['architecture']}: transformers' own class loads it (AutoModelForCausalLM.from_pretrained)"
+    else:
+        how = (f"{info['architecture']} with its modeling code ({', '.join(info['why'])}): "
+               f"AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True); generation there is uncached")
+    print(f"wrote {dst}/ ({how}; {cfg.attn_mode}, {cfg.num_params():,} parameters, {info['tensors']} tensors, "
+          f"{info['dtype']}, {info['bytes'] / 2**20:,.1f} MiB) from {info['source']}")
+    print(info["tokenizer"])
     return 0
