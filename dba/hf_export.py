@@ -305,6 +305,8 @@ def export(src: str | Path, dst: str | Path, *, dtype: str | None = None, overwr
     by_out = {out_name(n): n for n in names}
     metadata = (info.get("metadata") or {}) if isinstance(info, dict) else {}
     tok_files, tok_note = tokenizer_files(metadata, src, cfg.block_size, cfg.vocab_size)
+    if family is None and tok_files and metadata.get("tokenizer"):
+        meta["tokenizer"] = metadata["tokenizer"]  # `dba sample --ckpt DIR/model.safetensors` speaks text
 
     def write_json(d: dict) -> Callable[[Path], None]:
         return lambda p: p.write_text(json.dumps(d, indent=2) + "\n")
