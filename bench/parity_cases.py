@@ -31,6 +31,13 @@ OPTIONS = {
     "llama3": dict(rope_type="llama3", rope_factor=4.0, rope_low_freq_factor=1.0, rope_high_freq_factor=4.0,
                    rope_original_context=8),
 }
+# An upcycled student's options (decoupled only): keys/values shared by groups of 3 query heads, and
+# recorded per-layer, per-kv-head RoPE frequencies (a fixed table spanning four decades).
+DECOUPLED_OPTIONS = {
+    "grouped": dict(decoupled_kv_head=2),
+    "recorded": dict(rope_freqs="recorded"),  # the table is made for the config's layers and kv heads
+}
+DECOUPLED_COMBOS = [("grouped",), ("recorded",), ("grouped", "recorded", "null", "rms", "bias", "untied")]
 COMBOS = [(), ("tie_qk",), ("null",), ("norope",), ("notemp",), ("gelu",), ("embed",),
           ("tie_qk", "null", "gelu", "embed"), ("null", "norope", "notemp"), ("rms", "bias", "untied", "llama3"),
           ("rms", "tie_qk", "bias", "notemp")]
@@ -39,19 +46,32 @@ COMBOS = [(), ("tie_qk",), ("null",), ("norope",), ("notemp",), ("gelu",), ("emb
 def make_config(mode: str, options=(), **overrides) -> ModelConfig:
     fields = dict(BASE, attn_mode=mode)
     for o in options:
-        fields.update(OPTIONS[o])
+        fields.update(OPTIONS[o] if o in OPTIONS else DECOUPLED_OPTIONS[o])
     if mode == "gqa":
         fields["kv_head"] = 6 if fields.get("tie_qk") else 2
     fields.update(overrides)
+    if fields.get("rope_freqs") == "recorded":
+        fields["rope_freqs"] = recorded_freqs(ModelConfig(**{**fields, "rope_freqs": None}))
     return ModelConfig(**fields)
+
+
+def recorded_freqs(cfg: ModelConfig, seed: int = 7) -> tuple:
+    """A [n_layer][kv heads][geo head dim / 2] table of frequencies in [1e-3, 10), each exactly a
+    float32 (as a student's, taken from its teacher's float32 table)."""
+    pairs = cfg.geo_dim // cfg.n_head // 2
+    f = 10.0 ** np.random.default_rng(seed).uniform(-3, 1, (cfg.n_layer, cfg.n_kv_head, pairs))
+    return tuple(tuple(tuple(float(x) for x in head) for head in layer) for layer in f.astype(np.float32))
 
 
 def config_matrix() -> list[tuple[str, ModelConfig]]:
     """Every attention mode x each v29 option alone, two combinations of them, and two of the
-    pretrained families' options (44 configs)."""
+    pretrained families' options (44 configs), then the upcycled student's options: grouped
+    decoupled keys, recorded frequencies, both with the families' options (3 more)."""
     out = []
     for mode, combo in itertools.product(("standard", "bottleneck", "decoupled", "gqa"), COMBOS):
         out.append((f"{mode}-{'+'.join(combo) or 'base'}", make_config(mode, combo)))
+    for combo in DECOUPLED_COMBOS:
+        out.append((f"decoupled-{'+'.join(combo)}", make_config("decoupled", combo)))
     return out
 
 

@@ -65,6 +65,11 @@ class ModelConfig:
     rope_low_freq_factor: float = 1.0
     rope_high_freq_factor: float = 4.0
     rope_original_context: int = 8192  # llama3: the context the model was pretrained at
+    # -- options of an upcycled student (dba upcycle); the defaults are v29's model
+    decoupled_kv_head: int | None = None  # decoupled keys/values shared by groups of query heads
+    # The RoPE frequencies of each layer's geometric heads, [n_layer][n_kv_head][geo head dim / 2]
+    # (the teacher's frequencies a student inherited, per kv head); None: rope_type's table.
+    rope_freqs: tuple[tuple[tuple[float, ...], ...], ...] | None = None
 
     def __post_init__(self) -> None:
         _validate(self)
@@ -72,9 +77,12 @@ class ModelConfig:
     # ---- derived dimensions -------------------------------------------------------------
     @property
     def n_kv_head(self) -> int:
-        """K/V heads: kv_head for gqa, n_head otherwise."""
+        """K/V heads: kv_head for gqa, decoupled_kv_head for decoupled, n_head otherwise (v29
+        ignored kv_head outside gqa, so decoupled grouping is a field of its own)."""
         if self.attn_mode == "gqa" and self.kv_head is not None:
             return self.kv_head
+        if self.attn_mode == "decoupled" and self.decoupled_kv_head is not None:
+            return self.decoupled_kv_head
         return self.n_head
 
     @property
@@ -114,7 +122,8 @@ class ModelConfig:
     def kv_streams(self) -> dict[str, int]:
         """Cached sequence tensors and their widths (SPEC §5)."""
         if self.attn_mode == "decoupled":
-            return {"k_sem": self.sem_dim, "k_geo": self.geo_dim, "v": self.attn_dim}
+            k, h = self.n_kv_head, self.n_head
+            return {"k_sem": self.sem_dim // h * k, "k_geo": self.geo_dim // h * k, "v": self.attn_dim // h * k}
         kv_width = self.n_kv_head * (self.qk_dim // self.n_head)
         return {"k": kv_width, "v": self.n_kv_head * self.head_dim}
 
@@ -133,6 +142,12 @@ class ModelConfig:
         if unknown:
             raise ConfigError(f"unknown config field(s): {', '.join(unknown)}")
         d = dict(d)
+        if isinstance(d.get("rope_freqs"), list):  # from JSON: nested lists -> a hashable table
+            try:
+                d["rope_freqs"] = tuple(tuple(tuple(head) for head in layer) for layer in d["rope_freqs"])
+            except TypeError:
+                raise ConfigError("rope_freqs must be a [n_layer][n_kv_head][geo head dim / 2] table of "
+                                  "numbers") from None
         if v29 and "decoupled_scale" not in d:
             # v29 trained decoupled-without-null through SDPA's default scale (SPEC §3).
             plain = d.get("attn_mode", cls.attn_mode) == "decoupled" and not d.get("null_attn", False)
@@ -214,6 +229,15 @@ def _validate(c: ModelConfig) -> None:
     if c.attn_mode == "decoupled":
         need(c.sem_dim % h == 0, f"sem_dim={c.sem_dim} is not divisible by n_head={h}")
         need(c.geo_dim % h == 0, f"geo_dim={c.geo_dim} is not divisible by n_head={h}")
+    if c.decoupled_kv_head is not None:
+        k = c.decoupled_kv_head
+        need(isinstance(k, int) and not isinstance(k, bool) and k > 0,
+             f"decoupled_kv_head must be a positive integer or None, got {k!r}")
+        need(c.attn_mode == "decoupled", f"decoupled_kv_head={k} needs attn_mode decoupled, got {c.attn_mode!r}")
+        need(h % k == 0, f"n_head={h} is not divisible by decoupled_kv_head={k}")
+        need(not (c.tie_qk and k != h), f"tie_qk is not possible when decoupled_kv_head={k} != n_head={h}")
+    if c.rope_freqs is not None:
+        _validate_rope_freqs(c, need)
     if c.attn_mode == "gqa" and c.kv_head is not None:
         need(h % c.kv_head == 0, f"n_head={h} is not divisible by kv_head={c.kv_head}")
         need(not (c.tie_qk and c.kv_head != h),
@@ -223,6 +247,23 @@ def _validate(c: ModelConfig) -> None:
              f"rope needs an even rotated head dim, got {c.rope_dim} "
              f"({'geo_dim' if c.attn_mode == 'decoupled' else 'qk width'}="
              f"{c.geo_dim if c.attn_mode == 'decoupled' else c.qk_dim} / n_head={h})")
+
+
+def _validate_rope_freqs(c: ModelConfig, need) -> None:
+    need(c.attn_mode == "decoupled" and c.rope,
+         f"rope_freqs (recorded RoPE frequencies) need attn_mode decoupled with rope, got {c.attn_mode!r}, "
+         f"rope={c.rope}")
+    pairs, k = c.geo_dim // c.n_head // 2, c.n_kv_head
+    table = c.rope_freqs
+    shape_ok = (isinstance(table, tuple) and len(table) == c.n_layer
+                and all(isinstance(layer, tuple) and len(layer) == k for layer in table)
+                and all(isinstance(head, tuple) and len(head) == pairs for layer in table for head in layer))
+    need(shape_ok, f"rope_freqs must be [n_layer={c.n_layer}][kv heads={k}][geo head dim / 2={pairs}] numbers")
+    for layer in table:
+        for head in layer:
+            for f in head:
+                need(isinstance(f, (int, float)) and not isinstance(f, bool) and math.isfinite(f) and f > 0,
+                     f"rope_freqs must hold positive finite frequencies, got {f!r}")
 
 
 # ---- presets (v29 --size / --exp, and dba's recipe) ----------------------------------------

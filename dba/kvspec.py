@@ -379,5 +379,6 @@ def kv_bytes(cfg: Any, seq_len: int, batch: int = 1, policy: KVPolicy | None = N
 
 
 def baseline_bytes(cfg: Any, seq_len: int, batch: int = 1) -> dict[str, Any]:
-    """The same model in `standard` mode with an fp16 cache (the seed's baseline)."""
-    return kv_bytes(cfg.replace(attn_mode="standard"), seq_len, batch, FP16)
+    """The same model in `standard` mode with an fp16 cache (the seed's baseline); a student's
+    grouped keys and recorded frequencies belong to decoupled attention and do not carry over."""
+    return kv_bytes(cfg.replace(attn_mode="standard", decoupled_kv_head=None, rope_freqs=None), seq_len, batch, FP16)

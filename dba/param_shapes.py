@@ -24,8 +24,9 @@ def attn_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
             out[f"{name}.bias"] = (n_out,)
 
     if cfg.attn_mode == "decoupled":
-        for name, width in (("q_sem", cfg.sem_dim), ("k_sem", cfg.sem_dim), ("q_geo", cfg.geo_dim),
-                            ("k_geo", cfg.geo_dim), ("v_proj", cfg.attn_dim)):
+        kv = cfg.kv_streams()  # the key/value widths: per kv head (decoupled_kv_head) x head dims
+        for name, width in (("q_sem", cfg.sem_dim), ("k_sem", kv["k_sem"]), ("q_geo", cfg.geo_dim),
+                            ("k_geo", kv["k_geo"]), ("v_proj", kv["v"])):
             linear(name, width, d, cfg.qkv_bias)
     else:
         kv = cfg.kv_streams()
@@ -35,10 +36,11 @@ def attn_param_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
     if cfg.learned_temp:
         out["logit_scale"] = (h,)
     if cfg.null_attn:
-        if cfg.attn_mode == "decoupled":
-            out["k_sem_null"] = (1, 1, cfg.sem_dim)
-            out["k_geo_null"] = (1, 1, cfg.geo_dim)
-            out["v_null"] = (1, 1, cfg.attn_dim)
+        if cfg.attn_mode == "decoupled":  # one null key/value per kv head
+            kv = cfg.kv_streams()
+            out["k_sem_null"] = (1, 1, kv["k_sem"])
+            out["k_geo_null"] = (1, 1, kv["k_geo"])
+            out["v_null"] = (1, 1, kv["v"])
         else:
             kv = cfg.kv_streams()
             out["k_null"] = (1, 1, kv["k"])

@@ -10,6 +10,10 @@ transformers' `_compute_llama3_parameters`) starts from the same frequencies and
     otherwise                              (1 - s) * inv_freq / factor + s * inv_freq,
                                            s = (orig / wavelength - low) / (high - low)
 computed in float32 as transformers does; the attention scaling stays 1.
+
+An upcycled student records its frequencies (`ModelConfig.rope_freqs`): each layer's kv heads
+rotate their geometric pairs at the teacher's frequencies they kept, a table per head
+(`layer_inv_freqs`); a query head uses its kv head's table, so q.k sees one rotation.
 """
 
 from __future__ import annotations
@@ -50,3 +54,18 @@ def inv_freq_table(cfg: Any) -> tuple[float, ...] | None:
                               cfg.rope_high_freq_factor, cfg.rope_original_context)
         return tuple(float(x) for x in inv)
     raise ValueError(f"rope_type {cfg.rope_type!r}")
+
+
+Table = tuple[float, ...] | tuple[tuple[float, ...], ...]
+
+
+def layer_inv_freqs(cfg: Any, layer: int) -> tuple[Table | None, Table | None]:
+    """(the queries' table, the keys' table) of one layer: None for the default frequencies, one
+    row shared by every head (rope_type), or a row per head (recorded frequencies: the keys' K
+    rows, the queries' H rows, query head h using kv head h // (H / K))."""
+    if cfg.rope_freqs is None:
+        shared = inv_freq_table(cfg)
+        return shared, shared
+    keys = cfg.rope_freqs[layer]
+    group = cfg.n_head // cfg.n_kv_head
+    return tuple(row for row in keys for _ in range(group)), keys

@@ -54,10 +54,11 @@ def v29_config_dict(cfg: ModelConfig, dest: str) -> dict[str, Any]:
     be written for v29 (a one-line UserError naming `dest`)."""
     ours = {k: v for k, v in cfg.to_dict().items() if k not in V29_FIELDS}
     defaults = ModelConfig().to_dict()
-    beyond = [f"{k}={v!r}" for k, v in ours.items() if k != "decoupled_scale" and v != defaults[k]]
+    beyond = [f"{k}={v!r}" if len(repr(v)) <= 40 else k  # a recorded frequency table is named, not shown
+              for k, v in ours.items() if k != "decoupled_scale" and v != defaults[k]]
     if beyond:
         raise UserError(f"cannot write {dest!r} for v29: v29's model has no {', '.join(beyond)} "
-                        f"(options of the pretrained families); keep the safetensors export", 1)
+                        f"(options beyond v29's model); keep the safetensors export", 1)
     config = {k: v for k, v in cfg.to_dict().items() if k in V29_FIELDS}
     implied = ModelConfig.from_dict(config, v29=True)
     if implied.decoupled_scale != cfg.decoupled_scale:

@@ -76,6 +76,7 @@ def save_safetensors(path: str | Path, cfg: ModelConfig, state: Mapping[str, np.
 
 def load_safetensors(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarray], dict[str, str]]:
     """Read a project export; the config comes from the metadata or a sibling config.json."""
+    import ml_dtypes  # noqa: F401 (registers bfloat16 with numpy: a bf16 export reads as such)
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)

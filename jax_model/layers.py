@@ -18,14 +18,15 @@ NEG_INF = float(jnp.finfo(jnp.float32).min)
 
 
 def rope_cos_sin(rot_dim: int, base: float, positions: jax.Array,
-                 inv_freq: tuple[float, ...] | None = None) -> tuple[jax.Array, jax.Array]:
+                 inv_freq: tuple | None = None) -> tuple[jax.Array, jax.Array]:
     """cos/sin tables (T, rot_dim/2) for absolute positions, computed in fp32. `inv_freq`: the
-    frequencies when they are not the default 1 / base^(2i/rot_dim) (dba/rope.py's table)."""
+    frequencies when they are not the default 1 / base^(2i/rot_dim) (dba/rope.py's table): one
+    row, or a row per head, which gives per-head tables (heads, T, rot_dim/2)."""
     if inv_freq is None:
         freqs = 1.0 / (base ** (jnp.arange(0, rot_dim, 2, dtype=jnp.float32) / rot_dim))
     else:
         freqs = jnp.asarray(inv_freq, jnp.float32)
-    angles = positions.astype(jnp.float32)[:, None] * freqs[None, :]
+    angles = positions.astype(jnp.float32)[:, None] * freqs[..., None, :]
     # The barrier materialises the small tables: otherwise XLA fuses cos/sin into every consumer
     # and evaluates them once per (batch, head, position, dim) element.
     return jax.lax.optimization_barrier((jnp.cos(angles), jnp.sin(angles)))

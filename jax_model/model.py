@@ -23,7 +23,7 @@ from flax import nnx
 from dba.config import ModelConfig, key_streams, path_scales
 from dba.errors import UserError
 from dba.kvspec import check_room
-from dba.rope import inv_freq_table
+from dba.rope import layer_inv_freqs
 from jax_model import kvcache as kvc
 from jax_model.attention_kernels import INFERENCE_CHUNKS, attend
 from jax_model.cached_attention import CacheAttend, cached_attend
@@ -61,36 +61,39 @@ def _norm(cfg: ModelConfig, rngs: nnx.Rngs, param_dtype) -> nnx.Module:
 
 
 class Attention(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 layer: int = 0):
         self.cfg = cfg
         d, h = cfg.d_model, cfg.n_head
         linear = _linear(rngs, dtype, param_dtype, cfg.qkv_bias)
         zeros = lambda *shape: nnx.Param(jnp.zeros(shape, param_dtype))  # noqa: E731
+        widths = cfg.kv_streams()  # key/value widths: kv heads x head dims
         if cfg.attn_mode == "decoupled":
             self.q_sem = linear(d, cfg.sem_dim)
-            self.k_sem = None if cfg.tie_qk else linear(d, cfg.sem_dim)
+            self.k_sem = None if cfg.tie_qk else linear(d, widths["k_sem"])
             self.q_geo = linear(d, cfg.geo_dim)
-            self.k_geo = None if cfg.tie_qk else linear(d, cfg.geo_dim)
-            self.v_proj = linear(d, cfg.attn_dim)
+            self.k_geo = None if cfg.tie_qk else linear(d, widths["k_geo"])
+            self.v_proj = linear(d, widths["v"])
         else:
-            widths = cfg.kv_streams()
             self.q_proj = linear(d, cfg.qk_dim)
             self.k_proj = None if cfg.tie_qk else linear(d, widths["k"])
             self.v_proj = linear(d, widths["v"])
         self.out_proj = _linear(rngs, dtype, param_dtype, cfg.out_bias)(cfg.v_dim, d)
         self.logit_scale = zeros(h) if cfg.learned_temp else None
         if cfg.null_attn:
-            if cfg.attn_mode == "decoupled":
-                self.k_sem_null = zeros(1, 1, cfg.sem_dim)
-                self.k_geo_null = zeros(1, 1, cfg.geo_dim)
-                self.v_null = zeros(1, 1, cfg.attn_dim)
+            if cfg.attn_mode == "decoupled":  # one null key/value per kv head
+                self.k_sem_null = zeros(1, 1, widths["k_sem"])
+                self.k_geo_null = zeros(1, 1, widths["k_geo"])
+                self.v_null = zeros(1, 1, widths["v"])
             else:
                 self.k_null = zeros(1, 1, widths["k"])
                 self.v_null = zeros(1, 1, widths["v"])
         self.dropout = nnx.Dropout(cfg.dropout, rngs=rngs) if cfg.dropout > 0 else None
         self.scales = path_scales(cfg)
         self.key_names = key_streams(cfg)
-        self.inv_freq = inv_freq_table(cfg)  # None: the default frequencies (a tuple: static when jitted)
+        # RoPE frequencies of the queries and of the keys: None (the default), one row, or a row
+        # per head (recorded frequencies); tuples, static when jitted
+        self.inv_freq_q, self.inv_freq_k = layer_inv_freqs(cfg, layer)
 
     # tie_qk: the K projection *is* the Q projection (one weight, gradients summed).
     def _k(self, name: str) -> nnx.Linear:
@@ -122,10 +125,10 @@ class Attention(nnx.Module):
             at += m.out_features
         return [y[..., bounds[id(m)][0]:bounds[id(m)][1]] for m in mods]
 
-    def _rope(self, x_BHTD: jax.Array, positions: jax.Array) -> jax.Array:
+    def _rope(self, x_BHTD: jax.Array, positions: jax.Array, inv_freq) -> jax.Array:
         if not self.cfg.rope:
             return x_BHTD
-        cos, sin = rope_cos_sin(self.cfg.rope_dim, self.cfg.rope_base, positions, self.inv_freq)
+        cos, sin = rope_cos_sin(self.cfg.rope_dim, self.cfg.rope_base, positions, inv_freq)
         return apply_rope(x_BHTD, cos, sin)
 
     # -- the pieces every path (full forward, prefill, decode) shares ----------------------
@@ -134,10 +137,10 @@ class Attention(nnx.Module):
         if self.cfg.attn_mode == "decoupled":
             q_sem_BTW, q_geo_BTW = proj
             q_sem = split_heads(q_sem_BTW, h) * self.scales[0]
-            q_geo = self._rope(split_heads(q_geo_BTW, h), positions) * self.scales[1]
+            q_geo = self._rope(split_heads(q_geo_BTW, h), positions, self.inv_freq_q) * self.scales[1]
             q = jnp.concatenate([q_sem, q_geo], axis=-1)
         else:
-            q = self._rope(split_heads(proj[0], h), positions) * self.scales[0]
+            q = self._rope(split_heads(proj[0], h), positions, self.inv_freq_q) * self.scales[0]
         if self.logit_scale is not None:
             q = q * jnp.exp(self.logit_scale[...].astype(jnp.float32)).astype(q.dtype)[None, :, None, None]
         return q
@@ -146,10 +149,10 @@ class Attention(nnx.Module):
         h_kv = self.cfg.n_kv_head
         if self.cfg.attn_mode == "decoupled":
             k_sem, k_geo, v = proj
-            k_geo = self._rope(split_heads(k_geo, h_kv), positions)
+            k_geo = self._rope(split_heads(k_geo, h_kv), positions, self.inv_freq_k)
             return {"k_sem": k_sem, "k_geo": merge_heads(k_geo), "v": v}
         k, v = proj
-        return {"k": merge_heads(self._rope(split_heads(k, h_kv), positions)), "v": v}
+        return {"k": merge_heads(self._rope(split_heads(k, h_kv), positions, self.inv_freq_k)), "v": v}
 
     def _names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         if self.cfg.attn_mode == "decoupled":
@@ -174,7 +177,8 @@ class Attention(nnx.Module):
             return None
         h, h_kv = self.cfg.n_head, self.cfg.n_kv_head
         if self.cfg.attn_mode == "decoupled":
-            k = jnp.concatenate([self.k_sem_null[...].reshape(h, -1), self.k_geo_null[...].reshape(h, -1)], axis=-1)
+            k = jnp.concatenate([self.k_sem_null[...].reshape(h_kv, -1), self.k_geo_null[...].reshape(h_kv, -1)],
+                                axis=-1)
         else:
             k = self.k_null[...].reshape(h_kv, -1)
         v = self.v_null[...].reshape(h_kv, -1)
@@ -238,9 +242,10 @@ class MLP(nnx.Module):
 
 
 class Block(nnx.Module):
-    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
+    def __init__(self, cfg: ModelConfig, *, rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32,
+                 layer: int = 0):
         self.ln1 = _norm(cfg, rngs, param_dtype)
-        self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+        self.attn = Attention(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, layer=layer)
         self.ln2 = _norm(cfg, rngs, param_dtype)
         self.ff = MLP(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
 
@@ -272,7 +277,8 @@ class DBAModel(nnx.Module):
         bottleneck = cfg.embed_dim != cfg.d_model
         self.emb_in = linear(cfg.embed_dim, cfg.d_model) if bottleneck else None
         self.emb_out = linear(cfg.d_model, cfg.embed_dim) if bottleneck else None
-        self.blocks = nnx.List([Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype) for _ in range(cfg.n_layer)])
+        self.blocks = nnx.List([Block(cfg, rngs=rngs, dtype=dtype, param_dtype=param_dtype, layer=i)
+                                for i in range(cfg.n_layer)])
         self.ln_f = _norm(cfg, rngs, param_dtype)
         # an output head of its own (V, embed_dim), laid out like the embedding
         self.lm_head = None if cfg.tie_embeddings else nnx.Embed(

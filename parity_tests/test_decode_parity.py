@@ -21,6 +21,7 @@ from tests.support import first_of_each, tiered
 DECODE_CONFIGS = [
     ("decoupled", ("null",)), ("decoupled", ("tie_qk", "embed")), ("decoupled", ()),
     ("gqa", ("null",)), ("gqa", ("norope",)), ("standard", ("tie_qk",)), ("bottleneck", ("null", "gelu")),
+    ("decoupled", ("grouped", "recorded", "null")),  # an upcycled student's layout
 ]
 IDS = [f"{m}-{'+'.join(o) or 'base'}" for m, o in DECODE_CONFIGS]
 

@@ -29,6 +29,10 @@ def test_matrix_covers_every_mode_and_option():
         assert any(c.norm == "rmsnorm" for c in of_mode) and any(c.qkv_bias and c.out_bias and c.mlp_bias for c in of_mode)
         assert any(not c.tie_embeddings for c in of_mode) and any(c.rope_type == "llama3" for c in of_mode)
         assert any(c.tie_qk and c.qkv_bias for c in of_mode)
+    # an upcycled student's options: grouped decoupled keys, recorded frequencies, and both together
+    dec = [c for c in cfgs if c.attn_mode == "decoupled"]
+    assert any(c.n_kv_head < c.n_head for c in dec) and any(c.rope_freqs is not None for c in dec)
+    assert any(c.n_kv_head < c.n_head and c.rope_freqs is not None and c.null_attn for c in dec)
 
 
 # the fast tier runs the first configuration of each attention mode, the full suite all of them

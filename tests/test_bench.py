@@ -370,3 +370,26 @@ def test_v29_bench_end_to_end_with_a_stand_in(tmp_path, monkeypatch, capsys):
     assert gen["dba JAX"]["tokens_vs_v29"]["of"] == 3 and gen["dba JAX"]["decode_tok_s"] > 0
     text = capsys.readouterr().out
     assert "Training step, config A" in text and "Generation, config A" in text and "a fresh process" in text
+
+
+# ---- dba bench convert: the source it writes converts, and the peak it reads is the child's own ----------
+
+def test_convert_bench_source_converts_and_peak_is_parsed(tmp_path):
+    from bench import convert as bconvert
+    from dba.hf_import import convert
+    from dba.weights import load_safetensors
+
+    tiny = {**bconvert.LLAMA_3_2_1B, "vocab_size": 97, "hidden_size": 24, "intermediate_size": 40,
+            "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 6}
+    size = bconvert.write_source(tmp_path / "hf", tiny, shards=3)
+    index = json.loads((tmp_path / "hf" / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 3 and index["metadata"]["total_size"] == size
+    cfg, info = convert(tmp_path / "hf", tmp_path / "x.safetensors")
+    assert (cfg.n_layer, cfg.d_model, cfg.rope_type) == (2, 24, "llama3") and info["dtypes"] == ["BF16"]
+    assert info["bytes"] == size  # tied embeddings: nothing dropped, nothing added
+    _, tensors, _ = load_safetensors(tmp_path / "x.safetensors")
+    assert str(tensors["tok_emb.weight"].dtype) == "bfloat16" and tensors["tok_emb.weight"].shape == (97, 24)
+
+    assert bconvert._peak_bytes("converted\nVmHWM 553408\n") == 553408 * 1024
+    with pytest.raises(SystemExit, match="did not report its peak RSS"):
+        bconvert._peak_bytes("converted\n")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from dba.config import ConfigError, ModelConfig, preset
@@ -33,6 +34,16 @@ def test_v29_defaults():
     (dict(n_layer=0), "n_layer must be a positive integer, got 0"),
     (dict(decoupled_scale="sqrt"), "decoupled_scale must be one of"),
     (dict(kv_head=0, attn_mode="gqa"), "kv_head must be a positive integer"),
+    # an upcycled student's options
+    (dict(attn_mode="decoupled", decoupled_kv_head=3), "n_head=4 is not divisible by decoupled_kv_head=3"),
+    (dict(attn_mode="gqa", decoupled_kv_head=2), "decoupled_kv_head=2 needs attn_mode decoupled, got 'gqa'"),
+    (dict(attn_mode="decoupled", decoupled_kv_head=2, tie_qk=True), "tie_qk is not possible when decoupled_kv_head=2"),
+    (dict(attn_mode="decoupled", decoupled_kv_head=0), "decoupled_kv_head must be a positive integer"),
+    (dict(attn_mode="gqa", rope_freqs=((1.0,),)), "rope_freqs (recorded RoPE frequencies) need attn_mode decoupled"),
+    (dict(attn_mode="decoupled", geo_dim=16, rope_freqs=(((1.0, 0.1),) * 4,)),
+     "rope_freqs must be [n_layer=2][kv heads=4][geo head dim / 2=2] numbers"),
+    (dict(attn_mode="decoupled", geo_dim=16, n_layer=1, rope_freqs=(((1.0, -0.1),) * 4,)),
+     "rope_freqs must hold positive finite frequencies, got -0.1"),
 ])
 def test_invalid_configs_raise_one_line(fields, needle):
     with pytest.raises(ConfigError) as e:
@@ -48,6 +59,12 @@ def test_odd_geo_head_ok_without_rope():
 def test_json_round_trip():
     c = ModelConfig(**{**OK, "attn_mode": "gqa", "kv_head": 2, "null_attn": True})
     assert ModelConfig.from_json(c.to_json()) == c
+    table = tuple(tuple((0.5, float(np.float32(1e-3 * (i + 1)))) for _ in range(2)) for i in range(OK["n_layer"]))
+    student = ModelConfig(**{**OK, "attn_mode": "decoupled", "geo_dim": 16, "decoupled_kv_head": 2,
+                             "rope_freqs": table})
+    back = ModelConfig.from_json(student.to_json())
+    assert back == student and back.rope_freqs == table and hash(back) == hash(student)
+    assert student.kv_streams() == {"k_sem": 8, "k_geo": 8, "v": 20}  # 2 kv heads of 4 / 4 / 10
     with pytest.raises(ConfigError, match="unknown config field"):
         ModelConfig.from_dict({**c.to_dict(), "n_heads": 3})
 

@@ -386,3 +386,15 @@ def test_dba_core_imports_no_framework():
             "[m for m in ('jax', 'torch') if m in sys.modules]")
     r = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert r.returncode == 0, r.stderr
+
+
+def test_grouped_decoupled_keys_shrink_the_cache_by_the_group():
+    """decoupled_kv_head=K caches K heads of every stream: H/K times fewer bytes at every policy,
+    and the baseline (standard, fp16) is the same model's, without the student's options."""
+    cfg = ModelConfig(vocab_size=97, block_size=64, n_layer=3, n_head=6, d_model=60, d_ff=80, embed_dim=60,
+                      attn_mode="decoupled", sem_dim=12, geo_dim=24, attn_dim=36)
+    grouped = cfg.replace(decoupled_kv_head=2)
+    assert grouped.kv_streams() == {"k_sem": 4, "k_geo": 8, "v": 12}
+    for policy in (KVPolicy(kind="fp16"), KVPolicy(kind="fp32")):
+        assert kv_bytes(cfg, 100, 2, policy)["total_bytes"] == 3 * kv_bytes(grouped, 100, 2, policy)["total_bytes"]
+    assert baseline_bytes(grouped, 100) == baseline_bytes(cfg, 100)

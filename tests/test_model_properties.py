@@ -159,3 +159,69 @@ def test_dropout_only_in_training_mode():
 def test_import_boundaries(stmt, forbidden):
     code = f"import sys; {stmt}; sys.exit(1 if {forbidden!r} in sys.modules else 0)"
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+# ---- an upcycled student's options, against models without them ----------------------------
+
+def _logits(cfg, state, tokens):
+    return np.asarray(build_jax(cfg, state)(tokens)), build_torch(cfg, state)(tokens).detach().numpy()
+
+
+def test_grouped_decoupled_keys_equal_repeated_keys():
+    """decoupled_kv_head=K: query head h reads kv head h // (H/K). The same model with K=H and each
+    kv head's key/value weights (and nulls) repeated over its group gives the same logits."""
+    cfg = make_config("decoupled", ("grouped", "null", "bias"))
+    full_cfg = cfg.replace(decoupled_kv_head=None)
+    state = random_state(cfg, 5)
+    g = cfg.n_head // cfg.n_kv_head
+    full = dict(state)
+    for name, a in state.items():
+        if any(s in name for s in ("k_sem", "k_geo", "v_proj", "v_null")) and "out_proj" not in name:
+            width = a.shape[-1] if "_null" in name else a.shape[0]
+            rows = a.reshape(-1) if "_null" in name else a
+            per = rows.reshape(cfg.n_kv_head, width // cfg.n_kv_head, *rows.shape[1:])
+            rep = np.repeat(per, g, axis=0).reshape(-1, *rows.shape[1:])
+            full[name] = rep.reshape(1, 1, -1) if "_null" in name else rep
+    tokens = random_tokens(cfg, 2, 67)
+    for a, b in zip(_logits(cfg, state, tokens), _logits(full_cfg, full, tokens)):
+        assert np.abs(a - b).max() <= 2e-5 and np.abs(a).max() > 0.3
+
+
+def test_recorded_default_frequencies_equal_the_default_rope():
+    from dba.rope import default_inv_freq
+
+    cfg = make_config("decoupled", ("grouped", "null"))
+    row = tuple(float(x) for x in default_inv_freq(cfg.rope_dim, cfg.rope_base))
+    recorded = cfg.replace(rope_freqs=tuple(tuple(row for _ in range(cfg.n_kv_head)) for _ in range(cfg.n_layer)))
+    state = random_state(cfg, 6)
+    tokens = random_tokens(cfg, 1, 70)
+    for a, b in zip(_logits(cfg, state, tokens), _logits(recorded, state, tokens)):
+        assert np.abs(a - b).max() <= 1e-5
+
+
+def test_recorded_frequencies_are_per_kv_head():
+    """Kv head 0 rotating at table A and kv head 1 at table B: with the out_proj columns of one
+    group's query heads zeroed, the model equals the one rotating every head at the other group's
+    table, and differs from the one rotating at the wrong table (each group's queries and keys use
+    their own kv head's frequencies)."""
+    base = make_config("decoupled", ("grouped",), n_layer=1)
+    pairs = base.rope_dim // 2
+    table_a = tuple(float(x) for x in np.float32([0.9, 0.013])[:pairs])
+    table_b = tuple(float(x) for x in np.float32([2.1, 0.31])[:pairs])
+    mixed = base.replace(rope_freqs=((table_a, table_b),))
+    state = random_state(base, 8)
+    tokens = random_tokens(base, 1, 64)
+    g, v_hd = base.n_head // base.n_kv_head, base.attn_dim // base.n_head
+    for keep, same, other in ((0, table_a, table_b), (1, table_b, table_a)):
+        st = dict(state)
+        w = st["blocks.0.attn.out_proj.weight"].copy()
+        cols = np.ones(base.attn_dim, bool)
+        cols[keep * g * v_hd:(keep + 1) * g * v_hd] = False
+        w[:, cols] = 0.0  # only the kept group's query heads reach the output
+        st["blocks.0.attn.out_proj.weight"] = w
+        got = _logits(mixed, st, tokens)
+        want = _logits(base.replace(rope_freqs=((same, same),)), st, tokens)
+        wrong = _logits(base.replace(rope_freqs=((other, other),)), st, tokens)
+        for a, b, c in zip(got, want, wrong):
+            assert np.abs(a - b).max() <= 1e-5
+            assert np.abs(a - c).max() > 1e-3

@@ -13,14 +13,15 @@ import torch.nn.functional as F
 
 
 def rope_cos_sin(rot_dim: int, base: float, positions: torch.Tensor,
-                 inv_freq: tuple[float, ...] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                 inv_freq: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """cos/sin tables (T, rot_dim/2) for absolute positions, computed in fp32. `inv_freq`: the
-    frequencies when they are not the default 1 / base^(2i/rot_dim) (dba/rope.py's table)."""
+    frequencies when they are not the default 1 / base^(2i/rot_dim) (dba/rope.py's table): one
+    row, or a row per head, which gives per-head tables (heads, T, rot_dim/2)."""
     if inv_freq is None:
         freqs = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=positions.device) / rot_dim))
     else:
         freqs = torch.tensor(inv_freq, dtype=torch.float32, device=positions.device)
-    angles = positions.to(torch.float32)[:, None] * freqs[None, :]
+    angles = positions.to(torch.float32)[:, None] * freqs[..., None, :]
     return angles.cos(), angles.sin()
 
 

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from dba.config import ModelConfig, key_streams, path_scales
 from dba.errors import UserError
 from dba.kvspec import check_room
-from dba.rope import inv_freq_table
+from dba.rope import layer_inv_freqs
 from torch_ref import kvcache as kvc
 from torch_ref.cached_attention import CacheAttend, cached_attend
 from torch_ref.layers import apply_rope, attend, merge_heads, norm_layer, rope_cos_sin, split_heads
@@ -23,18 +23,18 @@ from torch_ref.loss import cross_entropy
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.cfg = cfg
         d, h, b = cfg.d_model, cfg.n_head, cfg.qkv_bias
+        widths = cfg.kv_streams()  # key/value widths: kv heads x head dims
         if cfg.attn_mode == "decoupled":
             self.q_sem = nn.Linear(d, cfg.sem_dim, bias=b)
-            self.k_sem = self.q_sem if cfg.tie_qk else nn.Linear(d, cfg.sem_dim, bias=b)
+            self.k_sem = self.q_sem if cfg.tie_qk else nn.Linear(d, widths["k_sem"], bias=b)
             self.q_geo = nn.Linear(d, cfg.geo_dim, bias=b)
-            self.k_geo = self.q_geo if cfg.tie_qk else nn.Linear(d, cfg.geo_dim, bias=b)
-            self.v_proj = nn.Linear(d, cfg.attn_dim, bias=b)
+            self.k_geo = self.q_geo if cfg.tie_qk else nn.Linear(d, widths["k_geo"], bias=b)
+            self.v_proj = nn.Linear(d, widths["v"], bias=b)
         else:
-            widths = cfg.kv_streams()
             self.q_proj = nn.Linear(d, cfg.qk_dim, bias=b)
             self.k_proj = self.q_proj if cfg.tie_qk else nn.Linear(d, widths["k"], bias=b)
             self.v_proj = nn.Linear(d, widths["v"], bias=b)
@@ -42,22 +42,24 @@ class Attention(nn.Module):
         if cfg.learned_temp:
             self.logit_scale = nn.Parameter(torch.zeros(h))
         if cfg.null_attn:
-            if cfg.attn_mode == "decoupled":
-                self.k_sem_null = nn.Parameter(torch.zeros(1, 1, cfg.sem_dim))
-                self.k_geo_null = nn.Parameter(torch.zeros(1, 1, cfg.geo_dim))
-                self.v_null = nn.Parameter(torch.zeros(1, 1, cfg.attn_dim))
+            if cfg.attn_mode == "decoupled":  # one null key/value per kv head
+                self.k_sem_null = nn.Parameter(torch.zeros(1, 1, widths["k_sem"]))
+                self.k_geo_null = nn.Parameter(torch.zeros(1, 1, widths["k_geo"]))
+                self.v_null = nn.Parameter(torch.zeros(1, 1, widths["v"]))
             else:
                 self.k_null = nn.Parameter(torch.zeros(1, 1, widths["k"]))
                 self.v_null = nn.Parameter(torch.zeros(1, 1, widths["v"]))
         self.scales = path_scales(cfg)
         self.key_names = key_streams(cfg)
-        self.inv_freq = inv_freq_table(cfg)  # None: the default frequencies
+        # RoPE frequencies of the queries and of the keys: None (the default), one row, or a row
+        # per head (recorded frequencies)
+        self.inv_freq_q, self.inv_freq_k = layer_inv_freqs(cfg, layer)
 
     # -- the pieces every path (full forward, prefill, decode) shares ----------------------
-    def _rope(self, x_BHTD: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+    def _rope(self, x_BHTD: torch.Tensor, positions: torch.Tensor, inv_freq) -> torch.Tensor:
         if not self.cfg.rope:
             return x_BHTD
-        cos, sin = rope_cos_sin(self.cfg.rope_dim, self.cfg.rope_base, positions, self.inv_freq)
+        cos, sin = rope_cos_sin(self.cfg.rope_dim, self.cfg.rope_base, positions, inv_freq)
         return apply_rope(x_BHTD, cos, sin)
 
     def queries_and_kv(self, x_BTC: torch.Tensor,
@@ -67,13 +69,13 @@ class Attention(nn.Module):
         h, h_kv = self.cfg.n_head, self.cfg.n_kv_head
         if self.cfg.attn_mode == "decoupled":
             q_sem = split_heads(self.q_sem(x_BTC), h) * self.scales[0]
-            q_geo = self._rope(split_heads(self.q_geo(x_BTC), h), positions) * self.scales[1]
+            q_geo = self._rope(split_heads(self.q_geo(x_BTC), h), positions, self.inv_freq_q) * self.scales[1]
             q = torch.cat([q_sem, q_geo], dim=-1)
-            k_geo = self._rope(split_heads(self.k_geo(x_BTC), h_kv), positions)
+            k_geo = self._rope(split_heads(self.k_geo(x_BTC), h_kv), positions, self.inv_freq_k)
             kv = {"k_sem": self.k_sem(x_BTC), "k_geo": merge_heads(k_geo), "v": self.v_proj(x_BTC)}
         else:
-            q = self._rope(split_heads(self.q_proj(x_BTC), h), positions) * self.scales[0]
-            k = self._rope(split_heads(self.k_proj(x_BTC), h_kv), positions)
+            q = self._rope(split_heads(self.q_proj(x_BTC), h), positions, self.inv_freq_q) * self.scales[0]
+            k = self._rope(split_heads(self.k_proj(x_BTC), h_kv), positions, self.inv_freq_k)
             kv = {"k": merge_heads(k), "v": self.v_proj(x_BTC)}
         if self.cfg.learned_temp:
             q = q * self.logit_scale.exp().to(q.dtype)[None, :, None, None]
@@ -89,7 +91,7 @@ class Attention(nn.Module):
             return None
         h, h_kv = self.cfg.n_head, self.cfg.n_kv_head
         if self.cfg.attn_mode == "decoupled":
-            k = torch.cat([self.k_sem_null.view(h, -1), self.k_geo_null.view(h, -1)], dim=-1)
+            k = torch.cat([self.k_sem_null.view(h_kv, -1), self.k_geo_null.view(h_kv, -1)], dim=-1)
         else:
             k = self.k_null.view(h_kv, -1)
         v = self.v_null.view(h_kv, -1)
@@ -149,10 +151,10 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, layer: int = 0):
         super().__init__()
         self.ln1 = norm_layer(cfg.norm, cfg.d_model, cfg.norm_eps)
-        self.attn = Attention(cfg)
+        self.attn = Attention(cfg, layer)
         self.ln2 = norm_layer(cfg.norm, cfg.d_model, cfg.norm_eps)
         self.ff = MLP(cfg)
 
@@ -180,7 +182,7 @@ class DBAModel(nn.Module):
         if cfg.embed_dim != cfg.d_model:
             self.emb_in = nn.Linear(cfg.embed_dim, cfg.d_model, bias=False)
             self.emb_out = nn.Linear(cfg.d_model, cfg.embed_dim, bias=False)
-        self.blocks = nn.ModuleList([Block(cfg) for _ in range(cfg.n_layer)])
+        self.blocks = nn.ModuleList([Block(cfg, i) for i in range(cfg.n_layer)])
         self.ln_f = norm_layer(cfg.norm, cfg.d_model, cfg.norm_eps)
         if not cfg.tie_embeddings:  # an output head of its own (V, embed_dim), like the embedding
             self.lm_head = nn.Linear(cfg.embed_dim, cfg.vocab_size, bias=False)

@@ -91,6 +91,8 @@ FLAGS: list[Flag] = [
     _f("sem_dim", "int", "decoupled semantic Q/K width", group="model"),
     _f("geo_dim", "int", "decoupled geometric (RoPE) Q/K width", group="model"),
     _f("kv_head", "int", "K/V heads for gqa", group="model"),
+    _f("decoupled_kv_head", "int", "decoupled K/V heads, each shared by n_head / K query heads (default n_head)",
+       group="model"),
     _f("block", "int", "context length (block_size); grown to the longest trained length", group="model"),
     _f("rope_base", "float", "RoPE base", group="model"),
     _f("rope", "bool", "use RoPE (the default)", group="model"),

@@ -122,6 +122,7 @@ class ModelFlags:
     sem_dim: int | None = None
     geo_dim: int | None = None
     kv_head: int | None = None
+    decoupled_kv_head: int | None = None
     block: int | None = None
     rope_base: float | None = None
     rope: bool = False
@@ -139,7 +140,7 @@ class ModelFlags:
     SIMPLE: ClassVar[dict[str, str]] = {
         "d_model": "d_model", "layers": "n_layer", "n_head": "n_head", "d_ff": "d_ff", "embed_dim": "embed_dim",
         "attn_mode": "attn_mode", "attn_dim": "attn_dim", "sem_dim": "sem_dim", "geo_dim": "geo_dim",
-        "kv_head": "kv_head", "rope_base": "rope_base", "mlp": "mlp", "dropout": "dropout",
+        "kv_head": "kv_head", "decoupled_kv_head": "decoupled_kv_head", "rope_base": "rope_base", "mlp": "mlp", "dropout": "dropout",
         "decoupled_scale": "decoupled_scale"}
     SWITCHES: ClassVar[tuple[tuple[str, str, str], ...]] = (
         ("rope", "no_rope", "rope"), ("tie_qk", "no_tie_qk", "tie_qk"), ("null_attn", "no_null_attn", "null_attn"))
