@@ -6,7 +6,7 @@
 
 SRC is a Hugging Face model directory (config.json naming LlamaForCausalLM, MistralForCausalLM or
 Qwen2ForCausalLM, model.safetensors or its sharded index, tokenizer files), a v29 .pt, a
-.safetensors export or a run directory. The destination format follows DST: .safetensors, .pt,
+.safetensors export, a run directory, or a custom-code directory this command wrote. The destination format follows DST: .safetensors, .pt,
 or a directory. Nothing is written on a mistake, and every file is written to a temporary name
 and renamed.
 """
@@ -27,11 +27,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = (__doc__ or "").split("\n\n", 1)[1]
     p.add_argument("src", help="a Hugging Face model directory, v29 best.pt/last.pt, a .safetensors export, "
                                "or a run directory")
-    p.add_argument("dst", help="output: .safetensors (dba's export), .pt (v29 payload) or a directory "
-                               "(Hugging Face)")
+    p.add_argument("dst", help="output: .safetensors (dba's export), .pt (v29 payload) or a directory (Hugging Face: "
+                               "an existing directory or a name without .pt/.safetensors; transformers' own Llama/Qwen2 "
+                               "where they compute the model, else dba's modeling code for trust_remote_code)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="store the weights in this dtype (default: the source's; a bf16 model stays bf16)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it exists (a directory is replaced whole, and only a model directory: one "
+                        "holding a config.json)")
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -61,8 +64,20 @@ def is_directory_destination(dst: Path) -> bool:
     return dst.is_dir() or dst.suffix.lower() not in (".pt", ".safetensors", *FILE_SUFFIXES)
 
 
+def is_dba_hf_export(path: Path) -> bool:
+    """A custom-code Hugging Face directory written by `dba convert SRC DIR` (model_type dba)."""
+    try:
+        return (path / "model.safetensors").is_file() and json.loads((path / "config.json").read_text()).get(
+            "model_type") == "dba"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
+    if is_dba_hf_export(src):  # dba's own custom-code export: its model.safetensors is dba's export
+        src = src / "model.safetensors"
+        args.src = str(src)
     if is_hf_dir(src):
         return _import_hf(src, dst, args)
     if src.is_dir() and (src / "config.json").is_file() is False and not any(src.iterdir()):

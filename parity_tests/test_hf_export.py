@@ -4,7 +4,7 @@ transformers 5 itself:
 - custom-code exports (every model transformers' classes lack: decoupled attention with null
   attention, tied Q/K, learned temperature, the embedding bottleneck, v29's SDPA scaling; the
   bottleneck and standard modes with v29's LayerNorm; gqa with GELU; no RoPE; llama3 RoPE with a
-  learned temperature) load with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`:
+  learned temperature; an upcycled student's grouped decoupled keys and recorded RoPE frequencies) load with `AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True)`:
   logits within 1e-4 of torch_ref's (fp32, 72 tokens, logits of order 1-10), greedy `generate()`
   of 20 tokens equal to `torch_ref.generate` with an fp32 cache (cache on or off), left padding
   that changes no real row, the loss of `labels`, a v29 .pt's own logits, bf16 weights;
@@ -53,6 +53,10 @@ CUSTOM = {
                                                         block_size=128),
     "standard-tieqk-bias-rms": make_config("standard", ("rms", "tie_qk", "bias", "notemp"), block_size=128),
     "decoupled-norope-null": make_config("decoupled", ("null", "norope", "notemp"), block_size=128),
+    # an upcycled student: keys/values shared by groups of 3 query heads, recorded RoPE frequencies
+    "decoupled-grouped-recorded-null-rms-bias-untied": make_config(
+        "decoupled", ("grouped", "recorded", "null", "rms", "bias", "untied"), block_size=128),
+    "decoupled-grouped-gelu-embed": make_config("decoupled", ("grouped", "gelu", "embed"), block_size=128),
 }
 # dba models that are a Llama or a Qwen2
 NATIVE = {

@@ -327,10 +327,26 @@ def test_cli_says_what_it_wrote(tmp_path, capsys):
     assert "LlamaForCausalLM: transformers' own class" in out and "F32" in out
 
 
+def test_custom_export_reads_back_into_dba(tmp_path):
+    """A custom-code directory converts back to dba's export: the same config and tensors (the
+    tied K, stored once, is the Q tensor again under both names)."""
+    from dba.weight_files import read_weights
+
+    src, state = _src(tmp_path, DECOUPLED)
+    export(src, tmp_path / "hf")
+    for path in (tmp_path / "hf" / "model.safetensors", tmp_path / "back.safetensors"):
+        if path.name == "back.safetensors":
+            assert main(["convert", str(tmp_path / "hf"), str(path)]) == 0
+        cfg, got, _ = read_weights(path)
+        assert cfg == DECOUPLED and sorted(got) == sorted(state)
+        for k in state:
+            np.testing.assert_array_equal(got[k], state[k])
+
+
 def test_custom_export_samples_with_dba(tmp_path, capsys):
     """The custom export's model.safetensors carries dba's config and tokenizer record, so dba reads
     it as it reads its own export."""
-    cfg = make_config("decoupled", ("null",), vocab_size=256, block_size=128)
+    cfg = make_config("decoupled", ("null", "tie_qk"), vocab_size=256, block_size=128)
     src, _ = _src(tmp_path, cfg, tokenizer=BYTE)
     export(src, tmp_path / "hf")
     code = main(["sample", "--ckpt", str(tmp_path / "hf" / "model.safetensors"), "--backend", "torch", "--prompt",

@@ -56,6 +56,8 @@ class DBAConfig(PretrainedConfig):
         rope_low_freq_factor=1.0,
         rope_high_freq_factor=4.0,
         rope_original_context=8192,
+        decoupled_kv_head=None,
+        rope_freqs=None,
         use_cache=False,
         **kwargs,
     ):
@@ -90,6 +92,10 @@ class DBAConfig(PretrainedConfig):
         self.rope_low_freq_factor = rope_low_freq_factor
         self.rope_high_freq_factor = rope_high_freq_factor
         self.rope_original_context = rope_original_context
+        # an upcycled student's options: decoupled keys/values shared by groups of query heads, and
+        # each layer's recorded RoPE frequencies, [n_layer][kv heads][geo head dim / 2]
+        self.decoupled_kv_head = decoupled_kv_head
+        self.rope_freqs = rope_freqs
         # the model has no KV cache (see the module docstring)
         self.use_cache = use_cache
         # The tied head is the embedding itself (the model has no separate head module to tie),

@@ -17,7 +17,10 @@ option of dba's ModelConfig:
 - SwiGLU `w3(silu(w1 x) * w2 x)` or GELU `w2(gelu(w1 x))` (exact erf), LayerNorm (weight and
   bias) or RMSNorm (computed in fp32, cast back, then times the weight), optional biases;
 - RoPE on split halves with absolute positions, angles in fp32, default frequencies
-  1 / base^(2i/r) or Llama 3.1's scaled ones (`rope_type="llama3"`).
+  1 / base^(2i/r) or Llama 3.1's scaled ones (`rope_type="llama3"`);
+- an upcycled student's options: decoupled keys/values shared by groups of query heads
+  (`decoupled_kv_head`, one null key/value per kv head) and recorded per-layer, per-kv-head RoPE
+  frequencies (`rope_freqs`; query head i rotates with its kv head's row).
 
 The state-dict names are dba's canonical names (`tok_emb.weight`, `blocks.0.attn.q_sem.weight`,
 ...), so model.safetensors holds exactly dba's tensors; under tie_qk only the Q projection exists.
@@ -43,9 +46,14 @@ from .configuration_dba import DBAConfig
 # ---- dimensions (SPEC §3) -------------------------------------------------------------------------
 
 def _dims(c):
-    """The model's widths from its config."""
+    """The model's widths from its config: K/V heads (gqa's kv_head, decoupled's
+    decoupled_kv_head, else n_head) and the widths of every projection."""
     h = c.n_head
-    n_kv = c.kv_head if c.attn_mode == "gqa" and c.kv_head else h
+    n_kv = h
+    if c.attn_mode == "gqa" and c.kv_head:
+        n_kv = c.kv_head
+    elif c.attn_mode == "decoupled" and getattr(c, "decoupled_kv_head", None):
+        n_kv = c.decoupled_kv_head
     if c.attn_mode == "standard":
         qk, v = c.d_model, c.d_model
     elif c.attn_mode == "decoupled":
@@ -54,7 +62,8 @@ def _dims(c):
         qk, v = c.attn_dim, c.attn_dim
     rope_dim = c.geo_dim // h if c.attn_mode == "decoupled" else qk // h
     return dict(n_kv=n_kv, qk=qk, v=v, qk_hd=qk // h, v_hd=v // h, rope_dim=rope_dim,
-                k_width=n_kv * (qk // h), v_width=n_kv * (v // h))
+                k_width=n_kv * (qk // h), v_width=n_kv * (v // h),
+                k_sem_width=n_kv * (c.sem_dim // h), k_geo_width=n_kv * (c.geo_dim // h))
 
 
 def rope_inv_freq(c, device=None):
@@ -75,12 +84,15 @@ def rope_inv_freq(c, device=None):
     return torch.where(medium, smoothed, scaled)
 
 
-def rotate(x, cos, sin):
-    """Split-halves RoPE of the last dim of x (B, H, T, r): (x1, x2) -> (x1 cos - x2 sin,
-    x1 sin + x2 cos), in fp32; cos/sin (B, T, r/2)."""
+def rotate(x, positions, inv_freq):
+    """Split-halves RoPE of the last dim of x (B, H, T, r) at `positions` (B|1, T): (x1, x2) ->
+    (x1 cos - x2 sin, x1 sin + x2 cos), angles = position x frequency, all in fp32. `inv_freq`:
+    (r/2,) for every head, or (H, r/2), a row per head."""
+    pos = positions.float()[:, None, :, None]  # (B, 1, T, 1)
+    angles = pos * (inv_freq[None, None, None, :] if inv_freq.dim() == 1 else inv_freq[None, :, None, :])
+    cos, sin = angles.cos(), angles.sin()
     half = x.shape[-1] // 2
     x1, x2 = x[..., :half].float(), x[..., half:].float()
-    cos, sin = cos[:, None], sin[:, None]
     return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
@@ -103,17 +115,19 @@ def _norm(c):
 
 
 class DBAAttention(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, layer=0):
         super().__init__()
         self.c, self.dims = c, _dims(c)
         d, h, b, dims = c.d_model, c.n_head, c.qkv_bias, self.dims
+        # recorded RoPE frequencies of this layer's kv heads (a row each), or None: the config's
+        self.key_freqs = c.rope_freqs[layer] if getattr(c, "rope_freqs", None) else None
         if c.attn_mode == "decoupled":
             self.q_sem = nn.Linear(d, c.sem_dim, bias=b)
             self.q_geo = nn.Linear(d, c.geo_dim, bias=b)
             if not c.tie_qk:
-                self.k_sem = nn.Linear(d, c.sem_dim, bias=b)
-                self.k_geo = nn.Linear(d, c.geo_dim, bias=b)
-            self.v_proj = nn.Linear(d, c.attn_dim, bias=b)
+                self.k_sem = nn.Linear(d, dims["k_sem_width"], bias=b)
+                self.k_geo = nn.Linear(d, dims["k_geo_width"], bias=b)
+            self.v_proj = nn.Linear(d, dims["v_width"], bias=b)
         else:
             self.q_proj = nn.Linear(d, dims["qk"], bias=b)
             if not c.tie_qk:
@@ -123,10 +137,10 @@ class DBAAttention(nn.Module):
         if c.learned_temp:
             self.logit_scale = nn.Parameter(torch.zeros(h))
         if c.null_attn:
-            if c.attn_mode == "decoupled":
-                self.k_sem_null = nn.Parameter(torch.zeros(1, 1, c.sem_dim))
-                self.k_geo_null = nn.Parameter(torch.zeros(1, 1, c.geo_dim))
-                self.v_null = nn.Parameter(torch.zeros(1, 1, c.attn_dim))
+            if c.attn_mode == "decoupled":  # one null key/value per kv head
+                self.k_sem_null = nn.Parameter(torch.zeros(1, 1, dims["k_sem_width"]))
+                self.k_geo_null = nn.Parameter(torch.zeros(1, 1, dims["k_geo_width"]))
+                self.v_null = nn.Parameter(torch.zeros(1, 1, dims["v_width"]))
             else:
                 self.k_null = nn.Parameter(torch.zeros(1, 1, dims["k_width"]))
                 self.v_null = nn.Parameter(torch.zeros(1, 1, dims["v_width"]))
@@ -135,9 +149,18 @@ class DBAAttention(nn.Module):
         """The K projection; under tie_qk it is the Q projection itself."""
         return getattr(self, ("q" if self.c.tie_qk else "k") + name)
 
-    def forward(self, x, cos, sin, mask):
-        """x (B, T, d_model) -> (B, T, d_model). mask: None (causal) or bool (B|1, 1, T, keys)
-        where keys counts the null key first when there is one."""
+    def _freqs(self, shared, device):
+        """(queries' frequencies, keys' frequencies): the model's shared (r/2,) table, or this
+        layer's recorded rows (K, r/2), query head i rotating with its kv head i // (H / K)."""
+        if self.key_freqs is None:
+            return shared, shared
+        keys = torch.tensor(self.key_freqs, dtype=torch.float32, device=device)
+        return keys.repeat_interleave(self.c.n_head // self.dims["n_kv"], dim=0), keys
+
+    def forward(self, x, positions, inv_freq, mask):
+        """x (B, T, d_model) at `positions` (B|1, T) -> (B, T, d_model). inv_freq: the model's
+        RoPE frequencies (r/2,) unless this layer records its own. mask: None (causal) or bool
+        (B|1, 1, T, keys) where keys counts the null key first when there is one."""
         c, dims = self.c, self.dims
         bsz, t, _ = x.shape
         h, n_kv = c.n_head, dims["n_kv"]
@@ -146,38 +169,40 @@ class DBAAttention(nn.Module):
             return y.view(bsz, t, n, -1).transpose(1, 2)
 
         temp = self.logit_scale.exp().to(x.dtype)[None, :, None, None] if c.learned_temp else None
+        if c.rope:
+            freq_q, freq_k = self._freqs(inv_freq, x.device)
         if c.attn_mode == "decoupled":
             ds, dg = c.sem_dim // h, c.geo_dim // h
             s_sem, s_geo = 1.0 / math.sqrt(ds), 1.0 / math.sqrt(dg)
             if c.decoupled_scale == "v29_sdpa":
                 s_sem, s_geo = s_sem / math.sqrt(ds + dg), s_geo / math.sqrt(ds + dg)
-            q_sem, k_sem = heads(self.q_sem(x), h), heads(self._key("_sem")(x), h)
-            q_geo, k_geo = heads(self.q_geo(x), h), heads(self._key("_geo")(x), h)
+            q_sem, k_sem = heads(self.q_sem(x), h), heads(self._key("_sem")(x), n_kv)
+            q_geo, k_geo = heads(self.q_geo(x), h), heads(self._key("_geo")(x), n_kv)
             if c.rope:
-                q_geo, k_geo = rotate(q_geo, cos, sin), rotate(k_geo, cos, sin)
+                q_geo, k_geo = rotate(q_geo, positions, freq_q), rotate(k_geo, positions, freq_k)
             if temp is not None:
                 q_sem, q_geo = q_sem * temp, q_geo * temp
             # the two paths' scores summed = one dot product over the concatenated per-head slices
             q = torch.cat([q_sem * s_sem, q_geo * s_geo], dim=-1)
             k = torch.cat([k_sem, k_geo], dim=-1)
-            v = heads(self.v_proj(x), h)
+            v = heads(self.v_proj(x), n_kv)
             if c.null_attn:
-                k_null = torch.cat([self.k_sem_null.view(h, ds), self.k_geo_null.view(h, dg)], dim=-1)
-                v_null = self.v_null.view(h, -1)
+                k_null = torch.cat([self.k_sem_null.view(n_kv, ds), self.k_geo_null.view(n_kv, dg)], dim=-1)
+                v_null = self.v_null.view(n_kv, -1)
         else:
             q, k, v = heads(self.q_proj(x), h), heads(self._key("_proj")(x), n_kv), heads(self.v_proj(x), n_kv)
             if c.rope:
-                q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+                q, k = rotate(q, positions, freq_q), rotate(k, positions, freq_k)
             if temp is not None:
                 q = q * temp
             q = q * (1.0 / math.sqrt(dims["qk_hd"]))
             if c.null_attn:
                 k_null, v_null = self.k_null.view(n_kv, -1), self.v_null.view(n_kv, -1)
-            if n_kv != h:  # query head i uses K/V head i // (h / n_kv)
-                k, v = k.repeat_interleave(h // n_kv, dim=1), v.repeat_interleave(h // n_kv, dim=1)
-                if c.null_attn:
-                    k_null = k_null.repeat_interleave(h // n_kv, dim=0)
-                    v_null = v_null.repeat_interleave(h // n_kv, dim=0)
+        if n_kv != h:  # query head i uses K/V head i // (h / n_kv)
+            k, v = k.repeat_interleave(h // n_kv, dim=1), v.repeat_interleave(h // n_kv, dim=1)
+            if c.null_attn:
+                k_null = k_null.repeat_interleave(h // n_kv, dim=0)
+                v_null = v_null.repeat_interleave(h // n_kv, dim=0)
         if c.null_attn:  # one more key in front, the same for every query
             k = torch.cat([k_null.to(k.dtype)[None, :, None, :].expand(bsz, h, 1, -1), k], dim=2)
             v = torch.cat([v_null.to(v.dtype)[None, :, None, :].expand(bsz, h, 1, -1), v], dim=2)
@@ -210,12 +235,12 @@ class DBAMLP(nn.Module):
 
 
 class DBABlock(nn.Module):
-    def __init__(self, c):
+    def __init__(self, c, layer=0):
         super().__init__()
-        self.ln1, self.attn, self.ln2, self.ff = _norm(c), DBAAttention(c), _norm(c), DBAMLP(c)
+        self.ln1, self.attn, self.ln2, self.ff = _norm(c), DBAAttention(c, layer), _norm(c), DBAMLP(c)
 
-    def forward(self, x, cos, sin, mask):
-        x = x + self.attn(self.ln1(x), cos, sin, mask)
+    def forward(self, x, positions, inv_freq, mask):
+        x = x + self.attn(self.ln1(x), positions, inv_freq, mask)
         return x + self.ff(self.ln2(x))
 
 
@@ -256,7 +281,7 @@ class DBAForCausalLM(DBAPreTrainedModel, GenerationMixin):
         if c.embed_dim != c.d_model:
             self.emb_in = nn.Linear(c.embed_dim, c.d_model, bias=False)
             self.emb_out = nn.Linear(c.d_model, c.embed_dim, bias=False)
-        self.blocks = nn.ModuleList([DBABlock(c) for _ in range(c.n_layer)])
+        self.blocks = nn.ModuleList([DBABlock(c, i) for i in range(c.n_layer)])
         self.ln_f = _norm(c)
         if not c.tie_embeddings:
             self.lm_head = nn.Linear(c.embed_dim, c.vocab_size, bias=False)
@@ -316,13 +341,10 @@ class DBAForCausalLM(DBAPreTrainedModel, GenerationMixin):
             x = self.emb_in(x)
         bsz, t, _ = x.shape
         positions, mask = self._positions_and_mask(bsz, t, attention_mask, position_ids, x.device)
-        cos = sin = None
-        if c.rope:
-            angles = positions.float()[..., None] * rope_inv_freq(c, x.device)[None, None, :]
-            cos, sin = angles.cos(), angles.sin()
+        inv_freq = rope_inv_freq(c, x.device) if c.rope else None
         hidden = [x] if output_hidden_states else None
         for block in self.blocks:
-            x = block(x, cos, sin, mask)
+            x = block(x, positions, inv_freq, mask)
             if hidden is not None:
                 hidden.append(x)
         x = self.ln_f(x)
