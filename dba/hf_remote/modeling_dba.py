@@ -330,12 +330,15 @@ class DBAForCausalLM(DBAPreTrainedModel, GenerationMixin):
     def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None,
                 inputs_embeds=None, labels=None, use_cache=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, logits_to_keep=0, **kwargs):
-        """Logits (B, T, V) in fp32 of the whole sequence (no cache: `past_key_values` / `cache`
-        are ignored and none is returned). `labels` gives the mean next-token cross-entropy
-        (positions labelled -100 ignored)."""
+        """Logits (B, T, V) in fp32 of the whole sequence. There is no cache: none is returned, an
+        empty `past_key_values` / `cache` is ignored and a filled one refused. `labels` gives the
+        mean next-token cross-entropy (positions labelled -100 ignored)."""
         c = self.config
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        cache = kwargs.get("cache", past_key_values)
+        if cache is not None and hasattr(cache, "get_seq_length") and cache.get_seq_length() > 0:
+            raise ValueError("this model keeps no KV cache: pass the whole sequence (a filled cache was given)")
         x = self.tok_emb(input_ids) if inputs_embeds is None else inputs_embeds
         if c.embed_dim != c.d_model:
             x = self.emb_in(x)
@@ -350,8 +353,10 @@ class DBAForCausalLM(DBAPreTrainedModel, GenerationMixin):
         x = self.ln_f(x)
         if hidden is not None:
             hidden[-1] = x
-        if logits_to_keep:
-            x = x[:, -logits_to_keep:]
+        if isinstance(logits_to_keep, int):
+            x = x[:, -logits_to_keep:] if logits_to_keep > 0 else x
+        else:  # the positions to keep, as a tensor
+            x = x[:, logits_to_keep]
         if c.embed_dim != c.d_model:
             x = self.emb_out(x)
         head = self.tok_emb.weight if c.tie_embeddings else self.lm_head.weight
