@@ -96,7 +96,9 @@ def print_table(title: str, headers: list[str], rows: list[list[Any]]) -> None:
 def machine() -> dict[str, Any]:
     import os
 
-    return {"machine": platform.machine(), "processor": platform.processor(), "cpus": os.cpu_count(),
+    from dba.resources import cpu_name
+
+    return {"machine": platform.machine(), "processor": cpu_name(), "cpus": os.cpu_count(),
             "python": platform.python_version()}
 
 

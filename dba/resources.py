@@ -58,3 +58,27 @@ def host_memory_bytes() -> int | None:
         if text.isdigit() and int(text) < 2**60:  # "max" / a huge number: no limit
             total = int(text) if total is None else min(total, int(text))
     return total
+
+
+def platform_text() -> str:
+    """`platform.platform()`'s system-release-machine without its processor field: on Linux that
+    field runs `uname -p` in a child process the first time, which a training run need not do."""
+    import platform
+
+    u = platform.uname()
+    return f"{u.system}-{u.release}-{u.machine}"
+
+
+def cpu_name() -> str:
+    """The CPU's model name (/proc/cpuinfo's "model name", e.g. "AMD EPYC 7B13"), else the machine
+    architecture: speeds are only comparable on one CPU, so results name it."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.machine() or "cpu"

@@ -112,3 +112,28 @@ def decode_step_seconds(model: DBAModel, policy: KVPolicy, ctx: int, n_steps: in
         if i:
             best = min(best, (time.perf_counter() - t0) / n)
     return best
+
+
+@nnx.jit
+def _full_scores(model: DBAModel, ref: DBAModel, tokens_BL: jax.Array) -> tuple[jax.Array, ...]:
+    x, y = tokens_BL[:, :-1], tokens_BL[:, 1:]
+    lp, lr = model.forward(x), ref.forward(x)
+    b, t, _ = lp.shape
+    outs = _position_scores(lr.reshape(b * t, -1), lp.reshape(b * t, -1), y.reshape(-1))
+    return tuple(o.reshape(b, t) for o in outs)
+
+
+def score_against(model: DBAModel, ref: DBAModel, tokens_NL, batch: int = 1, on_batch=None) -> dict[str, np.ndarray]:
+    """`model` against another model `ref` (a teacher) on the same sequences (N, L), full causal
+    forwards without a cache: the SCORES of `score_policy` with `ref`'s next-token distribution in
+    the fp32 cache's place (`ref_nll` is the teacher's NLL, `kl` is KL(ref || model), `agree` the
+    top-1 agreement). The vocabularies must match."""
+    if model.cfg.vocab_size != ref.cfg.vocab_size:
+        raise UserError(f"the models' vocabularies differ ({model.cfg.vocab_size} vs {ref.cfg.vocab_size} ids)")
+    parts = []
+    for i in range(0, len(tokens_NL), batch):
+        chunk = model.as_tokens(tokens_NL[i:i + batch])
+        parts.append([np.asarray(o) for o in jax.device_get(_full_scores(model, ref, chunk))])
+        if on_batch is not None:
+            on_batch(chunk.shape[0])
+    return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(SCORES)}

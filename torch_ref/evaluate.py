@@ -82,3 +82,22 @@ def decode_step_seconds(model: DBAModel, policy: KVPolicy, ctx: int, n_steps: in
         if i:
             best = min(best, (time.perf_counter() - t0) / n)
     return best
+
+
+@torch.no_grad()
+def score_against(model: DBAModel, ref: DBAModel, tokens_NL, batch: int = 1, on_batch=None) -> dict[str, np.ndarray]:
+    """`model` against another model `ref` (a teacher) on the same sequences (N, L), full causal
+    forwards: the same arrays as jax_model.evaluate.score_against."""
+    if model.cfg.vocab_size != ref.cfg.vocab_size:
+        raise UserError(f"the models' vocabularies differ ({model.cfg.vocab_size} vs {ref.cfg.vocab_size} ids)")
+    parts = []
+    for i in range(0, len(tokens_NL), batch):
+        idx = model.as_tokens(tokens_NL[i:i + batch])
+        x, y = idx[:, :-1], idx[:, 1:]
+        lp, lr = model(x), ref(x)
+        b, t, v = lp.shape
+        outs = _position_scores(lr.reshape(b * t, v), lp.reshape(b * t, v), y.reshape(-1))
+        parts.append([o.reshape(b, t).float().cpu().numpy() for o in outs])
+        if on_batch is not None:
+            on_batch(b)
+    return {name: np.concatenate([p[j] for p in parts]) for j, name in enumerate(SCORES)}

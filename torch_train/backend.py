@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from dba.resources import cpu_name, platform_text
 from train.config import RunConfig
 
 _TORCH_DTYPES = {"fp32": "float32", "bf16": "bfloat16", "fp16": "float16"}
@@ -51,8 +52,8 @@ class TorchBackend:
         elif dev.type == "mps":
             kind = f"Apple MPS ({platform.machine()})"
         else:
-            kind = platform.processor() or platform.machine() or "cpu"
-        return {"python": sys.version.split()[0], "platform": platform.platform(), "torch": torch.__version__,
+            kind = cpu_name()
+        return {"python": sys.version.split()[0], "platform": platform_text(), "torch": torch.__version__,
                 "numpy": np.__version__, "backend": f"torch-{dev.type}", "device": str(dev), "device_count": 1,
                 "device_kind": kind, "host_cpus": os.cpu_count()}
 
@@ -89,9 +90,15 @@ class TorchBackend:
             if note:
                 self.notes.append(note)
         model = model.to(device=self.device, dtype=getattr(torch, _TORCH_DTYPES[c.precision.param_dtype]))
+        teacher = None
+        if plan.teacher is not None:  # frozen, in its own dtype, on the student's device
+            t_cfg, t_state, t_info = plan.teacher
+            teacher = DBAModel(t_cfg)
+            load_canonical(teacher, t_state, t_info["source"])
+            teacher = teacher.to(device=self.device, dtype=getattr(torch, _TORCH_DTYPES[c.distill.teacher_dtype]))
         stepper = TorchStepper(model, c.optim, c.precision, total_steps=int(c.steps.steps), seed=int(c.run.seed),
                                device=self.device, compile=bool(c.recorded.get("compile")),
-                               compile_mode=c.recorded.get("compile_mode"))
+                               compile_mode=c.recorded.get("compile_mode"), teacher=teacher, distill=c.distill)
         if stepper.compile_note:
             self.notes.append(stepper.compile_note)
         return stepper

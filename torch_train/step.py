@@ -65,6 +65,7 @@ from torch_ref import optim as topt
 from torch_ref.loss import cross_entropy
 from torch_ref.model import DBAModel
 from torch_ref.weights_io import canonical_state
+from torch_train.distill import attention_io, blockwise_mse, blockwise_trainable, kd_terms, objective
 from train.config import OptimConfig, PrecisionConfig
 from train.faults import FAULT_RING, NONFINITE_GRAD, NONFINITE_LOSS, fault_points
 
@@ -126,7 +127,10 @@ class TorchStepper:
 
     def __init__(self, model: DBAModel, optim: OptimConfig, precision: PrecisionConfig, *, total_steps: int,
                  seed: int = 0, device: str | torch.device | None = None, compile: bool = False,
-                 compile_mode: str | None = None, loss_scaling: bool | None = None):
+                 compile_mode: str | None = None, loss_scaling: bool | None = None,
+                 teacher: DBAModel | None = None, distill: Any = None):
+        """`teacher` and `distill` (a DistillConfig): the frozen model the step distils from
+        (torch_train/distill.py), on the student's device."""
         self.model = model
         self.cfg = model.cfg
         self.device = model.device  # concrete (cuda:0, not cuda)
@@ -174,9 +178,15 @@ class TorchStepper:
                                          if dev.type == "cuda" else None)
         if precision.grad_checkpoint:
             _checkpoint_blocks(model)
+        self.teacher, self.distill = (teacher, distill) if teacher is not None else (None, None)
+        if teacher is not None:
+            teacher.eval().requires_grad_(False)
+            self._frozen_in_blockwise = [j for j, n in enumerate(self.param_names) if not blockwise_trainable(n)]
         self._loss_fn = self._micro_loss
         self.compiling = False
-        if compile:
+        if compile and teacher is not None:
+            self.compile_note = "torch.compile is not used with distillation; training eagerly"
+        elif compile:
             if dev.type == "mps":
                 self.compile_note = "torch.compile is not used on mps; training eagerly"
             else:
@@ -198,6 +208,28 @@ class TorchStepper:
         with self._autocast():
             logits = self.model(x_BT)
         return cross_entropy(logits, y_BT)
+
+    def _objective(self, x_BT: torch.Tensor, y_BT: torch.Tensor, phase: str) -> tuple[torch.Tensor, dict]:
+        """(the loss the step minimises, {metric: value}) of one micro-batch: the data's
+        cross-entropy, or with a teacher the distillation phase's objective and its terms."""
+        if self.teacher is None:
+            return self._loss_fn(x_BT, y_BT), {}
+        if phase == "blockwise":
+            io = attention_io(self.teacher, x_BT)
+            with self._autocast():
+                mse = blockwise_mse(self.model, io)
+            return mse, {"distill_block_mse": mse.detach()}
+        with torch.no_grad():
+            t_logits = self.teacher(x_BT)
+        with self._autocast():
+            s_logits = self.model(x_BT)
+        kl, ce = kd_terms(s_logits, t_logits, y_BT, float(self.distill.temp))
+        loss = objective(self.distill.loss, float(self.distill.alpha), kl, ce)
+        return loss, {"distill_kl": kl.detach(), "distill_ce": ce.detach()}
+
+    def phase_at(self, step: int) -> str:
+        """The step's phase: distillation's blockwise phase for its first steps, else main."""
+        return "blockwise" if self.distill is not None and step < int(self.distill.blockwise) else "main"
 
     def _lr_at(self, count: torch.Tensor) -> torch.Tensor:
         """lr = schedule(count) in fp32 on the device (dba.optimizers.LRSchedule, the formula the
@@ -239,12 +271,12 @@ class TorchStepper:
             return t
         return t.to(self.device, non_blocking=True)
 
-    def compile_for(self, x_ABT, y_ABT=None) -> float:
+    def compile_for(self, x_ABT, y_ABT=None, phase: str = "main") -> float:
         """Get the step ready for this batch shape (an (A, B, T) array, tensor, anything with a
         `.shape`, or the shape itself); returns the compile seconds (0.0 when already seen or not
         compiling). With torch.compile, one forward + backward on zeros of one micro-batch
         compiles the graphs here; a failure falls back to eager (`compile_note`)."""
-        del y_ABT
+        del y_ABT, phase  # one eager objective per phase: nothing to compile per phase
         key = self._shape_key(x_ABT)
         if key in self._shapes:
             return 0.0
@@ -304,10 +336,14 @@ class TorchStepper:
         low = [p.dtype != torch.float32 for p in params]
         acc: list[torch.Tensor | None] | None = None  # fp32 sums for low-precision params (A > 1)
         loss_sum = None
+        phase = self.phase_at(step)
+        aux: dict[str, torch.Tensor] = {}
         for i in range(n_micro):
             if self.dropout:
                 torch.manual_seed(_dropout_seed(self.seed, step, i))
-            loss_i = self._loss_fn(x_ABT[i], y_ABT[i])
+            loss_i, aux_i = self._objective(x_ABT[i], y_ABT[i], phase)
+            for k, v in aux_i.items():
+                aux[k] = v / n_micro if k not in aux else aux[k] + v / n_micro
             (loss_i * self._scale if self._scaled else loss_i).backward()
             loss_i = loss_i.detach()
             loss_sum = loss_i if loss_sum is None else loss_sum + loss_i
@@ -339,10 +375,11 @@ class TorchStepper:
                 loss = loss * float("nan")
             if poison_grad:  # test-only (DBA_FAULT): the loss stays finite
                 grads = [g * float("nan") for g in grads]
-            return self._apply(grads, loss, step, poison_grad)
+            metrics = self._apply(grads, loss, step, poison_grad, phase)
+            return {**metrics, **aux}
 
     def _apply(self, grads: list[torch.Tensor], loss: torch.Tensor, step: int,
-               poisoned: bool) -> dict[str, torch.Tensor]:
+               poisoned: bool, phase: str = "main") -> dict[str, torch.Tensor]:
         """Norms, clip, optimizer update and the non-finite selection, all on the device."""
         grad_norm, sq = topt.global_norm(grads)
         zero = torch.zeros((), dtype=torch.float32, device=self.device)
@@ -362,7 +399,12 @@ class TorchStepper:
             group["lr"] = lr
         for p, g in zip(self._params, topt.clip_by_global_norm(grads, self.grad_clip, grad_norm)):
             p.grad = g
+        # blockwise distillation trains attention only: the rest keeps its values exactly (no
+        # weight decay either), as the JAX step's masked update
+        kept = [self._params[j].detach().clone() for j in self._frozen_in_blockwise] if phase == "blockwise" else []
         self.opt.step(apply=ok)
+        for j, old in zip(self._frozen_in_blockwise if kept else (), kept):
+            self._params[j].copy_(old)
         self._reset_grads()
         self._count = torch.where(ok, self._count + 1, self._count)
         self._lr_used = torch.where(ok, lr, self._lr_used)

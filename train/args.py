@@ -145,6 +145,19 @@ FLAGS: list[Flag] = [
     _f("resume", "bool", "continue the run in the out dir from its last checkpoint", group="ckpt"),
     _f("overwrite", "bool", "replace a run already in the out dir", group="ckpt"),
     _f("ckpt", "str", "initialise weights from a v29 .pt, an export or a run dir", group="ckpt"),
+    # -- distillation (a student from dba upcycle, or any model, learning from a frozen teacher)
+    _f("distill_from", "str", "the teacher (checkpoint, export or run dir): it runs frozen inside the train step",
+       group="distill"),
+    _f("distill_loss", "str", "kl: temp^2 KL(teacher || student); ce: the data's cross-entropy only (the teacher "
+       "is measured); kl+ce: alpha KL + (1 - alpha) CE", group="distill", field="loss",
+       choices=("kl", "ce", "kl+ce")),
+    _f("distill_temp", "float", "softmax temperature of the KL term", group="distill", field="temp"),
+    _f("distill_alpha", "float", "weight of the KL term in kl+ce", group="distill", field="alpha"),
+    _f("distill_blockwise", "int", "the first N steps train each layer's attention to reproduce the teacher's "
+       "attention output on the teacher's own layer input (the rest frozen by construction), then --distill-loss",
+       group="distill", field="blockwise"),
+    _f("distill_teacher_dtype", "str", "the teacher's weights and compute dtype", group="distill",
+       field="teacher_dtype", choices=("fp32", "bf16")),
     _f("out_dir", "str", "run directory (default <run-root>/<name>)", group="ckpt"),
     _f("run_root", "str", "parent of default run directories", group="ckpt"),
     _f("run_tag", "str", "with --exp (v29): appended to the name [<size>_]<exp>_<tag>; otherwise the run "
@@ -219,7 +232,8 @@ PRESENTATION_FLAGS = frozenset({
 # Flags a resumed run may not change: they define the model, the data or the optimizer state.
 FIXED_ON_RESUME = frozenset(MODEL_FLAGS) | {"data", "data_format", "data_dtype", "tokenizer", "vocab_size",
                                             "val_frac", "seed", "optimizer", "param_dtype", "batch_size",
-                                            "grad_accum", "ckpt"}
+                                            "grad_accum", "ckpt", "distill_from", "distill_loss", "distill_temp",
+                                            "distill_alpha", "distill_blockwise", "distill_teacher_dtype"}
 # This invocation's switches and hardware: never taken from the run being resumed.
 NOT_INHERITED = frozenset({"resume", "overwrite", "print_config", "device", "backend", "live", "mode",
                            "mesh", "coordinator", "num_processes", "process_id"})
@@ -228,7 +242,7 @@ _GROUP_TITLES = {
     "run": "run", "data": "data", "model": "model (v29 flags)", "steps": "steps and batches",
     "optim": "optimisation", "precision": "precision", "eval": "evaluation", "ckpt": "checkpoints and run directory",
     "distributed": "devices and hosts (mesh, multi-host)", "display": "display",
-    "analysis": "instrumentation and reports", "kv": "KV-cache policy (for the summary's memory section)",
+    "analysis": "instrumentation and reports", "distill": "distillation from a teacher", "kv": "KV-cache policy (for the summary's memory section)",
     "recorded": "accepted v29 flags (recorded; --compile and --compile-mode act in the PyTorch trainer)",
 }
 

@@ -8,12 +8,12 @@ from __future__ import annotations
 import json
 import math
 import os
-import platform
 import sys
 from pathlib import Path
 from typing import Any
 
 from dba.kvspec import QUANT_KINDS, KVPolicy, baseline_bytes, kv_bytes
+from dba.resources import platform_text
 from dba.runlog import clean_record
 from dba.units import human_bytes
 
@@ -27,7 +27,7 @@ def environment() -> dict[str, Any]:
 
     devices = jax.devices()
     return {
-        "python": sys.version.split()[0], "platform": platform.platform(), "jax": jax.__version__,
+        "python": sys.version.split()[0], "platform": platform_text(), "jax": jax.__version__,
         "flax": flax.__version__, "optax": optax.__version__, "orbax_checkpoint": ocp.__version__,
         "numpy": np.__version__, "backend": jax.default_backend(), "device_count": len(devices),
         "device_kind": devices[0].device_kind, "host_cpus": os.cpu_count(),

@@ -10,6 +10,7 @@ flat record of flag values that the run directory keeps (`meta` event, checkpoin
 from __future__ import annotations
 
 import dataclasses
+import math
 import datetime
 import os
 from dataclasses import dataclass
@@ -362,6 +363,37 @@ class DistributedConfig:
         init_args(self.coordinator, self.num_processes, self.process_id)
 
 
+DISTILL_LOSSES = ("kl", "ce", "kl+ce")
+TEACHER_DTYPES = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class DistillConfig:
+    """Distillation from a frozen teacher that runs inside the train step (train/distill.py)."""
+
+    distill_from: str | None = None  # the teacher: a checkpoint, export or run directory
+    loss: str = "kl"  # kl: temp^2 KL(teacher || student); ce: the data's CE (teacher measured only); kl+ce
+    temp: float = 1.0
+    alpha: float = 0.5  # kl+ce: alpha * KL + (1 - alpha) * CE
+    blockwise: int = 0  # the first N steps match each layer's attention output to the teacher's
+    teacher_dtype: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.loss not in DISTILL_LOSSES:
+            raise UserError(f"--distill-loss {self.loss!r}: choose {'|'.join(DISTILL_LOSSES)}")
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise UserError(f"--distill-teacher-dtype {self.teacher_dtype!r}: choose {'|'.join(TEACHER_DTYPES)}")
+        if not (isinstance(self.temp, (int, float)) and math.isfinite(self.temp) and self.temp > 0):
+            raise UserError(f"--distill-temp must be positive, got {self.temp!r}")
+        if not (isinstance(self.alpha, (int, float)) and 0.0 <= self.alpha <= 1.0):
+            raise UserError(f"--distill-alpha must be in [0, 1], got {self.alpha!r}")
+        _at_least(self.blockwise, 0, "distill_blockwise")
+
+    @property
+    def on(self) -> bool:
+        return self.distill_from is not None
+
+
 @dataclass(frozen=True)
 class DisplayConfig:
     live: str = "auto"
@@ -377,7 +409,7 @@ class DisplayConfig:
 GROUP_TYPES: dict[str, type] = {
     "run": RunSettings, "data": DataConfig, "model": ModelFlags, "steps": StepsConfig, "optim": OptimConfig,
     "precision": PrecisionConfig, "eval": EvalConfig, "analysis": AnalysisConfig, "ckpt": CheckpointConfig,
-    "distributed": DistributedConfig, "display": DisplayConfig,
+    "distributed": DistributedConfig, "display": DisplayConfig, "distill": DistillConfig,
 }
 
 
@@ -396,6 +428,7 @@ class RunConfig:
     ckpt: CheckpointConfig
     distributed: DistributedConfig
     display: DisplayConfig
+    distill: DistillConfig
     kv: KVPolicy  # the cache policy of the summary's KV-memory section
     recorded: Mapping[str, Any]  # flags accepted for v29 command lines and recorded only (incl. kv extras)
     explicit: frozenset[str]  # the flags typed on this command line

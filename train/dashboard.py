@@ -74,7 +74,8 @@ class Dashboard(Display):
         m = self.last_train
         if m is None:
             return Panel("waiting for the first log step", title="train", border_style="dim")
-        rows = [("step", f"{m['step']}/{self.total}"), ("loss", f"{m['loss']:.4f}"), ("ppl", f"{m['ppl']:.2f}"),
+        ppl = "-" if m.get("ppl") is None else f"{m['ppl']:.2f}"  # none in distillation's blockwise phase
+        rows = [("step", f"{m['step']}/{self.total}"), ("loss", f"{m['loss']:.4f}"), ("ppl", ppl),
                 ("lr", f"{m['lr']:.2e}"), ("tokens/s", fmt_tok(m["tok_s"])), ("seq len", str(m["seq_len"]))]
         rows += [(f"|g| {k[10:]}", f"{v:.3g}") for k, v in m.items() if k.startswith("grad_norm_") and v is not None]
         return Panel(_kv_table(rows), title="train")

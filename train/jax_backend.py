@@ -87,7 +87,13 @@ class JaxBackend:
                          param_dtype=dtypes[c.precision.param_dtype], remat=bool(c.precision.grad_checkpoint))
         if plan.init_state is not None:
             load_canonical(model, plan.init_state, plan.init_info["source"])
-        return Stepper(model, build_optimizer(c.optim, int(c.steps.steps)), seed=c.run.seed, mesh=self.mesh)
+        teacher = None
+        if plan.teacher is not None:  # frozen, in its own dtype; sharded like the student by the Stepper
+            t_cfg, t_state, t_info = plan.teacher
+            t_dtype = dtypes[c.distill.teacher_dtype]
+            teacher = load_canonical(DBAModel(t_cfg, dtype=t_dtype, param_dtype=t_dtype), t_state, t_info["source"])
+        return Stepper(model, build_optimizer(c.optim, int(c.steps.steps)), seed=c.run.seed, mesh=self.mesh,
+                       teacher=teacher, distill=c.distill)
 
     def restored(self, meta: dict[str, Any]) -> list[str]:
         """Lines about a resumed checkpoint: Orbax restored it onto this run's shardings, whatever

@@ -122,6 +122,7 @@ class RunPlan:
         from dba.analysis_spec import spec_for
 
         self.analysis_spec = spec_for(config.analysis, config.eval.every, self.cfg)
+        self.teacher = self._teacher()
         if config.analysis.tb:
             try:
                 import tensorboardX  # noqa: F401
@@ -140,6 +141,27 @@ class RunPlan:
 
             return read_weights(self.config.ckpt.ckpt)
         return None, None, None
+
+    def _teacher(self):
+        """(config, state, info) of --distill-from, checked against the student and the data; None
+        without distillation. Distillation flags without a teacher are a mistake."""
+        d = self.config.distill
+        if not d.on:
+            given = sorted(f for f in self.config.explicit if f.startswith("distill_"))
+            if given:
+                raise UserError(f"--{given[0].replace('_', '-')} needs --distill-from TEACHER", 2)
+            return None
+        from dba.weight_files import read_weights
+        from train.distill import check_teacher
+
+        t_cfg, t_state, t_info = read_weights(d.distill_from)
+        check_teacher(self.cfg, t_cfg, int(d.blockwise), d.distill_from)
+        if self.data.vocab_size > t_cfg.vocab_size:
+            raise UserError(f"--distill-from {d.distill_from!r}: the data has ids up to {self.data.vocab_size - 1}, "
+                            f"outside the teacher's vocabulary of {t_cfg.vocab_size} ids", 2)
+        if t_cfg.block_size < self.cfg.block_size:
+            t_cfg = t_cfg.replace(block_size=self.cfg.block_size)  # RoPE extends; the run's length rules
+        return t_cfg, t_state, t_info
 
     def print_config(self, out_dir: str | Path) -> None:
         """--print-config: the resolved model and flags as JSON."""
@@ -170,9 +192,17 @@ class Run:
         self.out.mkdir(parents=True, exist_ok=True)
         self.ckpts = b.checkpoints(self.out)
         self.stepper = b.build(self.plan)
+        self._compiled_phases: set[tuple[int, str]] = set()  # (sequence length, phase) compiled so far
         self.rows = self.stepper.local_rows(int(c.steps.batch_size))  # this host's share of every batch
         self.progress = Progress()
         self.notes = list(b.notes)  # said under the run's header (`_announce`)
+        if self.plan.teacher is not None:
+            d, (t_cfg, _, t_info) = c.distill, self.plan.teacher
+            terms = {"kl": f"KL at temperature {d.temp:g}", "ce": "the data's cross-entropy (the teacher measured)",
+                     "kl+ce": f"{d.alpha:g} KL (temperature {d.temp:g}) + {1 - d.alpha:g} CE"}[d.loss]
+            block = f"; the first {d.blockwise} steps blockwise (attention outputs)" if d.blockwise else ""
+            self.notes.append(f"distilling from {t_info['source']} ({t_cfg.attn_mode}, {t_cfg.num_params():,} params, "
+                              f"{d.teacher_dtype}): {terms}{block}")
         if self.plan.resume_meta is not None:
             self._restore()
         # train.jsonl is opened once the train step has compiled (`fit`): a step too large for the
@@ -266,11 +296,14 @@ class Run:
         rss, rss_peak = host_rss_bytes()
         dev_mem = self.device_memory()
         s = self.plan.config.steps
-        fields = dict(step=step, loss=loss, ppl=math.exp(min(loss, 700.0)), lr=float(m["lr"]),
+        # distilling, the loss is the distillation objective: ppl is the data's (main phase) or none
+        data_loss = float(m["distill_ce"]) if "distill_ce" in m else (None if "distill_block_mse" in m else loss)
+        fields = dict(step=step, loss=loss, ppl=None if data_loss is None else math.exp(min(data_loss, 700.0)),
+                      lr=float(m["lr"]),
                       tok_s=w.tokens / elapsed, seq_len=int(length), grad_accum=int(s.grad_accum),
                       global_batch=int(s.batch_size) * int(s.grad_accum), step_ms=1000.0 * elapsed / w.steps,
                       data_ms=1000.0 * w.data_s / w.steps, grad_norm_total=float(m["grad_norm"]),
-                      **{k: float(v) for k, v in m.items() if k.startswith("grad_norm_")},
+                      **{k: float(v) for k, v in m.items() if k.startswith(("grad_norm_", "distill_"))},
                       skipped_nonfinite=int(m["nonfinite_count"]), compiles=self.stepper.compiles,
                       host_rss_mb=None if rss is None else rss / 2**20,
                       host_peak_mb=None if rss_peak is None else rss_peak / 2**20,
@@ -484,7 +517,9 @@ class Run:
         schedule = c.steps.schedule
         longest = max({schedule.length_at(step)} | {n for s0, n in schedule.entries if step < s0 < steps})
         shape = (int(c.steps.grad_accum), int(c.steps.batch_size), int(longest))
-        dt = self.stepper.compile_for(shape)
+        phase = self.stepper.phase_at(step)
+        self._compiled_phases.add((int(longest), phase))
+        dt = self.stepper.compile_for(shape, phase=phase)
         note = getattr(self.stepper, "compile_note", None)  # torch.compile fell back to eager
         if note and note not in self.notes:
             self.notes.append(note)
@@ -508,12 +543,15 @@ class Run:
         p, w, steps = self.progress, self.window, int(self.plan.config.steps.steps)
         x, y = batch
         length = x.shape[2]
-        if length not in p.lengths:
+        phase = self.stepper.phase_at(p.step)  # distillation's blockwise phase, else main
+        if length not in p.lengths or (length, phase) not in self._compiled_phases:
             p.lengths.add(length)
-            dt = self.stepper.compile_for(x, y)
+            self._compiled_phases.add((length, phase))
+            dt = self.stepper.compile_for(x, y, phase=phase)
             w.excluded_s += dt
             if dt > 0:
-                self.display.info(f"step {p.step}: sequence length {length} -> compiled the train step in {dt:.1f}s "
+                what = f"sequence length {length}" + ("" if phase == "main" else f", {phase} distillation")
+                self.display.info(f"step {p.step}: {what} -> compiled the train step in {dt:.1f}s "
                                   f"(compile #{self.stepper.compiles})")
         self.latest = (self.stepper.train_step(x, y, p.step), length)
         p.step += 1

@@ -27,6 +27,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from functools import partial
 from typing import Any
 
 import jax
@@ -48,6 +49,7 @@ from train.faults import (  # noqa: F401 (re-exported: other modules import them
     fault_points,
     nonfinite_kind_text,
 )
+from train.distill import PHASES, attention_io, blockwise_mask, blockwise_mse, kd_terms, objective
 from train.grad_norms import group_grad_norms
 from train.optim import _find_hparams
 
@@ -141,7 +143,10 @@ class Stepper:
     """
 
     def __init__(self, model: DBAModel, tx: optax.GradientTransformation, *, seed: int = 0,
-                 donate: bool = True, opt_state: Any = None, mesh: Any = None):
+                 donate: bool = True, opt_state: Any = None, mesh: Any = None, teacher: DBAModel | None = None,
+                 distill: Any = None):
+        """`teacher` and `distill` (a DistillConfig): the frozen model the step distils from
+        (train/distill.py); its parameters are sharded like the student's and passed to the step."""
         self.tx = tx
         self.seed = int(seed)
         # One code path for one device and many: no mesh = a 1 x 1 mesh over the first device.
@@ -167,14 +172,26 @@ class Stepper:
         self.memory_bytes: dict[tuple, int] = {}  # compiled estimate per batch shape
         self.memory_limit: int | None = None
         self.faults = self._fault_record(0)
+        self.distill = distill if teacher is not None else None
+        if teacher is not None:
+            self.t_graphdef, t_params, t_rest = nnx.split(teacher, nnx.Param, ...)
+            self.t_sharding = sharding.tree_shardings(t_params, self.mesh, teacher.cfg.mlp)
+            self.t_params = jax.device_put(t_params, self.t_sharding)
+            self.t_rest = jax.device_put(t_rest, self.replicated)
+            self.update_mask = blockwise_mask(self.params)
+        else:
+            self.t_params, self.t_sharding = {}, self.replicated
         # TEST-ONLY hooks (DBA_FAULT): steps (1-based) whose loss / gradients are made NaN.
         self._nan_loss_at = sorted(fault_points("nan_loss_at"))
         self._nan_grad_at = sorted(fault_points("nan_grad_at"))
         # Explicit layouts in and out: the updated state keeps its sharding step after step (and
         # donation can reuse the buffers); metrics (a dict) come back replicated.
         p_sh, o_sh, b_sh, r_sh = self.param_sharding, self.opt_sharding, self.batch_sharding, self.replicated
-        self._train = jax.jit(self._train_impl, in_shardings=(p_sh, o_sh, r_sh, b_sh, b_sh, r_sh),
-                              out_shardings=(p_sh, o_sh, r_sh, r_sh), donate_argnums=(0, 1, 2) if donate else ())
+        # one jitted step per phase (distillation's blockwise phase has its own loss and mask)
+        self._train = {phase: jax.jit(partial(self._train_impl, phase=phase),
+                                      in_shardings=(p_sh, o_sh, r_sh, b_sh, b_sh, r_sh, self.t_sharding),
+                                      out_shardings=(p_sh, o_sh, r_sh, r_sh),
+                                      donate_argnums=(0, 1, 2) if donate else ()) for phase in PHASES}
         self._eval = jax.jit(self._eval_impl, in_shardings=(p_sh, b_sh, b_sh), out_shardings=r_sh)
 
     # -- pure functions ------------------------------------------------------------------
@@ -183,6 +200,20 @@ class Stepper:
         rest = jax.tree.map(lambda a: a, rest)
         model = nnx.merge(self.graphdef, params, rest)
         return model.loss(x_BT, y_BT, deterministic=deterministic)
+
+    def _objective(self, params, rest, x_BT, y_BT, deterministic: bool, t_params, phase: str):
+        """(the loss the step minimises, {metric: value}): the data's cross-entropy, or with a
+        teacher the distillation phase's objective and its terms (train/distill.py)."""
+        if self.distill is None:
+            return self._loss(params, rest, x_BT, y_BT, deterministic), {}
+        rest = jax.tree.map(lambda a: a, rest)
+        student = nnx.merge(self.graphdef, params, rest)
+        teacher = nnx.merge(self.t_graphdef, jax.lax.stop_gradient(t_params), self.t_rest)
+        if phase == "blockwise":
+            mse = blockwise_mse(student, attention_io(teacher, x_BT))
+            return mse, {"distill_block_mse": mse}
+        kl, ce = kd_terms(student.forward(x_BT, deterministic), teacher.forward(x_BT), y_BT, self.distill.temp)
+        return objective(self.distill.loss, self.distill.alpha, kl, ce), {"distill_kl": kl, "distill_ce": ce}
 
     def _fault_record(self, count: int) -> dict[str, jax.Array]:
         rec = {"count": np.int32(count), "steps": np.zeros(FAULT_RING, np.int32),
@@ -195,32 +226,37 @@ class Stepper:
         hit = jnp.any(step + 1 == jnp.asarray(steps, jnp.int32))
         return jnp.where(hit, jnp.float32(jnp.nan), jnp.float32(1.0))
 
-    def _train_impl(self, params, opt_state, faults, x_ABT, y_ABT, step):
+    def _train_impl(self, params, opt_state, faults, x_ABT, y_ABT, step, t_params, *, phase: str = "main"):
         self.trace_count += 1  # runs only while tracing
         n_micro = x_ABT.shape[0]
         base_key = jax.random.fold_in(jax.random.key(self.seed), step)
-        grad_fn = jax.value_and_grad(self._loss)
+        grad_fn = jax.value_and_grad(self._objective, has_aux=True)
 
         def micro(i, x_BT, y_BT):
             rest = _reseed(self.rest, jax.random.fold_in(base_key, i)) if self.dropout else self.rest
-            return grad_fn(params, rest, x_BT, y_BT, not self.dropout)
+            (loss_i, aux_i), g = grad_fn(params, rest, x_BT, y_BT, not self.dropout, t_params, phase)
+            return loss_i, aux_i, g
 
         if n_micro == 1:
-            loss, grads = micro(0, x_ABT[0], y_ABT[0])
+            loss, aux, grads = micro(0, x_ABT[0], y_ABT[0])
         else:
             zeros = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.float32), params)
+            aux_shape = jax.eval_shape(lambda: micro(0, x_ABT[0], y_ABT[0])[1])
+            aux0 = jax.tree.map(lambda a: jnp.zeros(a.shape, jnp.float32), aux_shape)
 
             def body(carry, inp):
-                g_acc, l_acc = carry
+                g_acc, l_acc, a_acc = carry
                 i, x_BT, y_BT = inp
-                loss_i, g = micro(i, x_BT, y_BT)
+                loss_i, aux_i, g = micro(i, x_BT, y_BT)
                 g_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), g_acc, g)
-                return (g_acc, l_acc + loss_i), None
+                a_acc = jax.tree.map(lambda a, b: a + b.astype(jnp.float32), a_acc, aux_i)
+                return (g_acc, l_acc + loss_i, a_acc), None
 
-            (g_sum, l_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32)),
-                                             (jnp.arange(n_micro), x_ABT, y_ABT))
+            (g_sum, l_sum, a_sum), _ = jax.lax.scan(body, (zeros, jnp.zeros((), jnp.float32), aux0),
+                                                    (jnp.arange(n_micro), x_ABT, y_ABT))
             grads = jax.tree.map(lambda g, p: (g / n_micro).astype(p.dtype), g_sum, params)
             loss = l_sum / n_micro
+            aux = jax.tree.map(lambda a: a / n_micro, a_sum)
         if self._nan_loss_at:  # test-only (DBA_FAULT): the gradients stay finite
             loss = loss * self._poison(step, self._nan_loss_at)
         if self._nan_grad_at:  # test-only (DBA_FAULT): the loss stays finite
@@ -229,6 +265,8 @@ class Stepper:
         grad_norm = optax.global_norm(grads)
         group_norms = group_grad_norms(grads, self.decoupled)
         updates, new_opt_state = self.tx.update(grads, opt_state, params)
+        if phase == "blockwise":  # only attention learns: no update (not even weight decay) elsewhere
+            updates = jax.tree.map(lambda u, m: u * m.astype(u.dtype), updates, self.update_mask)
         new_params = optax.apply_updates(params, updates)
         # A non-finite step applies nothing: old parameters and optimizer state, selected on the
         # device (like optax.apply_if_finite, without changing the optimizer state's structure).
@@ -245,7 +283,7 @@ class Stepper:
         hp = _find_hparams(opt_state)
         lr = jnp.asarray(hp["learning_rate"], jnp.float32) if hp and "learning_rate" in hp else jnp.float32(0)
         return params, opt_state, faults, {"loss": loss, "grad_norm": grad_norm, "lr": lr,
-                                           "nonfinite_count": faults["count"], **group_norms}
+                                           "nonfinite_count": faults["count"], **group_norms, **aux}
 
     def _eval_impl(self, params, x_NBT, y_NBT):
         self.eval_trace_count += 1
@@ -265,24 +303,28 @@ class Stepper:
         """This process's rows (`local_rows`) of a batch -> the global array, split over the mesh."""
         return jax.make_array_from_process_local_data(self.batch_sharding, np.asarray(local_ABT))
 
-    def compile_for(self, x_ABT, y_ABT=None) -> float:
+    def phase_at(self, step: int) -> str:
+        """The step's phase: distillation's blockwise phase for its first steps, else main."""
+        return "blockwise" if self.distill is not None and step < int(self.distill.blockwise) else "main"
+
+    def compile_for(self, x_ABT, y_ABT=None, phase: str = "main") -> float:
         """Ahead-of-time compile the train step for this batch shape (a global (A, B, T) shape,
-        or arrays / int32 jax.ShapeDtypeStructs of it); returns seconds (0 if cached).
+        or arrays / int32 jax.ShapeDtypeStructs of it) and phase; returns seconds (0 if cached).
         Raises a UserError (exit 1) when the compiled step cannot fit in device memory."""
         if isinstance(x_ABT, tuple):
             x_ABT = jax.ShapeDtypeStruct(tuple(int(n) for n in x_ABT), jnp.int32)
         y_ABT = x_ABT if y_ABT is None else y_ABT
         key = tuple(x_ABT.shape)
-        if key in self._compiled:
+        if (key, phase) in self._compiled:
             return 0.0
         sharding.check_batch(sharding.mesh_shape(self.mesh), int(x_ABT.shape[1]), "the batch size")
         t0 = time.perf_counter()
-        compiled = self._train.lower(self.params, self.opt_state, self.faults, x_ABT, y_ABT,
-                                     np.int32(0)).compile()
+        compiled = self._train[phase].lower(self.params, self.opt_state, self.faults, x_ABT, y_ABT,
+                                            np.int32(0), self.t_params).compile()
         dt = time.perf_counter() - t0
         self.compile_s += dt
         self._check_memory(compiled, key)
-        self._compiled[key] = compiled
+        self._compiled[(key, phase)] = compiled
         return dt
 
     def _check_memory(self, compiled: Any, key: tuple) -> None:
@@ -310,17 +352,17 @@ class Stepper:
                 f"(compiled estimate) {where}; reduce --batch-size (and raise --grad-accum to keep the "
                 f"global batch), the sequence length or the model, or try --grad-checkpoint or --mesh fsdp=N", 1)
 
-    def compiled(self, x_ABT, y_ABT) -> Any:
-        """The compiled train step for this batch shape (compiled now if it was not yet), for
-        `memory_analysis()`, `cost_analysis()` and its HLO text."""
-        self.compile_for(x_ABT, y_ABT)
-        return self._compiled[tuple(x_ABT.shape)]
+    def compiled(self, x_ABT, y_ABT, phase: str = "main") -> Any:
+        """The compiled train step for this batch shape and phase (compiled now if it was not
+        yet), for `memory_analysis()`, `cost_analysis()` and its HLO text."""
+        self.compile_for(x_ABT, y_ABT, phase)
+        return self._compiled[(tuple(x_ABT.shape), phase)]
 
     def train_step(self, x_ABT, y_ABT, step: int) -> dict[str, jax.Array]:
         """One optimizer step (async: nothing is fetched from the device)."""
-        fn = self.compiled(x_ABT, y_ABT)
+        fn = self.compiled(x_ABT, y_ABT, self.phase_at(step))
         self.params, self.opt_state, self.faults, metrics = fn(self.params, self.opt_state, self.faults,
-                                                               x_ABT, y_ABT, np.int32(step))
+                                                               x_ABT, y_ABT, np.int32(step), self.t_params)
         return metrics
 
     def set_nonfinite_count(self, count: int) -> None:
