@@ -6,7 +6,7 @@
 
 SRC is a Hugging Face model directory (config.json naming LlamaForCausalLM, MistralForCausalLM or
 Qwen2ForCausalLM, model.safetensors or its sharded index, tokenizer files), a v29 .pt, a
-.safetensors export or a run directory. The destination format follows DST: .safetensors, .pt,
+.safetensors export, a run directory, or a custom-code directory this command wrote. The destination format follows DST: .safetensors, .pt,
 or a directory. Nothing is written on a mistake, and every file is written to a temporary name
 and renamed.
 """
@@ -27,11 +27,14 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.epilog = (__doc__ or "").split("\n\n", 1)[1]
     p.add_argument("src", help="a Hugging Face model directory, v29 best.pt/last.pt, a .safetensors export, "
                                "or a run directory")
-    p.add_argument("dst", help="output: .safetensors (dba's export), .pt (v29 payload) or a directory "
-                               "(Hugging Face)")
+    p.add_argument("dst", help="output: .safetensors (dba's export), .pt (v29 payload) or a directory (Hugging Face: "
+                               "an existing directory or a name without .pt/.safetensors; transformers' own Llama/Qwen2 "
+                               "where they compute the model, else dba's modeling code for trust_remote_code)")
     p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default=None,
                    help="store the weights in this dtype (default: the source's; a bf16 model stays bf16)")
-    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace DST if it exists (a directory is replaced whole, and only a model directory: one "
+                        "holding a config.json)")
 
 
 def is_hf_dir(path: Path) -> bool:
@@ -50,8 +53,31 @@ def is_hf_dir(path: Path) -> bool:
     return isinstance(d, dict) and ("architectures" in d or "model_type" in d)
 
 
+# Names that say "a file" (of another format): refused rather than made a directory of that name.
+FILE_SUFFIXES = (".pth", ".bin", ".ckpt", ".gguf", ".onnx", ".json", ".npz", ".npy", ".h5", ".msgpack", ".zip",
+                 ".tar", ".gz", ".txt")
+
+
+def is_directory_destination(dst: Path) -> bool:
+    """DST names a Hugging Face directory: an existing directory, or a path without a .pt or
+    .safetensors suffix (nor another file format's suffix)."""
+    return dst.is_dir() or dst.suffix.lower() not in (".pt", ".safetensors", *FILE_SUFFIXES)
+
+
+def is_dba_hf_export(path: Path) -> bool:
+    """A custom-code Hugging Face directory written by `dba convert SRC DIR` (model_type dba)."""
+    try:
+        return (path / "model.safetensors").is_file() and json.loads((path / "config.json").read_text()).get(
+            "model_type") == "dba"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
 def run(args: argparse.Namespace) -> int:
     src, dst = Path(args.src), Path(args.dst)
+    if is_dba_hf_export(src):  # dba's own custom-code export: its model.safetensors is dba's export
+        src = src / "model.safetensors"
+        args.src = str(src)
     if is_hf_dir(src):
         return _import_hf(src, dst, args)
     if src.is_dir() and (src / "config.json").is_file() is False and not any(src.iterdir()):
@@ -59,8 +85,11 @@ def run(args: argparse.Namespace) -> int:
     if src.is_dir() and not any(src.glob("*.safetensors")) and not any(src.glob("*.pt")):
         raise UserError(f"{str(src)!r} has no config.json (not a Hugging Face model directory) and no "
                         f"checkpoint (not a run directory)", 1)
+    if is_directory_destination(dst):
+        return _export_hf(src, dst, args)
     if dst.suffix not in (".pt", ".safetensors"):
-        raise UserError(f"unsupported destination {str(dst)!r}: use a .pt or .safetensors name")
+        raise UserError(f"unsupported destination {str(dst)!r}: use a .pt or .safetensors name, or a directory "
+                        f"(a Hugging Face model)")
     if dst.exists() and not args.overwrite:
         raise UserError(f"{str(dst)!r} already exists (pass --overwrite to replace it)")
     if not dst.parent.exists():
@@ -123,4 +152,22 @@ def _import_hf(src: Path, dst: Path, args: argparse.Namespace) -> int:
     tok = f"; tokenizer {info['tokenizer']}" if info["tokenizer"] else "; no tokenizer.json (token ids in and out)"
     print(f"wrote {dst} ({info['family']}: {cfg.n_layer} layers, {cfg.n_head} heads / {cfg.n_kv_head} kv, "
           f"{cfg.num_params():,} parameters, {'/'.join(info['dtypes'])}, {info['bytes'] / 2**20:,.1f} MiB){tok}")
+    return 0
+
+
+def _export_hf(src: Path, dst: Path, args: argparse.Namespace) -> int:
+    """dba's weights -> a Hugging Face directory (dba/hf_export.py)."""
+    from dba.hf_export import check_destination, export
+
+    check_destination(dst, overwrite=args.overwrite, src=src)  # before the weights are read
+    info = export(src, dst, dtype=args.dtype, overwrite=args.overwrite)
+    cfg = info["config"]
+    if info["kind"] == "native":
+        how = f"{info['architecture']}: transformers' own class loads it (AutoModelForCausalLM.from_pretrained)"
+    else:
+        how = (f"{info['architecture']} with its modeling code ({', '.join(info['why'])}): "
+               f"AutoModelForCausalLM.from_pretrained(DIR, trust_remote_code=True); generation there is uncached")
+    print(f"wrote {dst}/ ({how}; {cfg.attn_mode}, {cfg.num_params():,} parameters, {info['tensors']} tensors, "
+          f"{info['dtype']}, {info['bytes'] / 2**20:,.1f} MiB) from {info['source']}")
+    print(info["tokenizer"])
     return 0

@@ -89,8 +89,12 @@ def load_safetensors(path: str | Path) -> tuple[ModelConfig, dict[str, np.ndarra
             for k in f.keys():
                 sl = f.get_slice(k)
                 layout[k] = (tuple(sl.get_shape()), sl.get_dtype())
+            # a tied K stored once, under its Q name (a Hugging Face custom-code export): the same tensor
+            aliases = {k: q for k, q in tied_aliases(cfg).items() if k not in layout and q in layout}
+            layout.update({k: layout[q] for k, q in aliases.items()})
             validate_layout(cfg, layout, str(path))
             state = {k: f.get_tensor(k) for k in f.keys()}
+            state.update({k: state[q] for k, q in aliases.items()})
     except (SafetensorError, OSError, ValueError) as e:
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f"cannot read safetensors file {str(path)!r}: {first}", 1) from None
