@@ -19,6 +19,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "eval": ("cli.eval", "what a KV-cache policy costs: ppl, KL, top-1 vs fp32, passkey, extrapolation"),
     "kv-mem": ("cli.kvmem", "KV-cache memory table for a model and cache policy"),
     "convert": ("cli.convert", "convert weights between v29 .pt and safetensors exports"),
+    "prepare": ("cli.prepare", "text (txt, JSONL, Parquet, Arrow, a saved dataset) -> a token file for dba train"),
     "report": ("cli.report", "compare runs: best loss, KV cache, tokens/s; mean ± std over seeds"),
     "bench": ("cli.bench", "benchmarks: train-step and decode throughput"),
 }
