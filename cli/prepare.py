@@ -88,6 +88,24 @@ class RichProgress(Progress):
             self._p = None
 
 
+def _with_sigterm(fn):
+    """Run fn with SIGTERM raising SystemExit(143), so a killed prepare removes its temporaries as
+    Ctrl-C does (Python's default SIGTERM ends the process without unwinding)."""
+    import signal
+
+    def stop(signum, frame):
+        raise SystemExit(128 + signum)
+
+    try:
+        before = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread: leave signals alone
+        return fn()
+    try:
+        return fn()
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def run(args) -> int:
     show = args.progress == "rich" or (args.progress == "auto" and sys.stderr.isatty())
     argv = [a for a in sys.argv[1:] if a != "--debug"]
@@ -98,7 +116,7 @@ def run(args) -> int:
                    corpus=args.corpus, dtype=args.dtype, eot=args.eot, overwrite=args.overwrite, command=command)
     if args.workers is not None and args.workers < 1:
         raise UserError(f"--workers {args.workers}: give at least 1")
-    side = prepare(opts, RichProgress() if show else None)
+    side = _with_sigterm(lambda: prepare(opts, RichProgress() if show else None))
     for w in side["warnings"]:
         print(f"dba prepare: warning: {w}", file=sys.stderr, flush=True)
     secs = side["seconds"]

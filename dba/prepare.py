@@ -189,27 +189,31 @@ def _encode_ordered(chunks, spec: dict, workers: int):
                 os.environ["TOKENIZERS_PARALLELISM"] = saved
         return
     import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+    from concurrent.futures.process import BrokenProcessPool
 
     from dba.doc_encode import encode_in_worker, init_worker
 
     Encoder(spec)  # a tokenizer that cannot load fails here, once, not in every worker
     # spawn: a fresh interpreter per worker (a forked copy of a process whose tokenizer or JAX
-    # already started threads can deadlock)
-    pool = multiprocessing.get_context("spawn").Pool(workers, initializer=init_worker, initargs=(spec,))
+    # already started threads can deadlock); an executor, not a Pool: a worker that dies (killed
+    # for memory) breaks it with an error instead of being replaced while its chunk waits forever
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"), initializer=init_worker,
+                               initargs=(spec,))
     try:
         window: deque = deque()
         for chunk, consumed in chunks:
-            window.append((pool.apply_async(encode_in_worker, (chunk,)), consumed))
+            window.append((pool.submit(encode_in_worker, chunk), consumed))
             if len(window) >= 2 * workers:
                 res, used = window.popleft()
-                yield res.get(), used
+                yield res.result(), used
         while window:
             res, used = window.popleft()
-            yield res.get(), used
-        pool.close()
-        pool.join()
+            yield res.result(), used
+    except BrokenProcessPool as e:
+        raise UserError(f"a tokenizing worker process died ({e}); try fewer --workers", 1) from None
     finally:
-        pool.terminate()
+        pool.shutdown(wait=True, cancel_futures=True)  # the chunks being encoded finish (~1 s at most)
 
 
 def _tokenizer(opts: Options, staged: Staged, files, is_val, progress: Progress, warnings: list):
