@@ -15,6 +15,7 @@ BENCHES = {
     "profile": "where the JAX train step's time goes: device time per op from a jax.profiler trace",
     "dashboard": "what the live rich dashboard of `dba train` costs in tokens/s",
     "convert": "dba convert of a Hugging Face model of Llama-3.2-1B's shapes: time, MB/s, peak RSS vs model size",
+    "prepare": "dba prepare's tokenizing MB/s per core (byte and BPE) and its peak RSS, main process and workers",
     "cache-quality": "what the cache policies cost in quality: a decoupled and a standard model, trained here",
     "v29": "v29 beside dba on the same weights (--v29 PATH): train steps and q4_0 generation, with ratios",
 }

@@ -72,7 +72,8 @@ def run_record(ckpt: str) -> dict[str, Any] | None:
 
 def run_tokens(args: argparse.Namespace, cfg, tokenizer) -> tuple[Any, str]:
     """(tokens, where they came from): `args.data` (with `data_format`, `data_dtype`), else the
-    data of the run `args.ckpt` belongs to; its held-out tail with `args.split == "val"`."""
+    data of the run `args.ckpt` belongs to; with `args.split == "val"` its held-out part: the
+    held-out file of a `dba prepare` output, else the tail the run held out."""
     from dba import prepared
     from dba.data import load_tokens, split_train_val
     from train.args import saved_flags

@@ -15,7 +15,6 @@ from __future__ import annotations
 import shlex
 import sys
 
-from dba.errors import UserError
 from dba.prepare import CORPORA, Options, Progress, cores, prepare
 from dba.sources import FORMATS
 
@@ -36,7 +35,8 @@ def add_arguments(p) -> None:
     p.add_argument("--glob", default=None, metavar="PATTERN",
                    help="files of a directory to read, by name ('*.txt'), or by relative path when the pattern has a /")
     p.add_argument("--workers", type=int, default=None,
-                   help=f"tokenizing processes (default: the cores, {cores()} here; 1: in this process)")
+                   help=f"tokenizing processes (default: the cores, {cores()} here, but 1 for the byte tokenizer, "
+                        f"whose work is cheaper than a hand-off to a process; 1: in this process)")
     p.add_argument("--val-frac", type=float, default=None,
                    help="hold out this fraction of the documents (every 1/F-th) as OUT.val.npy; --corpus "
                         "python-stdlib holds out files (default 0.02)")
@@ -114,8 +114,6 @@ def run(args) -> int:
     opts = Options(sources=list(args.sources), out=args.out, tokenizer=args.tokenizer, fmt=args.format,
                    text_field=args.text_field, glob=args.glob, workers=args.workers, val_frac=args.val_frac,
                    corpus=args.corpus, dtype=args.dtype, eot=args.eot, overwrite=args.overwrite, command=command)
-    if args.workers is not None and args.workers < 1:
-        raise UserError(f"--workers {args.workers}: give at least 1")
     side = _with_sigterm(lambda: prepare(opts, RichProgress() if show else None))
     for w in side["warnings"]:
         print(f"dba prepare: warning: {w}", file=sys.stderr, flush=True)

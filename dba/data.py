@@ -12,6 +12,10 @@ Data formats (`--data-format`, v29's meanings where v29 had the name):
 - `auto`: by extension (.npy, .bin, .pt/.pth); a .txt/.text file is sniffed: only digits and
   whitespace -> `text` (ids), anything else -> `utf8` (`describe_data` says which was read).
 
+A `.npy` that `dba prepare` wrote has a sidecar (dba/prepared.py): its tokenizer and vocabulary
+are taken from there (an explicit `--tokenizer` must agree), and its held-out file is the
+validation split (`train_val`).
+
 Tokenizers (`--tokenizer`): `byte`, `tiktoken:gpt2` (aliases `tiktoken`, `gpt2`), a path to a
 Hugging Face `tokenizer.json`, or `word` (v29's default value: accepted with token-id data, where
 it has no effect; dba has no word tokenizer for text). With token-id data a named tokenizer is

@@ -113,15 +113,15 @@ def list_files(sources: list[str], *, fmt: str = "auto", glob: str | None = None
             if not found:
                 raise UserError(f"{src}: no files" + (f" match --glob {glob!r}" if glob else ""))
             for path, rel in found:
-                out.append(SourceFile(path, kind or file_format(path, fmt), _size(path), i, rel))
+                out.append(SourceFile(path, kind or file_format(path, fmt), file_size(path), i, rel))
         else:
             if not os.access(src, os.R_OK):
                 raise UserError(f"{src}: not readable", 1)
-            out.append(SourceFile(src, file_format(src, fmt), _size(src), i, os.path.basename(src)))
+            out.append(SourceFile(src, file_format(src, fmt), file_size(src), i, os.path.basename(src)))
     return out
 
 
-def _size(path: str) -> int:
+def file_size(path: str) -> int:
     try:
         return os.path.getsize(path)
     except OSError:

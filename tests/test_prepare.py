@@ -18,7 +18,6 @@ import pytest
 
 from cli.main import main
 from dba.errors import UserError
-from tests.support import write_hf_tokenizer
 
 ETX = 3  # the byte tokenizer's end of text
 
@@ -591,3 +590,19 @@ def test_signal_mid_run_leaves_nothing_behind(tmp_path, signame):
     _, err = p.communicate(timeout=60)
     assert p.returncode == (130 if signame == "SIGINT" else 143), err
     assert "Traceback" not in err and list(out.iterdir()) == []
+
+
+def test_eval_reads_the_held_out_file(tmp_path, capsys):
+    """dba eval --split val on a prepared file scores its held-out documents, not a tail."""
+    import argparse
+    from types import SimpleNamespace
+
+    from cli.checkpoint import run_tokens
+
+    out = _prepared(tmp_path, capsys, "--val-frac", "0.2")
+    args = argparse.Namespace(ckpt=str(tmp_path / "no-run"), data=str(out), data_format="auto",
+                              data_dtype="uint16", split="val")
+    tokens, source = run_tokens(args, SimpleNamespace(vocab_size=256), None)
+    assert tokens.tolist() == np.load(tmp_path / "o.val.npy").tolist() and "o.val.npy" in source
+    args.split = "all"
+    assert run_tokens(args, SimpleNamespace(vocab_size=256), None)[0].tolist() == np.load(out).tolist()
