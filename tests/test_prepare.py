@@ -606,3 +606,29 @@ def test_eval_reads_the_held_out_file(tmp_path, capsys):
     assert tokens.tolist() == np.load(tmp_path / "o.val.npy").tolist() and "o.val.npy" in source
     args.split = "all"
     assert run_tokens(args, SimpleNamespace(vocab_size=256), None)[0].tolist() == np.load(out).tolist()
+
+
+def test_bench_input_is_jsonl_of_the_size_asked(tmp_path):
+    from bench.prepare import make_jsonl
+
+    size = make_jsonl(tmp_path / "in.jsonl", 2)
+    lines = (tmp_path / "in.jsonl").read_text().splitlines()
+    assert 2_000_000 <= size < 2_000_000 + max(map(len, lines)) + 1
+    docs = [json.loads(line)["text"] for line in lines]
+    assert len(set(docs)) == len(docs) > 100  # numbered copies: no two documents alike
+
+
+@pytest.mark.slow
+def test_bench_prepare_reports_each_case(tmp_path, capsys):
+    from bench.prepare import main as bench_main
+
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps({"text": f"line {i} ünïcode"}) + "\n" for i in range(300)))
+    assert bench_main(["--src", str(tmp_path / "d.jsonl"), "--bpe", "300", "--workers", "1,2", "--repeat-min-s", "0",
+                       "--json", str(tmp_path / "r.json")]) == 0
+    results = json.loads((tmp_path / "r.json").read_text())["results"]
+    assert [(r["tokenizer"], r["workers"]) for r in results] == [("byte", 1), ("byte", 2), ("bpe:300", 1),
+                                                                 ("bpe:300", 2)]
+    text = sum(len(f"line {i} ünïcode".encode()) for i in range(300))
+    assert all(r["text_bytes"] == text and r["seconds"] > 0 and r["cpu_seconds"] > 0 for r in results)
+    assert results[0]["tokens"] == text + 300 and results[2]["tokens"] == results[3]["tokens"] < text
+    assert "MB/s per core" in capsys.readouterr().out
