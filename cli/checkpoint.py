@@ -72,7 +72,9 @@ def run_record(ckpt: str) -> dict[str, Any] | None:
 
 def run_tokens(args: argparse.Namespace, cfg, tokenizer) -> tuple[Any, str]:
     """(tokens, where they came from): `args.data` (with `data_format`, `data_dtype`), else the
-    data of the run `args.ckpt` belongs to; its held-out tail with `args.split == "val"`."""
+    data of the run `args.ckpt` belongs to; with `args.split == "val"` its held-out part: the
+    held-out file of a `dba prepare` output, else the tail the run held out."""
+    from dba import prepared
     from dba.data import load_tokens, split_train_val
     from train.args import saved_flags
 
@@ -88,7 +90,11 @@ def run_tokens(args: argparse.Namespace, cfg, tokenizer) -> tuple[Any, str]:
                                vocab_size=cfg.vocab_size)
     source = path or "default corpus (pydoc_data.topics)"
     if args.split == "val":
-        frac = float(flags.get("val_frac") or 0.1)
-        tokens = split_train_val(tokens, frac)[1]
-        source += f", held-out tail ({frac:g})"
+        held = prepared.held_out_tokens(path, prepared.read_sidecar(path)) if fmt in ("auto", "npy") else None
+        if held is not None:  # a dba prepare output's own held-out split, which its run validated on
+            tokens, source = held, f"{source}, held-out split {prepared.val_path(path)}"
+        else:
+            frac = float(flags.get("val_frac") or 0.1)
+            tokens = split_train_val(tokens, frac)[1]
+            source += f", held-out tail ({frac:g})"
     return tokens, source

@@ -20,6 +20,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "kv-mem": ("cli.kvmem", "KV-cache memory table for a model and cache policy"),
     "convert": ("cli.convert", "convert weights between v29 .pt and safetensors exports"),
     "upcycle": ("cli.upcycle", "turn a pretrained standard/GQA model's attention into decoupled attention"),
+    "prepare": ("cli.prepare", "text (txt, JSONL, Parquet, Arrow, a saved dataset) -> a token file for dba train"),
     "report": ("cli.report", "compare runs: best loss, KV cache, tokens/s; mean ± std over seeds"),
     "bench": ("cli.bench", "benchmarks: train-step and decode throughput"),
 }

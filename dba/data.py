@@ -12,6 +12,10 @@ Data formats (`--data-format`, v29's meanings where v29 had the name):
 - `auto`: by extension (.npy, .bin, .pt/.pth); a .txt/.text file is sniffed: only digits and
   whitespace -> `text` (ids), anything else -> `utf8` (`describe_data` says which was read).
 
+A `.npy` that `dba prepare` wrote has a sidecar (dba/prepared.py): its tokenizer and vocabulary
+are taken from there (an explicit `--tokenizer` must agree), and its held-out file is the
+validation split (`train_val`).
+
 Tokenizers (`--tokenizer`): `byte`, `tiktoken:gpt2` (aliases `tiktoken`, `gpt2`), a path to a
 Hugging Face `tokenizer.json`, or `word` (v29's default value: accepted with token-id data, where
 it has no effect; dba has no word tokenizer for text). With token-id data a named tokenizer is
@@ -31,6 +35,7 @@ import warnings
 
 import numpy as np
 
+from dba import prepared
 from dba.errors import UserError
 
 # Token dtypes we accept on disk. Unsigned 16-bit is v29's format (GPT-2 ids fit in it).
@@ -416,6 +421,12 @@ def describe_data(path: str | None, data_format: str, tokenizer) -> str | None:
     otherwise, and when the file cannot be read (load_tokens says why)."""
     if path is None or not os.path.isfile(path):
         return None
+    try:
+        side = prepared.read_sidecar(path) if resolve_format(os.fspath(path), data_format) == "npy" else None
+    except (UserError, OSError):
+        side = None
+    if side is not None:
+        return f"{path} {_describe_prepared(path, side)}"
     if isinstance(tokenizer, str) and tokenizer.strip().lower() == "word":
         tokenizer = "word"
     try:
@@ -438,6 +449,16 @@ def describe_data(path: str | None, data_format: str, tokenizer) -> str | None:
         if label:
             notes.append(f"tokenizer {label} recorded for `dba sample --prompt` (not needed to train on ids)")
     return f"{path} " + "; ".join(notes) if notes else None
+
+
+def _describe_prepared(path: str, side: dict) -> str:
+    text = (f"prepared by dba prepare ({os.path.basename(prepared.sidecar_path(path))}): tokenizer "
+            f"{tokenizer_label(side['tokenizer'])}, vocab {int(side['vocab_size']):,}, {int(side['tokens']):,} tokens")
+    val = side.get("val")
+    if val:
+        text += (f"; validation: {val['file']} ({int(val['tokens']):,} tokens held out by {val['by']}; "
+                 f"--val-frac unused)")
+    return text
 
 
 def _one_line(e: BaseException) -> str:
@@ -567,6 +588,10 @@ def load_tokens(
         raise UserError(f"data file is empty: {path}")
 
     fmt = resolve_format(path, data_format)
+    if fmt == "npy":
+        side = prepared.read_sidecar(path)
+        if side is not None:
+            return _load_prepared(path, side, tokenizer, vocab_size)
     if fmt == "utf8":
         tok = _text_tokenizer(tokenizer)
         if tok.name == "byte":
@@ -603,6 +628,41 @@ def load_tokens(
                         f"tokenizer {tokenizer_label(tok.to_dict())} ({tok.vocab_size} ids): these ids were not "
                         f"made by it")
     return tokens, _check_ids(tokens, tok.vocab_size if vocab_size is None else vocab_size, path), tok
+
+
+def _load_prepared(path: str, side: dict, tokenizer, vocab_size):
+    """A `dba prepare` output: the tokenizer and vocabulary its sidecar records (dba/prepared.py).
+    An explicit `--tokenizer` must name the same tokenizer; ids are trusted to be < the recorded
+    vocabulary (dba prepare made them so), and checked only against a smaller `vocab_size`."""
+    tokens = _load_npy(path)
+    prepared.check_tokens(path, side, tokens)
+    record = prepared.tokenizer_record(path, side)
+    if isinstance(tokenizer, str) and parse_tokenizer(tokenizer)[0] != "word":
+        given = tokenizer_record(tokenizer)
+        same = given["name"] == record.get("name") and (
+            given["name"] == "byte" or (given["name"] == "tiktoken" and given.get("encoding") == record.get("encoding"))
+            or (given["name"] == "hf" and given.get("sha256") == record.get("sha256")))
+        if not same:
+            raise UserError(f"--tokenizer {tokenizer}: {path} was prepared with {tokenizer_label(record)} (its sidecar "
+                            f"{prepared.sidecar_path(path)}); drop --tokenizer")
+    if tokenizer is None or isinstance(tokenizer, str):
+        tok = ByteTokenizer() if record["name"] == "byte" else RecordedTokenizer(record)
+    else:
+        tok = tokenizer  # a caller's object (a checkpoint's tokenizer)
+    vocab = int(side["vocab_size"])
+    if vocab_size is not None and int(vocab_size) < vocab:
+        _check_ids(tokens, int(vocab_size), path)
+    return tokens, (vocab if vocab_size is None else int(vocab_size)), tok
+
+
+def train_val(path: str | None, tokens: np.ndarray, val_frac: float):
+    """(train, val): a prepared file's held-out split when its sidecar names one (all of `tokens`
+    trains), else the tail `val_frac` of the stream (v29)."""
+    path = None if path is None else os.fspath(path)
+    val = prepared.held_out_tokens(path, prepared.read_sidecar(path)) if path else None
+    if val is None:
+        return split_train_val(tokens, val_frac)
+    return tokens, val
 
 
 def _text_tokenizer(tokenizer):

@@ -12,7 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from dba.data import check_enough, load_tokens, sample_batch, split_train_val
+from dba import prepared
+from dba.data import check_enough, load_tokens, sample_batch, split_train_val, train_val
 from train.config import DataConfig
 
 EVAL_VAL_STREAM = 1_000_003
@@ -31,9 +32,15 @@ class RunData:
 
     @classmethod
     def load(cls, data: DataConfig) -> "RunData":
+        """The data; a `dba prepare` output brings its vocabulary, tokenizer and held-out split
+        (dba/prepared.py): an explicit --vocab-size or --tokenizer must agree with them."""
+        side = prepared.read_sidecar(data.path) if data.format in ("auto", "npy") else None
+        if side is not None:
+            prepared.check_vocab(data.path, side, data.vocab_size)
         tokens, vocab, tok = load_tokens(data.path, data_format=data.format, data_dtype=data.dtype,
                                          tokenizer=data.tokenizer, vocab_size=data.vocab_size)
-        train, val = split_train_val(tokens, data.val_frac)
+        train, val = train_val(data.path, tokens, data.val_frac) if side is not None else \
+            split_train_val(tokens, data.val_frac)
         return cls(tokens, train, val, int(vocab), tok)
 
     def check_lengths(self, train_len: int, eval_len: int) -> None:
