@@ -248,6 +248,15 @@ def _completed(out: Path) -> None:
     assert sum(e["type"] == "train" for e in events) == 2
 
 
+def _replace_init(monkeypatch, init) -> list:
+    """wandb.init replaced (and wandb.setup, which would start W&B's service process: the
+    settings it is given are returned)."""
+    setups: list = []
+    monkeypatch.setattr(wandb, "setup", lambda settings=None: setups.append(settings))
+    monkeypatch.setattr(wandb, "init", init)
+    return setups
+
+
 def test_missing_package_is_one_warning_line(data, tmp_path, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "wandb", None)  # `import wandb` raises ImportError
     out = tmp_path / "r"
@@ -268,7 +277,7 @@ def test_init_failure_is_one_warning_line(data, tmp_path, capsys, monkeypatch):
         calls.append(kw)
         raise wandb.errors.CommError("could not reach api.wandb.ai\nretrying...")
 
-    monkeypatch.setattr(wandb, "init", init)
+    setups = _replace_init(monkeypatch, init)
     out = tmp_path / "r"
     code, text = _train(["--data", data, *ARGS, "--out-dir", out, "--wandb", "--wandb-mode", "online",
                          "--wandb-entity", "team", "--wandb-name", "n1", "--wandb-group", "g", "--wandb-tags", "a,,b ",
@@ -281,6 +290,8 @@ def test_init_failure_is_one_warning_line(data, tmp_path, capsys, monkeypatch):
         "project": "experiments", "entity": "team", "name": "n1", "group": "g", "tags": ["a", "b"], "mode": "online",
         "id": "abc-1", "resume": "allow", "dir": str(out)}
     assert kw["config"]["args"]["wandb_id"] == "abc-1" and kw["config"]["backend"] == "torch"
+    # W&B's own output off (its login line comes before init's settings apply), console not wrapped
+    assert [x.silent for x in setups] == [True] and (kw["settings"].silent, kw["settings"].console) == (True, "off")
     _completed(out)
 
 
@@ -302,7 +313,7 @@ class _FakeRun:
 
 def test_log_failure_mid_run_warns_once_and_stops_logging(data, tmp_path, capsys, monkeypatch):
     run = _FakeRun(fail_at=2)
-    monkeypatch.setattr(wandb, "init", lambda **kw: run)
+    _replace_init(monkeypatch, lambda **kw: run)
     out = tmp_path / "r"
     code, text = _train(["--data", data, *ARGS, "--out-dir", out, "--wandb"], capsys)
     assert code == 0, text
@@ -321,7 +332,7 @@ def test_log_failure_mid_run_warns_once_and_stops_logging(data, tmp_path, capsys
 def test_log_goes_to_wandb_until_done(data, tmp_path, capsys, monkeypatch):
     """Without a failure: every train record, the end's analysis.png, the `done` summary, finish."""
     run = _FakeRun(fail_at=10**9)
-    monkeypatch.setattr(wandb, "init", lambda **kw: run)
+    _replace_init(monkeypatch, lambda **kw: run)
     out = tmp_path / "r"
     code, text = _train(["--data", data, *ARGS, "--out-dir", out, "--wandb", "--live-plot", "--log-every", "2"],
                         capsys)
@@ -371,7 +382,7 @@ def test_resume_logs_to_the_recorded_wandb_run_and_disabled_logs_nothing(data, t
         runs[-1].id = kw["id"] or "fake01"
         return runs[-1]
 
-    monkeypatch.setattr(wandb, "init", init)
+    _replace_init(monkeypatch, init)
     out = tmp_path / "r"
     base = ["--data", data, *ARGS, "--out-dir", out]
     assert _train([*base, "--wandb", "--wandb-project", "p1"], capsys)[0] == 0
@@ -393,3 +404,20 @@ def test_history_row_maps_per_layer_lists_and_skips_what_is_not_a_number():
            "heads": [0], "attn_entropy_mean": 1.5, "attn_entropy_by_layer": [1.25, 1.75], "note": None, "ok": True}
     assert history_row(rec) == {"analysis/seq_len": 16, "analysis/attn_entropy_mean": 1.5,
                                 "analysis/attn_entropy_by_layer/0": 1.25, "analysis/attn_entropy_by_layer/3": 1.75}
+
+
+def test_wandb_flags_do_not_make_a_report_variant(tmp_path):
+    """`dba report` groups runs that differ only by seed and presentation flags: the W&B flags
+    are presentation (every one of them, by the flag table)."""
+    from dba.config import ModelConfig
+    from dba.report import summarize
+    from train.args import FLAG_BY_NAME, run_config
+
+    def row(seed, **typed):
+        flags = run_config({"seed": seed, **typed}).to_flags()
+        meta = {"config": ModelConfig(vocab_size=97).to_dict(), "flags": flags}
+        return summarize({"dir": tmp_path, "meta": meta, "events": []})["variant_key"]
+
+    typed = {name: "x" for name, f in FLAG_BY_NAME.items() if f.group == "wandb" and f.kind == "str" and not f.choices}
+    assert row(1) == row(2, wandb=True, wandb_mode="offline", **typed)
+    assert row(1) != row(1, lr=1e-3)

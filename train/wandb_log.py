@@ -133,8 +133,10 @@ def start_wandb(cfg: WandbConfig, *, out_dir: str | Path, name: str, config: dic
         return None
     run_id = cfg.id or resume_id
     try:
-        # console off: W&B's capture of stdout would wrap the live display; silent: its chatter
-        # is replaced by the one line below. create_new: never log into another active run.
+        # silent: W&B's chatter is replaced by the one line below (set up front too, or its login
+        # line shows); console off: its capture of stdout would wrap the live display;
+        # create_new: never log into another active run.
+        wandb.setup(settings=wandb.Settings(silent=True))
         run = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name or name, group=cfg.group,
                          tags=cfg.tag_list or None, dir=str(out_dir), mode=cfg.mode, config=config, id=run_id,
                          resume="allow" if run_id else None, reinit="create_new",
