@@ -20,7 +20,9 @@ CTX_128K = 128_000
 # Flags that do not change what a run trains: runs differing only in these are the same variant.
 _NOT_VARIANT = {"seed", "out_dir", "run_tag", "run_root", "resume", "overwrite", "live", "live_update_every",
                 "log_every", "device", "print_config", "mode", "debug", "instrument", "tb", "live_plot",
-                "save_every", "eval_every", "eval_iters", "coordinator", "num_processes", "process_id", "mesh"}
+                "save_every", "eval_every", "eval_iters", "coordinator", "num_processes", "process_id", "mesh",
+                "wandb", "wandb_project", "wandb_entity", "wandb_name", "wandb_group", "wandb_tags", "wandb_mode",
+                "wandb_id"}
 
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:

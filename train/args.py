@@ -7,8 +7,9 @@ flags was given. `run_config(explicit, base)` then fills in the defaults below a
 frozen, validated dataclasses of train/config.py; from there on nothing reads a flags dict.
 
 Each flag is declared once, here or in the table of the group it configures (the KV-cache flags
-in dba/kvspec.py, the self-opt flags in dba/self_opt.py), and its default is the default of the
-dataclass field it fills (train/config.py), so a default is written once. They train the
+in dba/kvspec.py, the self-opt flags in dba/self_opt.py, the W&B flags in train/wandb_log.py),
+and its default is the default of the dataclass field it fills (train/config.py), so a default
+is written once. They train the
 no-argument recipe: the model `dba.config.RECIPE` (a small decoupled model: d_model 128,
 4 layers, 4 heads, sem/geo/attn 32/64/128) on the default corpus (CPython's pydoc topics through
 the byte tokenizer, vocab 256), seq 128, batch 16, 600 AdamW steps at a constant lr 2e-3, which
@@ -37,6 +38,7 @@ from dba.kvspec import KV_FLAGS, KVPolicy
 from dba.optimizers import OPTIMIZERS, SCHEDULES
 from dba.self_opt import ALL_SELF_OPT_FLAGS
 from train.config import BACKENDS, GROUP_TYPES, AnalysisConfig, RunConfig
+from train.wandb_log import WANDB_FLAGS
 
 
 def _f(name, kind, help="", choices=None, group="run", field=None):
@@ -200,6 +202,7 @@ FLAGS: list[Flag] = [
        group="analysis"),
     _f("tb", "bool", "write TensorBoard scalars to <out>/tb (needs tensorboardX: pip install 'dba[tb]')",
        group="analysis"),
+    *WANDB_FLAGS,  # --wandb* (train/wandb_log.py's table)
     # -- KV cache policy: the summary's KV memory section (sampling takes the same flags)
     *KV_FLAGS,  # dba/kvspec.py's table (group "kv": the summary's cache policy)
     _recorded("kv_decode_block", "int", 1024),
@@ -231,7 +234,7 @@ PRESENTATION_FLAGS = frozenset({
     "live", "live_update_every", "log_every", "device", "backend", "overwrite", "resume", "run_root", "print_config",
     "mode", "compile", "matmul_precision",
     # the analysis and the mesh and hosts change how a run is observed or computed, not what it trains
-    *(f.name for f in FLAGS if f.group in ("analysis", "distributed"))})
+    *(f.name for f in FLAGS if f.group in ("analysis", "distributed", "wandb"))})
 # Flags a resumed run may not change: they define the model, the data or the optimizer state.
 FIXED_ON_RESUME = frozenset(MODEL_FLAGS) | {"data", "data_format", "data_dtype", "tokenizer", "vocab_size",
                                             "val_frac", "seed", "optimizer", "param_dtype", "batch_size",
@@ -239,13 +242,15 @@ FIXED_ON_RESUME = frozenset(MODEL_FLAGS) | {"data", "data_format", "data_dtype",
                                             "distill_alpha", "distill_blockwise", "distill_teacher_dtype"}
 # This invocation's switches and hardware: never taken from the run being resumed.
 NOT_INHERITED = frozenset({"resume", "overwrite", "print_config", "device", "backend", "live", "mode",
-                           "mesh", "coordinator", "num_processes", "process_id"})
+                           "mesh", "coordinator", "num_processes", "process_id",
+                           "wandb_id"})  # a resumed run logs to the W&B run it recorded (train/run.py)
 
 _GROUP_TITLES = {
     "run": "run", "data": "data", "model": "model (v29 flags)", "steps": "steps and batches",
     "optim": "optimisation", "precision": "precision", "eval": "evaluation", "ckpt": "checkpoints and run directory",
     "distributed": "devices and hosts (mesh, multi-host)", "display": "display",
-    "analysis": "instrumentation and reports", "distill": "distillation from a teacher", "kv": "KV-cache policy (for the summary's memory section)",
+    "analysis": "instrumentation and reports", "distill": "distillation from a teacher", "wandb": "Weights & Biases (--wandb)",
+    "kv": "KV-cache policy (for the summary's memory section)",
     "recorded": "accepted v29 flags (recorded; --compile and --compile-mode act in the PyTorch trainer)",
 }
 

@@ -29,6 +29,7 @@ from dba.errors import UserError
 from dba.kvspec import KVPolicy
 from dba.optimizers import ADAM_EPS, DEFAULT_BETAS, LRSchedule, check_optimizer, parse_betas
 from train.curriculum import SeqSchedule, parse_schedule
+from train.wandb_log import WandbConfig
 
 def flag_text(name: str) -> str:
     """The command-line spelling of a flag: `eval_every` -> `--eval-every`."""
@@ -410,7 +411,7 @@ class DisplayConfig:
 GROUP_TYPES: dict[str, type] = {
     "run": RunSettings, "data": DataConfig, "model": ModelFlags, "steps": StepsConfig, "optim": OptimConfig,
     "precision": PrecisionConfig, "eval": EvalConfig, "analysis": AnalysisConfig, "ckpt": CheckpointConfig,
-    "distributed": DistributedConfig, "display": DisplayConfig, "distill": DistillConfig,
+    "distributed": DistributedConfig, "display": DisplayConfig, "distill": DistillConfig, "wandb": WandbConfig,
 }
 
 
@@ -430,6 +431,7 @@ class RunConfig:
     distributed: DistributedConfig
     display: DisplayConfig
     distill: DistillConfig
+    wandb: WandbConfig  # --wandb* (train/wandb_log.py declares the flags)
     kv: KVPolicy  # the cache policy of the summary's KV-memory section
     recorded: Mapping[str, Any]  # flags accepted for v29 command lines and recorded only (incl. kv extras)
     explicit: frozenset[str]  # the flags typed on this command line

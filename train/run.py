@@ -236,7 +236,9 @@ class Run:
         c, main, spec = self.plan.config, self.main, self.plan.analysis_spec
         self.display = (make_display(c.display.live, c.steps.steps, self.progress.step,
                                      device_memory=self.stepper.device_memory) if main else Silent())
-        self.tb = None
+        self.tb = self.wandb = None  # the W&B run starts with train.jsonl (`open_log`)
+        # the W&B run this run logs to: recorded in checkpoint meta, so --resume continues it
+        self.wandb_id = (self.plan.resume_meta or {}).get("wandb_id")
         if c.analysis.tb and main:
             from train.tensorboard import TBWriter
 
@@ -274,12 +276,14 @@ class Run:
 
     # ---- the pieces -----------------------------------------------------------------------
     def record(self, event: str, **fields) -> dict[str, Any] | None:
-        """One event in train.jsonl (and TensorBoard)."""
+        """One event in train.jsonl (and TensorBoard, W&B)."""
         if event in ("train", "eval", "analysis"):
             self.plot_stale = True
         rec = self.log.write(event, **fields)
         if self.tb is not None and rec is not None:
             self.tb.event(rec)
+        if self.wandb is not None and rec is not None:
+            self.wandb.event(rec)
         return rec
 
     def device_memory(self) -> dict[str, Any] | None:
@@ -313,7 +317,7 @@ class Run:
         # the log writes NaN as null; the display shows it as nan
         self.display.train({**(rec or {}), **{k: v for k, v in fields.items() if isinstance(v, float)}})
         if self.plan.config.analysis.live_plot:
-            self.redraw_plot()
+            self.redraw_plot(upload=False)  # W&B gets the plots of evaluations and the end
         w.reset()
         return rec
 
@@ -376,7 +380,8 @@ class Run:
         c = self.plan.config
         return {"config": self.plan.cfg.to_dict(), "flags": c.to_flags(), "step": step, "seed": c.run.seed,
                 "best_val": p.best_val, "best_step": p.best_step, "tokenizer": self._tokenizer_dict(),
-                "context": self.plan.context, "run_name": self.name, "skipped_nonfinite": p.nonfinite_seen}
+                "context": self.plan.context, "run_name": self.name, "skipped_nonfinite": p.nonfinite_seen,
+                "wandb_id": self.wandb_id}
 
     def _tokenizer_dict(self) -> dict[str, Any] | None:
         return self.plan.data.tokenizer.to_dict() if self.plan.data.tokenizer is not None else None
@@ -403,7 +408,7 @@ class Run:
             raise UserError(f"cannot write {path} (step {step}): {why}; the checkpoint of step {step} "
                             f"under {self.ckpts.root / kind} was written", 1) from None
 
-    def redraw_plot(self) -> None:
+    def redraw_plot(self, upload: bool = True) -> None:
         if not self.main:
             return
         from dba.plots import plot_run
@@ -415,6 +420,9 @@ class Run:
                      title=f"{self.name}: {self.plan.cfg.attn_mode}")
         except Exception as e:  # noqa: BLE001 (a plotting failure must never stop training)
             self.display.info(f"analysis.png not drawn: {type(e).__name__}: {e}")
+            return
+        if upload and self.wandb is not None:
+            self.wandb.image(self.out / "analysis.png", self.progress.step)
 
     def check_nonfinite(self, step: int) -> str | None:
         """Read the device's non-finite step record (a few bytes, at a point that syncs anyway),
@@ -597,17 +605,30 @@ class Run:
 
         c = self.plan.config
         self.log = JsonlLog(self.out / "train.jsonl") if self.main else Silent()
-        self.log.write("meta", argv=list(self.argv), command=self.command, run_dir=str(self.out), run_name=self.name,
-                       flags=c.to_flags(), args=c.to_flags(), explicit=sorted(c.explicit), config=self.plan.cfg.to_dict(),
-                       env=self.env,
-                       n_params=self.plan.cfg.num_params(), context=self.plan.context,
-                       resumed_from=self.progress.step if self.plan.resume_meta is not None else None,
-                       init_from=self.plan.init_info["source"] if self.plan.init_info else None,
-                       data=self.plan.data.record(c.data.path),
-                       dtypes={"param": c.precision.param_dtype, "compute": _NUMPY_NAMES[c.precision.compute_dtype],
-                               "grad_checkpoint": bool(c.precision.grad_checkpoint)},
-                       noop_flags=c.noop_flags(), mesh=self.backend.mesh_shape,
-                       process_count=self.backend.process_count, backend=self.backend.name)
+        meta = self.log.write(
+            "meta", argv=list(self.argv), command=self.command, run_dir=str(self.out), run_name=self.name,
+            flags=c.to_flags(), args=c.to_flags(), explicit=sorted(c.explicit), config=self.plan.cfg.to_dict(),
+            env=self.env,
+            n_params=self.plan.cfg.num_params(), context=self.plan.context,
+            resumed_from=self.progress.step if self.plan.resume_meta is not None else None,
+            init_from=self.plan.init_info["source"] if self.plan.init_info else None,
+            data=self.plan.data.record(c.data.path),
+            dtypes={"param": c.precision.param_dtype, "compute": _NUMPY_NAMES[c.precision.compute_dtype],
+                    "grad_checkpoint": bool(c.precision.grad_checkpoint)},
+            noop_flags=c.noop_flags(), mesh=self.backend.mesh_shape,
+            process_count=self.backend.process_count, backend=self.backend.name)
+        if meta is not None:  # the writer process
+            self._start_wandb(meta)
+
+    def _start_wandb(self, meta: dict[str, Any]) -> None:
+        """--wandb: the W&B run, its config the `meta` record (a problem is one warning line)."""
+        from train.wandb_log import start_wandb
+
+        config = {k: v for k, v in meta.items() if k not in ("type", "event", "time", "flags")}
+        self.wandb = start_wandb(self.plan.config.wandb, out_dir=self.out, name=self.name, config=config,
+                                 resume_id=self.wandb_id, say=self.display.line)
+        if self.wandb is not None:
+            self.wandb_id = self.wandb.id
 
     def _announce(self) -> None:
         from train.faults import FAULT_ENV
@@ -665,6 +686,8 @@ class Run:
             self.tb.close()
         if self.plot_stale:  # (the last evaluation usually drew it already)
             self.redraw_plot()
+        if self.wandb is not None:
+            self.wandb.close()
         self.ckpts.close()
         if self.main:
             write_summary(self.out, created=self.created, command=self.command, env=self.env, cfg=self.plan.cfg,
