@@ -200,7 +200,7 @@ def test_grad_checkpoint_changes_nothing():
     plain, remat = _stepper(), _stepper(remat=True)
     x, y = _xy(1, 4)
     regions = [len(re.findall(r"\b(?:checkpoint|remat\d*)\[", str(jax.make_jaxpr(st._train_impl)(
-        st.params, st.opt_state, st.faults, x, y, np.int32(0))))) for st in (plain, remat)]
+        st.params, st.opt_state, st.faults, x, y, np.int32(0), st.t_params)))) for st in (plain, remat)]
     assert regions == [0, 2]  # n_layer = 2
     for s in range(3):
         x, y = _xy(1, 4, seed=s)
