@@ -119,6 +119,13 @@ def _out_dir(config) -> tuple[Path, str]:
 
 def _run(config, explicit: dict[str, Any], argv: list[str], backend: str, note: str | None, out: Path,
          name: str) -> int:
+    from train.run import RunPlan, train
+
+    plan = None
+    if not config.ckpt.resume and not config.run.print_config:
+        # A new run's plan (data, model, --ckpt, teacher) is framework-free: its mistakes are
+        # reported before a framework starts (seconds saved on every refused command).
+        plan = RunPlan(config, None, framework=backend, framework_note=note)
     if backend == "jax":
         from jax_model.devices import select_platform
 
@@ -136,7 +143,6 @@ def _run(config, explicit: dict[str, Any], argv: list[str], backend: str, note: 
         initialize(d.coordinator, d.num_processes, d.process_id)
 
     from dba.run_dir import clear_run, holds_run
-    from train.run import RunPlan, train
 
     if config.run.print_config:
         RunPlan(config, framework=backend, framework_note=note, device=config.run.device).print_config(out)
@@ -163,7 +169,9 @@ def _run(config, explicit: dict[str, Any], argv: list[str], backend: str, note: 
         device = str(torch_device(config.run.device))  # a device this machine lacks: one line, nothing written
     _check_not_held(out, config)
     # data, model, analysis: mistakes here write nothing
-    plan = RunPlan(config, resume_meta, framework=backend, framework_note=note, device=device)
+    if plan is None:
+        plan = RunPlan(config, resume_meta, framework=backend, framework_note=note, device=device)
+    plan.device = device
     # A generated (timestamped) name is never shared: a run started in the same second gets -2.
     generated = config.name_is_generated(targs.PRESENTATION_FLAGS)
     lock = _lock(out, generated)  # held until the run ends: a second `dba train` here is refused
