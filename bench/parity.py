@@ -24,8 +24,7 @@ def run(args: argparse.Namespace) -> int:
     import torch_ref
     from bench.common import print_table, write_json
     from dba.kvspec import KVPolicy
-    from dba.weights import tied_aliases
-    from bench.parity_cases import (build_jax, build_torch, config_matrix, init_like_state, jax_grads_canonical,
+    from bench.parity_cases import (build_jax, build_torch, config_matrix, grad_errors, init_like_state, jax_grads_canonical,
                                     make_config, random_state, random_tokens)
 
     worst: dict[str, dict[str, float]] = {}
@@ -38,9 +37,8 @@ def run(args: argparse.Namespace) -> int:
         F.cross_entropy(lt.reshape(-1, cfg.vocab_size), torch.as_tensor(targets).reshape(-1)).backward()
         _, gj = jax_grads_canonical(jm, tokens, targets)
         named = dict(tm.named_parameters(remove_duplicate=False))
-        aliases = tied_aliases(cfg)
-        dg = max(float(np.abs(named[k].grad.numpy() - g).max() / np.abs(named[k].grad.numpy()).max())
-                 for k, g in gj.items() if k not in aliases)
+        errors = grad_errors(cfg, {k: p.grad.numpy() for k, p in named.items() if p.grad is not None}, gj)
+        dg = max(e for e in errors.values() if e is not None)
         w = worst.setdefault(cfg.attn_mode, {"configs": 0, "logits": 0.0, "grads": 0.0})
         w["configs"] += 1
         w["logits"], w["grads"] = max(w["logits"], dl), max(w["grads"], dg)

@@ -151,3 +151,29 @@ def jax_grads_canonical(model, tokens, targets) -> tuple[float, dict[str, np.nda
     loss, grads = nnx.value_and_grad(loss_fn)(model)
     graphdef, _, rest = nnx.split(model, nnx.Param, ...)
     return float(loss), jax_model.canonical_state(nnx.merge(graphdef, grads, rest))
+
+
+def grad_errors(cfg: ModelConfig, torch_grads: dict[str, np.ndarray],
+                jax_grads: dict[str, np.ndarray]) -> dict[str, float | None]:
+    """Per canonical tensor, max |torch - JAX| over max |torch| of its gradient. Tied aliases are
+    left out; a bias whose gradient is zero by construction maps to None once both frameworks
+    give zero up to rounding (1e-6 of the largest gradient), since a ratio of roundings means
+    nothing: q.(k + b) without RoPE shifts every score of a query by q.b, which softmax ignores."""
+    aliases = tied_aliases(cfg)
+    top = max(float(np.abs(torch_grads[k]).max()) for k in jax_grads if k not in aliases)
+    out: dict[str, float | None] = {}
+    for key, g_j in jax_grads.items():
+        if key in aliases:
+            continue
+        g_t = torch_grads[key]
+        scale = float(np.abs(g_t).max())
+        unrotated = key.endswith("k_sem.bias") or (key.endswith("k_proj.bias") and not cfg.rope)
+        if unrotated and not cfg.null_attn and not cfg.tie_qk:
+            if scale > 1e-6 * top or float(np.abs(g_j).max()) > 1e-6 * top:
+                raise AssertionError(f"{key}: a softmax-invariant bias has a gradient ({scale:.2e}, top {top:.2e})")
+            out[key] = None
+            continue
+        if scale == 0:
+            raise AssertionError(f"{key}: no gradient in torch")
+        out[key] = float(np.abs(g_t - g_j).max()) / scale
+    return out

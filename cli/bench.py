@@ -16,6 +16,7 @@ BENCHES = {
     "dashboard": "what the live rich dashboard of `dba train` costs in tokens/s",
     "convert": "dba convert of a Hugging Face model of Llama-3.2-1B's shapes: time, MB/s, peak RSS vs model size",
     "prepare": "dba prepare's tokenizing MB/s per core (byte and BPE) and its peak RSS, main process and workers",
+    "corpus": "the default recipe on the built-in corpus and on the stdlib (bytes, BPE): bits per byte",
     "cache-quality": "what the cache policies cost in quality: a decoupled and a standard model, trained here",
     "upcycle": "a Llama-form teacher trained on the stdlib, upcycled at 1/4, 1/8, 1/16 of its cache and distilled, vs baselines",
     "upcycle-shapes": "dba upcycle and a distillation step on Llama-3.2-1B / SmolLM-135M / Qwen2.5-0.5B shapes: time, peak RSS",

@@ -1,0 +1,112 @@
+"""`dba bench corpus`: what `dba train`'s default recipe reaches on its built-in corpus and on this
+Python's standard library (`dba prepare --corpus python-stdlib`), read as bytes and through a
+trained byte-level BPE, in bits per byte of each run's held-out text, so the three compare.
+
+    dba bench corpus --dir runs/corpus              # three default-recipe runs (minutes each)
+    dba bench corpus --dir runs/corpus --bpe 8192 --json out.json
+
+Each run is `dba train` with no model or schedule flag (the recipe: 600 steps, seq 128), only
+`--data`. Bits per byte = the final evaluation's mean loss per token (nats) x held-out tokens /
+held-out UTF-8 bytes / ln 2. The built-in corpus (pydoc's topics, read byte by byte) holds out its
+last 10% (v29's split: bytes = tokens); the stdlib runs hold out the same files (the sidecar's
+by-file split), whose bytes are counted from the files themselves. Reused when a run is complete.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from bench.common import bench_main, int_at_least, machine, print_table, write_json
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--dir", default="runs/corpus", help="where the data and runs go (complete runs are reused)")
+    p.add_argument("--bpe", type=int_at_least(257), default=2048,
+                   help="the BPE's vocabulary (default 2048: the recipe's model stays near its byte size)")
+    p.add_argument("--json", default=None, help="also write the results here")
+
+
+def _dba(*argv: Any) -> None:
+    argv = [str(a) for a in argv]
+    r = subprocess.run([sys.executable, "-m", "cli", *argv], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    if r.returncode != 0:
+        from dba.errors import UserError
+
+        raise UserError(f"`dba {' '.join(argv[:2])} ...` failed (exit {r.returncode}): "
+                        f"{(r.stderr.strip().splitlines() or ['?'])[-1]}", 1)
+
+
+def _events(run: Path) -> list[dict[str, Any]]:
+    log = run / "train.jsonl"
+    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
+
+
+def _held_out_bytes(data: Path) -> tuple[int, int]:
+    """(held-out tokens, the UTF-8 bytes of the held-out files) of a prepared stdlib corpus."""
+    side = json.loads(data.with_suffix(".json").read_text())
+    root = Path(side["corpus"]["python"]["stdlib"])
+    return int(side["val"]["tokens"]), sum((root / f).stat().st_size for f in side["val"]["files"])
+
+
+def run(args: argparse.Namespace) -> int:
+    root = Path(args.dir)
+    root.mkdir(parents=True, exist_ok=True)
+    byte_data, bpe_data = root / "stdlib.npy", root / f"stdlib_bpe{args.bpe}.npy"
+    if not byte_data.is_file():
+        print("preparing the stdlib corpus (bytes) ...", file=sys.stderr, flush=True)
+        _dba("prepare", "--corpus", "python-stdlib", "--out", byte_data)
+    if not bpe_data.is_file():
+        print(f"preparing the stdlib corpus (bpe:{args.bpe}) ...", file=sys.stderr, flush=True)
+        _dba("prepare", "--corpus", "python-stdlib", "--tokenizer", f"bpe:{args.bpe}", "--out", bpe_data)
+
+    rows: list[dict[str, Any]] = []
+    for label, data in (("built-in corpus (pydoc topics), bytes", None), ("python-stdlib, bytes", byte_data),
+                        (f"python-stdlib, bpe:{args.bpe}", bpe_data)):
+        run_dir = root / ("default" if data is None else data.stem)
+        if not any(e.get("type") == "done" and e.get("reason") == "complete" for e in _events(run_dir)):
+            print(f"training {run_dir.name} (the default recipe) ...", file=sys.stderr, flush=True)
+            t0 = time.perf_counter()
+            _dba("train", *([] if data is None else ["--data", data]), "--out-dir", run_dir, "--overwrite",
+                 "--live", "off")
+            (run_dir / "bench_wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
+        events = _events(run_dir)
+        meta = next(e for e in events if e.get("type") == "meta")
+        last_eval = [e for e in events if e.get("type") == "eval"][-1]
+        params = int(meta["n_params"])
+        if data is None:
+            val_tokens = int(meta["data"]["val_tokens"])
+            val_bytes = val_tokens
+        else:
+            val_tokens, val_bytes = _held_out_bytes(data)
+        loss = float(last_eval["val_loss"])
+        bpb = loss * val_tokens / val_bytes / math.log(2)
+        wall = (run_dir / "bench_wall_s.txt")
+        rows.append({"data": label, "params": params, "val_tokens": val_tokens, "val_bytes": val_bytes,
+                     "val_loss": loss, "bits_per_byte": bpb, "steps": int(last_eval["step"]),
+                     "wall_s": float(wall.read_text()) if wall.is_file() else None})
+    print_table("dba train's default recipe (600 steps, seq 128), bits per byte of each run's held-out text",
+                ["data", "params", "held-out tokens", "held-out bytes", "val loss (nats/token)",
+                 "bits per byte", "wall s"],
+                [[r["data"], f"{r['params']:,}", f"{r['val_tokens']:,}",
+                  f"{r['val_bytes']:,}", f"{r['val_loss']:.4f}", f"{r['bits_per_byte']:.3f}",
+                  "-" if r["wall_s"] is None else f"{r['wall_s']:.0f}"] for r in rows])
+    if args.json:
+        write_json(args.json, {"rows": rows, "machine": machine()})
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    return bench_main("bench.corpus", __doc__, add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
