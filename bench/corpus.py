@@ -10,6 +10,8 @@ Each run is `dba train` with no model or schedule flag (the recipe: 600 steps, s
 held-out UTF-8 bytes / ln 2. The built-in corpus (pydoc's topics, read byte by byte) holds out its
 last 10% (v29's split: bytes = tokens); the stdlib runs hold out the same files (the sidecar's
 by-file split), whose bytes are counted from the files themselves. Reused when a run is complete.
+A second table scores every run on both held-out texts (consecutive windows of 128 tokens, each
+text read with the run's own tokenizer), the one yardstick the three share.
 """
 
 from __future__ import annotations
@@ -24,7 +26,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from bench.common import bench_main, int_at_least, machine, print_table, write_json
+
+SEQ = 128  # the recipe's training context
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -57,6 +63,47 @@ def _held_out_bytes(data: Path) -> tuple[int, int]:
     return int(side["val"]["tokens"]), sum((root / f).stat().st_size for f in side["val"]["files"])
 
 
+def _windows_nats(model, ids: np.ndarray, ctx: int) -> tuple[float, int]:
+    """Summed next-token NLL (nats) and the tokens scored, over consecutive windows of `ctx`
+    inputs (each token sees its window's earlier tokens: the trained context)."""
+    n = (len(ids) - 1) // ctx
+    total = 0.0
+    for i in range(0, n, 16):
+        rows = np.stack([ids[j * ctx:(j + 1) * ctx + 1] for j in range(i, min(n, i + 16))])
+        logits = np.asarray(model(rows[:, :-1]), np.float64)
+        top = logits.max(-1, keepdims=True)
+        lse = np.log(np.exp(logits - top).sum(-1)) + top[..., 0]
+        total += float((lse - np.take_along_axis(logits, rows[:, 1:, None], -1)[..., 0]).sum())
+    return total, n * ctx
+
+
+def _cross(root: Path, bpe_data: Path, runs: dict[str, Path]) -> dict[str, dict[str, float]]:
+    """Bits per byte of every run on both held-out texts (the built-in corpus's tail and the
+    stdlib's files), each read with the run's own tokenizer: one yardstick for all three."""
+    import jax_model
+    from tokenizers import Tokenizer
+
+    from dba.data import default_corpus_text, split_train_val
+
+    pydoc_ids = np.frombuffer(default_corpus_text().encode("utf-8"), np.uint8).astype(np.int64)
+    pydoc_val = split_train_val(pydoc_ids, 0.1)[1]
+    pydoc_text = bytes(pydoc_val.astype(np.uint8)).decode("utf-8", "replace")
+    stdlib_tokens, stdlib_bytes = _held_out_bytes(root / "stdlib.npy")
+    texts = {"byte": {"built-in corpus": (pydoc_val, len(pydoc_val)),
+                      "stdlib files": (np.load(root / "stdlib.val.npy").astype(np.int64), stdlib_bytes)},
+             "bpe": {"built-in corpus": (np.array(Tokenizer.from_file(str(bpe_data.with_suffix(".tokenizer.json")))
+                                                  .encode(pydoc_text).ids, np.int64), len(pydoc_text.encode("utf-8"))),
+                     "stdlib files": (np.load(bpe_data.with_suffix(".val.npy")).astype(np.int64), stdlib_bytes)}}
+    out: dict[str, dict[str, float]] = {}
+    for label, run_dir in runs.items():
+        model = jax_model.load(str(run_dir))
+        out[label] = {}
+        for text, (ids, n_bytes) in texts["bpe" if "bpe" in label else "byte"].items():
+            total, scored = _windows_nats(model, ids, SEQ)
+            out[label][text] = total / scored * (len(ids) / n_bytes) / math.log(2)
+    return out
+
+
 def run(args: argparse.Namespace) -> int:
     root = Path(args.dir)
     root.mkdir(parents=True, exist_ok=True)
@@ -69,9 +116,11 @@ def run(args: argparse.Namespace) -> int:
         _dba("prepare", "--corpus", "python-stdlib", "--tokenizer", f"bpe:{args.bpe}", "--out", bpe_data)
 
     rows: list[dict[str, Any]] = []
+    runs: dict[str, Path] = {}
     for label, data in (("built-in corpus (pydoc topics), bytes", None), ("python-stdlib, bytes", byte_data),
                         (f"python-stdlib, bpe:{args.bpe}", bpe_data)):
         run_dir = root / ("default" if data is None else data.stem)
+        runs[label] = run_dir
         if not any(e.get("type") == "done" and e.get("reason") == "complete" for e in _events(run_dir)):
             print(f"training {run_dir.name} (the default recipe) ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
@@ -99,8 +148,12 @@ def run(args: argparse.Namespace) -> int:
                 [[r["data"], f"{r['params']:,}", f"{r['val_tokens']:,}",
                   f"{r['val_bytes']:,}", f"{r['val_loss']:.4f}", f"{r['bits_per_byte']:.3f}",
                   "-" if r["wall_s"] is None else f"{r['wall_s']:.0f}"] for r in rows])
+    cross = _cross(root, bpe_data, runs)
+    texts = list(next(iter(cross.values())))
+    print_table(f"the same runs on both held-out texts (bits per byte; windows of {SEQ} tokens, each run's tokenizer)",
+                ["run", *texts], [[label, *(f"{v[t]:.3f}" for t in texts)] for label, v in cross.items()])
     if args.json:
-        write_json(args.json, {"rows": rows, "machine": machine()})
+        write_json(args.json, {"rows": rows, "cross": cross, "machine": machine()})
     return 0
 
 
