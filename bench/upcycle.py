@@ -3,7 +3,7 @@ teacher is trained on this Python's standard library, saved in Hugging Face Llam
 brought back through `dba convert`; its attention is upcycled at three cache budgets and measured
 against it, before and after distillation, with quantized caches on top, beside two baselines.
 
-    dba bench upcycle --dir runs/upcycle              # everything (about an hour on 2 CPU cores)
+    dba bench upcycle --dir runs/upcycle              # everything (~30 minutes on 2 CPU cores)
     dba bench upcycle --dir runs/upcycle --json out.json
 
 Stages (each reused when its output exists, so an interrupted run continues):
