@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from cli.checkpoint import checkpoint_tokenizer, run_tokens
-from cli.kv_flags import add_kv_fused_argument, resolve_kv_fused
+from cli.kv_flags import add_kv_fused_argument, checked_kv_fused, resolve_kv_fused
 from cli.self_opt_flags import add_self_opt_arguments
 from dba.data import DATA_FORMATS, TOKEN_DTYPES
 from dba.errors import UserError
@@ -106,6 +106,22 @@ def _check_memory(cfg, policies, plan, batch: int) -> None:
                             f"has {human_bytes(limit, 'iec')}; use a shorter context or fewer --windows/--passkey-trials", 1)
 
 
+def _checked_modes(args: argparse.Namespace, backend: str, model, kv_fused: str):
+    """(policy, batch, tokens per row, decode block) -> the decode mode for that shape: `auto`'s
+    kernel once it has matched the cached attention there (cli/kv_flags.checked_kv_fused; a cache
+    holds tokens - 1 positions), asked once per shape in this run."""
+    modes: dict[tuple, str] = {}
+
+    def mode(policy, batch: int, length: int, block: int) -> str:
+        key = (repr(policy), int(batch), int(length), int(block))
+        if key not in modes:
+            modes[key] = checked_kv_fused(args.kv_fused, kv_fused, backend, model, policy, int(batch),
+                                          int(length) - 1, int(block))
+        return modes[key]
+
+    return mode
+
+
 def _scorer(args: argparse.Namespace, cfg, state, source: str, teacher=None):
     """(score function, decode-step timer, device text) of the chosen backend. The score function
     `(tokens, n_prompt, policy, with_teacher=False)` also decodes `teacher` ((config, state,
@@ -122,11 +138,12 @@ def _scorer(args: argparse.Namespace, cfg, state, source: str, teacher=None):
             t_model = torch_ref.load_canonical(torch_ref.DBAModel(teacher[0]), teacher[1], teacher[2])
             t_model = t_model.to(model.device).eval()
         kv_fused, fused = resolve_kv_fused(args.kv_fused, "torch", model.device)
+        mode = _checked_modes(args, "torch", model, kv_fused)
         return ((lambda b, n, p, with_teacher=False: score_policy(
-                    model, b, n, p, decode_block=args.decode_block, kv_fused=kv_fused,
+                    model, b, n, p, decode_block=args.decode_block, kv_fused=mode(p, *b.shape, args.decode_block),
                     teacher=t_model if with_teacher else None)),
                 (lambda p, ctx, n, blk: decode_step_seconds(model, p, ctx, n, blk, repeats=args.self_opt_iters,
-                                                            kv_fused=kv_fused)),
+                                                            kv_fused=mode(p, 1, ctx + 1, blk))),
                 f"{model.device}, decode kernel {fused}")
     from jax_model.devices import select_platform
 
@@ -141,11 +158,12 @@ def _scorer(args: argparse.Namespace, cfg, state, source: str, teacher=None):
     if teacher is not None:
         t_model = jax_model.load_canonical(jax_model.DBAModel(teacher[0]), teacher[1], teacher[2])
     kv_fused, fused = resolve_kv_fused(args.kv_fused, "jax")
+    mode = _checked_modes(args, "jax", model, kv_fused)
     return ((lambda b, n, p, with_teacher=False: score_policy(
-                model, b, n, p, decode_block=args.decode_block, kv_fused=kv_fused,
+                model, b, n, p, decode_block=args.decode_block, kv_fused=mode(p, *b.shape, args.decode_block),
                 teacher=t_model if with_teacher else None)),
             (lambda p, ctx, n, blk: decode_step_seconds(model, p, ctx, n, blk, repeats=args.self_opt_iters,
-                                                        kv_fused=kv_fused)),
+                                                        kv_fused=mode(p, 1, ctx + 1, blk))),
             f"{jax.devices()[0]}, decode kernel {fused}")
 
 

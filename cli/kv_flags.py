@@ -35,3 +35,30 @@ def resolve_kv_fused(choice: str, backend: str, device=None) -> tuple[str, str]:
     from jax_model.pallas_decode import resolve_kv_fused as resolve_jax
 
     return resolve_jax(choice)
+
+
+def checked_kv_fused(choice: str, kv_fused: str, backend: str, model, policy, batch: int, max_len: int,
+                     decode_block: int) -> str:
+    """The mode to decode this shape with: `auto`'s kernel only once one decode step with it has
+    matched the cached attention here (dba/kernel_check.py: else "none", with one warning, and
+    the verdict remembered); an explicit choice as given."""
+    from dba.kernel_check import checked_kernel, shape_key
+
+    if choice != "auto" or kv_fused == "none":
+        return kv_fused
+    if backend == "torch":
+        import torch
+
+        from torch_ref.decode import kernel_disagreement
+
+        dev = model.device
+        device = torch.cuda.get_device_name(dev) if dev.type == "cuda" else str(dev.type)
+    else:
+        import jax
+
+        from jax_model.decode import kernel_disagreement
+
+        device = str(jax.devices()[0].device_kind)
+    key = shape_key(backend, device, kv_fused, model.cfg, policy, batch, max_len, decode_block)
+    return checked_kernel(choice, kv_fused, key,
+                          lambda: kernel_disagreement(model, policy, batch, max_len, decode_block, kv_fused))

@@ -17,7 +17,7 @@ import time
 from typing import Any
 
 from cli.checkpoint import Unavailable, checkpoint_tokenizer
-from cli.kv_flags import add_kv_arguments, add_kv_fused_argument, resolve_kv_fused
+from cli.kv_flags import add_kv_arguments, add_kv_fused_argument, checked_kv_fused, resolve_kv_fused
 from cli.self_opt_flags import add_self_opt_arguments
 from dba.errors import UserError
 
@@ -173,6 +173,10 @@ def run(args: argparse.Namespace) -> int:
     if isinstance(tok, Unavailable):
         tok = None  # said on stderr: token ids in and out
     _check_cache_len(args, len(prompt))
+    checked = checked_kv_fused(args.kv_fused, kv_fused, args.backend, model, policy, args.num_samples,
+                               args.cache_len or len(prompt) + args.max_new_tokens, args.decode_block)
+    if checked != kv_fused:
+        kv_fused, fused = checked, f"none ({fused} failed its check)"
     plan = _self_opt(args, model, cfg, tok, fns, prompt, policy, source, kv_fused)
     batch = [prompt] * args.num_samples
     if args.backend == "torch":

@@ -112,3 +112,19 @@ def decode_logits(model: DBAModel, tokens, prefill: int, policy: KVPolicy | None
                                         cache_attend=attend)
         parts.append(logits)
     return jnp.concatenate(parts, axis=1)
+
+
+def kernel_disagreement(model: DBAModel, policy: KVPolicy, batch: int, max_len: int, decode_block: int,
+                        kv_fused: str) -> str | None:
+    """Why the fused kernel `kv_fused` cannot serve this shape, or None: one decode step after a
+    short prompt, through a cache of `max_len`, with the kernel and with the cached attention
+    (dba/kernel_check.py decides and remembers)."""
+    import numpy as np
+
+    from dba.kernel_check import disagreement
+
+    n = min(max_len, 16)
+    tokens = np.random.default_rng(0).integers(0, model.cfg.vocab_size, (batch, n))
+    return disagreement(lambda mode: decode_logits(model, tokens, n - 1, policy, decode_block=decode_block,
+                                                   max_len=max_len, kv_fused=mode)[:, -1],
+                        kv_fused, lambda a: jax.device_get(a))
