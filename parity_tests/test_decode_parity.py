@@ -142,7 +142,7 @@ def test_decode_step_is_not_retraced_per_token(monkeypatch):
     assert len(traces) == 2  # one prefill trace, one decode-step trace
 
 
-@pytest.mark.parametrize("mode,options", [("decoupled", ("null",)), ("gqa", ()), ("bottleneck", ("tie_qk",))])
+@pytest.mark.parametrize("mode,options", tiered([("decoupled", ("null",)), ("gqa", ()), ("bottleneck", ("tie_qk",))], 1))
 def test_greedy_generation_matches_across_frameworks(mode, options):
     cfg = make_config(mode, options)
     state = random_state(cfg, 21)

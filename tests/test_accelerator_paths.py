@@ -16,6 +16,7 @@ from flax import nnx
 from dba.errors import UserError
 from jax_model import attention_kernels as ak
 from jax_model import fast_matmul as fm
+from tests.support import tiered
 from jax_model.loss import cross_entropy
 from bench.parity_cases import build_jax, make_config, random_state, random_tokens
 
@@ -54,7 +55,7 @@ def test_auto_uses_xla_path_on_cpu_and_rejects_unknown(monkeypatch):
         ak.fused_attention_impl(jnp.float32)
 
 
-@pytest.mark.parametrize("mode", ["decoupled", "gqa"])
+@pytest.mark.parametrize("mode", tiered(["decoupled", "gqa"], 1))
 def test_model_loss_and_grads_same_with_fused_attention(monkeypatch, mode):
     cfg = make_config(mode)
     model = build_jax(cfg, random_state(cfg, seed=3))

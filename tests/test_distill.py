@@ -70,6 +70,7 @@ def _stream():
     return np.where(rng.random(8000) < 0.2, rng.integers(0, 97, 8000), base).astype(np.int32)
 
 
+@pytest.mark.slow  # ~8 s: both frameworks through both phases
 def test_jax_and_torch_distil_alike_through_both_phases():
     """6 steps (2 blockwise, 4 kl+ce) with grad accumulation: the same objective, terms and
     gradient norms at every step in both trainers; the blockwise steps leave everything but

@@ -173,6 +173,7 @@ def test_eval_torch_backend_matches_jax(tiny_run):
 
 # ---- --teacher: the policy's predictions against another model's fp16-cache predictions ------
 
+@pytest.mark.slow  # ~5 s: full forwards and both frameworks' scans
 def test_teacher_scores_by_hand_and_across_frameworks(models):
     """The teacher decodes the same tokens from its own fp16 cache: with the model itself as the
     teacher and an fp16 policy every teacher field is the identity (0 KL, top-1 1); with another

@@ -13,6 +13,7 @@ import pytest
 from bench.parity_cases import build_jax, build_torch, make_config, random_state
 from dba import kernel_check
 from dba.kvspec import KVPolicy
+from tests.support import tiered
 
 POLICY = KVPolicy(kind="q4_0", qblock=8, residual=4)
 
@@ -120,6 +121,7 @@ def cfg_state():
     return cfg, random_state(cfg, seed=5)
 
 
+@pytest.mark.slow  # three decode compiles (~5 s); the torch mirror runs in the fast tier
 def test_jax_kernel_disagreement(cfg_state, monkeypatch):
     from jax_model import cached_attention, pallas_decode
     from jax_model.decode import kernel_disagreement
@@ -158,7 +160,7 @@ def test_torch_kernel_disagreement(cfg_state, monkeypatch):
 
 # ---- dba sample: auto's kernel broken -> the cached attention's tokens, one warning ------------
 
-@pytest.mark.parametrize("backend", ["jax", "torch"])
+@pytest.mark.parametrize("backend", tiered(["torch", "jax"], 1))
 def test_sample_with_a_broken_auto_kernel_falls_back(backend, cfg_state, tmp_path, monkeypatch, capsys,
                                                      checks_file):
     import cli.sample

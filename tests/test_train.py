@@ -172,6 +172,7 @@ def _xy(a, b, t=16, seed=0):
     return w[..., :-1], w[..., 1:]
 
 
+@pytest.mark.slow  # ~4 s: three steppers compiled
 def test_grad_accum_equals_one_big_batch():
     import jax
 
