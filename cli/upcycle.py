@@ -167,8 +167,8 @@ def run(args: argparse.Namespace) -> int:
         from jax_model.calibrate import attention_input_moments
         from jax_model.evaluate import score_against
 
-        f32 = {k: np.asarray(v, np.float32) for k, v in state.items()}
-        teacher = jax_model.load_canonical(jax_model.DBAModel(cfg), f32)
+        teacher = jax_model.load_canonical(jax_model.DBAModel(cfg),
+                                           {k: np.asarray(v, np.float32) for k, v in state.items()})
         progress = Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
                             TimeRemainingColumn(), console=console, disable=not console.is_terminal)
         with progress:
@@ -178,6 +178,7 @@ def run(args: argparse.Namespace) -> int:
                 moments = attention_input_moments(teacher, tokens, on_batch=lambda n: progress.advance(task, n))
             task = progress.add_task("upcycle layers", total=cfg.n_layer)
             s_cfg, s_state = upcycle(cfg, state, plan, moments, on_layer=lambda _: progress.advance(task))
+            del state, moments  # only the two models are needed from here: peak memory
             extra = {"upcycled_from": str(source), "upcycle": json.dumps(
                 {"sem_dim": plan.sem_dim, "geo_dim": plan.geo_dim, "attn_dim": plan.attn_dim,
                  "kv_head": s_cfg.n_kv_head, "rope_select": plan.rope_select,
@@ -187,6 +188,7 @@ def run(args: argparse.Namespace) -> int:
             save_safetensors(out, s_cfg, s_state, extra)
             student = jax_model.load_canonical(jax_model.DBAModel(s_cfg),
                                                {k: np.asarray(v, np.float32) for k, v in s_state.items()})
+            del s_state
             task = progress.add_task("score vs teacher", total=len(tokens))
             scores = score_against(student, teacher, tokens, on_batch=lambda n: progress.advance(task, n))
     t_bytes = kv_bytes(cfg, 1)["total_bytes"]
