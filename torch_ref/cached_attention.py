@@ -71,20 +71,22 @@ def cached_attend(q_BHTD: torch.Tensor, streams: dict[str, kvc.StreamCache], q_s
         l = torch.ones_like(m)
         acc = v_null.float()[None, :, None, :].expand(b, h, t, dv).clone()
 
-    for nominal in range(0, length, blk):
-        start = min(nominal, max_len - blk)  # the last block may overlap the previous one
-        block = {name: kvc.read(s, start, blk, length) for name, s in streams.items()}
-        k, v = kv_heads(block, key_names, n_kv)  # (B, K, blk, D)
-        s = torch.matmul(q_rows, k.float().transpose(-1, -2)).reshape(b, h, t, blk)
-        k_pos = start + torch.arange(blk, device=dev)
-        valid = (k_pos >= nominal) & (k_pos < length)
-        valid = valid[None, :] & (k_pos[None, :] <= q_pos[:, None])
+    for start in range(0, length, blk):
+        # Eager torch takes any shape, so the last block is only as long as what is cached: no
+        # dequantizing positions past `length` (JAX keeps one block shape and masks them; the
+        # masked positions add exact zeros, so the two agree).
+        size = min(blk, length - start)
+        block = {name: kvc.read(s, start, size, length) for name, s in streams.items()}
+        k, v = kv_heads(block, key_names, n_kv)  # (B, K, size, D)
+        s = torch.matmul(q_rows, k.float().transpose(-1, -2)).reshape(b, h, t, size)
+        k_pos = start + torch.arange(size, device=dev)
+        valid = k_pos[None, :] <= q_pos[:, None]
         s = s.masked_fill(~valid, torch.finfo(torch.float32).min)
         m_new = torch.maximum(m, s.amax(-1))
         corr = torch.exp(m - m_new)
         p = torch.exp(s - m_new[..., None]).masked_fill(~valid, 0.0)
         l = l * corr + p.sum(-1)
-        pv = torch.matmul(p.reshape(b, n_kv, -1, blk), v.float()).reshape(b, h, t, dv)
+        pv = torch.matmul(p.reshape(b, n_kv, -1, size), v.float()).reshape(b, h, t, dv)
         acc = acc * corr[..., None] + pv
         m = m_new
     return (acc / l[..., None]).to(q_BHTD.dtype)
