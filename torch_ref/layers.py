@@ -99,8 +99,10 @@ def attend(q_BHTD: torch.Tensor, k_BKLD: torch.Tensor, v_BKLD: torch.Tensor,
     (K < H) each kv-head is repeated for its H/K query heads here (not SDPA's `enable_gqa`,
     which torch < 2.5 lacks).
 
-    Without null attention this is SDPA. With it, one extra never-masked key sits in front of
-    the real keys, which SDPA cannot express without a mask, so the path is written out.
+    With null attention one extra never-masked key and value sit in front of the real ones: SDPA
+    over [null, keys] with the causal mask shifted by that column (PyTorch's fused CPU/GPU
+    kernels, where a written-out softmax would materialize every (T, T) score in fp32 and copy it
+    once more to prepend the null column).
     """
     group = q_BHTD.shape[1] // k_BKLD.shape[1]
     if group > 1:
@@ -113,13 +115,9 @@ def attend(q_BHTD: torch.Tensor, k_BKLD: torch.Tensor, v_BKLD: torch.Tensor,
         mask = causal_mask(t_q, t_k, q_BHTD.device)
         return F.scaled_dot_product_attention(q_BHTD, k_BHLD, v_BHLD, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
     k_null_HD, v_null_HD = null_kv
-    scores = torch.matmul(q_BHTD, k_BHLD.transpose(-1, -2)).float()
-    null_scores = torch.einsum("bhtd,hd->bht", q_BHTD, k_null_HD.to(q_BHTD.dtype)).float()[..., None]
-    mask = causal_mask(t_q, t_k, q_BHTD.device)
-    scores = scores.masked_fill(~mask, torch.finfo(scores.dtype).min)
-    probs = torch.softmax(torch.cat([null_scores, scores], dim=-1), dim=-1)
-    if dropout_p > 0.0:
-        probs = F.dropout(probs, p=dropout_p)
-    probs = probs.to(v_BHLD.dtype)
-    out = torch.matmul(probs[..., 1:], v_BHLD)
-    return out + probs[..., :1] * v_null_HD.to(v_BHLD.dtype)[None, :, None, :]
+    b, h = q_BHTD.shape[:2]
+    k_all = torch.cat([k_null_HD.to(k_BHLD.dtype)[None, :, None, :].expand(b, h, 1, -1), k_BHLD], dim=2)
+    v_all = torch.cat([v_null_HD.to(v_BHLD.dtype)[None, :, None, :].expand(b, h, 1, -1), v_BHLD], dim=2)
+    mask = torch.cat([torch.ones((t_q, 1), dtype=torch.bool, device=q_BHTD.device),
+                      causal_mask(t_q, t_k, q_BHTD.device)], dim=1)
+    return F.scaled_dot_product_attention(q_BHTD, k_all, v_all, attn_mask=mask, dropout_p=dropout_p, scale=1.0)
