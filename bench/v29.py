@@ -178,8 +178,13 @@ def v29_lacks(module: Any) -> list[str]:
 def v29_config(v29: Any, cfg: ModelConfig, source: str) -> tuple[Any, ModelConfig]:
     """(v29's ModelConfig for `cfg`, dba's config read back from it as a v29 payload): the second
     differs from `cfg` only in decoupled_scale, which v29 implies from attn_mode and null_attn."""
-    fields = {k: v for k, v in cfg.to_dict().items() if k != "decoupled_scale"}
-    lacking = sorted(set(fields) - {f.name for f in dataclasses.fields(v29.ModelConfig)})
+    theirs_names = {f.name for f in dataclasses.fields(v29.ModelConfig)}
+    defaults = ModelConfig().to_dict()
+    # dba's later options (RMSNorm, biases, untied head, RoPE scaling, ...) are v29's model at
+    # their defaults: only a field set otherwise needs v29 to have it
+    fields = {k: v for k, v in cfg.to_dict().items()
+              if k != "decoupled_scale" and (k in theirs_names or v != defaults.get(k))}
+    lacking = sorted(set(fields) - theirs_names)
     if lacking:
         raise UserError(f"--v29 {source!r}: its ModelConfig has no {', '.join(lacking)} (not the v29 dba reads)", 1)
     try:
