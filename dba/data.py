@@ -168,7 +168,8 @@ def parse_tokenizer(spec) -> tuple[str, str | None]:
                     f"Hugging Face tokenizer.json, or word (token-id data only)")
 
 
-def _sha256(path: str) -> str:
+def file_sha256(path) -> str:
+    """Hex sha256 of a file, read in 1 MiB pieces (the tokenizer.json records)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         for chunk in iter(lambda: f.read(1 << 20), b""):
@@ -213,7 +214,7 @@ class HFTokenizer:
             self._tok = Tokenizer.from_file(str(path))
         except Exception as e:  # noqa: BLE001 - the Rust side raises a bare Exception
             raise UserError(f"tokenizer {path}: not a readable tokenizer.json ({_one_line(e)})", 1) from None
-        self.path, self.sha256 = os.path.abspath(path), _sha256(path)
+        self.path, self.sha256 = os.path.abspath(path), file_sha256(path)
 
     def encode(self, text: str) -> list[int]:
         return list(self._tok.encode(text, add_special_tokens=False).ids)
@@ -246,7 +247,7 @@ def tokenizer_record(spec) -> dict | None:
         return ByteTokenizer().to_dict()
     if kind == "tiktoken":
         return {"name": "tiktoken", "encoding": arg, "vocab_size": GPT2_VOCAB}
-    return {"name": "hf", "path": os.path.abspath(arg), "sha256": _sha256(arg), "vocab_size": _hf_vocab_size(arg)}
+    return {"name": "hf", "path": os.path.abspath(arg), "sha256": file_sha256(arg), "vocab_size": _hf_vocab_size(arg)}
 
 
 class RecordedTokenizer:
@@ -298,7 +299,7 @@ def _load_record(d: dict, search: tuple) -> object:
     wrong = None
     for c in candidates:
         if os.path.isfile(c):
-            if d.get("sha256") and _sha256(c) != d["sha256"]:
+            if d.get("sha256") and file_sha256(c) != d["sha256"]:
                 wrong = wrong or c
                 continue
             return HFTokenizer(c)

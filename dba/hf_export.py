@@ -33,7 +33,6 @@ place, so a failure leaves nothing and an existing directory is replaced only wh
 from __future__ import annotations
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -45,6 +44,7 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 from dba.config import ModelConfig
+from dba.data import file_sha256
 from dba.errors import UserError
 from dba.hf_config import canonical_to_hf
 from dba.param_shapes import param_shapes, tied_aliases
@@ -164,14 +164,6 @@ def byte_tokenizer_json() -> dict[str, Any]:
                       "ignore_merges": False, "vocab": vocab, "merges": []}}
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _recorded_tokenizer_json(record: Mapping[str, Any], src: Path) -> Path | None:
     """The tokenizer.json an export records: its recorded path, else one beside the source (the
     same file: its sha256 must match the record's)."""
@@ -179,7 +171,7 @@ def _recorded_tokenizer_json(record: Mapping[str, Any], src: Path) -> Path | Non
     beside = src if src.is_dir() else src.parent
     for c in dict.fromkeys([Path(path), beside / "tokenizer.json", beside / Path(path).name,
                             beside / (src.stem + ".tokenizer.json")]):
-        if c.is_file() and (not record.get("sha256") or _sha256(c) == record["sha256"]):
+        if c.is_file() and (not record.get("sha256") or file_sha256(c) == record["sha256"]):
             return c
     return None
 
