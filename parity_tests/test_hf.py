@@ -26,7 +26,7 @@ import jax_model  # noqa: E402
 import torch_ref  # noqa: E402
 from dba.hf_import import convert  # noqa: E402
 from dba.kvspec import KVPolicy  # noqa: E402
-from tests.support import tiered  # noqa: E402
+from tests.support import random_hf_model, tiered  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -54,33 +54,11 @@ CASES = {
 }
 
 
-def _hf_model(family: str, kwargs: dict, seed: int):
-    """A transformers model with weights of a trained model's scale (logits of order 1-10; the
-    library's std-0.02 init gives near-uniform ones that would hide errors): Linear N(0, 0.7/sqrt(in)),
-    embeddings N(0, 1.5/sqrt(d)), norms 1 + N(0, 0.1), biases N(0, 0.1)."""
-    cls = getattr(transformers, family)
-    config = getattr(transformers, family.replace("ForCausalLM", "Config"))(**kwargs)
-    torch.manual_seed(seed)
-    model = cls(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name or name == "lm_head.weight":
-                p.copy_(1.5 / p.shape[1] ** 0.5 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.7 / p.shape[1] ** 0.5 * torch.randn(p.shape, generator=g))
-    return model
-
-
 @pytest.fixture(scope="module", params=tiered(list(CASES), 1))
 def case(request, tmp_path_factory):
     name = request.param
     family, kwargs = CASES[name]
-    hf = _hf_model(family, kwargs, seed=len(name))
+    hf = random_hf_model(family, kwargs, seed=len(name))
     d = tmp_path_factory.mktemp(name)
     hf.save_pretrained(d / "hf")
     cfg, info = convert(d / "hf", d / "model.safetensors")

@@ -35,7 +35,7 @@ from dba.hf_import import convert  # noqa: E402
 from dba.kvspec import KVPolicy  # noqa: E402
 from dba.param_shapes import param_shapes, tied_aliases  # noqa: E402
 from dba.weights import save_safetensors  # noqa: E402
-from tests.support import tiered, v29_checkpoint, v29_fixture  # noqa: E402
+from tests.support import random_hf_model, tiered, v29_checkpoint, v29_fixture  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("torch_one_thread")
 
@@ -267,30 +267,10 @@ FIELDS = ("architectures", "model_type", "vocab_size", "hidden_size", "intermedi
           "tie_word_embeddings", "max_position_embeddings", "rope_parameters", "attention_bias", "mlp_bias")
 
 
-def _hf_model(family: str, kwargs: dict, seed: int):
-    """A transformers model with weights of a trained model's scale (logits of order 1-10): Linear
-    N(0, 0.7/sqrt(in)), embeddings N(0, 1.5/sqrt(d)), norms 1 + N(0, 0.1), biases N(0, 0.1)."""
-    config = getattr(transformers, family.replace("ForCausalLM", "Config"))(**kwargs)
-    torch.manual_seed(seed)
-    model = getattr(transformers, family)(config).eval()
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
-            elif name.endswith("bias"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-            elif "embed_tokens" in name or name == "lm_head.weight":
-                p.copy_(1.5 / p.shape[1] ** 0.5 * torch.randn(p.shape, generator=g))
-            else:
-                p.copy_(0.7 / p.shape[1] ** 0.5 * torch.randn(p.shape, generator=g))
-    return model
-
-
 @pytest.mark.parametrize("name", tiered(list(ROUND_TRIP), 1))
 def test_hf_to_dba_to_hf_is_the_same_model(name, tmp_path):
     family, kwargs = ROUND_TRIP[name]
-    hf = _hf_model(family, kwargs, seed=len(name))
+    hf = random_hf_model(family, kwargs, seed=len(name))
     hf.save_pretrained(tmp_path / "orig")
     convert(tmp_path / "orig", tmp_path / "m.safetensors")
     info = export(tmp_path / "m.safetensors", tmp_path / "back")

@@ -244,3 +244,28 @@ def v29_fixture(name: str = "dec_plain") -> Path:
 
 def v29_checkpoint(d: Path) -> Path:
     return d / "best.pt" if (d / "best.pt").is_file() else d / "last.pt"
+
+
+def random_hf_model(family: str, kwargs: dict, seed: int):
+    """A transformers `family` model (e.g. "LlamaForCausalLM") built from config `kwargs`, with
+    weights of a trained model's scale (logits of order 1-10; the library's std-0.02 init gives
+    near-uniform ones that would hide errors): Linear N(0, 0.7/sqrt(in)), embeddings
+    N(0, 1.5/sqrt(d)), norms 1 + N(0, 0.1), biases N(0, 0.1)."""
+    import torch
+    import transformers
+
+    config = getattr(transformers, family.replace("ForCausalLM", "Config"))(**kwargs)
+    torch.manual_seed(seed)
+    model = getattr(transformers, family)(config).eval()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.1 * torch.randn(p.shape, generator=g))
+            elif name.endswith("bias"):
+                p.copy_(0.1 * torch.randn(p.shape, generator=g))
+            elif "embed_tokens" in name or name == "lm_head.weight":
+                p.copy_(1.5 / p.shape[1] ** 0.5 * torch.randn(p.shape, generator=g))
+            else:
+                p.copy_(0.7 / p.shape[1] ** 0.5 * torch.randn(p.shape, generator=g))
+    return model
