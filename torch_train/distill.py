@@ -19,14 +19,6 @@ def kd_terms(student_BTV: torch.Tensor, teacher_BTV: torch.Tensor, targets_BT: t
     return kl, cross_entropy(student_BTV, targets_BT)
 
 
-def objective(kind: str, alpha: float, kl: torch.Tensor, ce: torch.Tensor) -> torch.Tensor:
-    if kind == "kl":
-        return kl
-    if kind == "ce":
-        return ce
-    return alpha * kl + (1.0 - alpha) * ce
-
-
 @torch.no_grad()
 def attention_io(model, idx_BT: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
     """Per layer (the residual stream entering it, its attention's output) of the full forward."""

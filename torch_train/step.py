@@ -65,7 +65,7 @@ from torch_ref import optim as topt
 from torch_ref.loss import cross_entropy
 from torch_ref.model import DBAModel
 from torch_ref.weights_io import canonical_state
-from torch_train.distill import attention_io, blockwise_mse, blockwise_trainable, kd_terms, objective
+from torch_train.distill import attention_io, blockwise_mse, blockwise_trainable, kd_terms
 from train.config import OptimConfig, PrecisionConfig
 from train.faults import FAULT_RING, NONFINITE_GRAD, NONFINITE_LOSS, fault_points
 
@@ -224,7 +224,7 @@ class TorchStepper:
         with self._autocast():
             s_logits = self.model(x_BT)
         kl, ce = kd_terms(s_logits, t_logits, y_BT, float(self.distill.temp))
-        loss = objective(self.distill.loss, float(self.distill.alpha), kl, ce)
+        loss = self.distill.objective(kl, ce)
         return loss, {"distill_kl": kl.detach(), "distill_ce": ce.detach()}
 
     def phase_at(self, step: int) -> str:

@@ -395,6 +395,14 @@ class DistillConfig:
     def on(self) -> bool:
         return self.distill_from is not None
 
+    def objective(self, kl, ce):
+        """The main phase's loss from its two terms (arrays of either framework, or floats)."""
+        if self.loss == "kl":
+            return kl
+        if self.loss == "ce":
+            return ce
+        return float(self.alpha) * kl + (1.0 - float(self.alpha)) * ce
+
 
 @dataclass(frozen=True)
 class DisplayConfig:

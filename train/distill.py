@@ -12,7 +12,7 @@ step: no second process, no host round trip. Two phases, chosen on the host by t
 - main: `kl` = temp^2 KL(teacher || student) of the temperature-softened next-token
   distributions (Hinton et al.'s scaling keeps its gradient's size independent of temp); `ce` =
   the data's cross-entropy alone (the teacher is only measured: the baseline on the same
-  pipeline); `kl+ce` = alpha KL + (1 - alpha) CE.
+  pipeline); `kl+ce` = alpha KL + (1 - alpha) CE (DistillConfig.objective, shared with torch).
 Every step records `distill_kl` and `distill_ce` (main) or `distill_block_mse` (blockwise).
 Mirrors torch_train/distill.py.
 """
@@ -37,14 +37,6 @@ def kd_terms(student_BTV: jax.Array, teacher_BTV: jax.Array, targets_BT: jax.Arr
     lt = jax.nn.log_softmax(jax.lax.stop_gradient(teacher_BTV).astype(jnp.float32) / temp, axis=-1)
     kl = jnp.mean(jnp.sum(jnp.exp(lt) * (lt - ls), axis=-1)) * (temp * temp)
     return kl, cross_entropy(student_BTV, targets_BT)
-
-
-def objective(kind: str, alpha: float, kl: jax.Array, ce: jax.Array) -> jax.Array:
-    if kind == "kl":
-        return kl
-    if kind == "ce":
-        return ce
-    return alpha * kl + (1.0 - alpha) * ce
 
 
 def attention_io(model: Any, idx_BT: jax.Array) -> list[tuple[jax.Array, jax.Array]]:

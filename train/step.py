@@ -49,7 +49,7 @@ from train.faults import (  # noqa: F401 (re-exported: other modules import them
     fault_points,
     nonfinite_kind_text,
 )
-from train.distill import PHASES, attention_io, blockwise_mask, blockwise_mse, kd_terms, objective
+from train.distill import PHASES, attention_io, blockwise_mask, blockwise_mse, kd_terms
 from train.grad_norms import group_grad_norms
 from train.optim import _find_hparams
 
@@ -213,7 +213,7 @@ class Stepper:
             mse = blockwise_mse(student, attention_io(teacher, x_BT))
             return mse, {"distill_block_mse": mse}
         kl, ce = kd_terms(student.forward(x_BT, deterministic), teacher.forward(x_BT), y_BT, self.distill.temp)
-        return objective(self.distill.loss, self.distill.alpha, kl, ce), {"distill_kl": kl, "distill_ce": ce}
+        return self.distill.objective(kl, ce), {"distill_kl": kl, "distill_ce": ce}
 
     def _fault_record(self, count: int) -> dict[str, jax.Array]:
         rec = {"count": np.int32(count), "steps": np.zeros(FAULT_RING, np.int32),
