@@ -106,7 +106,12 @@ def _cross(root: Path, bpe_data: Path, runs: dict[str, Path]) -> dict[str, dict[
 
 def run(args: argparse.Namespace) -> int:
     root = Path(args.dir)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from dba.errors import UserError
+
+        raise UserError(f"--dir {args.dir!r}: cannot make the working directory ({e.strerror})", 2) from None
     byte_data, bpe_data = root / "stdlib.npy", root / f"stdlib_bpe{args.bpe}.npy"
     if not byte_data.is_file():
         print("preparing the stdlib corpus (bytes) ...", file=sys.stderr, flush=True)

@@ -123,7 +123,12 @@ def run(args: argparse.Namespace) -> int:
     from dba.weight_files import read_weights
 
     root = Path(args.dir)
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        from dba.errors import UserError
+
+        raise UserError(f"--dir {args.dir!r}: cannot make the working directory ({e.strerror})", 2) from None
     data = root / "stdlib.npy"
     if not data.is_file():
         _say("preparing the stdlib corpus ...")

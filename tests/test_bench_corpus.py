@@ -37,3 +37,19 @@ def test_held_out_bytes_count_the_held_out_files(tmp_path):
     (tmp_path / "c.json").write_text(json.dumps({"val": {"tokens": 17, "files": ["a.py", "pkg/b.py"]},
                                                  "corpus": {"python": {"stdlib": str(root)}}}))
     assert bcorpus._held_out_bytes(tmp_path / "c.npy") == (17, 14)
+
+
+def test_a_dir_that_cannot_be_made_is_one_line(tmp_path):
+    import argparse
+
+    import pytest
+
+    from bench import upcycle as bupcycle
+    from dba.errors import UserError
+
+    taken = tmp_path / "a_file"
+    taken.write_text("x")
+    for module in (bcorpus, bupcycle):
+        with pytest.raises(UserError, match="a_file.*cannot make the working directory"):
+            module.run(argparse.Namespace(dir=str(taken), bpe=2048, json=None, teacher_steps=1))
+    assert taken.read_text() == "x"
