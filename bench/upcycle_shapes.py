@@ -117,7 +117,20 @@ def _one(name: str, layers: int, args, root: Path) -> dict[str, Any]:
 
 
 def run(args: argparse.Namespace) -> int:
+    from fractions import Fraction
+
+    from dba.errors import UserError
+
+    try:
+        Fraction(args.budget)
+    except (ValueError, ZeroDivisionError):
+        raise UserError(f"--budget {args.budget!r}: expected a fraction like 1/8", 2) from None
     names = list(MODELS) if args.model == "all" else [args.model]
+    if args.dir:
+        try:
+            Path(args.dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"--dir {args.dir!r}: cannot make the working directory ({e.strerror})", 2) from None
     root = Path(args.dir) if args.dir else Path(tempfile.mkdtemp(prefix="dba-upcycle-shapes-"))
     rows = []
     try:

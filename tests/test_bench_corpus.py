@@ -49,7 +49,12 @@ def test_a_dir_that_cannot_be_made_is_one_line(tmp_path):
 
     taken = tmp_path / "a_file"
     taken.write_text("x")
-    for module in (bcorpus, bupcycle):
+    from bench import upcycle_shapes as bshapes
+
+    for module in (bcorpus, bupcycle, bshapes):
         with pytest.raises(UserError, match="a_file.*cannot make the working directory"):
-            module.run(argparse.Namespace(dir=str(taken), bpe=2048, json=None, teacher_steps=1))
+            module.run(argparse.Namespace(dir=str(taken), bpe=2048, json=None, teacher_steps=1, budget="1/8",
+                                          model="smollm-135m", layers=1))
     assert taken.read_text() == "x"
+    with pytest.raises(UserError, match="--budget 'abc'"):
+        bshapes.run(argparse.Namespace(dir=None, budget="abc", model="smollm-135m", layers=1))
