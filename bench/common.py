@@ -163,3 +163,28 @@ def bench_optim(args):
     from train.config import OptimConfig
 
     return OptimConfig(name=args.optimizer, lr=3e-4, weight_decay=0.1, grad_clip=1.0)
+
+
+def run_dba(*argv: Any, log: Path | None = None):
+    """`dba ARGV...` in a fresh interpreter (the benches' stages), output captured (and written to
+    `log` when given); a failure is a one-line UserError with the command's last stderr line."""
+    import os
+    import subprocess
+
+    argv = [str(a) for a in argv]
+    r = subprocess.run([sys.executable, "-m", "cli", *argv], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1"))
+    if log is not None:
+        log.write_text(r.stdout + r.stderr)
+    if r.returncode != 0:
+        raise UserError(f"`dba {' '.join(argv[:2])} ...` failed (exit {r.returncode}): "
+                        f"{(r.stderr.strip().splitlines() or ['?'])[-1]}", 1)
+    return r
+
+
+def run_complete(run: Path) -> bool:
+    """A run directory whose train.jsonl ended with `done`, reason complete."""
+    from dba.runlog import read_events
+
+    log = Path(run) / "train.jsonl"
+    return log.is_file() and any(e.get("reason") == "complete" for e in read_events(log, "done"))

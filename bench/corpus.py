@@ -19,8 +19,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -28,7 +26,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import bench_main, int_at_least, machine, print_table, write_json
+from bench.common import bench_main, int_at_least, machine, print_table, run_complete, run_dba, write_json
+from dba.runlog import read_events
 
 SEQ = 128  # the recipe's training context
 
@@ -38,22 +37,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bpe", type=int_at_least(257), default=2048,
                    help="the BPE's vocabulary (default 2048: the recipe's model stays near its byte size)")
     p.add_argument("--json", default=None, help="also write the results here")
-
-
-def _dba(*argv: Any) -> None:
-    argv = [str(a) for a in argv]
-    r = subprocess.run([sys.executable, "-m", "cli", *argv], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONUNBUFFERED="1"))
-    if r.returncode != 0:
-        from dba.errors import UserError
-
-        raise UserError(f"`dba {' '.join(argv[:2])} ...` failed (exit {r.returncode}): "
-                        f"{(r.stderr.strip().splitlines() or ['?'])[-1]}", 1)
-
-
-def _events(run: Path) -> list[dict[str, Any]]:
-    log = run / "train.jsonl"
-    return [json.loads(line) for line in log.read_text().splitlines()] if log.is_file() else []
 
 
 def _held_out_bytes(data: Path) -> tuple[int, int]:
@@ -115,10 +98,10 @@ def run(args: argparse.Namespace) -> int:
     byte_data, bpe_data = root / "stdlib.npy", root / f"stdlib_bpe{args.bpe}.npy"
     if not byte_data.is_file():
         print("preparing the stdlib corpus (bytes) ...", file=sys.stderr, flush=True)
-        _dba("prepare", "--corpus", "python-stdlib", "--out", byte_data)
+        run_dba("prepare", "--corpus", "python-stdlib", "--out", byte_data)
     if not bpe_data.is_file():
         print(f"preparing the stdlib corpus (bpe:{args.bpe}) ...", file=sys.stderr, flush=True)
-        _dba("prepare", "--corpus", "python-stdlib", "--tokenizer", f"bpe:{args.bpe}", "--out", bpe_data)
+        run_dba("prepare", "--corpus", "python-stdlib", "--tokenizer", f"bpe:{args.bpe}", "--out", bpe_data)
 
     rows: list[dict[str, Any]] = []
     runs: dict[str, Path] = {}
@@ -126,13 +109,13 @@ def run(args: argparse.Namespace) -> int:
                         (f"python-stdlib, bpe:{args.bpe}", bpe_data)):
         run_dir = root / ("default" if data is None else data.stem)
         runs[label] = run_dir
-        if not any(e.get("type") == "done" and e.get("reason") == "complete" for e in _events(run_dir)):
+        if not run_complete(run_dir):
             print(f"training {run_dir.name} (the default recipe) ...", file=sys.stderr, flush=True)
             t0 = time.perf_counter()
-            _dba("train", *([] if data is None else ["--data", data]), "--out-dir", run_dir, "--overwrite",
+            run_dba("train", *([] if data is None else ["--data", data]), "--out-dir", run_dir, "--overwrite",
                  "--live", "off")
             (run_dir / "bench_wall_s.txt").write_text(f"{time.perf_counter() - t0:.1f}\n")
-        events = _events(run_dir)
+        events = read_events(run_dir / "train.jsonl")
         meta = next(e for e in events if e.get("type") == "meta")
         last_eval = [e for e in events if e.get("type") == "eval"][-1]
         params = int(meta["n_params"])

@@ -31,13 +31,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 from pathlib import Path
 from typing import Any
 
-from bench.common import bench_main, machine, positive_int, print_table, write_json
+from bench.common import bench_main, machine, positive_int, print_table, run_complete, run_dba, write_json
 
 TEACHER_FLAGS = ["--attn-mode", "gqa", "--kv-head", "2", "--d-model", "256", "--layers", "4", "--n-head", "8",
                  "--d-ff", "704", "--attn-dim", "256", "--norm", "rmsnorm", "--no-learned-temp"]
@@ -56,25 +54,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", default=None, help="also write the results here")
 
 
-def _dba(*argv: Any, log: Path | None = None) -> subprocess.CompletedProcess:
-    argv = [str(a) for a in argv]
-    r = subprocess.run([sys.executable, "-m", "cli", *argv], capture_output=True, text=True,
-                       env=dict(os.environ, PYTHONUNBUFFERED="1", HF_HUB_OFFLINE="1"))
-    if log is not None:
-        log.write_text(r.stdout + r.stderr)
-    if r.returncode != 0:
-        from dba.errors import UserError
-
-        raise UserError(f"`dba {' '.join(argv[:2])} ...` failed (exit {r.returncode}): "
-                        f"{(r.stderr.strip().splitlines() or ['?'])[-1]}", 1)
-    return r
-
-
-def _complete(run: Path) -> bool:
-    log = run / "train.jsonl"
-    return log.is_file() and '"reason": "complete"' in log.read_text()
-
-
 def _say(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
@@ -83,18 +62,18 @@ BATCH, SEQ = 16, 256
 
 
 def _train(run: Path, *argv: Any) -> None:
-    if _complete(run):
+    if run_complete(run):
         _say(f"reusing {run}")
         return
     _say(f"training {run.name} ...")
-    _dba("train", *argv, "--batch-size", BATCH, "--train-seq-len", SEQ, "--live", "off", "--log-every", 10,
+    run_dba("train", *argv, "--batch-size", BATCH, "--train-seq-len", SEQ, "--live", "off", "--log-every", 10,
          "--out-dir", run, "--overwrite", log=run.with_suffix(".log"))
 
 
 def _eval(ckpt: Path, teacher: Path, data: Path, out: Path, policies: str, args) -> list[dict[str, Any]]:
     if not out.is_file():
         _say(f"evaluating {ckpt.name} ({policies}) ...")
-        _dba("eval", "--ckpt", ckpt, "--data", data, "--split", "all", "--teacher", teacher, "--policies", policies,
+        run_dba("eval", "--ckpt", ckpt, "--data", data, "--split", "all", "--teacher", teacher, "--policies", policies,
              "--tasks", "ppl,passkey", "--contexts", SEQ, "--depths", "0.1,0.5,0.9", "--windows", args.windows,
              "--passkey-trials", args.passkey_trials, "--json", out)
     return json.loads(out.read_text())["records"]
@@ -132,7 +111,7 @@ def run(args: argparse.Namespace) -> int:
     data = root / "stdlib.npy"
     if not data.is_file():
         _say("preparing the stdlib corpus ...")
-        _dba("prepare", "--corpus", "python-stdlib", "--out", data)
+        run_dba("prepare", "--corpus", "python-stdlib", "--out", data)
     val = root / "stdlib.val.npy"
 
     # the teacher: trained, exported to transformers' Llama format, imported back
@@ -142,8 +121,8 @@ def run(args: argparse.Namespace) -> int:
     hf_dir, teacher = root / "teacher_hf", root / "teacher.safetensors"
     if not teacher.is_file():
         _say("exporting the teacher to a Hugging Face Llama directory and importing it back ...")
-        _dba("convert", t_run, hf_dir, "--overwrite")
-        _dba("convert", hf_dir, teacher, "--overwrite")
+        run_dba("convert", t_run, hf_dir, "--overwrite")
+        run_dba("convert", hf_dir, teacher, "--overwrite")
     t_cfg = read_weights(teacher)[0]
     teacher_tokens = args.teacher_steps * BATCH * SEQ
     student_steps = max(args.blockwise_steps + 1, int(args.student_tokens * teacher_tokens) // (BATCH * SEQ))
@@ -160,7 +139,7 @@ def run(args: argparse.Namespace) -> int:
         student = root / f"student_{tag}.safetensors"
         if not student.is_file():
             _say(f"upcycling at {budget} ...")
-            _dba("upcycle", teacher, student, "--budget", budget, "--calib", data, "--calib-tokens", 65536,
+            run_dba("upcycle", teacher, student, "--budget", budget, "--calib", data, "--calib-tokens", 65536,
                  "--calib-len", SEQ, "--json", root / f"upcycle_{tag}.json", "--overwrite")
         rows += _rows(f"{budget}: training-free", _eval(student, teacher, val, root / f"eval_{tag}_free.json",
                                                        "fp16", args), 0, t_bytes)
