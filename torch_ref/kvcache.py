@@ -73,18 +73,32 @@ def _nf4_index(y: torch.Tensor) -> torch.Tensor:
     return best
 
 
+def _pair_table(kind: str, device) -> torch.Tensor:
+    """(256, 2) float32: the two values a packed q4_0/nf4 byte holds (high nibble first, as
+    `quantize` packs them). One gather per block instead of shift, mask, stack and convert:
+    decode reads every cached block each token, and each op is dispatch time on a CPU or MPS."""
+    key = (kind, str(device))
+    table = _PAIR_TABLES.get(key)
+    if table is None:
+        u = torch.arange(256, dtype=torch.int64)
+        codes = torch.stack([u >> 4, u & 15], dim=-1)
+        table = (codes - 8).to(torch.float32) if kind == "q4_0" else _NF4[codes]
+        table = _PAIR_TABLES[key] = table.to(device)
+    return table
+
+
+_PAIR_TABLES: dict[tuple[str, str], torch.Tensor] = {}
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, kind: str, dim: int, qblock: int) -> torch.Tensor:
     """Inverse of `quantize`: float32 (..., dim) = code * float32(stored fp16 scale)."""
     require_quant(kind)
     qb, pad_dim, nb = quant_layout(kind, dim, qblock)
     lead = q.shape[:-1]
-    if kind == "q8_0":
-        v = q.to(torch.float32)
-    else:
-        u = torch.stack([q >> 4, q & 15], dim=-1).reshape(*lead, pad_dim).to(torch.int64)
-        v = (u - 8).to(torch.float32) if kind == "q4_0" else _NF4.to(q.device)[u]
-    out = v.reshape(*lead, nb, qb) * scale.to(torch.float32).unsqueeze(-1)
-    return out.reshape(*lead, pad_dim)[..., :dim]
+    v = q.to(torch.float32) if kind == "q8_0" else _pair_table(kind, q.device)[q.to(torch.int32)]
+    out = v.view(*lead, nb, qb) * scale.to(torch.float32).unsqueeze(-1)
+    out = out.view(*lead, pad_dim)
+    return out if pad_dim == dim else out[..., :dim]
 
 
 # ---- the cache ---------------------------------------------------------------------------
@@ -247,7 +261,10 @@ def read(stream: StreamCache, start: int, size: int, length: int) -> torch.Tenso
     if stream.residual > 0:
         lo = max(start, length - stream.residual)
         hi = min(start + size, length)
-        if hi > lo:
-            slots = torch.arange(lo, hi, device=out.device) % stream.residual
-            out[:, lo - start:hi - start] = stream.ring[:, slots].to(torch.float32)
+        if hi > lo:  # positions lo..hi-1 sit in slots lo % R.. : one slice, or two where they wrap
+            r = stream.residual
+            first = min(hi - lo, r - lo % r)
+            out[:, lo - start:lo - start + first] = stream.ring[:, lo % r:lo % r + first]
+            if first < hi - lo:
+                out[:, lo - start + first:hi - start] = stream.ring[:, :hi - lo - first]
     return out

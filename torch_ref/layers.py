@@ -8,6 +8,8 @@ Mirrors jax_model/layers.py.
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 
@@ -17,12 +19,18 @@ def rope_cos_sin(rot_dim: int, base: float, positions: torch.Tensor,
     """cos/sin tables (T, rot_dim/2) for absolute positions, computed in fp32. `inv_freq`: the
     frequencies when they are not the default 1 / base^(2i/rot_dim) (dba/rope.py's table): one
     row, or a row per head, which gives per-head tables (heads, T, rot_dim/2)."""
-    if inv_freq is None:
-        freqs = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=positions.device) / rot_dim))
-    else:
-        freqs = torch.tensor(inv_freq, dtype=torch.float32, device=positions.device)
+    freqs = _inv_freq(rot_dim, float(base), inv_freq, positions.device)
     angles = positions.to(torch.float32)[:, None] * freqs[..., None, :]
     return angles.cos(), angles.sin()
+
+
+@functools.lru_cache(maxsize=256)
+def _inv_freq(rot_dim: int, base: float, inv_freq: tuple | None, device: torch.device) -> torch.Tensor:
+    """The frequencies rope_cos_sin multiplies positions by, made once per (layer table, device):
+    decode asks for them every token in every layer. Never written to (callers only read)."""
+    if inv_freq is None:
+        return 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32, device=device) / rot_dim))
+    return torch.tensor(inv_freq, dtype=torch.float32, device=device)
 
 
 class RMSNorm(torch.nn.Module):
