@@ -1,25 +1,33 @@
 """`dba bench upcycle`: the architecture's claim on a model that can do something. A Llama-form GQA
-teacher is trained on this Python's standard library, saved in Hugging Face Llama format and
-brought back through `dba convert`; its attention is upcycled at three cache budgets and measured
-against it, before and after distillation, with quantized caches on top, beside two baselines.
+teacher that can retrieve is trained on this Python's standard library, saved in Hugging Face
+Llama format and brought back through `dba convert`; its attention is upcycled at three cache
+budgets and measured against it, before and after distillation, with quantized caches on top,
+beside two baselines.
 
-    dba bench upcycle --dir runs/upcycle              # everything (~30 minutes on 2 CPU cores)
+    dba bench upcycle --dir runs/upcycle              # everything (~45 minutes on 2 CPU cores)
     dba bench upcycle --dir runs/upcycle --json out.json
 
 Stages (each reused when its output exists, so an interrupted run continues):
-1. corpus: `dba prepare --corpus python-stdlib` (bytes; its by-file held-out split is the
-   evaluation data).
-2. teacher: `dba train` of a Llama-form GQA model (RMSNorm, SwiGLU, no learned temperature or
-   null attention; 4 layers, d 256, 8 heads over 2 kv heads, context 256) for `--teacher-steps`;
-   exported to a Hugging Face directory (`dba convert RUN DIR/`, transformers' LlamaForCausalLM
-   format) and imported again (`dba convert DIR X.safetensors`): the teacher every row uses.
-3. students, per budget (1/4, 1/8, 1/16 of the teacher's fp16 cache): `dba upcycle --budget`
+1. corpus: `dba prepare --corpus python-stdlib --tokenizer bpe:2048` (its by-file held-out split
+   is the evaluation data, plain text).
+2. recall: the training stream with copies planted (`plant_recall`): in every 256-token chunk,
+   either the second half repeats the first (real text), or a span of 8-32 random ids appears
+   twice. A 3.5M-parameter model trained on the text alone does not learn to copy (passkey
+   0.00-0.03 after 800 steps here; the byte-level teacher of earlier runs, 2000 steps: 0.01-0.04),
+   and a teacher that cannot retrieve cannot show whether a student keeps retrieval. About 30% of
+   the training tokens are copies; the held-out text stays as it is.
+3. teacher: `dba train` of a Llama-form GQA model (RMSNorm, SwiGLU, no learned temperature or
+   null attention; 4 layers, d 256, 4 heads of 64 over 2 kv heads, context 256) for
+   `--teacher-steps`; exported to a Hugging Face directory (`dba convert RUN DIR/`, transformers'
+   LlamaForCausalLM format) and imported again (`dba convert DIR X.safetensors`): the teacher every
+   row uses.
+4. students, per budget (1/4, 1/8, 1/16 of the teacher's fp16 cache): `dba upcycle --budget`
    (training-free, calibrated on training tokens), then `--blockwise-steps` of blockwise
    distillation, then KL distillation for the rest of the student budget (`--student-tokens`,
    at most 2% of the teacher's tokens by default).
-4. `dba eval --teacher` of every row on the held-out files: ppl at the trained context and
+5. `dba eval --teacher` of every row on the held-out files: ppl at the trained context and
    passkey at 10/50/90% depth. The final students also with q8_0 and q4_0 caches.
-5. baselines: a decoupled model of each student's shape trained from scratch on the same tokens
+6. baselines: a decoupled model of each student's shape trained from scratch on the same tokens
    (the students' budget), and the teacher itself with q8_0 / q4_0 / nf4 caches (the bytes a
    quantized cache alone reaches).
 Columns: KV bytes/token, x smaller than the teacher's fp16 cache, ppl ratio to the teacher,
@@ -37,7 +45,7 @@ from typing import Any
 
 from bench.common import bench_main, machine, positive_int, print_table, run_complete, run_dba, write_json
 
-TEACHER_FLAGS = ["--attn-mode", "gqa", "--kv-head", "2", "--d-model", "256", "--layers", "4", "--n-head", "8",
+TEACHER_FLAGS = ["--attn-mode", "gqa", "--kv-head", "2", "--d-model", "256", "--layers", "4", "--n-head", "4",
                  "--d-ff", "704", "--attn-dim", "256", "--norm", "rmsnorm", "--no-learned-temp"]
 BUDGETS = ("1/4", "1/8", "1/16")
 WINDOW = 32  # fp16 window of the quantized caches (a quarter of the scored half of each window)
@@ -45,7 +53,7 @@ WINDOW = 32  # fp16 window of the quantized caches (a quarter of the scored half
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dir", default="runs/upcycle", help="where every stage's output goes (reused when present)")
-    p.add_argument("--teacher-steps", type=positive_int, default=3000, help="teacher training steps (16 x 256 tokens)")
+    p.add_argument("--teacher-steps", type=positive_int, default=2400, help="teacher training steps (16 x 256 tokens)")
     p.add_argument("--student-tokens", type=float, default=0.02,
                    help="distillation budget per student, a share of the teacher's training tokens (default 0.02)")
     p.add_argument("--blockwise-steps", type=positive_int, default=20, help="blockwise steps (part of the budget)")
@@ -79,6 +87,51 @@ def _eval(ckpt: Path, teacher: Path, data: Path, out: Path, policies: str, args)
     return json.loads(out.read_text())["records"]
 
 
+def plant_recall(src: Path, dst: Path, seq: int, seed: int = 0) -> dict[str, Any]:
+    """Write `src`'s token stream to `dst` with copies planted in every `seq`-token chunk: with
+    probability 1/2 the chunk's second half repeats its first half (real text, copied), else a
+    span of 8-32 ids (at most a quarter of the chunk) drawn uniformly from the ids in the stream's first million tokens is written
+    at a random place and again after it. `dst` gets `src`'s sidecar (same tokenizer, same held-out
+    split, which is left as text) with a "recall" record of what was planted; returns that record.
+    Written to temporary names and renamed."""
+    import os
+
+    import numpy as np
+
+    from dba.prepared import read_sidecar, sidecar_path
+
+    side = read_sidecar(str(src))
+    if side is None:
+        raise ValueError(f"{src} has no dba prepare sidecar")
+    tokens = np.load(src)
+    out = tokens.copy()
+    rng = np.random.default_rng(seed)
+    ids = np.unique(tokens[:1_000_000])
+    half, halves, pairs, copied = seq // 2, 0, 0, 0
+    for c in range(len(out) // seq):
+        base = c * seq
+        if rng.random() < 0.5:
+            out[base + half:base + seq] = out[base:base + half]
+            halves, copied = halves + 1, copied + half
+        else:
+            span = int(rng.integers(8, min(33, seq // 4 + 1)))
+            a = int(rng.integers(0, seq - 2 * span))
+            b = int(rng.integers(a + span, seq - span + 1))
+            key = rng.choice(ids, size=span)
+            out[base + a:base + a + span] = key
+            out[base + b:base + b + span] = key
+            pairs, copied = pairs + 1, copied + span
+    record = {"source": src.name, "chunk": seq, "seed": seed, "repeated_halves": halves, "planted_pairs": pairs,
+              "copied_tokens": copied, "copied_share": copied / max(1, len(out))}
+    tmp = dst.with_name(dst.stem + ".tmp.npy")
+    np.save(tmp, out)
+    side_tmp = Path(sidecar_path(str(tmp)))
+    side_tmp.write_text(json.dumps({**side, "recall": record}, indent=1))
+    os.replace(tmp, dst)
+    os.replace(side_tmp, sidecar_path(str(dst)))
+    return record
+
+
 def _rows(label: str, records: list[dict[str, Any]], tokens: int, teacher_bytes: float) -> list[dict[str, Any]]:
     """One row per policy of an evaluation: its ppl record and its passkey accuracies."""
     out = []
@@ -108,16 +161,20 @@ def run(args: argparse.Namespace) -> int:
         from dba.errors import UserError
 
         raise UserError(f"--dir {args.dir!r}: cannot make the working directory ({e.strerror})", 2) from None
-    data = root / "stdlib.npy"
-    if not data.is_file():
+    text = root / "stdlib.npy"
+    if not text.is_file():
         _say("preparing the stdlib corpus ...")
-        run_dba("prepare", "--corpus", "python-stdlib", "--out", data)
+        run_dba("prepare", "--corpus", "python-stdlib", "--tokenizer", "bpe:2048", "--out", text)
     val = root / "stdlib.val.npy"
+    data = root / "stdlib_recall.npy"  # what every stage trains on; the held-out split stays text
+    if not data.is_file():
+        _say("planting copies in the training stream ...")
+        plant_recall(text, data, SEQ)
 
     # the teacher: trained, exported to transformers' Llama format, imported back
     t_run = root / "teacher_run"
     _train(t_run, "--data", data, *TEACHER_FLAGS, "--steps", args.teacher_steps, "--lr-schedule", "cosine",
-           "--warmup-steps", 100, "--min-lr", 2e-4, "--eval-every", 250, "--save-every", 250)
+           "--warmup-steps", 100, "--min-lr", 2e-4, "--eval-every", 400, "--save-every", 400)
     hf_dir, teacher = root / "teacher_hf", root / "teacher.safetensors"
     if not teacher.is_file():
         _say("exporting the teacher to a Hugging Face Llama directory and importing it back ...")
@@ -166,7 +223,7 @@ def run(args: argparse.Namespace) -> int:
     headers = ["row", "KV B/token", "x smaller", "ppl", "ppl / teacher", "ΔNLL", "KL", "top-1",
                "passkey 10/50/90%", "tokens"]
     fmt = lambda v: "-" if v is None else f"{v:.2f}"  # noqa: E731
-    print_table(f"upcycling a {t_cfg.num_params():,}-parameter Llama-form teacher (stdlib bytes, context {SEQ}); "
+    print_table(f"upcycling a {t_cfg.num_params():,}-parameter Llama-form teacher (stdlib, BPE 2048 ids, context {SEQ}); "
                 f"held-out files, against the teacher's fp16 cache",
                 headers, [[r["row"], f"{r['kv_bytes_per_token']:,.0f}", f"{r['x_smaller']:.2f}x", f"{r['ppl']:.3f}",
                            f"{r['ppl_ratio']:.3f}", f"{r['delta_nll']:+.4f}", f"{r['kl']:.4f}", f"{r['top1']:.3f}",

@@ -393,3 +393,43 @@ def test_convert_bench_source_converts_and_peak_is_parsed(tmp_path):
     assert bconvert._peak_bytes("converted\nVmHWM 553408\n") == 553408 * 1024
     with pytest.raises(SystemExit, match="did not report its peak RSS"):
         bconvert._peak_bytes("converted\n")
+
+
+def test_upcycle_plants_copies_and_keeps_the_sidecar(tmp_path):
+    """`bench upcycle`'s training stream: each 64-token chunk holds a copied half or a repeated
+    random span; nothing else changes, and the sidecar still names the held-out text split."""
+    from pathlib import Path
+
+    from bench.upcycle import plant_recall
+    from dba import prepared
+
+    rng = np.random.default_rng(3)
+    src = tmp_path / "text.npy"
+    tokens = rng.integers(0, 50_000, 64 * 40).astype(np.uint16)  # distinct enough that copies are planted ones
+    np.save(src, tokens)
+    np.save(tmp_path / "text.val.npy", tokens[:100])
+    side = {"format": prepared.FORMAT, "version": prepared.VERSION, "tokens": len(tokens), "vocab_size": 50_000,
+            "dtype": "uint16", "tokenizer": {"name": "byte", "vocab_size": 50_000},
+            "val": {"file": "text.val.npy", "tokens": 100}}
+    (tmp_path / "text.json").write_text(json.dumps(side))
+    dst = Path(tmp_path / "recall.npy")
+    rec = plant_recall(src, dst, 64, seed=1)
+    out = np.load(dst)
+    assert out.dtype == tokens.dtype and len(out) == len(tokens)
+    halves = pairs = 0
+    for c in range(40):
+        chunk, orig = out[c * 64:(c + 1) * 64], tokens[c * 64:(c + 1) * 64]
+        changed = np.nonzero(chunk != orig)[0]
+        if np.array_equal(chunk[32:], chunk[:32]):
+            halves += 1
+            assert np.array_equal(chunk[:32], orig[:32])
+        else:  # two equal runs of 8..16 ids (a quarter of the chunk at most), the rest untouched
+            pairs += 1
+            span = len(changed) // 2
+            assert 8 <= span <= 16 and len(changed) == 2 * span
+            a, b = changed[0], changed[span]
+            assert np.array_equal(chunk[a:a + span], chunk[b:b + span]) and b >= a + span
+    assert (halves, pairs) == (rec["repeated_halves"], rec["planted_pairs"]) and halves > 5 and pairs > 5
+    side_out = prepared.read_sidecar(str(dst))
+    assert side_out["val"] == side["val"] and side_out["recall"]["chunk"] == 64
+    assert not list(tmp_path.glob("*.tmp*"))
