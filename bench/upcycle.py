@@ -212,9 +212,9 @@ def run(args: argparse.Namespace) -> int:
         rows += _rows(f"{budget}: + KL", _eval(kl, teacher, val, root / f"eval_{tag}_kl.json", quant, args),
                       student_tokens, t_bytes)
         scratch = root / f"scratch_{tag}"
-        shape = ["--attn-mode", "decoupled", "--decoupled-kv-head", 2, "--d-model", 256, "--layers", 4, "--n-head", 8,
-                 "--d-ff", 704, "--norm", "rmsnorm", "--no-learned-temp", "--sem-dim", plan.sem_dim, "--geo-dim",
-                 plan.geo_dim, "--attn-dim", plan.attn_dim]
+        shape = ["--attn-mode", "decoupled", "--decoupled-kv-head", t_cfg.n_kv_head, "--d-model", t_cfg.d_model,
+                 "--layers", t_cfg.n_layer, "--n-head", t_cfg.n_head, "--d-ff", t_cfg.d_ff, "--norm", "rmsnorm",
+                 "--no-learned-temp", "--sem-dim", plan.sem_dim, "--geo-dim", plan.geo_dim, "--attn-dim", plan.attn_dim]
         _train(scratch, "--data", data, *shape, "--steps", student_steps, "--eval-every", 0)
         rows += _rows(f"{budget}: from scratch (baseline)",
                       _eval(scratch, teacher, val, root / f"eval_{tag}_scratch.json", "fp16", args),
