@@ -93,11 +93,10 @@ def plant_recall(src: Path, dst: Path, seq: int, seed: int = 0) -> dict[str, Any
     span of 8-32 ids (at most a quarter of the chunk) drawn uniformly from the ids in the stream's first million tokens is written
     at a random place and again after it. `dst` gets `src`'s sidecar (same tokenizer, same held-out
     split, which is left as text) with a "recall" record of what was planted; returns that record.
-    Written to temporary names and renamed."""
-    import os
-
+    Written to temporary names and renamed (`dba.npy_stream.Staged`)."""
     import numpy as np
 
+    from dba.npy_stream import Staged
     from dba.prepared import read_sidecar, sidecar_path
 
     side = read_sidecar(str(src))
@@ -123,12 +122,12 @@ def plant_recall(src: Path, dst: Path, seq: int, seed: int = 0) -> dict[str, Any
             pairs, copied = pairs + 1, copied + span
     record = {"source": src.name, "chunk": seq, "seed": seed, "repeated_halves": halves, "planted_pairs": pairs,
               "copied_tokens": copied, "copied_share": copied / max(1, len(out))}
-    tmp = dst.with_name(dst.stem + ".tmp.npy")
-    np.save(tmp, out)
-    side_tmp = Path(sidecar_path(str(tmp)))
-    side_tmp.write_text(json.dumps({**side, "recall": record}, indent=1))
-    os.replace(tmp, dst)
-    os.replace(side_tmp, sidecar_path(str(dst)))
+    with Staged() as staged:  # the sidecar is renamed last, as `dba prepare` does
+        with open(staged.path(str(dst)), "wb") as f:
+            np.save(f, out)
+        with open(staged.path(sidecar_path(str(dst))), "w", encoding="utf-8") as f:
+            json.dump({**side, "recall": record}, f, indent=1)
+        staged.commit()
     return record
 
 
