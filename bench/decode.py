@@ -48,6 +48,7 @@ from bench.common import (
     write_json,
 )
 from dba.config import ModelConfig
+from dba.errors import UserError
 from dba.kvspec import KVPolicy, kv_bytes
 from dba.units import human_bytes
 
@@ -64,7 +65,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prefill-block", type=nonneg_int, default=0,
                    help="the same for the prefill's later chunks (0: --decode-block)")
     p.add_argument("--residual", type=nonneg_int, default=128)
-    p.add_argument("--backends", default="jax,torch")
+    p.add_argument("--backends", default="jax,torch",
+                   help="comma separated: jax, torch (eager), torch-compile (torch_ref.compiled_decode: the decode "
+                        "step under torch.compile; its compile time is the warm-up)")
     p.add_argument("--repeats", type=positive_int, default=3, help="timed runs per case (median reported)")
     p.add_argument("--quick", action="store_true", help="contexts 1024,8192, kinds q4_0,fp16, 1 repeat")
     p.add_argument("--malloc-tuning", choices=("jax", "all", "none"), default="jax",
@@ -124,7 +127,8 @@ def bench_jax(cfg: ModelConfig, policy: KVPolicy, ctx: int, args, fused: str = "
             "kernel": kernel}
 
 
-def bench_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, args, fused: str = "none") -> dict:
+def bench_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, args, fused: str = "none",
+                compiled: bool = False) -> dict:
     import torch
 
     import torch_ref
@@ -139,6 +143,11 @@ def bench_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, args, fused: str =
 
     mode, kernel = resolve_kv_fused(fused, device)
     attend = cache_attention(mode)
+    decoder = None
+    if compiled:
+        from torch_ref.compiled_decode import CompiledDecoder
+
+        decoder = CompiledDecoder(model, block)
     tokens = torch.as_tensor(np.random.default_rng(0).integers(0, cfg.vocab_size, (1, ctx))).to(device)
 
     def run() -> tuple[float, float, int]:
@@ -153,6 +162,9 @@ def bench_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, args, fused: str =
         t1 = time.perf_counter()
         for _ in range(new):
             tok = sample_next(logits, None, 0.0, None, None)
+            if decoder is not None:
+                logits, cache = decoder.step(cache, tok)
+                continue
             logits, cache = model.forward_cached(tok[:, None], cache, fresh=False, decode_block=block,
                                                  cache_attend=attend)
             logits = logits[:, 0]
@@ -164,6 +176,8 @@ def bench_torch(cfg: ModelConfig, policy: KVPolicy, ctx: int, args, fused: str =
         _, _, cache_bytes = run()  # allocator / oneDNN warm-up, the analogue of compiling
         warm = time.perf_counter() - t0
         times = [run()[:2] for _ in range(args.repeats)]
+    if decoder is not None:
+        kernel = "compiled" if decoder.mode == "compiled" else f"eager ({decoder.note})"
     return {"prefill_s": [t[0] for t in times], "decode_s": [t[1] for t in times], "warmup_s": warm,
             "cache_bytes": cache_bytes, "device": device, "kernel": kernel}
 
@@ -197,10 +211,13 @@ def _child(backend: str, cfg: ModelConfig, cases: list, args) -> dict:
         from train.step import tune_host_malloc
 
         tune_host_malloc()  # before JAX/torch start their thread pools
-    runner = bench_jax if backend == "jax" else bench_torch
     out = []
     for ctx, kind, fused in cases:
-        r = runner(cfg, KVPolicy(kind=kind, residual=args.residual), ctx, args, fused)
+        policy = KVPolicy(kind=kind, residual=args.residual)
+        if backend == "jax":
+            r = bench_jax(cfg, policy, ctx, args, fused)
+        else:
+            r = bench_torch(cfg, policy, ctx, args, fused, compiled=backend == "torch-compile")
         out.append({"ctx": ctx, "kind": kind, "fused": fused, **r})
         print(f"  {backend} ctx={ctx} kind={kind} kernel={r['kernel']}: decode "
               f"{args.new_tokens / statistics.median(r['decode_s']):,.1f} tok/s", flush=True)
@@ -217,8 +234,8 @@ def run(args: argparse.Namespace) -> int:
     contexts = [int(c) for c in args.contexts.split(",") if c]
     kinds = [k for k in args.kinds.split(",") if k]
     backends = [b for b in args.backends.split(",") if b]
-    if sorted(set(backends) - {"jax", "torch"}):
-        raise SystemExit(f"unknown backend(s) in {args.backends!r} (choose from jax, torch)")
+    if sorted(set(backends) - {"jax", "torch", "torch-compile"}):
+        raise UserError(f"--backends: unknown backend(s) in {args.backends!r} (choose from jax, torch, torch-compile)")
     fused = _kernels(args.kv_fused, backends)
     cases = {b: [(ctx, kind, f) for ctx in contexts for kind in kinds for f in fused[b]] for b in backends}
     by_backend = {}
@@ -253,14 +270,16 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _kernels(text: str, backends: list[str]) -> dict[str, list[str]]:
-    """The --kv-fused choices each backend runs (a kernel only on its own backend)."""
-    from dba.errors import UserError
+    """The --kv-fused choices each backend runs (a kernel only on its own backend; the compiled
+    torch step has its own attention, so "none" only)."""
     from dba.fused import resolve_fused
 
     choices = [c for c in text.split(",") if c]
     out: dict[str, list[str]] = {b: [] for b in backends}
     for c in choices:
         for b in backends:
+            if b == "torch-compile" and c != "none":
+                continue
             try:
                 resolve_fused(c, b, False)
             except UserError as e:

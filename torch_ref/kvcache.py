@@ -98,6 +98,12 @@ def dequantize(q: torch.Tensor, scale: torch.Tensor, kind: str, dim: int, qblock
     lead = q.shape[:-1]
     if kind == "q8_0":
         v = q.to(torch.float32)
+    elif torch.compiler.is_compiling():
+        # Under torch.compile the nibble arithmetic fuses into whatever reads the values; the
+        # table's int64 gather does not (it is materialized, then reinterpreted).
+        u = q.to(torch.int32)
+        codes = torch.stack([u >> 4, u & 15], dim=-1)
+        v = (codes - 8).to(torch.float32) if kind == "q4_0" else _NF4.to(q.device)[codes]
     else:
         v = _pair_table(kind, q.device).index_select(0, q.reshape(-1).to(torch.int64)).view(torch.float32)
     out = v.view(*lead, nb, qb) * scale.to(torch.float32).unsqueeze(-1)
@@ -231,6 +237,8 @@ def write(stream: StreamCache, x_BTD: torch.Tensor, start: int) -> StreamCache:
     """
     if stream.rot_dim:
         x_BTD = hadamard(x_BTD.to(torch.float32), stream.rot_dim)
+    if torch.is_tensor(start):
+        return _write_at(stream, x_BTD, start)
     start = int(start)
     T = x_BTD.shape[1]
     if start < 0 or start + T > stream.max_len:
@@ -247,6 +255,57 @@ def write(stream: StreamCache, x_BTD: torch.Tensor, start: int) -> StreamCache:
         slots = torch.arange(start + T - n, start + T, device=x_BTD.device) % stream.residual
         stream.ring[:, slots] = x_BTD[:, T - n:].to(torch.float16)
     return stream
+
+
+def _write_at(stream: StreamCache, x_BTD: torch.Tensor, start_t: torch.Tensor) -> StreamCache:
+    """`write` at a position held in a 0-d tensor (the compiled decode step's: one program for
+    every position, no Python int to specialize on). Same stored values; no bounds check (the
+    caller checks room before the step)."""
+    T = x_BTD.shape[1]
+    at = start_t.reshape(1) + torch.arange(T, device=x_BTD.device)
+    # Indexed assignment (index_put_), which Inductor updates in place; index_copy_ was
+    # functionalized into a copy of the whole cache tensor every step.
+    if not stream.quantized:
+        stream.data[:, at] = x_BTD.to(stream.data.dtype)
+        return stream
+    q, s = quantize(x_BTD, stream.kind, stream.qblock, check_finite=False)
+    stream.data[:, at] = q
+    stream.scale[:, at] = s
+    if stream.residual > 0:
+        n = min(T, stream.residual)
+        stream.ring[:, at[T - n:] % stream.residual] = x_BTD[:, T - n:].to(torch.float16)
+    return stream
+
+
+def window_positions(residual: int, length: torch.Tensor) -> torch.Tensor:
+    """int64 (R,): the position held in ring slot j of a cache holding `length` tokens (a 0-d
+    tensor), i.e. the p in [length-R, length) with p % R == j (negative: the slot holds no token
+    yet). As jax_model.kvcache.window_positions."""
+    base = length - residual
+    return base + (torch.arange(residual, device=length.device) - base) % residual
+
+
+def read_window(stream: StreamCache, residual: int, length: torch.Tensor) -> torch.Tensor:
+    """float32 (B, R, dim): the newest R positions in ring-slot order (`window_positions`), exact:
+    the fp16 ring of a quantized stream, or the stored values of an fp16/fp32 stream (gathered).
+    As jax_model.kvcache.read_window."""
+    if stream.residual > 0:
+        if stream.residual != residual:
+            raise ValueError(f"window of {residual} read from a ring of {stream.residual}")
+        return stream.ring.to(torch.float32)
+    if stream.quantized:
+        raise ValueError("a quantized stream without a residual ring has no exact window")
+    p = torch.clamp(window_positions(residual, length), min=0)
+    return stream.data.index_select(1, p).to(torch.float32)
+
+
+def read_stored(stream: StreamCache, start: int, size: int) -> torch.Tensor:
+    """float32 (B, size, dim): the stored values of positions start..start+size-1, dequantized,
+    without the window (jax_model.kvcache.read(window=False))."""
+    if not stream.quantized:
+        return stream.data[:, start:start + size].to(torch.float32)
+    return dequantize(stream.data[:, start:start + size], stream.scale[:, start:start + size],
+                      stream.kind, stream.dim, stream.qblock)
 
 
 def read(stream: StreamCache, start: int, size: int, length: int) -> torch.Tensor:

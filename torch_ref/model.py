@@ -233,7 +233,8 @@ class DBAModel(nn.Module):
                cache_attend: CacheAttend = cached_attend) -> tuple[torch.Tensor, kvc.Cache | None]:
         """Embedding and blocks: features (B, T, d_model) and the cache (None without one)."""
         start = 0 if cache is None else cache.pos
-        positions = torch.arange(start, start + idx_BT.shape[1], device=idx_BT.device)
+        # start may be a 0-d tensor (torch_ref.compiled_decode: one program for every position)
+        positions = start + torch.arange(idx_BT.shape[1], device=idx_BT.device)
         x = self.embed(idx_BT)
         layers = []
         for i, block in enumerate(self.blocks):
@@ -254,7 +255,7 @@ class DBAModel(nn.Module):
         run without autograd; with cache=None it is the full causal forward and returns
         (logits, None). An overflow of the cache is refused with a UserError.
         """
-        if cache is not None:
+        if cache is not None and not torch.is_tensor(cache.pos):  # a tensor position: the caller checked
             check_room(cache.pos, tokens_BT.shape[1], cache.max_len)
         with torch.no_grad() if cache is not None else nullcontext():
             x, cache = self._trunk(tokens_BT, cache, fresh=fresh, decode_block=decode_block, cache_attend=cache_attend)

@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from dba.errors import UserError
 from dba.generation import PlanFor, check_sampling, generation_cache_len, online_capacities
 from dba.kvspec import KVPolicy
 from torch_ref import decode
@@ -16,6 +17,7 @@ from torch_ref.recache import recache
 from torch_ref.triton_decode import cache_attention
 
 if TYPE_CHECKING:
+    from torch_ref.compiled_decode import CompiledDecoder
     from torch_ref.model import DBAModel
 
 
@@ -42,7 +44,6 @@ def sample_next(logits_BV: torch.Tensor, generator: torch.Generator, temperature
     return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits_BV.device)
 
 
-@torch.no_grad()
 def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy | None = None,
              temperature: float = 1.0, top_k: int | None = None, top_p: float | None = None,
              seed: int = 0, eos_id: int | None = None, decode_block: int = 1024,
@@ -50,8 +51,25 @@ def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy
              kv_fused: str = "none") -> torch.Tensor:
     """Prompt (B, T) ids -> (B, T + max_new_tokens) ids; rows that emit `eos_id` pad with it.
     `plan_for` / `interval`: the online cache policy, as in jax_model.sampling.generate;
-    `kv_fused`: the attention over the cache, as in `decode.prefill`."""
+    `kv_fused`: the attention over the cache, as in `decode.prefill`. The compiled decode step:
+    `compiled_decode.CompiledDecoder.generate`."""
+    return generate_with(None, model, prompt, max_new_tokens, policy, temperature, top_k, top_p, seed, eos_id,
+                         decode_block, max_len, plan_for, interval, kv_fused)
+
+
+@torch.no_grad()
+def generate_with(decoder: CompiledDecoder | None, model: DBAModel, prompt, max_new_tokens: int = 64,
+                  policy: KVPolicy | None = None, temperature: float = 1.0, top_k: int | None = None,
+                  top_p: float | None = None, seed: int = 0, eos_id: int | None = None, decode_block: int = 1024,
+                  max_len: int | None = None, plan_for: PlanFor | None = None, interval: int = 256,
+                  kv_fused: str = "none") -> torch.Tensor:
+    """`generate`, every new token through `decoder.step` (a `CompiledDecoder` of this model; the
+    prompt stays eager) when one is given: not with `plan_for`, whose cache changes shape, nor
+    with a fused kernel."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
+    if decoder is not None and (plan_for is not None or kv_fused != "none"):
+        raise UserError("a compiled decode step runs its own attention over a fixed cache: "
+                        "not with an online policy or a fused kernel")
     idx = model.as_tokens(prompt)
     b, t = idx.shape
     caps = [generation_cache_len(t, max_new_tokens, max_len)]
@@ -74,6 +92,9 @@ def generate(model: DBAModel, prompt, max_new_tokens: int = 64, policy: KVPolicy
                 tok = torch.where(done, torch.full_like(tok, eos_id), tok)
                 done |= tok == eos_id
             out.append(tok[:, None])
+            if decoder is not None:
+                logits, cache = decoder.step(cache, tok)
+                continue
             logits, cache = model.forward_cached(tok[:, None], cache, fresh=False, decode_block=decode_block,
                                                  cache_attend=attend)
             logits = logits[:, 0]
