@@ -36,8 +36,9 @@ Generation (`--parts generate`): a 2048-token prompt (--prompt-len) of random to
 tokens (--new-tokens), greedy, batch 1, q4_0 cache with v29's heterogeneous default (k_sem
 q4_0, k_geo q8_0, v q4_0; qblock 32, 128-token fp16 window), decode block 1024, fp32 weights:
 - v29: `GPT.generate(..., top_k=1, kv_cache="q4_0")` (its sampler with top_k=1 is greedy);
-- dba torch: `torch_ref.generate(..., temperature=0)`; dba JAX: `jax_model.generate(...)`
-  (the first call compiles: reported as warm-up and excluded).
+- dba torch: `torch_ref.generate(..., temperature=0)`; dba torch compiled: the same with every
+  new token through `torch_ref.compiled_decode.CompiledDecoder` (`dba sample --compile`); dba
+  JAX: `jax_model.generate(...)` (the first call compiles: reported as warm-up and excluded).
 Prefill time: torch, from the call to the end of the first forward (the prompt; hooked, not
 re-run); JAX, the same `decode.prefill` timed on its own in each repeat (its generate is
 compiled and asynchronous). Decode time = generate's time - prefill time. Reported, median of
@@ -96,7 +97,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.formatter_class = argparse.RawDescriptionHelpFormatter
     p.add_argument("--v29", required=True, metavar="PATH", help=f"v29's script ({SCRIPT})")
     p.add_argument("--parts", default="train,generate", help="what to measure, comma separated: train, generate")
-    p.add_argument("--backends", default="jax,torch", help="the dba sides beside v29: jax, torch")
+    p.add_argument("--backends", default="jax,torch,torch-compile",
+                   help="the dba sides beside v29: jax, torch, torch-compile (generation only: every new token "
+                        "through torch_ref.compiled_decode, its compile in the warm-up)")
     p.add_argument("--null-attn", choices=("auto", "on", "off"), default="auto",
                    help="config A's null attention (auto: off for training as `dba bench train` runs it, "
                         "on for generation as `dba bench decode` does)")
@@ -480,15 +483,18 @@ def v29_generate(net, prompt, args, device: str) -> tuple[np.ndarray, float, flo
     return out[0, prompt.shape[1]:].cpu().numpy(), stamps[0] - t0, total
 
 
-def torch_ref_generate(model, prompt, policy: KVPolicy, args, device: str) -> tuple[np.ndarray, float, float]:
-    """(new tokens, prefill s, total s) of torch_ref.generate, greedy; the prefill ends when the
-    first forward_cached (the prompt) returns."""
+def torch_ref_generate(model, prompt, policy: KVPolicy, args, device: str,
+                       decoder=None) -> tuple[np.ndarray, float, float]:
+    """(new tokens, prefill s, total s) of torch_ref.generate, greedy (every new token through
+    `decoder.step` when a CompiledDecoder is given); the prefill ends when the first
+    forward_cached (the prompt) returns."""
     import torch_ref
 
     stamps: list[float] = []
     plain = model.forward_cached
 
     def forward_cached(*a, **kw):
+        del model.forward_cached  # the first call only: the compiled step traces the class's method
         out = plain(*a, **kw)
         _stamp_first(stamps, device)
         return out
@@ -497,11 +503,12 @@ def torch_ref_generate(model, prompt, policy: KVPolicy, args, device: str) -> tu
     try:
         torch_sync(device)
         t0 = time.perf_counter()
-        out = torch_ref.generate(model, prompt, args.new_tokens, policy, temperature=0.0, decode_block=args.decode_block)
+        kw = dict(max_new_tokens=args.new_tokens, policy=policy, temperature=0.0, decode_block=args.decode_block)
+        out = torch_ref.generate(model, prompt, **kw) if decoder is None else decoder.generate(prompt, **kw)
         torch_sync(device)
         total = time.perf_counter() - t0
     finally:
-        del model.forward_cached
+        model.__dict__.pop("forward_cached", None)
     return out[0, prompt.shape[1]:].cpu().numpy(), stamps[0] - t0, total
 
 
@@ -516,9 +523,15 @@ def time_torch_generation(net, cfg: ModelConfig, state: dict, prompt_np: np.ndar
     policy = KVPolicy(kind="q4_0", residual=args.residual)
     net = net.to(device)
     runs: dict[str, Callable[[], tuple]] = {"v29": lambda: v29_generate(net, prompt, args, device)}
-    if "torch" in backends:
+    if "torch" in backends or "torch-compile" in backends:
         model = torch_ref.load_canonical(torch_ref.DBAModel(cfg), state).eval().to(device)
+    if "torch" in backends:
         runs["dba torch"] = lambda: torch_ref_generate(model, prompt, policy, args, device)
+    if "torch-compile" in backends:
+        from torch_ref.compiled_decode import CompiledDecoder
+
+        decoder = CompiledDecoder(model, args.decode_block)  # compiles in its warm-up run
+        runs["dba torch compiled"] = lambda: torch_ref_generate(model, prompt, policy, args, device, decoder)
     out = {}
     for name, fn in runs.items():
         t0 = time.perf_counter()
@@ -657,7 +670,7 @@ def _choices(text: str, allowed, flag: str) -> list[str]:
 
 def run(args: argparse.Namespace) -> int:
     parts = _choices(args.parts, PARTS, "--parts")
-    backends = _choices(args.backends, ("jax", "torch"), "--backends")
+    backends = _choices(args.backends, ("jax", "torch", "torch-compile"), "--backends")
     precisions = _choices(args.precisions, tuple(PRECISIONS), "--precisions")
     v29 = load_v29(args.v29)  # one line and out, before anything is built
     import torch
@@ -722,7 +735,7 @@ def run(args: argparse.Namespace) -> int:
                 step_checks["dba torch"] = step_agreement(after["v29"], after["dba torch"])
             if jax_out.get("after_first") is not None:
                 step_checks["dba JAX"] = step_agreement(after["v29"], jax_out["after_first"])
-        order = {"v29": 0, "dba torch": 1, "dba JAX": 2}
+        order = {"v29": 0, "dba torch": 1, "dba torch compiled": 2, "dba JAX": 3}
         results.sort(key=lambda r: (order[r["impl"]], precisions.index(r["precision"])))
         rows = train_summary(results, b * t)
         print_table(f"Training step, config A (null_attn={cfg.null_attn}, decoupled_scale={cfg.decoupled_scale}), "

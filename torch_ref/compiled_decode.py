@@ -97,7 +97,9 @@ def _inductor_config(device: torch.device, autotune: bool) -> dict:
     CPU the candidates are Inductor's C++ templates and ATen. Applied with
     `torch._inductor.config.patch` around each call (compiling happens inside the first one):
     given as `torch.compile(options=)` they did not reach the GEMM selection."""
-    config = {"freezing": True, "max_autotune": autotune}
+    config = {"freezing": True, "max_autotune": autotune,
+              # its timing tables and stats on stderr are not for a user
+              "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
     if autotune and device.type == "cpu":
         config["max_autotune_gemm_backends"] = "CPP,ATEN"
     return config
@@ -155,6 +157,7 @@ class CompiledDecoder:
                 with torch.no_grad(), warnings.catch_warnings(), inductor_config.patch(self._config):
                     # Dynamo traces through the lru_cache of RoPE frequencies (constants here)
                     warnings.filterwarnings("ignore", message=".*lru_cache.*")
+                    warnings.filterwarnings("ignore", message="TypedStorage is deprecated")  # Inductor's own
                     logits = self._fn(token_B[:, None], cache)
                 cache.pos = pos + 1
                 if first:
