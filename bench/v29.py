@@ -98,8 +98,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--v29", required=True, metavar="PATH", help=f"v29's script ({SCRIPT})")
     p.add_argument("--parts", default="train,generate", help="what to measure, comma separated: train, generate")
     p.add_argument("--backends", default="jax,torch,torch-compile",
-                   help="the dba sides beside v29: jax, torch, torch-compile (generation only: every new token "
-                        "through torch_ref.compiled_decode, its compile in the warm-up)")
+                   help="the dba sides beside v29: jax, torch, torch-compile (training: `dba train --backend torch "
+                        "--compile`'s step; generation: every new token through torch_ref.compiled_decode; "
+                        "the compile in the first step / the warm-up)")
     p.add_argument("--null-attn", choices=("auto", "on", "off"), default="auto",
                    help="config A's null attention (auto: off for training as `dba bench train` runs it, "
                         "on for generation as `dba bench decode` does)")
@@ -370,7 +371,8 @@ class V29Step:
 class TorchRefStep:
     """One step of `dba train --backend torch` (TorchStepper) on torch_ref's model at `precision`."""
 
-    def __init__(self, cfg: ModelConfig, state: dict, precision: str, device: str, args: argparse.Namespace):
+    def __init__(self, cfg: ModelConfig, state: dict, precision: str, device: str, args: argparse.Namespace,
+                 compile: bool = False):
         import torch
 
         import torch_ref
@@ -382,7 +384,7 @@ class TorchRefStep:
         if param == "bf16":
             model = model.to(torch.bfloat16)
         self.stepper = TorchStepper(model, bench_optim(args), PrecisionConfig(amp=amp, amp_dtype="bf16"),
-                                    total_steps=10_000, seed=args.seed)
+                                    total_steps=10_000, seed=args.seed, compile=compile)
         self.count = 0
 
     def __call__(self, x, y) -> float:
@@ -427,10 +429,13 @@ def time_torch_training(v29: Any, v29_cfg: Any, cfg: ModelConfig, state: dict, b
     ys = [torch.as_tensor(y, dtype=torch.long).to(device) for _, y in batches]
     runners, setup = {}, {}
     for prec in precisions:
-        for impl in ["v29"] + (["dba torch"] if "torch" in backends else []):
+        impls = (["v29"] + (["dba torch"] if "torch" in backends else [])
+                 + (["dba torch compiled"] if "torch-compile" in backends else []))
+        for impl in impls:
             t0 = time.perf_counter()
             runners[(impl, prec)] = (V29Step(v29, v29_cfg, state, prec, device, args) if impl == "v29"
-                                     else TorchRefStep(cfg, state, prec, device, args))
+                                     else TorchRefStep(cfg, state, prec, device, args,
+                                                       compile=impl == "dba torch compiled"))
             setup[(impl, prec)] = time.perf_counter() - t0
 
     def bind(runner):
@@ -718,6 +723,7 @@ def run(args: argparse.Namespace) -> int:
     threads = torch.get_num_threads()
     where = {"v29": f"this process, torch {torch.__version__}, {threads} intra-op threads, device {device}",
              "dba torch": f"this process, the same torch threads, device {device}",
+             "dba torch compiled": "the same, the step (training) / decode step (generation) under torch.compile",
              "dba JAX": (f"a fresh process, jax {jax_out['jax']} on {jax_out['platform']}"
                          + (", malloc tuned" if args.malloc_tuning == "jax" else "") if jax_out else "not run")}
     payload: dict[str, Any] = {"bench": "v29", "v29": str(args.v29), "cpu": cpu_name(), "machine": machine(),
@@ -731,8 +737,9 @@ def run(args: argparse.Namespace) -> int:
         results += jax_out.get("train", [])
         step_checks = {}
         if "v29" in after:
-            if "dba torch" in after:
-                step_checks["dba torch"] = step_agreement(after["v29"], after["dba torch"])
+            for impl in ("dba torch", "dba torch compiled"):
+                if impl in after:
+                    step_checks[impl] = step_agreement(after["v29"], after[impl])
             if jax_out.get("after_first") is not None:
                 step_checks["dba JAX"] = step_agreement(after["v29"], jax_out["after_first"])
         order = {"v29": 0, "dba torch": 1, "dba torch compiled": 2, "dba JAX": 3}
