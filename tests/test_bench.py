@@ -349,6 +349,10 @@ def test_v29_bench_end_to_end_with_a_stand_in(tmp_path, monkeypatch, capsys):
     script = tmp_path / "stand_in_v29.py"
     script.write_text(V29_STAND_IN)
     monkeypatch.setattr(bv29, "named_config", lambda name, **kw: TINY.replace(**kw))
+    import torch  # the torch-compile rows traced without Inductor's C++ code generation (~30 s)
+
+    real_compile = torch.compile
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
     out = tmp_path / "v29.json"
     args = _v29_args(script, "--precisions", "fp32,bf16", "--batch-size", 2, "--seq-len", 8, "--steps", 1,
                      "--warmup", 0, "--prompt-len", 12, "--new-tokens", 3, "--repeats", 1, "--decode-block", 8,
@@ -360,13 +364,14 @@ def test_v29_bench_end_to_end_with_a_stand_in(tmp_path, monkeypatch, capsys):
         assert c["null_attn"] is null and c["decoupled_scale"] == ("per_path" if null else "v29_sdpa")
         assert c["torch_max_abs_diff"] <= c["torch_tol"] and c["jax_max_abs_diff"] <= c["jax_tol"]
     rows = data["train"]["results"]
-    assert sorted((r["impl"], r["precision"]) for r in rows) == sorted(
-        (i, p) for i in ("v29", "dba torch", "dba JAX") for p in ("fp32", "bf16"))
+    impls = ("v29", "dba torch", "dba torch compiled", "dba JAX")
+    assert sorted((r["impl"], r["precision"]) for r in rows) == sorted((i, p) for i in impls for p in ("fp32", "bf16"))
     assert all(r["tokens_per_s"] > 0 and r["vs_v29_fastest"] > 0 for r in rows)
-    assert set(data["train"]["after_one_step"]) == {"dba torch", "dba JAX"}
+    assert set(data["train"]["after_one_step"]) == {"dba torch", "dba torch compiled", "dba JAX"}
     gen = {r["impl"]: r for r in data["generate"]["results"]}
-    assert set(gen) == {"v29", "dba torch", "dba JAX"}
-    assert gen["dba torch"]["tokens_vs_v29"] == {"equal": 3, "leading": 3, "of": 3}  # the same computation
+    assert set(gen) == set(impls)
+    for impl in ("dba torch", "dba torch compiled"):  # the same computation
+        assert gen[impl]["tokens_vs_v29"] == {"equal": 3, "leading": 3, "of": 3}
     assert gen["dba JAX"]["tokens_vs_v29"]["of"] == 3 and gen["dba JAX"]["decode_tok_s"] > 0
     text = capsys.readouterr().out
     assert "Training step, config A" in text and "Generation, config A" in text and "a fresh process" in text
