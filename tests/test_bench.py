@@ -354,7 +354,7 @@ def test_v29_bench_end_to_end_with_a_stand_in(tmp_path, monkeypatch, capsys):
     real_compile = torch.compile
     monkeypatch.setattr(torch, "compile", lambda fn, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}))
     out = tmp_path / "v29.json"
-    args = _v29_args(script, "--precisions", "fp32,bf16", "--batch-size", 2, "--seq-len", 8, "--steps", 1,
+    args = _v29_args(script, "--precisions", "fp32", "--batch-size", 2, "--seq-len", 8, "--steps", 1,
                      "--warmup", 0, "--prompt-len", 12, "--new-tokens", 3, "--repeats", 1, "--decode-block", 8,
                      "--residual", 4, "--json", out)
     assert bv29.run(args) == 0
@@ -365,7 +365,7 @@ def test_v29_bench_end_to_end_with_a_stand_in(tmp_path, monkeypatch, capsys):
         assert c["torch_max_abs_diff"] <= c["torch_tol"] and c["jax_max_abs_diff"] <= c["jax_tol"]
     rows = data["train"]["results"]
     impls = ("v29", "dba torch", "dba torch compiled", "dba JAX")
-    assert sorted((r["impl"], r["precision"]) for r in rows) == sorted((i, p) for i in impls for p in ("fp32", "bf16"))
+    assert sorted((r["impl"], r["precision"]) for r in rows) == sorted((i, "fp32") for i in impls)
     assert all(r["tokens_per_s"] > 0 and r["vs_v29_fastest"] > 0 for r in rows)
     assert set(data["train"]["after_one_step"]) == {"dba torch", "dba torch compiled", "dba JAX"}
     gen = {r["impl"]: r for r in data["generate"]["results"]}

@@ -13,7 +13,7 @@ import torch_ref
 from bench.parity_cases import build_jax, build_torch, random_state, random_tokens
 from dba.config import ModelConfig
 from dba.upcycle import StudentPlan, upcycle
-from tests.support import dba_train, losses, ok
+from tests.support import dba_train, losses, ok, popen_train
 from train.batches import train_batch
 from train.config import DistillConfig, OptimConfig, PrecisionConfig
 from train.optim import build_optimizer
@@ -175,9 +175,11 @@ def test_resume_across_the_phase_boundary_equals_a_straight_run(pair, data, tmp_
     common = ["--data", data, "--ckpt", student, "--distill-from", teacher, "--distill-blockwise", 3,
               "--distill-loss", "kl+ce", "--batch-size", 4, "--train-seq-len", 32, "--eval-every", 3,
               "--log-every", 1, "--live", "off", "--backend", backend, "--device", "cpu"]
-    ok(dba_train(*common, "--steps", 6, "--out-dir", tmp_path / "straight"))
+    straight = popen_train(*common, "--steps", 6, "--out-dir", tmp_path / "straight")  # beside the split run
     ok(dba_train(*common, "--steps", 2, "--out-dir", tmp_path / "split"))
     ok(dba_train("--out-dir", tmp_path / "split", "--resume", "--steps", 6, "--live", "off"))
+    out = straight.communicate(timeout=300)[0]
+    assert straight.returncode == 0, out[-3000:]
     assert losses(tmp_path / "split") == losses(tmp_path / "straight")
     from dba.runlog import read_events
 
