@@ -108,6 +108,11 @@ def run(args) -> int:
             backend, note = written_by, f"resuming a run trained with {written_by}"
     if backend == "torch":
         _check_torch_flags(config)
+    if not (config.ckpt.resume or config.run.print_config
+            or {"amp", "param_dtype", "amp_dtype"} & set(explicit)):  # a precision the flags did not choose
+        from train.backends import cpu_precision_note
+
+        note = "; ".join(n for n in (note, cpu_precision_note(config.run, backend)) if n) or None
     return _run(config, explicit, argv, backend, note, out, name)
 
 

@@ -82,3 +82,17 @@ def cpu_name() -> str:
     import platform
 
     return platform.machine() or "cpu"
+
+
+def bf16_matrix_units() -> str | None:
+    """The CPU's bf16 matrix instructions by their /proc/cpuinfo flag ("amx_bf16": Intel AMX tiles,
+    else "avx512_bf16": AVX-512 dot products), or None (no such flag, or no /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return next((u for u in ("amx_bf16", "avx512_bf16") if u in flags), None)
+    except OSError:
+        pass
+    return None
