@@ -51,6 +51,7 @@ import numpy as np
 from bench.common import (CONFIGS, DEVICE_HELP, DEVICES, bench_main, bench_optim, best_per_call, in_fresh_process, machine,
                           named_config, nonneg_int, positive_int, print_table, torch_device, torch_sync, write_json)
 from dba.config import ModelConfig
+from dba.errors import UserError
 from dba.optimizers import OPTIMIZERS
 
 
@@ -83,7 +84,9 @@ def apply_attention_choice(args: argparse.Namespace) -> None:
 def add_arguments(p: argparse.ArgumentParser) -> None:
     add_step_arguments(p, 10, "timed steps per backend")
     p.add_argument("--grad-accum", type=positive_int, default=1)
-    p.add_argument("--backends", default="jax,torch")
+    p.add_argument("--backends", default="jax,torch",
+                   help="comma separated: jax, torch, torch-compile (`dba train --backend torch --compile`'s step; "
+                        "its compile is the first step's time)")
     p.add_argument("--threads", type=nonneg_int, default=0, help="torch intra-op threads (0 = all cores)")
     p.add_argument("--peak-size", type=nonneg_int, default=0,
                    help="n of the n x n x n peak matmul (0: 2048 on a CPU, 8192 on an accelerator)")
@@ -210,7 +213,7 @@ def bench_jax(cfg: ModelConfig, args: argparse.Namespace, batches) -> dict:
             "attention": os.environ.get("DBA_ATTENTION", "auto")}
 
 
-def bench_torch(cfg: ModelConfig, args: argparse.Namespace, batches) -> dict:
+def bench_torch(cfg: ModelConfig, args: argparse.Namespace, batches, compile: bool = False) -> dict:
     import torch
 
     import torch_ref
@@ -223,7 +226,7 @@ def bench_torch(cfg: ModelConfig, args: argparse.Namespace, batches) -> dict:
     if args.param_dtype == "bf16":
         model = model.to(torch.bfloat16)
     stepper = TorchStepper(model, bench_optim(args), PrecisionConfig(amp=bool(args.amp), amp_dtype="bf16"),
-                           total_steps=10_000, seed=args.seed)
+                           total_steps=10_000, seed=args.seed, compile=compile)
     xs = [stepper.put_batch(x) for x, _ in batches]
     ys = [stepper.put_batch(y) for _, y in batches]
     i = [0]
@@ -235,8 +238,10 @@ def bench_torch(cfg: ModelConfig, args: argparse.Namespace, batches) -> dict:
         return m
 
     t0 = time.perf_counter()
-    step()  # first step: allocator/oneDNN warm-up, the torch analogue of compiling
+    step()  # first step: allocator/oneDNN warm-up (and torch.compile), the analogue of compiling
     first = time.perf_counter() - t0
+    if compile and not stepper.compiling:
+        raise UserError(f"--backends torch-compile: {stepper.compile_note}", 1)
     warm, times = _timed(step, args.warmup, args.steps)
     return {"compile_s": first, "warmup_s": warm, "step_s": times, "final_loss": step()["loss"],
             "torch": torch.__version__, "threads": torch.get_num_threads(), "device": device,
@@ -251,7 +256,7 @@ def _child(backend: str, args: argparse.Namespace, cfg: ModelConfig, batches, pe
 
         tuned = tune_host_malloc()  # before JAX/torch start their thread pools
     apply_attention_choice(args)
-    if backend == "torch":
+    if backend.startswith("torch"):
         import torch
 
         torch.set_num_threads(args.threads or os.cpu_count() or 1)
@@ -260,7 +265,8 @@ def _child(backend: str, args: argparse.Namespace, cfg: ModelConfig, batches, pe
         measure_peak = partial(jax_peak, args.peak_size, peak_dtype)
     peak = measure_peak()
     print(f"  {backend} matmul peak ({args.peak_size or 'auto'}^3, {peak_dtype}): {peak:,.1f} GFLOP/s", flush=True)
-    r = (bench_jax if backend == "jax" else bench_torch)(cfg, args, batches)
+    r = (bench_jax(cfg, args, batches) if backend == "jax"
+         else bench_torch(cfg, args, batches, compile=backend == "torch-compile"))
     # Measured again after the step: on a shared machine a neighbour's burst during the first
     # measurement would lower the peak and inflate MFU; the better of the two is the peak.
     after = measure_peak()
@@ -273,9 +279,9 @@ def run(args: argparse.Namespace) -> int:
         return run_meshes(args)
     cfg = named_config(args.config)
     backends = [b for b in args.backends.split(",") if b]
-    unknown = sorted(set(backends) - {"jax", "torch"})
+    unknown = sorted(set(backends) - {"jax", "torch", "torch-compile"})
     if unknown:
-        raise SystemExit(f"unknown backend(s): {', '.join(unknown)} (choose from jax, torch)")
+        raise UserError(f"--backends: unknown backend(s) {', '.join(unknown)} (choose from jax, torch, torch-compile)")
     b, t, a = args.batch_size, args.seq_len, args.grad_accum
     rng = np.random.default_rng(args.seed)
     # A few distinct batches, cycled; x and y are (A, B, T) int32 like dba train's.
@@ -307,10 +313,14 @@ def run(args: argparse.Namespace) -> int:
              + f", {args.optimizer}, {dt}; {fpt / 1e6:.2f} MFLOP/token; median of {args.steps} steps")
     print_table(title, ["backend", "device", "tokens/s", "step ms", "best ms", "GFLOP/s", "peak GFLOP/s", "MFU %",
                         "compile s", "loss"], rows)
+    fastest = max(results, key=lambda r: r["tokens_per_s"])
+    print(f"fastest here at {dt}: {fastest['backend']}, {fastest['tokens_per_s']:,.0f} tokens/s "
+          f"(MFU against the {peak_dtype} matmul peak; run again with{'out' if args.amp else ''} --amp to compare "
+          "precisions)")
     load = os.getloadavg() if hasattr(os, "getloadavg") else None
     if load:
         print(f"load average: {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} (other processes skew timings)")
-    write_json(args.json, {"bench": "train", "config": cfg.to_dict(), "machine": machine(), "load": load,
+    write_json(args.json, {"bench": "train", "fastest": fastest["backend"], "config": cfg.to_dict(), "machine": machine(), "load": load,
                            "batch_size": b, "seq_len": t, "grad_accum": a, "optimizer": args.optimizer,
                            "param_dtype": args.param_dtype, "amp": args.amp, "malloc_tuning": args.malloc_tuning,
                            "flops_per_token": fpt, "matmul_params": matmul_params(cfg),
