@@ -49,6 +49,11 @@ import pytest
 
 
 def pytest_configure(config):
+    import platform
+
+    # h5py's import asks platform for the processor, which runs `uname -p` in a child process the
+    # first time: asked here, before the guard, so a fast test that first imports h5py passes alone
+    platform.processor()
     _guard_processes()
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # transformers must never reach for the hub here
     _record_seeds(np.random, "default_rng")

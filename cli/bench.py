@@ -21,6 +21,7 @@ BENCHES = {
     "upcycle": "a Llama-form teacher trained on the stdlib, upcycled at 1/4, 1/8, 1/16 of its cache and distilled, vs baselines",
     "upcycle-shapes": "dba upcycle and a distillation step on Llama-3.2-1B / SmolLM-135M / Qwen2.5-0.5B shapes: time, peak RSS",
     "v29": "v29 beside dba on the same weights (--v29 PATH): train steps and q4_0 generation, with ratios",
+    "gpu": "the GPU check in one command: kernels vs cached attention, 32k/128k decode, seed-config MFU, a resume",
 }
 
 

@@ -110,10 +110,35 @@ def run(args) -> int:
         _check_torch_flags(config)
     if not (config.ckpt.resume or config.run.print_config
             or {"amp", "param_dtype", "amp_dtype"} & set(explicit)):  # a precision the flags did not choose
-        from train.backends import cpu_precision_note
-
         note = "; ".join(n for n in (note, cpu_precision_note(config.run, backend)) if n) or None
     return _run(config, explicit, argv, backend, note, out, name)
+
+
+def cpu_precision_note(run, backend: str) -> str | None:
+    """For the first log line of a run on a CPU with bf16 matrix units whose flags did not choose
+    a precision (the caller checks that): which precision the framework that trains runs faster
+    here. torch: a bf16 matmul timed against an fp32 one (torch_train/precision.py); JAX: XLA:CPU
+    has no bf16 matrix path (with every XLA flag of the pinned jaxlib a bf16 matmul ran slower than
+    fp32), so fp32."""
+    from dba.resources import bf16_matrix_units
+
+    units = bf16_matrix_units()
+    if units is None or run.device not in ("auto", "cpu"):
+        return None
+    if backend == "jax":
+        if run.device == "auto" and os.path.exists("/dev/nvidiactl"):  # JAX may train on a GPU
+            return None
+        return (f"this CPU has bf16 matrix units ({units}), which XLA:CPU does not use: fp32 (the default) is "
+                "JAX's faster precision here; --backend torch --amp --compile uses them")
+    from torch_train import precision
+
+    if not precision.runs_on_cpu(run.device):
+        return None
+    r = precision.bf16_speedup()
+    if r < 1.2:
+        return f"this CPU has bf16 matrix units ({units}), but a bf16 matmul ran only {r:.1f}x fp32's here: fp32"
+    return (f"this CPU has bf16 matrix units ({units}): a bf16 matmul ran {r:.1f}x fp32's here, so --amp "
+            "(bf16 autocast, fp32 weights) trains faster, with --compile faster still; fp32 as the flags say")
 
 
 def _out_dir(config) -> tuple[Path, str]:

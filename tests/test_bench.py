@@ -438,3 +438,40 @@ def test_upcycle_plants_copies_and_keeps_the_sidecar(tmp_path):
     side_out = prepared.read_sidecar(str(dst))
     assert side_out["val"] == side["val"] and side_out["recall"]["chunk"] == 64
     assert not list(tmp_path.glob("*.tmp*"))
+
+
+# ---- dba bench gpu: the verdicts it prints, and its refusal without a GPU ----------------------
+
+def test_gpu_check_judges_the_goals_and_refuses_without_a_gpu(monkeypatch):
+    from bench import gpu
+
+    dec = [{"ctx": c, "kind": k, "backend": b, "kernel": kern, "decode_step_over_one_read": x, "decode_tok_s": t}
+           for c, k, b, kern, x, t in [(32768, "fp16", "jax", "none", 3.0, 900.0), (32768, "q4_0", "jax", "pallas", 2.5, 1500.0),
+                                       (32768, "nf4", "torch", "triton2pass", 4.0, 800.0),
+                                       (131072, "fp16", "jax", "pallas", 1.8, 300.0),
+                                       (131072, "q4_0", "torch", "triton1pass", 2.6, 700.0),
+                                       (131072, "q4_0", "jax", "none", 5.0, 200.0)]]
+    results = {"kernels": {"results": [{"backend": "jax", "kernel": "pallas", "kind": "nf4", "agrees": True, "why": None},
+                                       {"backend": "torch", "kernel": "triton1pass", "kind": "q8_0", "agrees": False,
+                                        "why": "it raised RuntimeError: no ptxas"}]},
+               "decode": {"results": dec},
+               "train": {"config": {"d_model": 768}, "results": [{"backend": "jax", "tokens_per_s": 4e5, "mfu": 0.46},
+                                                                  {"backend": "torch", "tokens_per_s": 1.5e5, "mfu": 0.14}]},
+               "resume": {"device": "cuda", "resumed_from": [None, 2], "steps": [1, 2, 3, 4], "ok": True}}
+    rows = {(r[0], r[1]): r[2:] for r in gpu.verdicts(results, "gpu")}
+    assert rows[("kernels", "2 kernel x kind checks vs the cached attention")] == [
+        "1 agree; torch triton1pass q8_0: it raised RuntimeError: no ptxas", "all agree", "no"]
+    assert rows[("decode", "fp16 at 131,072: best step over one cache read (jax, pallas)")] == ["1.8x", "<= 2x", "yes"]
+    assert rows[("decode", "q4_0 at 131,072: best step over one cache read (torch, triton1pass)")][2] == "no"
+    assert rows[("decode", "quantized vs fp16 at 32,768 (best tok/s each)")][2] == "no (nf4)"
+    assert rows[("decode", "quantized vs fp16 at 131,072 (best tok/s each)")][2] == "yes"
+    assert rows[("train", "768-wide step, jax")] == ["400,000 tok/s, MFU 46.0%", ">= 45%", "yes"]
+    assert rows[("train", "768-wide step, torch")][2] == "no"
+    assert rows[("resume", "torch trainer on cuda: 2 steps, then --resume to 4")][2] == "yes"
+
+    monkeypatch.setattr(gpu, "_has_gpu", lambda: False)
+    args = argparse.Namespace(device="auto", parts="kernels", keep=None, json=None)
+    with pytest.raises(UserError, match="no CUDA GPU here .*--device cpu rehearses"):
+        gpu.run(args)
+    with pytest.raises(UserError, match="--parts 'kernels,fly'"):
+        gpu.run(argparse.Namespace(device="cpu", parts="kernels,fly", keep=None, json=None))

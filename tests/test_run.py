@@ -179,20 +179,21 @@ def test_loop_flags_reach_the_loop(data, tmp_path):
 def test_cpu_precision_note_names_the_faster_precision(monkeypatch):
     """Said only where there are bf16 matrix units and the run is on a CPU: JAX keeps fp32 (XLA:CPU
     has no bf16 matrix path), torch names --amp when its bf16 matmul measured faster here."""
+    import cli.train as ctrain
     from dba import resources
-    from train import backends
+    from torch_train import precision
     from train.config import RunSettings
 
-    monkeypatch.setattr(backends, "_torch_bf16_speedup", lambda: 4.4)
-    monkeypatch.setattr(backends, "_torch_runs_on_cpu", lambda device: device in ("auto", "cpu"))
+    monkeypatch.setattr(precision, "bf16_speedup", lambda: 4.4)
+    monkeypatch.setattr(precision, "runs_on_cpu", lambda device: device in ("auto", "cpu"))
     monkeypatch.setattr(resources, "bf16_matrix_units", lambda: None)
-    assert backends.cpu_precision_note(RunSettings(device="cpu"), "torch") is None
+    assert ctrain.cpu_precision_note(RunSettings(device="cpu"), "torch") is None
     monkeypatch.setattr(resources, "bf16_matrix_units", lambda: "amx_bf16")
-    monkeypatch.setattr(backends.os.path, "exists", lambda p: False)  # no NVIDIA device node
-    jax_note = backends.cpu_precision_note(RunSettings(), "jax")
+    monkeypatch.setattr(ctrain.os.path, "exists", lambda p: False)  # no NVIDIA device node
+    jax_note = ctrain.cpu_precision_note(RunSettings(), "jax")
     assert "(amx_bf16), which XLA:CPU does not use: fp32" in jax_note and "--backend torch --amp" in jax_note
-    torch_note = backends.cpu_precision_note(RunSettings(device="cpu", backend="torch"), "torch")
+    torch_note = ctrain.cpu_precision_note(RunSettings(device="cpu", backend="torch"), "torch")
     assert "a bf16 matmul ran 4.4x fp32's here, so --amp" in torch_note
-    assert backends.cpu_precision_note(RunSettings(device="cuda", backend="torch"), "torch") is None
-    monkeypatch.setattr(backends, "_torch_bf16_speedup", lambda: 1.1)
-    assert "ran only 1.1x fp32's here: fp32" in backends.cpu_precision_note(RunSettings(device="cpu"), "torch")
+    assert ctrain.cpu_precision_note(RunSettings(device="cuda", backend="torch"), "torch") is None
+    monkeypatch.setattr(precision, "bf16_speedup", lambda: 1.1)
+    assert "ran only 1.1x fp32's here: fp32" in ctrain.cpu_precision_note(RunSettings(device="cpu"), "torch")
