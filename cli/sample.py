@@ -187,6 +187,9 @@ def run(args: argparse.Namespace) -> int:
     if args.compile and args.kv_fused not in ("none", "auto"):
         raise UserError(f"--compile runs its own attention over the cache: not with --kv-fused {args.kv_fused}")
     t0 = time.perf_counter()
+    from dba.weight_files import resolve_weights_file
+
+    resolve_weights_file(args.ckpt)  # a missing or empty checkpoint is said before a framework starts
     model, cfg, tok, fns, device, source = _load(args)
     kv_fused, fused = resolve_kv_fused("none" if args.compile else args.kv_fused, args.backend,
                                        model.device if args.backend == "torch" else None)

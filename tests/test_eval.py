@@ -159,14 +159,16 @@ def test_eval_command_end_to_end(tiny_run):
 @pytest.mark.slow
 def test_eval_torch_backend_matches_jax(tiny_run):
     cfg, model, data, d = tiny_run
+    procs = {backend: subprocess.Popen([sys.executable, "-m", "cli", "eval", "--ckpt", str(model), "--data", str(data),
+                                        "--backend", backend, "--policies", "q4_0,residual=4", "--contexts", "24",
+                                        "--json", str(d / f"{backend}.json")], cwd=REPO, env=ENV,
+                                       stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+             for backend in ("jax", "torch")}  # side by side: most of each is the interpreter starting
     outs = {}
-    for backend in ("jax", "torch"):
-        out = d / f"{backend}.json"
-        r = subprocess.run([sys.executable, "-m", "cli", "eval", "--ckpt", str(model), "--data", str(data), "--backend",
-                            backend, "--policies", "q4_0,residual=4", "--contexts", "24", "--json", str(out)],
-                           cwd=REPO, env=ENV, capture_output=True, text=True, timeout=600)
-        assert r.returncode == 0, r.stderr[-3000:]
-        outs[backend] = json.loads(out.read_text())["records"][0]
+    for backend, p in procs.items():
+        _, err = p.communicate(timeout=600)
+        assert p.returncode == 0, err[-3000:]
+        outs[backend] = json.loads((d / f"{backend}.json").read_text())["records"][0]
     assert abs(outs["jax"]["nll"] - outs["torch"]["nll"]) <= 1e-3
     assert outs["torch"]["backend"] == "torch"
 
