@@ -103,8 +103,10 @@ def machine() -> dict[str, Any]:
 
 
 def write_json(path: str | None, payload: dict[str, Any]) -> None:
-    if path:
-        Path(path).write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    if path:  # a temporary name, then renamed: an earlier file of that name is never left half-written
+        tmp = Path(f"{path}.tmp")
+        tmp.write_text(json.dumps(payload, indent=2, default=str) + "\n")
+        tmp.replace(path)
         print(f"\nwrote {path}")
 
 

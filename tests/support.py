@@ -269,3 +269,42 @@ def random_hf_model(family: str, kwargs: dict, seed: int):
             else:
                 p.copy_(0.7 / p.shape[1] ** 0.5 * torch.randn(p.shape, generator=g))
     return model
+
+
+# ---- torch caches written through the real write path (the torch decode-kernel tests) ----------
+
+def written_torch_stream(name, kind, qblock, dim, residual, batch, max_len, length, rot_dim, gen):
+    """A torch StreamCache holding `length` random tokens, written in two calls so the fp16 ring
+    wraps as it does in decode."""
+    import torch
+
+    from dba.kvspec import stream_spec
+    from torch_ref import kvcache as kvc
+
+    spec = stream_spec(name, kind, dim, qblock, residual, max_len, rotated=bool(rot_dim))
+    s = kvc.alloc_stream(spec, batch, max_len, rot_dim=rot_dim)
+    x = torch.randn(batch, length, dim, generator=gen)
+    cut = length // 3
+    kvc.write(s, x[:, :cut], 0)
+    kvc.write(s, x[:, cut:], cut)
+    return s
+
+
+def torch_attention_case(keys: dict, v: tuple, residual: int, length: int, max_len: int, null: bool, batch: int,
+                         n_kv: int, group: int, t: int, seed: int = 0):
+    """(q_cat, streams, q_start, length, null_kv, n_kv, key names): `t` queries per row against a
+    cache of `length` tokens and room for `max_len`. `keys`: name -> (kind, qblock, head dim,
+    rotated); `v`: (kind, qblock, head dim)."""
+    import torch
+
+    (vkind, vqb, dv) = v
+    gen = torch.Generator().manual_seed(seed)
+    streams = {name: written_torch_stream(name, kind, qb, n_kv * d, residual, batch, max_len, length,
+                                          d if rot else 0, gen)
+               for name, (kind, qb, d, rot) in keys.items()}
+    streams["v"] = written_torch_stream("v", vkind, vqb, n_kv * dv, residual, batch, max_len, length, 0, gen)
+    dqk = sum(d for _, _, d, _ in keys.values())
+    q = torch.randn(batch, n_kv * group, t, dqk, generator=gen)
+    null_kv = ((torch.randn(n_kv * group, dqk, generator=gen), torch.randn(n_kv * group, dv, generator=gen))
+               if null else None)
+    return q, streams, length - t, length, null_kv, n_kv, tuple(keys)

@@ -17,18 +17,9 @@ from bench.parity_cases import build_torch, make_config, random_state, random_to
 from dba.kvspec import KVPolicy, stream_spec
 from torch_ref import decode
 from torch_ref import kvcache as kvc
+from tests.support import torch_attention_case
 from torch_ref.cached_attention import cached_attend
 from torch_ref.compiled_decode import CompiledDecoder, static_cached_attend
-
-
-def _stream(name, kind, qblock, dim, residual, batch, max_len, length, rot_dim, gen):
-    spec = stream_spec(name, kind, dim, qblock, residual, max_len, rotated=bool(rot_dim))
-    s = kvc.alloc_stream(spec, batch, max_len, rot_dim=rot_dim)
-    x = torch.randn(batch, length, dim, generator=gen)
-    cut = length // 3  # two writes: the ring wraps as it does in decode
-    kvc.write(s, x[:, :cut], 0)
-    kvc.write(s, x[:, cut:], cut)
-    return s
 
 
 # id: (key streams {name: (kind, qblock, head dim, rotated)}, v (kind, qblock, head dim), window,
@@ -51,15 +42,7 @@ CASES = {
 
 
 def _case(case, seed=0):
-    keys, (vkind, vqb, dv), res, length, max_len, null, b, n_kv, g, t = case
-    gen = torch.Generator().manual_seed(seed)
-    streams = {name: _stream(name, kind, qb, n_kv * d, res, b, max_len, length, d if rot else 0, gen)
-               for name, (kind, qb, d, rot) in keys.items()}
-    streams["v"] = _stream("v", vkind, vqb, n_kv * dv, res, b, max_len, length, 0, gen)
-    dqk = sum(d for _, _, d, _ in keys.values())
-    q = torch.randn(b, n_kv * g, t, dqk, generator=gen)
-    null_kv = (torch.randn(n_kv * g, dqk, generator=gen), torch.randn(n_kv * g, dv, generator=gen)) if null else None
-    return q, streams, length - t, length, null_kv, n_kv, tuple(keys)
+    return torch_attention_case(*case, seed=seed)
 
 
 @pytest.mark.parametrize("name", list(CASES))

@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from tests.support import TRITON_ONLY_ON_LINUX
+from tests.support import TRITON_ONLY_ON_LINUX, torch_attention_case
 
 # triton.jit reads TRITON_INTERPRET when it decorates a function, and triton.language decorates its
 # own helpers (tl.zeros, tl.sum, ...) on import: the variable must be set before triton is first
@@ -36,8 +36,7 @@ else:
 
 import torch_ref
 from bench.parity_cases import build_torch, make_config, random_state, random_tokens
-from dba.kvspec import KVPolicy, stream_spec
-from torch_ref import kvcache as kvc
+from dba.kvspec import KVPolicy
 from torch_ref import triton_decode
 from torch_ref.cached_attention import cached_attend
 
@@ -63,16 +62,6 @@ def _interpret():
         os.environ["TRITON_INTERPRET"] = old
 
 
-def _stream(name, kind, qblock, dim, residual, batch, max_len, length, rot_dim, gen):
-    spec = stream_spec(name, kind, dim, qblock, residual, max_len, rotated=bool(rot_dim))
-    s = kvc.alloc_stream(spec, batch, max_len, rot_dim=rot_dim)
-    x = torch.randn(batch, length, dim, generator=gen)
-    cut = length // 3  # two writes: the ring wraps as it does in decode
-    kvc.write(s, x[:, :cut], 0)
-    kvc.write(s, x[:, cut:], cut)
-    return s
-
-
 # id: (key streams {name: (kind, qblock, head dim, rotated)}, v (kind, qblock, head dim), window,
 #      length, null, batch, kv-heads, query heads per kv-head, queries per row, mode, use_dot)
 CASES = {
@@ -96,16 +85,9 @@ CASES = {
 
 
 def _case(case, seed=0):
-    keys, (vkind, vqb, dv), res, length, null, b, n_kv, g, t, _, _ = case
-    gen = torch.Generator().manual_seed(seed)
-    max_len = length + 5  # slots past `length` hold zeros and must be ignored
-    streams = {name: _stream(name, kind, qb, n_kv * d, res, b, max_len, length, d if rot else 0, gen)
-               for name, (kind, qb, d, rot) in keys.items()}
-    streams["v"] = _stream("v", vkind, vqb, n_kv * dv, res, b, max_len, length, 0, gen)
-    dqk = sum(d for _, _, d, _ in keys.values())
-    q = torch.randn(b, n_kv * g, t, dqk, generator=gen)
-    null_kv = (torch.randn(n_kv * g, dqk, generator=gen), torch.randn(n_kv * g, dv, generator=gen)) if null else None
-    return q, streams, length - t, length, null_kv, n_kv, tuple(keys)
+    keys, v, res, length, null, b, n_kv, g, t, _, _ = case
+    # slots past `length` hold zeros and must be ignored
+    return torch_attention_case(keys, v, res, length, length + 5, null, b, n_kv, g, t, seed)
 
 
 @pytest.mark.parametrize("name", list(CASES))

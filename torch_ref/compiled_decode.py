@@ -19,6 +19,7 @@ every cache of the same shape reuse it.
 
 from __future__ import annotations
 
+import time
 import warnings
 from typing import TYPE_CHECKING
 
@@ -92,15 +93,15 @@ def static_cached_attend(q_BHTD: torch.Tensor, streams: dict[str, kvc.StreamCach
     return (acc / l[..., None]).reshape(b, h, t, dv).to(q_BHTD.dtype)
 
 
-def _inductor_config(device: torch.device, autotune: bool) -> dict:
+def _inductor_config(device: torch.device) -> dict:
     """Frozen weights (constants: the GEMM templates pack them once) and autotuned GEMMs; on a
     CPU the candidates are Inductor's C++ templates and ATen. Applied with
     `torch._inductor.config.patch` around each call (compiling happens inside the first one):
     given as `torch.compile(options=)` they did not reach the GEMM selection."""
-    config = {"freezing": True, "max_autotune": autotune,
+    config = {"freezing": True, "max_autotune": True,
               # its timing tables and stats on stderr are not for a user
               "autotune_num_choices_displayed": 0, "max_autotune_report_choices_stats": False}
-    if autotune and device.type == "cpu":
+    if device.type == "cpu":
         config["max_autotune_gemm_backends"] = "CPP,ATEN"
     return config
 
@@ -109,9 +110,9 @@ class CompiledDecoder:
     """`decode.decode_step` for one model, compiled (see the module docstring): `step(cache,
     token_B)` -> (logits (B, V), cache). `mode` says what ran: "compiled", or "eager" with
     `note` saying why. The weights are frozen into the program: build a new decoder after
-    changing them. `autotune=False` skips the GEMM autotuning (a faster compile, slower steps)."""
+    changing them."""
 
-    def __init__(self, model: DBAModel, decode_block: int = 1024, autotune: bool = True):
+    def __init__(self, model: DBAModel, decode_block: int = 1024):
         self.model = model
         self.decode_block = decode_block
         self.mode = "compiled"
@@ -124,7 +125,7 @@ class CompiledDecoder:
             # program, and checking every parameter each call cost ~0.3 ms of a ~2 ms step.
             self._fn = torch.compile(self._forward, fullgraph=True, dynamic=False,
                                      options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
-            self._config = _inductor_config(model.device, autotune)
+            self._config = _inductor_config(model.device)
 
     def _forward(self, tokens_B1: torch.Tensor, cache: kvc.Cache) -> torch.Tensor:
         logits, _ = self.model.forward_cached(tokens_B1, cache, fresh=False, decode_block=self.decode_block,
@@ -146,8 +147,6 @@ class CompiledDecoder:
         pos = int(cache.pos)
         check_room(pos, 1, cache.max_len)
         if self.mode == "compiled":
-            import time
-
             first = self.compile_s == 0.0
             t0 = time.perf_counter()
             cache.pos = torch.tensor(pos, device=token_B.device)

@@ -228,43 +228,28 @@ def nbytes(cache: Cache | StreamCache) -> int:
                    if a is not None))
 
 
-def write(stream: StreamCache, x_BTD: torch.Tensor, start: int) -> StreamCache:
+def write(stream: StreamCache, x_BTD: torch.Tensor, start: int | torch.Tensor) -> StreamCache:
     """Store T tokens at positions start..start+T-1, in place; returns the stream.
 
-    The caller guarantees start + T <= max_len. Values are not checked for NaN/Inf (a check
-    would force a device sync per layer per token). A rotated stream stores H x per head (fp32
-    butterflies, before quantizing and before the fp16 ring), as jax_model.kvcache.write.
+    The caller guarantees start + T <= max_len (checked here for an int start; a 0-d tensor start,
+    the compiled decode step's, is one program for every position and is not read back). Values
+    are not checked for NaN/Inf (a check would force a device sync per layer per token). A
+    rotated stream stores H x per head (fp32 butterflies, before quantizing and before the fp16
+    ring), as jax_model.kvcache.write.
     """
     if stream.rot_dim:
         x_BTD = hadamard(x_BTD.to(torch.float32), stream.rot_dim)
+    T = x_BTD.shape[1]
+    offsets = torch.arange(T, device=x_BTD.device)
     if torch.is_tensor(start):
-        return _write_at(stream, x_BTD, start)
-    start = int(start)
-    T = x_BTD.shape[1]
-    if start < 0 or start + T > stream.max_len:
-        raise ValueError(f"write of {T} tokens at {start} overflows a cache of {stream.max_len}")
-    if not stream.quantized:
-        stream.data[:, start:start + T] = x_BTD.to(stream.data.dtype)
-        return stream
-    q, s = quantize(x_BTD, stream.kind, stream.qblock, check_finite=False)
-    stream.data[:, start:start + T] = q
-    stream.scale[:, start:start + T] = s
-    if stream.residual > 0:
-        # Only the newest min(T, R) tokens can still be in the window; distinct slots.
-        n = min(T, stream.residual)
-        slots = torch.arange(start + T - n, start + T, device=x_BTD.device) % stream.residual
-        stream.ring[:, slots] = x_BTD[:, T - n:].to(torch.float16)
-    return stream
-
-
-def _write_at(stream: StreamCache, x_BTD: torch.Tensor, start_t: torch.Tensor) -> StreamCache:
-    """`write` at a position held in a 0-d tensor (the compiled decode step's: one program for
-    every position, no Python int to specialize on). Same stored values; no bounds check (the
-    caller checks room before the step)."""
-    T = x_BTD.shape[1]
-    at = start_t.reshape(1) + torch.arange(T, device=x_BTD.device)
-    # Indexed assignment (index_put_), which Inductor updates in place; index_copy_ was
-    # functionalized into a copy of the whole cache tensor every step.
+        # indexed assignment (index_put_), which Inductor updates in place; index_copy_ was
+        # functionalized into a copy of the whole cache tensor every step
+        at = start.reshape(1) + offsets
+    else:
+        start = int(start)
+        if start < 0 or start + T > stream.max_len:
+            raise ValueError(f"write of {T} tokens at {start} overflows a cache of {stream.max_len}")
+        at = slice(start, start + T)
     if not stream.quantized:
         stream.data[:, at] = x_BTD.to(stream.data.dtype)
         return stream
@@ -272,8 +257,10 @@ def _write_at(stream: StreamCache, x_BTD: torch.Tensor, start_t: torch.Tensor) -
     stream.data[:, at] = q
     stream.scale[:, at] = s
     if stream.residual > 0:
+        # Only the newest min(T, R) tokens can still be in the window; distinct slots.
         n = min(T, stream.residual)
-        stream.ring[:, at[T - n:] % stream.residual] = x_BTD[:, T - n:].to(torch.float16)
+        slots = (start + offsets[T - n:]) % stream.residual
+        stream.ring[:, slots] = x_BTD[:, T - n:].to(torch.float16)
     return stream
 
 
@@ -317,11 +304,8 @@ def read(stream: StreamCache, start: int, size: int, length: int) -> torch.Tenso
     start, size, length = int(start), int(size), int(length)
     if start < 0 or start + size > stream.max_len:
         raise ValueError(f"read of {size} tokens at {start} overflows a cache of {stream.max_len}")
-    if not stream.quantized:
-        return stream.data[:, start:start + size].to(torch.float32)
-    out = dequantize(stream.data[:, start:start + size], stream.scale[:, start:start + size],
-                     stream.kind, stream.dim, stream.qblock)
-    if stream.residual > 0:
+    out = read_stored(stream, start, size)
+    if stream.quantized and stream.residual > 0:
         lo = max(start, length - stream.residual)
         hi = min(start + size, length)
         if hi > lo:  # positions lo..hi-1 sit in slots lo % R.. : one slice, or two where they wrap
